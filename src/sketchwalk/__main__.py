@@ -1,0 +1,5 @@
+import sys
+
+from sketchwalk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,179 @@
+"""`SketchWalkConfig`: every knob of Sketch&Walk block selection, validated in one place.
+
+The CLI maps its flags onto these fields one-to-one, and every result file carries
+`config.to_dict()` so a number can always be traced back to the exact settings that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Granularity = Literal["layer", "kv_group", "head"]
+GRANULARITIES: tuple[str, ...] = ("layer", "kv_group", "head")
+
+# The released code computes block logits as (unnormalised Hadamard sketch) / sqrt(r) / 100.
+# At head_dim = sketch_dim = 128 that equals (qb . kb) * sqrt(128) / 100, i.e. the true attention
+# scale 1/sqrt(128) divided by a temperature of 100 / 128. Our normalised sketch keeps
+# E[q~ . k~] = qb . kb, so this temperature reproduces the released logits at head_dim 128.
+RELEASED_TEMPERATURE = 100.0 / 128.0
+
+
+@dataclass
+class SketchWalkConfig:
+    """Configuration of Sketch&Walk block selection.
+
+    Budget precedence: ``density`` (if set) beats ``top_k_blocks`` (if set), which beats
+    ``kblocks_frac``. Exactly one of them decides how many ranked blocks each query-block row
+    keeps; sink, window and diagonal blocks are forced on top of (``kblocks_frac``,
+    ``top_k_blocks``) or inside (``density``) that budget.
+
+    Args:
+        block_size: tokens per query/key block (the selection granularity).
+        sketch_dim: r, number of Hadamard coordinates kept. Clamped to the padded head dim n
+            (next power of two >= head_dim); r == n makes the sketch an exact rotation.
+        exact: skip the sketch and score pooled ``qb . kb`` directly (ablation of the sketch).
+        temperature: block logits are ``q~ . k~ / (sqrt(head_dim) * temperature)``; the default
+            reproduces the released scale at head_dim = sketch_dim = 128.
+        sparsity_exponent: s in ``A <- rownorm(A ** s)``; equivalent to dividing the block logits'
+            temperature by s (before head aggregation the two are the same knob).
+        causal_sketch: mask future key blocks before the block softmax (the released prefill does
+            not).
+        granularity: one transition matrix per ``layer`` (released), per ``kv_group`` or per
+            ``head``.
+        walk: carry the previous sparse layer's walk into this layer (cross-layer term).
+        degree: number of walk steps.
+        damping: beta in ``state = (1 - beta) * A + beta * state @ A``.
+        kblocks_frac: keep this fraction of each row's non-forced causal blocks.
+        top_k_blocks: keep this many ranked blocks per row (besides the forced ones).
+        density: target share of causal blocks kept overall, forced blocks included.
+        sink: fraction of the context forced as attention-sink blocks (at least one block).
+        window: fraction of the context forced as local window before each row's diagonal.
+        dense_layers: the first ``dense_layers`` layers use full causal attention.
+        dense_last_rows: the last query-block rows that stay dense.
+        parity: reproduce the released arithmetic exactly (unnormalised transform and /100,
+            tail mean over the full block, non-causal block softmax, strictly-greater per-row
+            quantile threshold, window-sized sink).
+        seed: seed of the per-layer random signs and coordinate permutation.
+    """
+
+    block_size: int = 64
+    sketch_dim: int = 128
+    exact: bool = False
+    temperature: float = RELEASED_TEMPERATURE
+    sparsity_exponent: float = 1.0
+    causal_sketch: bool = True
+    granularity: str = "layer"
+    walk: bool = True
+    degree: int = 3
+    damping: float = 0.25
+    kblocks_frac: float = 0.125
+    top_k_blocks: int | None = None
+    density: float | None = None
+    sink: float = 0.025
+    window: float = 0.05
+    dense_layers: int = 2
+    dense_last_rows: int = 4
+    parity: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, expected: str) -> None:
+            if not cond:
+                raise ValueError(
+                    f"SketchWalkConfig.{name} must be {expected}, got {getattr(self, name)!r}"
+                )
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(is_int(self.block_size) and self.block_size >= 1, "block_size", "an int >= 1")
+        need(is_int(self.sketch_dim) and self.sketch_dim >= 1, "sketch_dim", "an int >= 1")
+        need(isinstance(self.exact, bool), "exact", "a bool")
+        need(is_num(self.temperature) and self.temperature > 0, "temperature", "a float > 0")
+        need(
+            is_num(self.sparsity_exponent) and self.sparsity_exponent > 0,
+            "sparsity_exponent",
+            "a float > 0",
+        )
+        need(isinstance(self.causal_sketch, bool), "causal_sketch", "a bool")
+        need(self.granularity in GRANULARITIES, "granularity", f"one of {GRANULARITIES}")
+        need(isinstance(self.walk, bool), "walk", "a bool")
+        need(is_int(self.degree) and self.degree >= 1, "degree", "an int >= 1")
+        need(is_num(self.damping) and 0.0 <= self.damping <= 1.0, "damping", "in [0, 1]")
+        need(
+            is_num(self.kblocks_frac) and 0.0 <= self.kblocks_frac <= 1.0,
+            "kblocks_frac",
+            "in [0, 1]",
+        )
+        need(
+            self.top_k_blocks is None or (is_int(self.top_k_blocks) and self.top_k_blocks >= 0),
+            "top_k_blocks",
+            "None or an int >= 0",
+        )
+        need(
+            self.density is None or (is_num(self.density) and 0.0 < self.density <= 1.0),
+            "density",
+            "None or in (0, 1]",
+        )
+        need(is_num(self.sink) and 0.0 <= self.sink <= 1.0, "sink", "in [0, 1]")
+        need(is_num(self.window) and 0.0 <= self.window <= 1.0, "window", "in [0, 1]")
+        need(is_int(self.dense_layers) and self.dense_layers >= 0, "dense_layers", "an int >= 0")
+        need(
+            is_int(self.dense_last_rows) and self.dense_last_rows >= 0,
+            "dense_last_rows",
+            "an int >= 0",
+        )
+        need(isinstance(self.parity, bool), "parity", "a bool")
+        need(is_int(self.seed), "seed", "an int")
+        self.temperature = float(self.temperature)
+        self.sparsity_exponent = float(self.sparsity_exponent)
+
+    @property
+    def budget(self) -> str:
+        """Which budget form decides the ranked blocks: 'density', 'top_k_blocks' or
+        'kblocks_frac' (precedence in that order)."""
+        if self.density is not None:
+            return "density"
+        if self.top_k_blocks is not None:
+            return "top_k_blocks"
+        return "kblocks_frac"
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> SketchWalkConfig:
+        """Named starting points.
+
+        - ``"paper"``: the authors' released defaults (block 64, sketch 128, kblocks_frac 0.125,
+          sink 2.5%, window 5%, walk degree 3 with damping 0.25, non-causal block softmax).
+        - ``"seed"``: the seed pipeline's CLI defaults (block 64, sketch 64, top_k_blocks 16,
+          sparsity_exponent 8).
+        """
+        presets: dict[str, dict[str, Any]] = {
+            "paper": dict(causal_sketch=False),
+            "seed": dict(sketch_dim=64, top_k_blocks=16, sparsity_exponent=8.0),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SketchWalkConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"SketchWalkConfig.from_dict: unknown fields {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> SketchWalkConfig:
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["SketchWalkConfig", "GRANULARITIES", "RELEASED_TEMPERATURE"]
