@@ -15,7 +15,10 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("sketchwalk.collect", "capture real Q/K/V tensors from a causal LM run"),
-    "validate": ("sketchwalk.validate", "run SketchWalk on collected tensors against dense attention"),
+    "validate": (
+        "sketchwalk.validate",
+        "run SketchWalk on collected tensors against dense attention",
+    ),
     "compare": ("sketchwalk.compare", "compare SketchWalk's block selection with SeerAttention's"),
     "demo": ("sketchwalk.demo", "collect -> validate -> compare -> report on the embedded model"),
     "train-gate": ("sketchwalk.gate_train", "train SeerAttention gates by self-distillation"),

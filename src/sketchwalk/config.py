@@ -176,4 +176,4 @@ class SketchWalkConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["SketchWalkConfig", "GRANULARITIES", "RELEASED_TEMPERATURE"]
+__all__ = ["GRANULARITIES", "RELEASED_TEMPERATURE", "SketchWalkConfig"]

@@ -1,0 +1,149 @@
+"""`SketchWalk`: block selection for one sequence, layer after layer.
+
+Per sparse layer l (see ALGORITHM.md section 1):
+
+1. pool Q and K over blocks (true-count tail mean; the released full-block divisor under
+   ``parity``);
+2. block logits from the randomized Hadamard sketch of the pooled vectors (or the pooled vectors
+   themselves when ``exact``), GQA-aware;
+3. block softmax (causal if ``causal_sketch``), head aggregation by ``granularity``,
+   row-normalisation, sharpening by ``sparsity_exponent`` -> transition matrix A_l;
+4. damped walk starting from the previous sparse layer's R_{l-1} (if ``walk`` and layer l-1 was
+   the last one fed) or from A_l;
+5. ranked selection with forced sink / window / diagonal blocks and dense last rows.
+
+Layers ``< dense_layers`` return the full causal selection. Nothing here is O(T^2) in memory:
+the largest tensors are (B, Hq, nb, nb) with nb = T / block_size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.selection import BlockSelection, select_blocks
+from sketchwalk.sketch import block_logits, block_pool, num_blocks
+from sketchwalk.walk import block_transition, walk_step
+
+
+def check_qk(q: torch.Tensor, k: torch.Tensor, where: str = "SketchWalk.select") -> None:
+    """Shared input checks for (B, Hq, T, D) queries and (B, Hkv, S, D) keys."""
+    for name, x, heads in (("q", q, "num_heads"), ("k", k, "num_kv_heads")):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"{where}: {name} must be (batch, {heads}, seq, head_dim), got shape "
+                f"{tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"{where}: {name} must be a float tensor, got {x.dtype}")
+        if x.shape[2] == 0:
+            raise ValueError(f"{where}: {name} has an empty sequence (seq = 0)")
+    if q.device != k.device:
+        raise ValueError(f"{where}: q is on {q.device} but k is on {k.device}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"{where}: q is {q.dtype} but k is {k.dtype}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{where}: batch of q ({q.shape[0]}) != batch of k ({k.shape[0]})")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"{where}: head_dim of q ({q.shape[3]}) != head_dim of k ({k.shape[3]})")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"{where}: num_heads of q ({q.shape[1]}) must be a multiple of num_kv_heads of k "
+            f"({k.shape[1]})"
+        )
+
+
+class SketchWalk:
+    """Holds the walk state of one sequence.
+
+    Example:
+        >>> sw = SketchWalk(SketchWalkConfig(density=0.2))
+        >>> for layer_idx, (q, k) in enumerate(per_layer_qk):
+        ...     selection = sw.select(q, k, layer_idx)
+        >>> sw.reset()   # next sequence
+
+    Layers must be fed in increasing order. A gap (layer l fed after layer l - 2, say, as when
+    only a subset of layers was collected) restarts the walk at A_l: the cross-layer term only
+    links consecutive layers. Feeding a layer at or below the last one raises; call ``reset()``
+    to start a new sequence.
+    """
+
+    def __init__(self, config: SketchWalkConfig | None = None) -> None:
+        self.config = config if config is not None else SketchWalkConfig()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the walk state: the next call starts a new sequence."""
+        self._last_layer: int | None = None
+        self._walk_state: torch.Tensor | None = None
+        self._walk_layer: int | None = None
+        self._shape: tuple[int, int] | None = None
+
+    @property
+    def walk_state(self) -> torch.Tensor | None:
+        """R of the last sparse layer fed, (B, G, nb, nb), or None."""
+        return self._walk_state
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int) -> BlockSelection:
+        """Select key blocks for layer ``layer_idx``.
+
+        Args:
+            q: (B, Hq, T, D) post-RoPE queries.
+            k: (B, Hkv, T, D) post-RoPE keys; Hq must be a multiple of Hkv.
+            layer_idx: the layer's index in the model (>= 0, increasing between resets).
+
+        Returns:
+            `BlockSelection` with G = 1, Hkv or Hq mask groups by ``granularity``.
+        """
+        cfg = self.config
+        check_qk(q, k)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"SketchWalk.select: prefill needs as many keys as queries; q has seq "
+                f"{q.shape[2]}, k has seq {k.shape[2]}"
+            )
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"SketchWalk.select: layer_idx must be an int >= 0, got {layer_idx!r}")
+        if self._last_layer is not None and layer_idx <= self._last_layer:
+            raise ValueError(
+                f"SketchWalk.select: layers must be fed in increasing order; got layer "
+                f"{layer_idx} after layer {self._last_layer} (call reset() for a new sequence)"
+            )
+        b, hq, t, _ = q.shape
+        hkv = k.shape[1]
+        if self._shape is not None and self._shape != (b, t):
+            raise ValueError(
+                f"SketchWalk.select: layer {layer_idx} has (batch, seq) = {(b, t)} but earlier "
+                f"layers of this sequence had {self._shape} (call reset() for a new sequence)"
+            )
+        self._shape = (b, t)
+        groups = {"layer": 1, "kv_group": hkv, "head": hq}[cfg.granularity]
+        self._last_layer = layer_idx
+
+        if layer_idx < cfg.dense_layers:
+            return BlockSelection.full(b, groups, t, cfg.block_size, q.device)
+
+        qb = block_pool(q, cfg.block_size, cfg.parity)
+        kb = block_pool(k, cfg.block_size, cfg.parity)
+        if not (torch.isfinite(qb).all() and torch.isfinite(kb).all()):
+            bad = "q" if not torch.isfinite(qb).all() else "k"
+            raise ValueError(f"SketchWalk.select: {bad} of layer {layer_idx} contains NaN or Inf")
+        logits = block_logits(qb, kb, cfg, layer_idx)
+        a = block_transition(logits, hkv, cfg)
+        previous = None
+        if (
+            cfg.walk
+            and self._walk_state is not None
+            and self._walk_layer == layer_idx - 1
+            and self._walk_state.shape == a.shape
+        ):
+            previous = self._walk_state
+        r = walk_step(a, previous, cfg.degree, cfg.damping)
+        self._walk_state, self._walk_layer = r, layer_idx
+        assert r.shape[-1] == num_blocks(t, cfg.block_size)
+        return select_blocks(r, t, cfg)
+
+
+__all__ = ["SketchWalk", "check_qk"]

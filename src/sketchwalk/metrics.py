@@ -1,0 +1,198 @@
+"""Accuracy of sparse attention against dense, and what the true attention looks like per block.
+
+Everything that needs the true softmax attention is computed exactly, in chunks of query rows,
+so memory stays O(chunk x T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sketchwalk.selection import BlockSelection
+from sketchwalk.sketch import num_blocks
+
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def _flat64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1).double()
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{where}: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of the two tensors flattened (float64)."""
+    _check_pair(a, b, "cosine_similarity")
+    x, y = _flat64(a), _flat64(b)
+    den = x.norm() * y.norm()
+    if den == 0:
+        return 1.0 if torch.equal(x, y) else 0.0
+    return float((x @ y / den).item())
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean squared error (float64)."""
+    _check_pair(a, b, "mse")
+    return float((_flat64(a) - _flat64(b)).pow(2).mean().item())
+
+
+def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute elementwise difference."""
+    _check_pair(a, b, "max_abs_error")
+    return float((_flat64(a) - _flat64(b)).abs().max().item())
+
+
+def relative_l2_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
+    """||approx - ref|| / ||ref|| (float64)."""
+    _check_pair(approx, ref, "relative_l2_error")
+    x, y = _flat64(approx), _flat64(ref)
+    den = y.norm()
+    return float(((x - y).norm() / den).item()) if den > 0 else float((x - y).norm().item())
+
+
+def _query_chunks(t: int, heads: int, block_size: int, chunk_size: int | None):
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // max(1, heads * t))
+    rows = max(block_size, (chunk_size // block_size) * block_size)
+    for start in range(0, t, rows):
+        yield start, min(t, start + rows)
+
+
+def _causal_probs(
+    q: torch.Tensor, k: torch.Tensor, start: int, stop: int, scale: float
+) -> torch.Tensor:
+    """Softmax probabilities of query rows [start, stop) over all keys: (B, Hq, C, T) float32."""
+    b, hq, _, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    g = hq // hkv
+    c = stop - start
+    qf = q[:, :, start:stop].float().view(b, hkv, g, c, d)
+    scores = (qf @ k.float()[:, :, None].transpose(-1, -2)).view(b, hq, c, t) * scale
+    key_pos = torch.arange(t, device=q.device)
+    q_pos = torch.arange(start, stop, device=q.device)
+    scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _check_qk_pair(q: torch.Tensor, k: torch.Tensor, where: str) -> None:
+    from sketchwalk.core import check_qk
+
+    check_qk(q, k, where)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"{where}: q has seq {q.shape[2]} but k has seq {k.shape[2]}")
+
+
+def attention_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    selection: BlockSelection,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+    per_head: bool = False,
+) -> float | torch.Tensor:
+    """Share of the dense causal softmax mass that falls inside the kept blocks.
+
+    Averaged over heads, batch and query rows (``per_head=True`` returns the (Hq,) float64
+    vector averaged over batch and rows instead). 1.0 means the selection loses nothing.
+    """
+    _check_qk_pair(q, k, "attention_recall")
+    b, hq, t, d = q.shape
+    bs = selection.block_size
+    if selection.seq_len != t:
+        raise ValueError(f"attention_recall: selection is for seq {selection.seq_len}, q has {t}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    head_mask = selection.head_mask(hq, k.shape[1])
+    nb = num_blocks(t, bs)
+    pad = nb * bs - t
+    total = torch.zeros(hq, dtype=torch.float64, device=q.device)
+    for start, stop in _query_chunks(t, hq, bs, chunk_size):
+        p = _causal_probs(q, k, start, stop, scale)
+        p_blocks = torch.nn.functional.pad(p, (0, pad)).view(b, hq, stop - start, nb, bs).sum(-1)
+        rows_mask = head_mask[:, :, torch.arange(start, stop, device=q.device) // bs]
+        kept = (p_blocks * rows_mask).sum(-1)  # (B, Hq, C)
+        total += kept.double().sum(dim=(0, 2))
+    per = total / (b * t)
+    return per.cpu() if per_head else float(per.mean().item())
+
+
+def true_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    reduce: str = "sum",
+    scale: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The true causal attention aggregated per (query block, key block) tile.
+
+    Args:
+        q: (B, Hq, T, D); k: (B, Hkv, T, D).
+        block_size: tile size.
+        reduce: ``"sum"``: mean over the tile's query rows of the probability mass on the key
+            block (each row sums to 1); ``"max"``: the largest probability in the tile (what
+            SeerAttention's gate is distilled from, before row-normalisation).
+
+    Returns:
+        float32 (B, Hq, nb, nb).
+    """
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"true_block_attention: reduce must be 'sum' or 'max', got {reduce!r}")
+    _check_qk_pair(q, k, "true_block_attention")
+    b, hq, t, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    nb = num_blocks(t, block_size)
+    pad = nb * block_size - t
+    out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
+    for start, stop in _query_chunks(t, hq, block_size, chunk_size):
+        c = stop - start
+        p = _causal_probs(q, k, start, stop, scale)
+        p = torch.nn.functional.pad(p, (0, pad)).view(b, hq, c, nb, block_size)
+        p = p.sum(-1) if reduce == "sum" else p.amax(-1)  # (B, Hq, C, nb)
+        qpad = (-c) % block_size
+        rows = c + qpad
+        fill = 0.0
+        p = torch.nn.functional.pad(p, (0, 0, 0, qpad), value=fill)
+        p = p.view(b, hq, rows // block_size, block_size, nb)
+        i0 = start // block_size
+        if reduce == "sum":
+            counts = torch.full((rows // block_size,), float(block_size), device=q.device)
+            counts[-1] = block_size - qpad
+            out[:, :, i0 : i0 + rows // block_size] = p.sum(3) / counts[:, None]
+        else:
+            out[:, :, i0 : i0 + rows // block_size] = p.amax(3)
+    return out
+
+
+def oracle_selection(
+    block_attention: torch.Tensor,
+    like: BlockSelection,
+) -> BlockSelection:
+    """The best possible selection with ``like``'s per-row budget: each row keeps as many blocks
+    as ``like`` keeps there, chosen by the true block attention (B, G, nb, nb) of the same mask
+    groups."""
+    counts = like.kv_num_blocks.long()  # (B, G, nb)
+    nb = like.num_blocks
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=block_attention.device).tril()
+    scores = block_attention.float().masked_fill(~causal, float("-inf"))
+    kmax = int(counts.max().item())
+    top = scores.topk(kmax, dim=-1).indices
+    keep = torch.arange(kmax, device=scores.device) < counts[..., None]
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    mask.scatter_(-1, top, keep)
+    return BlockSelection.from_mask(mask & causal, like.block_size, like.seq_len)
+
+
+__all__ = [
+    "attention_recall",
+    "cosine_similarity",
+    "max_abs_error",
+    "mse",
+    "oracle_selection",
+    "relative_l2_error",
+    "true_block_attention",
+]

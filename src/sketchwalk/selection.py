@@ -1,0 +1,281 @@
+"""Step 3 of Sketch&Walk: which key blocks each query block keeps.
+
+Per query-block row i (only key blocks j <= i are causal):
+
+1. forced blocks: the first ``sink_blocks`` blocks of the context, a local window of
+   ``window_blocks`` blocks ending at the diagonal (so the diagonal is always kept), and every
+   causal block of the last ``dense_last_rows`` rows;
+2. the other causal blocks ("candidates") are ranked by the walk matrix R and the best ones are
+   kept, as many as the budget gives:
+   - ``kblocks_frac``: round(frac * candidates in the row) (parity: every candidate strictly
+     above the row's (1 - frac) quantile of candidate scores, like the released code);
+   - ``top_k_blocks``: N per row (or all candidates if fewer);
+   - ``density``: a per-row rate d' is solved so that the total kept, forced blocks included,
+     is within one block per row of ``density`` x (number of causal blocks).
+
+Block counts from fractions of the context: ``max(1, round(frac * nb))`` for sink and window.
+Under ``parity`` the sink takes the window's size (the released final mask does that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.sketch import num_blocks
+
+
+@dataclass
+class BlockSelection:
+    """A causal block mask plus the index form kernels consume.
+
+    Attributes:
+        block_mask: bool (B, G, nq, nk); G = 1 (per layer), Hkv (per KV group) or Hq (per head).
+        block_size: tokens per block.
+        seq_len: T, the number of query (and key) tokens.
+        kv_num_blocks: int32 (B, G, nq), kept blocks per row.
+        kv_indices: int32 (B, G, nq, nk), each row's kept key blocks ascending, then 0-padding.
+        density: kept causal blocks / causal blocks, over all batch rows and groups.
+        scores: optional float (B, G, nq, nk) walk matrix the selection ranked (diagnostics).
+    """
+
+    block_mask: torch.Tensor
+    block_size: int
+    seq_len: int
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    density: float
+    scores: torch.Tensor | None = None
+
+    @classmethod
+    def from_mask(
+        cls,
+        block_mask: torch.Tensor,
+        block_size: int,
+        seq_len: int,
+        scores: torch.Tensor | None = None,
+    ) -> BlockSelection:
+        """Build from a bool (B, G, nq, nk) mask; entries above the diagonal are dropped."""
+        if block_mask.dim() != 4 or block_mask.dtype != torch.bool:
+            raise ValueError(
+                "block_mask must be a bool tensor (batch, groups, q_blocks, kv_blocks), got "
+                f"{block_mask.dtype} of shape {tuple(block_mask.shape)}"
+            )
+        nb = num_blocks(seq_len, block_size)
+        if block_mask.shape[-2:] != (nb, nb):
+            raise ValueError(
+                f"block_mask must have {nb}x{nb} blocks for seq_len={seq_len}, "
+                f"block_size={block_size}; got {tuple(block_mask.shape[-2:])}"
+            )
+        mask = block_mask & causal_block_mask(nb, block_mask.device)
+        kv_num_blocks = mask.sum(dim=-1, dtype=torch.int32)
+        ar = torch.arange(nb, device=mask.device)
+        # Kept blocks first, in ascending order; then padding.
+        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
+        valid = ar < kv_num_blocks[..., None]
+        kv_indices = torch.where(valid, order, torch.zeros_like(order)).to(torch.int32)
+        total_causal = mask.shape[0] * mask.shape[1] * nb * (nb + 1) // 2
+        density = float(kv_num_blocks.sum().item()) / max(1, total_causal)
+        return cls(mask, block_size, seq_len, kv_num_blocks, kv_indices, density, scores)
+
+    @classmethod
+    def full(
+        cls,
+        batch: int,
+        groups: int,
+        seq_len: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> BlockSelection:
+        """The full causal selection (dense attention)."""
+        nb = num_blocks(seq_len, block_size)
+        mask = causal_block_mask(nb, device).expand(batch, groups, nb, nb).contiguous()
+        return cls.from_mask(mask, block_size, seq_len)
+
+    @property
+    def num_groups(self) -> int:
+        return self.block_mask.shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_mask.shape[-1]
+
+    def group_of_head(self, head: int, num_q_heads: int, num_kv_heads: int) -> int:
+        """Mask group used by query head ``head``."""
+        g = self.num_groups
+        if g == 1:
+            return 0
+        if g == num_q_heads:
+            return head
+        if g == num_kv_heads:
+            return head // (num_q_heads // num_kv_heads)
+        raise ValueError(
+            f"selection has {g} mask groups; expected 1, num_kv_heads={num_kv_heads} or "
+            f"num_q_heads={num_q_heads}"
+        )
+
+    def head_mask(self, num_q_heads: int, num_kv_heads: int) -> torch.Tensor:
+        """The block mask expanded to one mask per query head: bool (B, Hq, nq, nk) (a view
+        where possible)."""
+        g = self.num_groups
+        b, _, nq, nk = self.block_mask.shape
+        if g == num_q_heads:
+            return self.block_mask
+        if g == 1:
+            return self.block_mask.expand(b, num_q_heads, nq, nk)
+        if g == num_kv_heads:
+            group = num_q_heads // num_kv_heads
+            return (
+                self.block_mask[:, :, None]
+                .expand(b, g, group, nq, nk)
+                .reshape(b, num_q_heads, nq, nk)
+            )
+        raise ValueError(
+            f"selection has {g} mask groups; expected 1, num_kv_heads={num_kv_heads} or "
+            f"num_q_heads={num_q_heads}"
+        )
+
+    def blocks_per_row(self) -> float:
+        """Mean number of kept key blocks per query-block row."""
+        return float(self.kv_num_blocks.float().mean().item())
+
+
+def causal_block_mask(nb: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool (nb, nb), True on and below the diagonal."""
+    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+
+
+def forced_counts(nb: int, config: SketchWalkConfig) -> tuple[int, int]:
+    """(sink_blocks, window_blocks) for a context of ``nb`` blocks."""
+    window = max(1, round(config.window * nb))
+    sink = window if config.parity else max(1, round(config.sink * nb))
+    return min(sink, nb), min(window, nb)
+
+
+def forced_block_mask(
+    nb: int, config: SketchWalkConfig, device: torch.device | str
+) -> torch.Tensor:
+    """bool (nb, nb): sink, window (with diagonal) and dense last rows; causal."""
+    sink, window = forced_counts(nb, config)
+    i = torch.arange(nb, device=device)[:, None]
+    j = torch.arange(nb, device=device)[None, :]
+    causal = j <= i
+    forced = (j < sink) | (j > i - window)
+    if config.dense_last_rows > 0:
+        forced = forced | (i >= nb - config.dense_last_rows)
+    return forced & causal
+
+
+def _density_row_budgets(
+    forced_per_row: torch.Tensor, causal_per_row: torch.Tensor, density: float
+) -> torch.Tensor:
+    """Kept blocks per row (forced included) so the total is density x causal blocks.
+
+    Solves for a per-row rate d' by bisection: kept_i = clamp(round(d' * causal_i), forced_i,
+    causal_i). The total is monotone in d', so the result lands within one block per row of
+    the target unless the forced blocks alone exceed it.
+    """
+    target = density * float(causal_per_row.sum().item())
+    causal_f = causal_per_row.double()
+
+    def kept(rate: float) -> torch.Tensor:
+        k = torch.floor(rate * causal_f + 0.5)
+        return torch.maximum(torch.minimum(k, causal_f), forced_per_row.double())
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if float(kept(mid).sum().item()) < target:
+            lo = mid
+        else:
+            hi = mid
+    below, above = kept(lo), kept(hi)
+    best = below if abs(below.sum().item() - target) <= abs(above.sum().item() - target) else above
+    return best.long()
+
+
+def select_blocks(scores: torch.Tensor, seq_len: int, config: SketchWalkConfig) -> BlockSelection:
+    """Rank the walk matrix and build the causal block selection.
+
+    Args:
+        scores: (B, G, nb, nb) walk matrix R_l (higher = more important).
+        seq_len: T (tokens); nb must equal ceil(T / block_size).
+        config: budget form, forced blocks, parity.
+
+    Returns:
+        The `BlockSelection` (with ``scores`` attached).
+    """
+    nq, nk = scores.shape[-2:]
+    nb = num_blocks(seq_len, config.block_size)
+    if (nq, nk) != (nb, nb):
+        raise ValueError(
+            f"scores must be (batch, groups, {nb}, {nb}) for seq_len={seq_len}, got "
+            f"{tuple(scores.shape)}"
+        )
+    device = scores.device
+    causal = causal_block_mask(nb, device)
+    forced = forced_block_mask(nb, config, device)
+    candidates = causal & ~forced
+    n_cand = candidates.sum(dim=-1)  # (nb,)
+
+    if config.budget == "kblocks_frac" and config.parity:
+        ranked = _quantile_threshold(scores, candidates, config.kblocks_frac)
+    else:
+        if config.budget == "density":
+            causal_per_row = causal.sum(dim=-1)
+            forced_per_row = forced.sum(dim=-1)
+            budgets = _density_row_budgets(forced_per_row, causal_per_row, config.density)
+            k_row = (budgets - forced_per_row).clamp_min(0)
+        elif config.budget == "top_k_blocks":
+            k_row = torch.clamp(n_cand, max=config.top_k_blocks)
+        else:
+            k_row = torch.floor(config.kblocks_frac * n_cand.double() + 0.5).long()
+        k_row = torch.minimum(k_row, n_cand)
+        ranked = _top_k_rows(scores, candidates, k_row)
+
+    mask = forced | ranked
+    return BlockSelection.from_mask(mask & causal, config.block_size, seq_len, scores=scores)
+
+
+def _top_k_rows(
+    scores: torch.Tensor, candidates: torch.Tensor, k_row: torch.Tensor
+) -> torch.Tensor:
+    """bool mask keeping the k_row[i] best candidates of each row i."""
+    kmax = int(k_row.max().item()) if k_row.numel() else 0
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if kmax == 0:
+        return out
+    masked = scores.float().masked_fill(~candidates, float("-inf"))
+    top = masked.topk(kmax, dim=-1).indices  # (B, G, nb, kmax)
+    keep = torch.arange(kmax, device=scores.device) < k_row[:, None]  # (nb, kmax)
+    out.scatter_(-1, top, keep.expand_as(top))
+    return out & candidates
+
+
+def _quantile_threshold(
+    scores: torch.Tensor, candidates: torch.Tensor, frac: float
+) -> torch.Tensor:
+    """Released ranking: per row, keep candidates strictly above the (1 - frac) quantile (linear
+    interpolation) of that row's candidate scores."""
+    nb = scores.shape[-1]
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    s = scores.float()
+    for i in range(nb):
+        cols = candidates[i].nonzero().flatten()
+        if cols.numel() == 0:
+            continue
+        vals = s[:, :, i, cols]  # (B, G, c)
+        thr = torch.quantile(vals, 1.0 - frac, dim=-1, keepdim=True)
+        out[:, :, i, cols] = vals > thr
+    return out
+
+
+__all__ = [
+    "BlockSelection",
+    "causal_block_mask",
+    "forced_block_mask",
+    "forced_counts",
+    "select_blocks",
+]

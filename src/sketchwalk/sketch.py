@@ -1,0 +1,185 @@
+"""Step 1 of Sketch&Walk: block pooling and the randomized Hadamard sketch, then block logits.
+
+The sketch maps a pooled head vector x in R^D to R^r:
+
+    x~ = scale * (H_n (s * pad_n(x)))[coords]
+
+with s a random +-1 sign vector (one draw per layer, shared by Q and K), H_n the Sylvester
+Walsh-Hadamard matrix of size n = next power of two >= D (entries +-1, H_n H_n = n I), coords r
+distinct coordinates drawn by a random permutation, and
+
+- normalised (ours): scale = 1 / sqrt(r), so E[q~ . k~] = q . k for every r, and with r == n the
+  map is an exact rotation (q~ . k~ == q . k);
+- parity (released): scale = 1 / sqrt(n / r), which makes q~ . k~ = (r^2 / n) q . k on average.
+
+All draws come from a seeded ``torch.Generator`` keyed by (seed, layer_idx), so a run is
+reproducible and the draws can be recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from sketchwalk.config import SketchWalkConfig
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    """Number of blocks covering ``seq_len`` tokens (the last one may be partial)."""
+    return -(-seq_len // block_size)
+
+
+def block_pool(x: torch.Tensor, block_size: int, parity: bool = False) -> torch.Tensor:
+    """Mean of ``x`` over consecutive blocks of tokens.
+
+    Args:
+        x: (B, H, T, D) tensor, any float dtype.
+        block_size: tokens per block.
+        parity: divide the (zero-padded) tail block by ``block_size`` like the released code,
+            instead of by its true token count.
+
+    Returns:
+        (B, H, ceil(T / block_size), D) float32 block means.
+    """
+    b, h, t, d = x.shape
+    nb = num_blocks(t, block_size)
+    pad = nb * block_size - t
+    xs = F.pad(x.float(), (0, 0, 0, pad)).view(b, h, nb, block_size, d).sum(dim=3)
+    if parity or pad == 0:
+        return xs / block_size
+    counts = torch.full((nb, 1), float(block_size), device=x.device)
+    counts[-1] = block_size - pad
+    return xs / counts
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@lru_cache(maxsize=16)
+def _sylvester_cpu(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard_matrix(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sylvester Walsh-Hadamard matrix of size n (a power of two), entries +-1, float32."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard_matrix: n must be a power of two, got {n}")
+    return _sylvester_cpu(n).to(device)
+
+
+@dataclass(frozen=True)
+class SketchDraws:
+    """The random draws of one layer's sketch.
+
+    Attributes:
+        signs: (n,) float32 tensor of +-1.
+        coords: (r,) int64 tensor of distinct coordinates in [0, n).
+        head_dim: D; n = next_power_of_two(D); r = len(coords).
+    """
+
+    signs: torch.Tensor
+    coords: torch.Tensor
+    head_dim: int
+
+    @property
+    def n(self) -> int:
+        return self.signs.numel()
+
+    @property
+    def r(self) -> int:
+        return self.coords.numel()
+
+
+def sketch_draws(head_dim: int, sketch_dim: int, seed: int, layer_idx: int) -> SketchDraws:
+    """Seeded draws for one layer. ``sketch_dim`` is clamped to the padded head dim."""
+    n = next_power_of_two(head_dim)
+    r = min(sketch_dim, n)
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(layer_idx)) % (2**63))
+    signs = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+    coords = torch.randperm(n, generator=gen)[:r]
+    return SketchDraws(signs=signs, coords=coords, head_dim=head_dim)
+
+
+def sketch_projection(
+    draws: SketchDraws, parity: bool = False, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The (D, r) matrix P with ``x~ = x @ P`` (sign flip, Hadamard, coordinate pick, scale)."""
+    n, r, d = draws.n, draws.r, draws.head_dim
+    h = hadamard_matrix(n, device)
+    p = draws.signs.to(device)[:, None] * h[:, draws.coords.to(device)]
+    scale = 1.0 / math.sqrt(n / r) if parity else 1.0 / math.sqrt(r)
+    return (p * scale)[:d]
+
+
+def hadamard_sketch(x: torch.Tensor, draws: SketchDraws, parity: bool = False) -> torch.Tensor:
+    """Apply the sketch to the last dim of ``x`` (..., D) -> (..., r), float32."""
+    if x.shape[-1] != draws.head_dim:
+        raise ValueError(
+            f"hadamard_sketch: x's last dim must be head_dim={draws.head_dim}, got {x.shape[-1]}"
+        )
+    return x.float() @ sketch_projection(draws, parity, x.device)
+
+
+def block_logits(
+    q_blocks: torch.Tensor,
+    k_blocks: torch.Tensor,
+    config: SketchWalkConfig,
+    layer_idx: int,
+) -> torch.Tensor:
+    """Per-query-head block logits.
+
+    Args:
+        q_blocks: (B, Hq, nq, D) pooled queries.
+        k_blocks: (B, Hkv, nk, D) pooled keys; query head h uses KV head h // (Hq // Hkv).
+        config: decides sketch vs exact, temperature and parity arithmetic.
+        layer_idx: keys the layer's random draws.
+
+    Returns:
+        (B, Hq, nq, nk) float32 logits (before any causal mask).
+
+    Arithmetic by mode (D = head_dim, r = sketch dim, T = temperature):
+        sketch:          q~ . k~ / (sqrt(D) * T)                  (normalised sketch)
+        exact:           qb . kb / (sqrt(D) * T)
+        parity sketch:   q~ . k~ / sqrt(r) / 100                  (unnormalised sketch)
+        parity exact:    clamp(qb . kb / sqrt(D), -10, 10)
+    """
+    b, hq, nq, d = q_blocks.shape
+    hkv, nk = k_blocks.shape[1], k_blocks.shape[2]
+    group = hq // hkv
+    if config.exact:
+        qs, ks = q_blocks.float(), k_blocks.float()
+        r = d
+    else:
+        draws = sketch_draws(d, config.sketch_dim, config.seed, layer_idx)
+        proj = sketch_projection(draws, config.parity, q_blocks.device)
+        qs, ks = q_blocks.float() @ proj, k_blocks.float() @ proj
+        r = draws.r
+    # GQA: (B, Hkv, group, nq, r) @ (B, Hkv, 1, r, nk)
+    logits = qs.view(b, hkv, group, nq, -1) @ ks.view(b, hkv, 1, nk, -1).transpose(-1, -2)
+    logits = logits.view(b, hq, nq, nk)
+    if config.parity:
+        if config.exact:
+            return (logits / math.sqrt(d)).clamp_(-10.0, 10.0)
+        return logits / math.sqrt(r) / 100.0
+    return logits / (math.sqrt(d) * config.temperature)
+
+
+__all__ = [
+    "SketchDraws",
+    "block_logits",
+    "block_pool",
+    "hadamard_matrix",
+    "hadamard_sketch",
+    "next_power_of_two",
+    "num_blocks",
+    "sketch_draws",
+    "sketch_projection",
+]

@@ -1,0 +1,94 @@
+"""Step 2 of Sketch&Walk: the block transition matrix of a layer and the damped walk.
+
+For layer l the per-head block probabilities P_h = softmax(logits_h) (rows over key blocks) are
+summed over the heads that share a mask (all heads, a KV group, or one head) and row-normalised:
+that is the transition matrix A_l. Sharpening raises it to the power s and renormalises
+(``A ** s`` renormalised equals a softmax at temperature / s of ``log A``; we compute it in log
+space so that large s cannot underflow every entry of a row to zero).
+
+The walk starts from the previous sparse layer's walk matrix R_{l-1} (or from A_l) and repeats
+``degree`` times ``state = (1 - beta) * A_l + beta * state @ A_l``. In closed form:
+
+    R_l = (1 - beta) * sum_{k=0}^{d-1} beta^k A_l^{k+1} + beta^d * S A_l^d
+
+so the previous layer enters with weight beta^d (1/64 at the released beta = 0.25, d = 3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sketchwalk.config import SketchWalkConfig
+
+
+def aggregate_heads(probs: torch.Tensor, num_kv_heads: int, granularity: str) -> torch.Tensor:
+    """Sum per-head block probabilities into transition rows and row-normalise.
+
+    Args:
+        probs: (B, Hq, nq, nk) per-query-head block probabilities (rows sum to 1).
+        num_kv_heads: Hkv, for the ``kv_group`` granularity.
+        granularity: ``layer`` (G = 1), ``kv_group`` (G = Hkv) or ``head`` (G = Hq).
+
+    Returns:
+        (B, G, nq, nk) row-stochastic matrices.
+    """
+    b, hq, nq, nk = probs.shape
+    if granularity == "layer":
+        a = probs.sum(dim=1, keepdim=True)
+    elif granularity == "kv_group":
+        a = probs.view(b, num_kv_heads, hq // num_kv_heads, nq, nk).sum(dim=2)
+    elif granularity == "head":
+        a = probs
+    else:
+        raise ValueError(f"granularity must be 'layer', 'kv_group' or 'head', got {granularity!r}")
+    return a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+
+
+def sharpen(a: torch.Tensor, exponent: float, parity: bool = False) -> torch.Tensor:
+    """Row-normalised ``a ** exponent``; computed in log space unless ``parity``."""
+    if exponent == 1.0:
+        return a
+    if parity:
+        p = a.pow(exponent)
+        return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    return torch.softmax(exponent * torch.log(a), dim=-1)
+
+
+def block_transition(
+    logits: torch.Tensor, num_kv_heads: int, config: SketchWalkConfig
+) -> torch.Tensor:
+    """Block logits (B, Hq, nq, nk) -> transition matrix A (B, G, nq, nk).
+
+    The released prefill applies no causal mask before the block softmax; ``causal_sketch``
+    (ignored under ``parity``) masks key blocks j > i first so no mass goes to the future.
+    """
+    nq, nk = logits.shape[-2:]
+    if config.causal_sketch and not config.parity:
+        future = torch.ones(nq, nk, dtype=torch.bool, device=logits.device).triu(nk - nq + 1)
+        logits = logits.masked_fill(future, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    a = aggregate_heads(probs, num_kv_heads, config.granularity)
+    return sharpen(a, config.sparsity_exponent, config.parity)
+
+
+def walk_step(
+    a: torch.Tensor, previous: torch.Tensor | None, degree: int, damping: float
+) -> torch.Tensor:
+    """The damped walk of one layer.
+
+    Args:
+        a: (B, G, n, n) this layer's transition matrix A_l.
+        previous: (B, G, n, n) the previous layer's walk R_{l-1}, or None to start from A_l.
+        degree: number of steps d.
+        damping: beta.
+
+    Returns:
+        (B, G, n, n) R_l.
+    """
+    state = a if previous is None else previous
+    for _ in range(degree):
+        state = (1.0 - damping) * a + damping * (state @ a)
+    return state
+
+
+__all__ = ["aggregate_heads", "block_transition", "sharpen", "walk_step"]

@@ -1,0 +1,188 @@
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sketchwalk import BlockSelection, SketchWalk, SketchWalkConfig
+from sketchwalk.selection import forced_counts
+from sketchwalk.sketch import block_logits, block_pool
+from sketchwalk.testing import make_qkv
+from sketchwalk.walk import block_transition
+
+
+def _layers(n, b=1, hq=8, hkv=2, t=700, d=32):
+    return [make_qkv(b, hq, hkv, t, d, seed=s)[:2] for s in range(n)]
+
+
+def test_dense_layers_return_full_causal_selection():
+    sw = SketchWalk(SketchWalkConfig(dense_layers=2))
+    ((q, k),) = _layers(1)
+    for layer in (0, 1):
+        sel = sw.select(q, k, layer)
+        assert sel.density == 1.0
+        assert torch.equal(sel.block_mask, BlockSelection.full(1, 1, 700, 64).block_mask)
+    assert sw.select(q, k, 2).density < 1.0
+
+
+@pytest.mark.parametrize("granularity, groups", [("layer", 1), ("kv_group", 2), ("head", 8)])
+def test_granularity_sets_mask_groups(granularity, groups):
+    sw = SketchWalk(SketchWalkConfig(granularity=granularity, dense_layers=0, density=0.3))
+    ((q, k),) = _layers(1, b=2)
+    sel = sw.select(q, k, 0)
+    assert sel.block_mask.shape == (2, groups, 11, 11)
+
+
+def test_walk_links_consecutive_layers_and_restarts_on_gaps():
+    cfg = SketchWalkConfig(dense_layers=0, degree=1, damping=0.9, top_k_blocks=2)
+    layers = _layers(3)
+    sw = SketchWalk(cfg)
+    sw.select(*layers[0], 0)
+    r0 = sw.walk_state.clone()
+    linked = sw.select(*layers[1], 1).scores
+    fresh = SketchWalk(cfg)
+    fresh.select(*layers[1], 1)
+    alone = fresh.walk_state
+    assert not torch.allclose(linked, alone), "walk did not carry the previous layer"
+    # one step from R0: 0.1 A + 0.9 R0 A, with A this layer's transition matrix
+    q1, k1 = layers[1]
+    logits = block_logits(block_pool(q1, 64), block_pool(k1, 64), cfg, 1)
+    a = block_transition(logits, 2, cfg)
+    torch.testing.assert_close(alone, 0.1 * a + 0.9 * a @ a)
+    torch.testing.assert_close(linked, 0.1 * a + 0.9 * r0 @ a)
+    # a gap restarts the walk
+    sw.select(*layers[2], 5)
+    fresh2 = SketchWalk(cfg)
+    fresh2.select(*layers[2], 5)
+    torch.testing.assert_close(sw.walk_state, fresh2.walk_state)
+
+
+def test_walk_switch_off_makes_layers_independent():
+    cfg = SketchWalkConfig(dense_layers=0, walk=False)
+    layers = _layers(2)
+    sw = SketchWalk(cfg)
+    sw.select(*layers[0], 0)
+    a = sw.select(*layers[1], 1).block_mask
+    b = SketchWalk(cfg).select(*layers[1], 1).block_mask
+    assert torch.equal(a, b)
+
+
+def test_batch_rows_are_independent():
+    cfg = SketchWalkConfig(dense_layers=0, density=0.25, granularity="kv_group")
+    q, k, _ = make_qkv(3, 4, 2, 500, 16, seed=2)
+    both = SketchWalk(cfg).select(q, k, 0).block_mask
+    for i in range(3):
+        one = SketchWalk(cfg).select(q[i : i + 1], k[i : i + 1], 0).block_mask
+        assert torch.equal(both[i : i + 1], one)
+
+
+def test_reset_starts_a_new_sequence():
+    sw = SketchWalk(SketchWalkConfig(dense_layers=0))
+    ((q, k),) = _layers(1)
+    first = sw.select(q, k, 0).block_mask
+    sw.reset()
+    assert torch.equal(sw.select(q, k, 0).block_mask, first)
+
+
+def test_selection_beats_random_on_structured_inputs():
+    from sketchwalk import metrics
+    from sketchwalk.testing import random_selection
+
+    q, k, _ = make_qkv(1, 8, 2, 2048, 64, seed=0)
+    sel = SketchWalk(SketchWalkConfig(dense_layers=0, density=0.3)).select(q, k, 0)
+    rnd = random_selection(1, 1, 2048, 64, sel.density, seed=1)
+    ours, theirs = metrics.attention_recall(q, k, sel), metrics.attention_recall(q, k, rnd)
+    print(f"recall sketchwalk {ours:.4f} random {theirs:.4f} at density {sel.density:.3f}")
+    assert ours > theirs + 0.05
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    sw = SketchWalk(SketchWalkConfig(dense_layers=0))
+    q, k, _ = make_qkv(1, 6, 2, 130, 16)
+    with pytest.raises(ValueError, match=r"q must be \(batch, num_heads, seq, head_dim\)"):
+        sw.select(q[0], k, 0)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        sw.select(q[:, :5], k, 0)
+    with pytest.raises(ValueError, match="head_dim"):
+        sw.select(q, k[..., :8], 0)
+    with pytest.raises(ValueError, match=r"q is torch\.float32 but k is torch\.float64"):
+        sw.select(q, k.double(), 0)
+    with pytest.raises(ValueError, match="empty sequence"):
+        sw.select(q[:, :, :0], k[:, :, :0], 0)
+    with pytest.raises(ValueError, match="float tensor"):
+        sw.select(q.long(), k.long(), 0)
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        sw.select(q[:, :, :64], k, 0)
+    with pytest.raises(ValueError, match="layer_idx must be an int"):
+        sw.select(q, k, -1)
+    bad = q.clone()
+    bad[0, 1, 7, 3] = float("nan")
+    with pytest.raises(ValueError, match="q of layer 0 contains NaN or Inf"):
+        sw.select(bad, k, 0)
+    sw.reset()
+    bad = k.clone()
+    bad[0, 0, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match="k of layer 0 contains NaN or Inf"):
+        sw.select(q, bad, 0)
+
+
+def test_layer_order_and_shape_changes_are_refused():
+    sw = SketchWalk(SketchWalkConfig(dense_layers=0))
+    q, k, _ = make_qkv(1, 2, 2, 200, 16)
+    sw.select(q, k, 3)
+    with pytest.raises(ValueError, match="increasing order; got layer 3 after layer 3"):
+        sw.select(q, k, 3)
+    with pytest.raises(ValueError, match="increasing order"):
+        sw.select(q, k, 1)
+    with pytest.raises(ValueError, match=r"\(batch, seq\)"):
+        sw.select(q[:, :, :100], k[:, :, :100], 4)
+
+
+# ---- properties over random shapes -------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 3),
+    hkv=st.integers(1, 3),
+    group=st.sampled_from([1, 3, 4, 8]),
+    t=st.integers(1, 600),
+    block=st.sampled_from([16, 32, 64]),
+    granularity=st.sampled_from(["layer", "kv_group", "head"]),
+    budget=st.sampled_from(["frac", "topk", "density"]),
+    exact=st.booleans(),
+    parity=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_selection_properties(
+    batch, hkv, group, t, block, granularity, budget, exact, parity, seed
+):
+    kwargs = {"frac": {}, "topk": {"top_k_blocks": 2}, "density": {"density": 0.3}}[budget]
+    cfg = SketchWalkConfig(
+        block_size=block,
+        granularity=granularity,
+        dense_layers=1,
+        exact=exact,
+        parity=parity,
+        sketch_dim=16,
+        **kwargs,
+    )
+    sw = SketchWalk(cfg)
+    nb = -(-t // block)
+    groups = {"layer": 1, "kv_group": hkv, "head": hkv * group}[granularity]
+    for layer in range(3):
+        q, k, _ = make_qkv(batch, hkv * group, hkv, t, 16, seed=seed + layer)
+        sel = sw.select(q, k, layer)
+        m = sel.block_mask
+        assert m.shape == (batch, groups, nb, nb) and m.dtype == torch.bool
+        assert not m.triu(1).any()
+        assert m.diagonal(dim1=-2, dim2=-1).all()
+        sink, _ = forced_counts(nb, cfg)
+        for i in range(nb):
+            assert m[..., i, : min(sink, i + 1)].all()
+        assert torch.equal(sel.kv_num_blocks, m.sum(-1, dtype=torch.int32))
+        assert 0 < sel.density <= 1
+        if layer == 0:
+            assert sel.density == 1.0

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from sketchwalk import SketchWalkConfig
+from sketchwalk.walk import aggregate_heads, block_transition, sharpen, walk_step
+
+
+def _stochastic(b, g, n, seed):
+    a = torch.rand(b, g, n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return a / a.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3, 5])
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.9])
+@pytest.mark.parametrize("with_previous", [False, True])
+def test_walk_equals_closed_form(degree, beta, with_previous):
+    a = _stochastic(2, 3, 6, 0)
+    s = _stochastic(2, 3, 6, 1) if with_previous else a
+    got = walk_step(a, s if with_previous else None, degree, beta)
+    want = beta**degree * s @ torch.linalg.matrix_power(a, degree)
+    for j in range(degree):
+        want = want + (1 - beta) * beta**j * torch.linalg.matrix_power(a, j + 1)
+    torch.testing.assert_close(got, want)
+    # rows stay stochastic
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, 3, 6, dtype=torch.float64))
+
+
+def test_previous_layer_weight_is_beta_to_the_degree():
+    a = _stochastic(1, 1, 5, 2)
+    s1, s2 = _stochastic(1, 1, 5, 3), _stochastic(1, 1, 5, 4)
+    diff = walk_step(a, s1, 3, 0.25) - walk_step(a, s2, 3, 0.25)
+    torch.testing.assert_close(diff, (s1 - s2) @ torch.linalg.matrix_power(a, 3) / 64)
+
+
+@pytest.mark.parametrize("granularity, groups", [("layer", 1), ("kv_group", 2), ("head", 6)])
+def test_aggregate_heads(granularity, groups):
+    probs = torch.softmax(torch.randn(2, 6, 4, 4), -1)
+    got = aggregate_heads(probs, num_kv_heads=2, granularity=granularity)
+    assert got.shape == (2, groups, 4, 4)
+    for g in range(groups):
+        heads = {"layer": range(6), "kv_group": range(3 * g, 3 * g + 3), "head": [g]}[granularity]
+        s = sum(probs[:, h] for h in heads)
+        torch.testing.assert_close(got[:, g], s / s.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("parity", [False, True])
+def test_sharpen_is_renormalised_power(parity):
+    a = torch.softmax(torch.randn(1, 1, 5, 7), -1)
+    got = sharpen(a, 3.0, parity)
+    want = a**3 / (a**3).sum(-1, keepdim=True)
+    torch.testing.assert_close(got, want)
+    assert sharpen(a, 1.0) is a
+
+
+def test_sharpen_keeps_order_of_small_entries_and_stays_stochastic():
+    a = torch.tensor([[[[1e-3, 1e-4, 1.0 - 1.1e-3], [0.0, 0.5, 0.5]]]])
+    got = sharpen(a, 8.0)
+    assert torch.isfinite(got).all() and got[0, 0, 0, 0] > got[0, 0, 0, 1] > 0
+    torch.testing.assert_close(got.sum(-1), torch.ones(1, 1, 2))
+    assert got[0, 0, 1, 0] == 0
+
+
+def test_causal_sketch_puts_no_mass_on_future_blocks():
+    logits = torch.randn(1, 4, 6, 6)
+    causal = block_transition(logits, 2, SketchWalkConfig(causal_sketch=True))
+    assert (causal.triu(1) == 0).all()
+    released = block_transition(logits, 2, SketchWalkConfig(causal_sketch=False))
+    assert (released.triu(1) > 0).any()
+    # parity ignores causal_sketch: the released softmax is not causal
+    parity = block_transition(logits, 2, SketchWalkConfig(causal_sketch=True, parity=True))
+    torch.testing.assert_close(parity, released)
