@@ -1,0 +1,226 @@
+"""Triton split-K decode attention: a few new queries against the selected blocks of a long cache.
+
+Decode has one (or a few) queries per head, so a program per head would leave most of the GPU
+idle and read the cache with a handful of programs. Instead:
+
+1. ``_decode_split_kernel``: grid (splits, batch x units x tiles). A *unit* is a KV head with the
+   query heads that share its mask (or one query head when masks are per head); its
+   ``heads x queries`` rows are packed into the M dimension so each K/V tile is read once per
+   unit. Split ``s`` takes a contiguous share of the unit's kept-block list (the share is computed
+   in the kernel from ``kv_num_blocks``, so the host never syncs) and writes a normalised partial
+   output plus its log-sum-exp (base 2).
+2. ``_decode_combine_kernel``: merges the splits of each row by their log-sum-exp.
+
+Queries are aligned to the end of the cache: query ``i`` of ``Tq`` sits at position
+``S - Tq + i`` and sees keys ``<= `` that position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sketchwalk.kernels.triton_prefill import (
+    LOG2E,
+    _attend_block,
+    _mask_layout,
+    check_inputs,
+    key_block_tile,
+    upcast_dot,
+)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, num_ptr, idx_ptr, part_o_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_nb, stride_ng,
+    stride_ib, stride_ig,
+    num_queries, cache_len, num_units, tiles_per_unit, heads_per_unit, group_size, num_splits,
+    qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    batch = pid // (num_units * tiles_per_unit)
+    unit = (pid // tiles_per_unit) % num_units
+    tile = pid % tiles_per_unit
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    head_in_unit = rows // num_queries
+    query = rows % num_queries
+    pos = cache_len - num_queries + query
+    head = unit * heads_per_unit + head_in_unit
+    row_ok = head_in_unit < heads_per_unit
+    kv_head = (unit * heads_per_unit) // group_size
+    dims = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = (q_ptr + batch.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
+              + query[:, None] * stride_qt + dims[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+
+    n_sel = tl.load(num_ptr + batch * stride_nb + unit * stride_ng)
+    per_split = tl.cdiv(n_sel, num_splits)
+    start = split * per_split
+    stop = tl.minimum(n_sel, start + per_split)
+    idx_row = idx_ptr + batch * stride_ib + unit * stride_ig
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for e in range(start, stop):
+        kv_block = tl.load(idx_row + e)
+        for s in tl.static_range(BLOCK_SIZE // BLOCK_N):
+            # Always masked: a kept block may hold keys past a query (the cache's last block)
+            # and the mask costs little next to the K/V reads that bound decode.
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                kv_block * BLOCK_SIZE + s * BLOCK_N, pos, cache_len, qk_scale,
+                BLOCK_N, HEAD_DIM, True, UPCAST_DOT,
+            )
+
+    has_mass = l_i > 0.0
+    out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+    lse = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("-inf"))
+    part = (pid * num_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(part_o_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :], out)
+    tl.store(part_lse_ptr + part, lse)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_o_ptr, part_lse_ptr, o_ptr,
+    stride_ob, stride_oh, stride_ot,
+    num_queries, num_units, tiles_per_unit, heads_per_unit, num_splits,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = pid // (num_units * tiles_per_unit)
+    unit = (pid // tiles_per_unit) % num_units
+    tile = pid % tiles_per_unit
+    offs_m = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+
+    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):
+        lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + (pid * num_splits + s) * BLOCK_M
+                                              + offs_m))
+    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for s in range(num_splits):
+        part = (pid * num_splits + s) * BLOCK_M + offs_m
+        w = tl.exp2(tl.load(part_lse_ptr + part) - shift)
+        o = tl.load(part_o_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :])
+        weight_sum += w
+        acc += w[:, None] * o
+    out = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)[:, None]
+
+    rows = tile * BLOCK_M + offs_m
+    head_in_unit = rows // num_queries
+    query = rows % num_queries
+    head = unit * heads_per_unit + head_in_unit
+    o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh
+              + query[:, None] * stride_ot + dims[None, :])
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(head_in_unit < heads_per_unit)[:, None])
+
+
+_SM_COUNT: dict[int, int] = {}
+# Overrides used by the benchmark's sweep: keys "splits", "block_m", "num_warps", "num_stages".
+config_override: dict[str, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def sparse_decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Split-K block-sparse decode attention.
+
+    Args:
+        q: (B, Hq, Tq, D) bf16/fp16, the last Tq positions of the sequence (Tq small).
+        k_cache, v_cache: (B, Hkv, S, D), same dtype, S >= Tq.
+        kv_num_blocks: int32 (B, G), G in {1, Hkv, Hq}: kept key blocks per mask group.
+        kv_indices: int32 (B, G, nk): kept key-block indices, sorted ascending, first
+            kv_num_blocks entries valid.
+        block_size: tokens per key block (a multiple of 16).
+        scale: softmax scale, default 1 / sqrt(D).
+        num_splits: split-K factor; default fills the GPU (about 2 programs per SM).
+
+    Returns:
+        (B, Hq, Tq, D) in q's dtype; a row that sees no kept key is 0.
+    """
+    check_inputs(q, k_cache, v_cache, block_size)
+    batch, num_q_heads, num_queries, head_dim = q.shape
+    num_kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
+    num_groups = kv_num_blocks.shape[1]
+    units, heads_per_unit = _mask_layout(num_groups, num_q_heads, num_kv_heads)
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous()
+                           for t in (q, k_cache, v_cache))
+    kv_num_blocks = kv_num_blocks.to(torch.int32)
+    kv_indices = kv_indices.to(torch.int32)
+    if kv_indices.stride(-1) != 1:
+        kv_indices = kv_indices.contiguous()
+
+    rows = heads_per_unit * num_queries
+    block_m = config_override.get("block_m", max(16, min(64, triton.next_power_of_2(rows))))
+    tiles = triton.cdiv(rows, block_m)
+    programs = batch * units * tiles
+    if num_splits is None:
+        num_splits = config_override.get("splits", 0) or triton.cdiv(
+            2 * _sm_count(q.device), programs)
+        num_splits = max(1, min(num_splits, triton.cdiv(kv_indices.shape[-1], 2)))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    part_o = torch.empty(programs * num_splits * block_m * head_dim, device=q.device,
+                         dtype=torch.float32)
+    part_lse = torch.empty(programs * num_splits * block_m, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    group_stride = 0 if num_groups == 1 else 1
+    launch = {}
+    if q.is_cuda:
+        launch = {"num_warps": config_override.get("num_warps", 4),
+                      "num_stages": config_override.get("num_stages", 3)}
+    _decode_split_kernel[(num_splits, programs)](
+        q, k_cache, v_cache, kv_num_blocks, kv_indices, part_o, part_lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        kv_num_blocks.stride(0), kv_num_blocks.stride(1) * group_stride,
+        kv_indices.stride(0), kv_indices.stride(1) * group_stride,
+        num_queries, cache_len, units, tiles, heads_per_unit, num_q_heads // num_kv_heads,
+        num_splits, scale * LOG2E,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=key_block_tile(block_size),
+        HEAD_DIM=head_dim, UPCAST_DOT=upcast_dot(q), **launch,
+    )
+    _decode_combine_kernel[(programs,)](
+        part_o, part_lse, out,
+        out.stride(0), out.stride(1), out.stride(2),
+        num_queries, units, tiles, heads_per_unit, num_splits,
+        BLOCK_M=block_m, HEAD_DIM=head_dim, **({"num_warps": 4} if q.is_cuda else {}),
+    )
+    return out
+
+
+__all__ = ["sparse_decode_triton"]
