@@ -184,7 +184,7 @@ class AttentionCapture:
         """Drop the recorded tensors."""
         self.layers = {}
 
-    def __enter__(self) -> AttentionCapture:  # noqa: PYI034
+    def __enter__(self) -> AttentionCapture:
         if self.active:
             raise RuntimeError("this capture is already active")
         for module in self.modules.values():
@@ -209,7 +209,8 @@ class AttentionCapture:
                 head_dim = int(module.head_dim)
                 for side in ("q", "k"):
                     norm = getattr(module, f"{side}_norm", None)
-                    target = norm if isinstance(norm, nn.Module) else getattr(module, f"{side}_proj")
+                    proj = getattr(module, f"{side}_proj")
+                    target = norm if isinstance(norm, nn.Module) else proj
                     hook = self._pre_hook(
                         i, f"{side.upper()}_pre", head_dim, per_head=isinstance(norm, nn.Module)
                     )

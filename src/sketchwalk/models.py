@@ -19,6 +19,7 @@ Nothing is ever downloaded: loading runs with ``HF_HUB_OFFLINE=1`` and ``local_f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,7 +98,8 @@ class ResolvedModel:
 
 
 def cache_dir() -> Path:
-    """``$SKETCHWALK_CACHE_DIR``, else ``$XDG_CACHE_HOME/sketchwalk``, else ``~/.cache/sketchwalk``."""
+    """The cache folder: ``$SKETCHWALK_CACHE_DIR``, else ``$XDG_CACHE_HOME/sketchwalk``, else
+    ``~/.cache/sketchwalk``."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -172,10 +174,8 @@ def _drop_gguf_quantizer(model: Any) -> None:
             )
     model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
-        try:
+        with contextlib.suppress(AttributeError):
             model.is_quantized = False
-        except AttributeError:
-            pass
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is not None and hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
@@ -239,7 +239,7 @@ def _local_hub_snapshot(repo_id: str) -> Path | None:
         return None
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 (not cached, or not a valid id)
+    except Exception:  # not cached, or not a valid id
         return None
 
 

@@ -196,6 +196,9 @@ def save_tensor_file(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
     try:
         if format == "pt":
             with open(tmp, "wb") as fh:
@@ -250,7 +253,7 @@ def load_tensor_file(
                 raw_meta = (fh.metadata() or {}).get(METADATA_KEY)
                 for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                     record[key] = fh.get_tensor(key)
-        except Exception as exc:  # noqa: BLE001 (safetensors raises several types)
+        except Exception as exc:  # safetensors raises several types
             raise TensorFileError(
                 path, f"cannot read safetensors file (corrupt or truncated?): {exc}"
             ) from None
@@ -263,7 +266,7 @@ def load_tensor_file(
     else:
         try:
             record = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 (zip, pickle and EOF errors)
+        except Exception as exc:  # zip, pickle and EOF errors
             raise TensorFileError(
                 path, f"cannot read .pt file (corrupt, truncated or not a plain dict?): {exc}"
             ) from None

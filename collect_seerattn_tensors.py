@@ -1,0 +1,30 @@
+"""Seed-compatible entry point for step 1; everything lives in :mod:`sketchwalk.collect`.
+
+    python collect_seerattn_tensors.py --model_path /path/to/model --output_dir ./tensor_data \
+        --sequence_lengths 4096 8192 16384 --num_samples 5 --device cuda
+
+``from collect_seerattn_tensors import TensorCollector`` keeps working too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sketchwalk.collect import TensorCollector, add_arguments, run
+
+__all__ = ["TensorCollector", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="collect_seerattn_tensors.py",
+        description="Capture real post-RoPE Q/K/V tensors from a causal LM run "
+        "(same as `sketchwalk collect`).",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
