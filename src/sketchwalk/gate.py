@@ -47,7 +47,9 @@ DEFAULT_GATE_TYPE = "Qavg_Kmaxminavg"
 WEIGHTS_NAME = "attn_gate_weights.pth"
 CONFIG_NAME = "config.json"
 KEY_TEMPLATE = "model.layers.{layer}.self_attn.attn_gate.{name}.weight"
-_KEY_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.attn_gate\.(mask_linear_q|mask_linear_k)\.weight$")
+_KEY_RE = re.compile(
+    r"^model\.layers\.(\d+)\.self_attn\.attn_gate\.(mask_linear_q|mask_linear_k)\.weight$"
+)
 LAST_DENSE_ROWS = 2  # rows kept dense when seerattn_last_block_dense is on
 
 
@@ -64,7 +66,9 @@ def _pool_names(spec: str) -> tuple[str, ...]:
 
 def _all_gate_types() -> tuple[str, ...]:
     combos = [
-        "".join(c) for r in range(1, len(POOL_TYPES) + 1) for c in itertools.combinations(POOL_TYPES, r)
+        "".join(c)
+        for r in range(1, len(POOL_TYPES) + 1)
+        for c in itertools.combinations(POOL_TYPES, r)
     ]
     return tuple(f"Q{q}_K{k}" for q in combos for k in combos)
 
@@ -114,7 +118,9 @@ def pool_blocks(x: torch.Tensor, block_size: int, pool_types: tuple[str, ...]) -
             out.append(summed / counts[:, None])
         elif kind in ("max", "min"):
             fill = float("-inf") if kind == "max" else float("inf")
-            padded = F.pad(x, (0, 0, 0, pad), value=fill).view(batch, heads, num_blocks, block_size, dim)
+            padded = F.pad(x, (0, 0, 0, pad), value=fill).view(
+                batch, heads, num_blocks, block_size, dim
+            )
             out.append(padded.amax(dim=3) if kind == "max" else padded.amin(dim=3))
         else:
             raise ValueError(f"unknown pooling type {kind!r}; expected one of {POOL_TYPES}")
@@ -226,11 +232,13 @@ class AttnGate(nn.Module):
     ):
         super().__init__()
         if num_q_heads % num_kv_heads:
-            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
-                             f"({num_kv_heads})")
+            raise ValueError(
+                f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
         if block_size < 1 or hidden_size < 2 or hidden_size % 2:
-            raise ValueError(f"need block_size >= 1 and an even hidden_size, got {block_size}, "
-                             f"{hidden_size}")
+            raise ValueError(
+                f"need block_size >= 1 and an even hidden_size, got {block_size}, {hidden_size}"
+            )
         self.q_pools, self.k_pools = parse_gate_type(gate_type)
         self.gate_type = gate_type
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
@@ -300,8 +308,9 @@ class AttnGate(nn.Module):
         ``position_ids`` (B, T) or (T,) defaults to ``arange(T)``.
         """
         q_pooled, k_pooled = self.pool(q_pre, k_pre)
-        block_pos = block_position_ids(position_ids, q_pre.shape[0], q_pre.shape[2],
-                                       self.block_size, q_pre.device)
+        block_pos = block_position_ids(
+            position_ids, q_pre.shape[0], q_pre.shape[2], self.block_size, q_pre.device
+        )
         return self.logits_from_pooled(q_pooled, k_pooled, block_pos)
 
     def block_scores(
@@ -324,8 +333,10 @@ def block_position_ids(
     if position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
     if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len:
-        raise ValueError(f"position_ids must be (batch, {seq_len}) or ({seq_len},), got "
-                         f"{tuple(position_ids.shape)}")
+        raise ValueError(
+            f"position_ids must be (batch, {seq_len}) or ({seq_len},), got "
+            f"{tuple(position_ids.shape)}"
+        )
     if position_ids.shape[0] not in (1, batch):
         raise ValueError(f"position_ids batch {position_ids.shape[0]} does not match {batch}")
     return position_ids[:, ::block_size].expand(batch, -1)
@@ -333,15 +344,19 @@ def block_position_ids(
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, hq: int, hkv: int, dim: int) -> None:
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q_pre and k_pre must be (batch, heads, seq, head_dim), got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q_pre and k_pre must be (batch, heads, seq, head_dim), got "
+            f"{tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if q.shape[1] != hq or q.shape[3] != dim:
         raise ValueError(f"q_pre must be (batch, {hq}, seq, {dim}), got {tuple(q.shape)}")
     if k.shape[1] != hkv or k.shape[3] != dim:
         raise ValueError(f"k_pre must be (batch, {hkv}, seq, {dim}), got {tuple(k.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q_pre and k_pre must share batch and seq (prefill), got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q_pre and k_pre must share batch and seq (prefill), got "
+            f"{tuple(q.shape)} and {tuple(k.shape)}"
+        )
 
 
 def select_blocks_from_scores(
@@ -408,10 +423,17 @@ class GateConfig:
     def __post_init__(self) -> None:
         parse_gate_type(self.gate_type)
         if self.sparsity_method not in ("threshold", "nz_ratio"):
-            raise ValueError(f"sparsity_method must be 'threshold' or 'nz_ratio', got "
-                             f"{self.sparsity_method!r}")
-        for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "block_size",
-                     "hidden_size"):
+            raise ValueError(
+                f"sparsity_method must be 'threshold' or 'nz_ratio', got {self.sparsity_method!r}"
+            )
+        for name in (
+            "num_layers",
+            "num_q_heads",
+            "num_kv_heads",
+            "head_dim",
+            "block_size",
+            "hidden_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_q_heads % self.num_kv_heads:
@@ -451,7 +473,9 @@ class GateConfig:
             kind = params.get("rope_type", params.get("type", "default"))
             return theta, (None if kind == "default" else dict(params))
         scaling = cfg.get("rope_scaling")
-        return float(cfg.get("rope_theta", 10000.0) or 10000.0), (dict(scaling) if scaling else None)
+        return float(cfg.get("rope_theta", 10000.0) or 10000.0), (
+            dict(scaling) if scaling else None
+        )
 
 
 class GateSet(nn.Module):
@@ -486,7 +510,9 @@ class GateSet(nn.Module):
 
     def _gate(self, layer_idx: int) -> AttnGate:
         if not 0 <= layer_idx < len(self.gates):
-            raise IndexError(f"layer {layer_idx} has no gate (the set has {len(self.gates)} layers)")
+            raise IndexError(
+                f"layer {layer_idx} has no gate (the set has {len(self.gates)} layers)"
+            )
         return self.gates[layer_idx]
 
     def block_logits(
@@ -587,7 +613,9 @@ def _atomic_write(path: Path, write) -> None:
 def _field(cfg: Mapping[str, Any], name: str, default: Any, kind: type, folder: Path) -> Any:
     value = cfg.get(name, default)
     if kind is bool and not isinstance(value, bool):
-        raise GateCheckpointError(f"{folder / CONFIG_NAME}: {name} must be true/false, got {value!r}")
+        raise GateCheckpointError(
+            f"{folder / CONFIG_NAME}: {name} must be true/false, got {value!r}"
+        )
     if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise GateCheckpointError(f"{folder / CONFIG_NAME}: {name} must be a number, got {value!r}")
     if kind is str and not isinstance(value, str):
@@ -608,11 +636,15 @@ def load_gate_checkpoint(folder: str | os.PathLike, device: torch.device | str =
     folder = Path(folder)
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not folder.is_dir():
-        raise GateCheckpointError(f"{folder}: not a directory (expected a SeerAttention gate folder)")
+        raise GateCheckpointError(
+            f"{folder}: not a directory (expected a SeerAttention gate folder)"
+        )
     for path in (cfg_path, w_path):
         if not path.is_file():
-            raise GateCheckpointError(f"{folder}: missing {path.name} (a SeerAttention gate folder "
-                                      f"holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise GateCheckpointError(
+                f"{folder}: missing {path.name} (a SeerAttention gate folder "
+                f"holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -630,10 +662,13 @@ def load_gate_checkpoint(folder: str | os.PathLike, device: torch.device | str =
 
     try:
         state = torch.load(w_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise GateCheckpointError(f"{w_path}: cannot be read as a weights-only state dict ({exc})") \
-            from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    except Exception as exc:  # any unpickling failure means a bad file
+        raise GateCheckpointError(
+            f"{w_path}: cannot be read as a weights-only state dict ({exc})"
+        ) from exc
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
         raise GateCheckpointError(f"{w_path}: expected a dict of tensors")
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -651,33 +686,44 @@ def load_gate_checkpoint(folder: str | os.PathLike, device: torch.device | str =
     if missing:
         raise GateCheckpointError(f"{w_path}: no mask_linear_k weight for layers {missing}")
     if "num_hidden_layers" in cfg and cfg["num_hidden_layers"] != num_layers:
-        raise GateCheckpointError(f"{folder}: config says {cfg['num_hidden_layers']} layers, "
-                                  f"weights hold gates for {num_layers}")
+        raise GateCheckpointError(
+            f"{folder}: config says {cfg['num_hidden_layers']} layers, "
+            f"weights hold gates for {num_layers}"
+        )
 
     k0 = per_layer[0]["mask_linear_k"]
     if k0.dim() != 3 or k0.shape[1] % len(k_pools):
-        raise GateCheckpointError(f"{w_path}: mask_linear_k weight must be (heads, "
-                                  f"{len(k_pools)} * head_dim, hidden), got {tuple(k0.shape)}")
+        raise GateCheckpointError(
+            f"{w_path}: mask_linear_k weight must be (heads, "
+            f"{len(k_pools)} * head_dim, hidden), got {tuple(k0.shape)}"
+        )
     head_dim = k0.shape[1] // len(k_pools)
     if k0.shape[2] != hidden:
-        raise GateCheckpointError(f"{w_path}: weight hidden size {k0.shape[2]} != "
-                                  f"seerattn_gate_hidden_size {hidden}")
+        raise GateCheckpointError(
+            f"{w_path}: weight hidden size {k0.shape[2]} != seerattn_gate_hidden_size {hidden}"
+        )
     has_q = len(q_pools) > 1 or hidden != head_dim or force_double
     if has_q:
         if "mask_linear_q" not in per_layer[0]:
-            raise GateCheckpointError(f"{w_path}: gate type {gate_type} with hidden {hidden} and "
-                                      f"head_dim {head_dim} needs mask_linear_q weights")
+            raise GateCheckpointError(
+                f"{w_path}: gate type {gate_type} with hidden {hidden} and "
+                f"head_dim {head_dim} needs mask_linear_q weights"
+            )
         num_q = per_layer[0]["mask_linear_q"].shape[0]
         num_kv = k0.shape[0]
     else:
         num_q = k0.shape[0]
         num_kv = int(cfg.get("num_key_value_heads", num_q))
     if "num_attention_heads" in cfg and cfg["num_attention_heads"] != num_q:
-        raise GateCheckpointError(f"{folder}: config num_attention_heads "
-                                  f"{cfg['num_attention_heads']} != gate heads {num_q}")
+        raise GateCheckpointError(
+            f"{folder}: config num_attention_heads "
+            f"{cfg['num_attention_heads']} != gate heads {num_q}"
+        )
     if has_q and cfg.get("num_key_value_heads", num_kv) != num_kv:
-        raise GateCheckpointError(f"{folder}: config num_key_value_heads "
-                                  f"{cfg['num_key_value_heads']} != gate key heads {num_kv}")
+        raise GateCheckpointError(
+            f"{folder}: config num_key_value_heads "
+            f"{cfg['num_key_value_heads']} != gate key heads {num_kv}"
+        )
 
     rope_theta, rope_scaling = GateConfig.rope_from_model_config(cfg)
     seer_keys = {k for k in cfg if k.startswith("seerattn_")} | {"base_model"}
@@ -708,8 +754,10 @@ def load_gate_checkpoint(folder: str | os.PathLike, device: torch.device | str =
     absent = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if absent or extra:
-        raise GateCheckpointError(f"{w_path}: parameter names do not match gate type {gate_type} "
-                                  f"(missing {absent[:4]}, unexpected {extra[:4]})")
+        raise GateCheckpointError(
+            f"{w_path}: parameter names do not match gate type {gate_type} "
+            f"(missing {absent[:4]}, unexpected {extra[:4]})"
+        )
     with torch.no_grad():
         for i, gate in enumerate(gates.gates):
             for name in ("mask_linear_q", "mask_linear_k"):
@@ -718,9 +766,11 @@ def load_gate_checkpoint(folder: str | os.PathLike, device: torch.device | str =
                     continue
                 weight = state[KEY_TEMPLATE.format(layer=i, name=name)]
                 if tuple(weight.shape) != tuple(module.weight.shape):
-                    raise GateCheckpointError(f"{w_path}: layer {i} {name} has shape "
-                                              f"{tuple(weight.shape)}, expected "
-                                              f"{tuple(module.weight.shape)}")
+                    raise GateCheckpointError(
+                        f"{w_path}: layer {i} {name} has shape "
+                        f"{tuple(weight.shape)}, expected "
+                        f"{tuple(module.weight.shape)}"
+                    )
                 module.weight.copy_(weight.float())
     return gates.to(device)
 
