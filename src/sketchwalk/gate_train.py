@@ -72,14 +72,15 @@ class GateTrainConfig:
         checkpoint_every: save the gate and optimizer state every this many steps.
         init_std: std of the gate weights' normal init.
         dtype: model dtype for the capture forward pass.
+        text_source, text_file: real text, as ``sketchwalk collect`` takes them.
     """
 
     model_path: str = DEFAULT_MODEL
     output_dir: str = "gates/smollm2-135m"
     seq_lengths: tuple[int, ...] = (2048,)
-    num_samples: int = 12
-    heldout_samples: int = 3
-    steps: int = 400
+    num_samples: int = 8
+    heldout_samples: int = 2
+    steps: int = 200
     lr: float = 5e-3
     weight_decay: float = 0.0
     device: str = "cpu"
@@ -93,6 +94,8 @@ class GateTrainConfig:
     checkpoint_every: int = 100
     init_std: float = 0.02
     dtype: str = "float32"
+    text_source: str = "auto"
+    text_file: str | None = None
 
     def __post_init__(self) -> None:
         self.seq_lengths = tuple(int(t) for t in self.seq_lengths)
@@ -119,6 +122,8 @@ class GateTrainConfig:
             "gate_type",
             "block_size",
             "dtype",
+            "text_source",
+            "text_file",
         )
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -467,23 +472,42 @@ def _save_run(
 def load_model_and_samples(
     cfg: GateTrainConfig,
 ) -> tuple[Any, list[torch.Tensor], list[torch.Tensor], str]:
-    """Load the frozen model and cut disjoint real-text samples: (model, train, heldout, name)."""
-    from sketchwalk.models import load_model
-    from sketchwalk.text import token_samples
+    """Load the frozen model and cut disjoint real-text samples.
 
-    loaded = load_model(cfg.model_path, device=cfg.device, dtype=cfg.dtype)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    All passages come from one stream of non-overlapping passages of the longest length (each
+    cropped to its own length), so no held-out token is ever seen in training.
+
+    Returns:
+        (model, train ids, held-out ids, base_model), ids of shape (1, T) on ``cfg.device``;
+        ``base_model`` is what config.json records (the alias, or the model folder's path).
+    """
+    from sketchwalk.models import ALIASES, load_model
+    from sketchwalk.text import make_passages
+
+    model, tokenizer, _resolved = load_model(
+        cfg.model_path, device=cfg.device, dtype=getattr(torch, cfg.dtype)
+    )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    per_len = cfg.num_samples + cfg.heldout_samples
+    passages = make_passages(
+        tokenizer,
+        seq_len=max(cfg.seq_lengths),
+        num_samples=per_len * len(cfg.seq_lengths),
+        source=cfg.text_source,
+        text_file=cfg.text_file,
+        seed=cfg.seed,
+    )
     train, heldout = [], []
     for i, t in enumerate(cfg.seq_lengths):
-        n = cfg.num_samples + cfg.heldout_samples
-        seqs = token_samples(tokenizer, seq_len=t, num_samples=n, seed=cfg.seed + 1000 * i)
-        seqs = [s.reshape(1, -1).to(cfg.device) for s in seqs]
-        train += seqs[: cfg.num_samples]
-        heldout += seqs[cfg.num_samples :]
-    return model, train, heldout, loaded.name
+        chunk = passages[i * per_len : (i + 1) * per_len]
+        ids = [p.input_ids[:t].reshape(1, t).to(cfg.device) for p in chunk]
+        train += ids[: cfg.num_samples]
+        heldout += ids[cfg.num_samples :]
+    spec = str(cfg.model_path)
+    base = spec.lower() if spec.lower() in ALIASES else str(Path(spec).expanduser().resolve())
+    return model, train, heldout, base
 
 
 def run_training(cfg: GateTrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -587,11 +611,14 @@ def default_gate_dir(
     cache_dir: str | os.PathLike | None = None,
     cfg: GateTrainConfig | None = None,
 ) -> Path:
-    """Cache folder of the default gate: ``$SKETCHWALK_CACHE`` (or ~/.cache/sketchwalk)/gates/."""
+    """Cache folder of the default gate: ``<sketchwalk cache>/gates/<model>-<settings hash>``.
+
+    The cache root is :func:`sketchwalk.models.cache_dir` (``$SKETCHWALK_CACHE_DIR``, ...).
+    """
+    from sketchwalk.models import cache_dir as models_cache_dir
+
     cfg = cfg or GateTrainConfig(model_path=model_path)
-    root = Path(
-        cache_dir or os.environ.get("SKETCHWALK_CACHE") or Path.home() / ".cache" / "sketchwalk"
-    )
+    root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_path)
     settings = {
         k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output_dir", "device")
