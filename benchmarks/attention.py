@@ -12,9 +12,9 @@ Usage (on a CUDA machine, from the repository root):
 Prefill: causal attention, batch 1, Llama-3.1-8B (32 query / 8 KV heads, D 128) and SmolLM2
 (9 / 3, D 64) shapes, bf16, block 64, selections keeping ``density`` of the causal blocks
 (sink block + diagonal + random others, one mask per layer). Baselines: SDPA cuDNN, SDPA flash,
-FlexAttention dense (causal block mask). End to end = ``SketchWalk(config).select`` (timed
-separately, per layer, averaged over two consecutive layers so the walk's cross-layer term runs)
-+ attention over the selection it returned.
+FlexAttention dense (causal block mask, block 128). End to end = ``SketchWalk(config).select``
+(timed separately, per layer, averaged over two consecutive layers so the walk's cross-layer term
+runs) + attention over the selection it returned.
 
 Decode: one query per sequence against a cache of ``context`` tokens, batch 1 and 8, selections
 of ``density`` of the blocks (sink + last block + random). Baselines: SDPA (flash, cuDNN,
@@ -197,13 +197,7 @@ def select_two_layers(sw: Any, q: torch.Tensor, k: torch.Tensor, first: int) -> 
     return sw.select(q, k, first + 1)
 
 
-def _causal(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-    return q_idx >= kv_idx
-
-
 def run_prefill(args: argparse.Namespace, records: list) -> None:
-    from torch.nn.attention.flex_attention import create_block_mask
-
     from sketchwalk import SketchWalkConfig
     from sketchwalk.kernels.flex import build_block_mask, compiled_flex_attention, kernel_options
     from sketchwalk.kernels.triton_prefill import sparse_prefill
@@ -233,7 +227,9 @@ def run_prefill(args: argparse.Namespace, records: list) -> None:
                 fn, how = sdpa(q, k, v, backend, causal=True)
                 record(records, base, name, bench(fn, (), w, r), gqa=how, flops=dense_flops)
                 fn = None
-            dense_mask = create_block_mask(_causal, None, None, t, t, device="cuda")
+            # Causal BlockMask from block indices (create_block_mask would materialise T x T).
+            full = BlockSelection.full(1, 1, t, 128, "cuda")
+            dense_mask = build_block_mask(full.kv_num_blocks, full.kv_indices, 128, t, hq, hkv)
             record(records, base, "flex_dense",
                    bench(flex, (q, k, v), w, r, block_mask=dense_mask, enable_gqa=True),
                    flops=dense_flops)

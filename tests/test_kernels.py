@@ -107,11 +107,12 @@ def test_triton_prefill_poisoned_output_and_scale():
 def test_get_backend_errors_and_auto():
     from sketchwalk.kernels import get_backend
 
-    q = torch.zeros(1, 2, 8, 64)
+    device = "cuda" if CUDA else "cpu"
+    q = torch.zeros(1, 2, 8, 64, device=device)
     with pytest.raises(RuntimeError, match="bfloat16/float16"):
         get_backend("triton", q)
     with pytest.raises(RuntimeError, match="head_dim"):
-        get_backend("triton", torch.zeros(1, 2, 8, 48, dtype=torch.bfloat16))
+        get_backend("triton", torch.zeros(1, 2, 8, 48, dtype=torch.bfloat16, device=device))
     with pytest.raises(ValueError, match="unknown"):
         get_backend("cuda-magic", q)
     if not CUDA:
@@ -124,8 +125,10 @@ def test_get_backend_errors_and_auto():
         torch.testing.assert_close(fn(qq, k, v, sel, None),
                                    sparse_attention(qq, k, v, sel))
     else:
-        name, _ = get_backend("auto", q.cuda().bfloat16())
+        name, _ = get_backend("auto", q.bfloat16())
         assert name == "triton"
+        with pytest.raises(RuntimeError, match="CUDA"):
+            get_backend("flex", q.cpu().bfloat16())
 
 
 # Larger GPU shapes: Llama-3.1-8B and SmolLM2 attention shapes at a few thousand tokens.

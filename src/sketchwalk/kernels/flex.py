@@ -65,7 +65,10 @@ def build_block_mask(
     width = max(1, int(full_num.max()))
     full_idx = idx[..., :width].contiguous()
     part_num = has_diag.to(torch.int32).contiguous()
-    part_idx = rows.view(1, 1, -1, 1).expand(*num.shape, 1).contiguous()
+    # FlexAttention indexes the partial and the full index tensors with one set of strides, so
+    # both must have the same shape: the diagonal goes in column 0 of a zero tensor.
+    part_idx = torch.zeros_like(full_idx)
+    part_idx[..., 0] = rows
     groups = num.shape[1]
     if groups != 1 and groups != num_q_heads:
         repeat = num_q_heads // num_kv_heads

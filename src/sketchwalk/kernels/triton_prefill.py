@@ -138,7 +138,7 @@ _CONFIGS: dict[int, tuple[int, int, int]] = {
     16: (128, 4, 3),
     32: (128, 4, 3),
     64: (128, 4, 3),
-    128: (128, 8, 3),
+    128: (128, 4, 3),
     256: (64, 8, 2),
 }
 # Overrides used by the benchmark's configuration sweep: head_dim -> (BLOCK_M, warps, stages).
