@@ -500,3 +500,38 @@ def test_tiny_gate_training_lowers_heldout_kl_and_resumes(tmp_path) -> None:
     )
     print(f"resume vs straight run: max weight difference {diff:.3e}")
     assert diff < 1e-5
+
+
+def test_train_gate_cli_flags_map_onto_the_config(tmp_path) -> None:
+    from sketchwalk.cli import build_parser
+    from sketchwalk.gate_train import GateTrainConfig, config_from_args, default_gate_dir
+
+    args = build_parser().parse_args(
+        [
+            "train-gate",
+            "--output_dir",
+            str(tmp_path),
+            "--seq_lengths",
+            "512",
+            "1024",
+            "--steps",
+            "7",
+            "--lr",
+            "0.01",
+            "--seed",
+            "3",
+            "--gate_type",
+            "Qavg_Kmax",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert cfg.seq_lengths == (512, 1024) and cfg.steps == 7 and cfg.seed == 3
+    assert cfg.gate_type == "Qavg_Kmax" and cfg.output_dir == str(tmp_path)
+    assert cfg.model_path == "smollm2-135m"
+    with pytest.raises(ValueError, match="seq_lengths"):
+        GateTrainConfig(seq_lengths=(64,))
+    # the default gate's cache folder depends on the training settings, not on the device
+    a = default_gate_dir("smollm2-135m", tmp_path, GateTrainConfig(device="cpu"))
+    b = default_gate_dir("smollm2-135m", tmp_path, GateTrainConfig(device="cuda"))
+    c = default_gate_dir("smollm2-135m", tmp_path, GateTrainConfig(seed=1))
+    assert a == b != c and a.parent == tmp_path / "gates"
