@@ -61,9 +61,7 @@ def build_block_mask(
     # Sorted ascending and causal: when the diagonal is kept it is the row's last entry, so the
     # first (num - has_diag) entries are exactly the off-diagonal (full) blocks.
     full_num = (num - has_diag.to(torch.int32)).contiguous()
-    # Only the kept prefix of each row is ever read; trim the padding (one host sync).
-    width = max(1, int(full_num.max()))
-    full_idx = idx[..., :width].contiguous()
+    full_idx = idx.contiguous()
     part_num = has_diag.to(torch.int32).contiguous()
     # FlexAttention indexes the partial and the full index tensors with one set of strides, so
     # both must have the same shape: the diagonal goes in column 0 of a zero tensor.

@@ -37,17 +37,18 @@ def _attend_block(
     else:
         k = tl.load(k_base + offs_n[:, None] * stride_kt + dims[None, :])
     if UPCAST_DOT:
-        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k))
     if MASKED:
         visible = (offs_n[None, :] <= pos[:, None]) & key_ok[None, :]
         qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # The scale (> 0) commutes with the row max, so it folds into one FMA inside exp2 below.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     # A row with every key masked keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
-    p = tl.exp2(qk - m_shift[:, None])
+    p = tl.exp2(qk * qk_scale - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if MASKED:
@@ -137,7 +138,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _CONFIGS: dict[int, tuple[int, int, int]] = {
     16: (128, 4, 3),
     32: (128, 4, 3),
-    64: (128, 4, 3),
+    64: (64, 4, 3),
     128: (128, 4, 3),
     256: (64, 8, 2),
 }
