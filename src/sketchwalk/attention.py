@@ -15,8 +15,8 @@ from sketchwalk.core import check_qk
 from sketchwalk.selection import BlockSelection
 from sketchwalk.sketch import num_blocks
 
-# Elements of the float32 score matrix of one chunk (about 256 MiB).
-_CHUNK_ELEMENTS = 1 << 26
+# Elements of the float32 score matrix of one chunk (about 64 MiB).
+_CHUNK_ELEMENTS = 1 << 24
 
 BACKENDS = ("reference", "triton", "flex", "auto")
 
@@ -58,12 +58,12 @@ def _attend_chunk(
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf = q.to(acc).view(b, hkv, g, c, d)
     scores = (qf @ k.to(acc)[:, :, None].transpose(-1, -2)) * scale  # (B, Hkv, g, C, S)
-    scores = scores.view(b, hq, c, s).masked_fill(~allowed, float("-inf"))
+    scores = scores.view(b, hq, c, s).masked_fill_(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(scores - row_max)
+    p = scores.sub_(row_max).exp_()
     denom = p.sum(dim=-1, keepdim=True)
-    p = p / denom.clamp_min(torch.finfo(p.dtype).tiny)
+    p = p.div_(denom.clamp_min(torch.finfo(p.dtype).tiny))
     out = p.view(b, hkv, g, c, s) @ v.to(acc)[:, :, None]
     return out.view(b, hq, c, d)
 
@@ -97,12 +97,17 @@ def dense_attention(
     key_pos = torch.arange(s, device=q.device)
     for start in range(0, t, rows):
         stop = min(t, start + rows)
+        # Keys past the chunk's last query position are masked anyway: skip them.
+        horizon = s - t + stop if causal else s
         if causal:
             q_pos = torch.arange(start, stop, device=q.device) + (s - t)
-            allowed = key_pos[None, :] <= q_pos[:, None]
+            allowed = key_pos[None, :horizon] <= q_pos[:, None]
         else:
             allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device)
-        out[:, :, start:stop] = _attend_chunk(q[:, :, start:stop], k, v, allowed, scale).to(q.dtype)
+        kc, vc = k[:, :, :horizon], v[:, :, :horizon]
+        out[:, :, start:stop] = _attend_chunk(q[:, :, start:stop], kc, vc, allowed, scale).to(
+            q.dtype
+        )
     return out
 
 
@@ -167,8 +172,11 @@ def sparse_attention_reference(
         stop = min(t, start + rows)
         q_pos = torch.arange(start, stop, device=q.device)
         rows_mask = head_mask[:, :, q_pos // bs]  # (B, Hq, C, nb)
-        allowed = rows_mask[..., key_block] & (key_pos[None, :] <= q_pos[:, None])
-        out[:, :, start:stop] = _attend_chunk(q[:, :, start:stop], k, v, allowed, scale).to(q.dtype)
+        allowed = rows_mask[..., key_block[:stop]] & (key_pos[None, :stop] <= q_pos[:, None])
+        kc, vc = k[:, :, :stop], v[:, :, :stop]
+        out[:, :, start:stop] = _attend_chunk(q[:, :, start:stop], kc, vc, allowed, scale).to(
+            q.dtype
+        )
     return out
 
 

@@ -176,4 +176,88 @@ class SketchWalkConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["GRANULARITIES", "RELEASED_TEMPERATURE", "SketchWalkConfig"]
+# ---- command-line flags (one per field) ---------------------------------------------------
+
+_FLAG_HELP = {
+    "block_size": "tokens per block",
+    "sketch_dim": "Hadamard sketch dimension r (clamped to the padded head dim)",
+    "exact": "score pooled qb.kb directly (no sketch)",
+    "temperature": "block-logit temperature relative to 1/sqrt(head_dim)",
+    "sparsity_exponent": "sharpening exponent s: A <- rownorm(A ** s)",
+    "causal_sketch": "mask future key blocks before the block softmax",
+    "granularity": "one mask per layer, per KV group or per head",
+    "walk": "carry the previous layer's walk (cross-layer term)",
+    "degree": "walk steps per layer",
+    "damping": "walk damping beta",
+    "kblocks_frac": "keep this fraction of each row's non-forced causal blocks",
+    "top_k_blocks": "keep this many ranked blocks per row besides the forced ones",
+    "density": "target share of causal blocks kept, forced ones included",
+    "sink": "fraction of the context forced as sink blocks",
+    "window": "fraction of the context forced as local window",
+    "dense_layers": "number of leading layers kept dense",
+    "dense_last_rows": "number of trailing query-block rows kept dense",
+    "parity": "reproduce the released arithmetic exactly",
+    "seed": "seed of the sketch's random draws",
+}
+
+
+def add_config_arguments(parser: Any, defaults: dict[str, Any] | None = None) -> None:
+    """Add one flag per `SketchWalkConfig` field (plus ``--preset``) to an argparse parser.
+
+    Flags default to None ("not given") so that `config_from_args` can tell what the user set;
+    ``defaults`` documents the values the command falls back to (shown in --help).
+    """
+    import argparse
+
+    defaults = defaults or {}
+    group = parser.add_argument_group("SketchWalk configuration (one flag per config field)")
+    group.add_argument(
+        "--preset",
+        choices=["seed", "paper"],
+        default=None,
+        help="starting configuration; explicit flags override it "
+        f"(default: {defaults.get('preset', 'seed')})",
+    )
+    for f in dataclasses.fields(SketchWalkConfig):
+        name = f.name
+        shown = defaults.get(name, "from preset")
+        text = f"{_FLAG_HELP[name]} (default: {shown})"
+        if f.type in ("bool",):
+            group.add_argument(
+                f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        elif name == "granularity":
+            group.add_argument(f"--{name}", choices=GRANULARITIES, default=None, help=text)
+        elif f.type in ("int", "int | None"):
+            group.add_argument(f"--{name}", type=int, default=None, help=text)
+        else:
+            group.add_argument(f"--{name}", type=float, default=None, help=text)
+
+
+def config_from_args(args: Any, default_preset: str = "seed") -> SketchWalkConfig:
+    """Resolve a `SketchWalkConfig` from parsed flags: the preset, then every flag given.
+
+    A budget flag given explicitly wins over a budget inherited from the preset: ``--density``
+    or ``--kblocks_frac`` on top of the seed preset (which sets ``top_k_blocks``) clears
+    ``top_k_blocks``.
+    """
+    preset = getattr(args, "preset", None) or default_preset
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SketchWalkConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    if ("density" in given or "kblocks_frac" in given) and "top_k_blocks" not in given:
+        given["top_k_blocks"] = None
+    if "kblocks_frac" in given and "density" not in given:
+        given["density"] = None
+    return SketchWalkConfig.preset(preset, **given)
+
+
+__all__ = [
+    "GRANULARITIES",
+    "RELEASED_TEMPERATURE",
+    "SketchWalkConfig",
+    "add_config_arguments",
+    "config_from_args",
+]

@@ -13,7 +13,7 @@ import torch
 from sketchwalk.selection import BlockSelection
 from sketchwalk.sketch import num_blocks
 
-_CHUNK_ELEMENTS = 1 << 26
+_CHUNK_ELEMENTS = 1 << 24
 
 
 def _flat64(x: torch.Tensor) -> torch.Tensor:
@@ -66,16 +66,18 @@ def _query_chunks(t: int, heads: int, block_size: int, chunk_size: int | None):
 def _causal_probs(
     q: torch.Tensor, k: torch.Tensor, start: int, stop: int, scale: float
 ) -> torch.Tensor:
-    """Softmax probabilities of query rows [start, stop) over all keys: (B, Hq, C, T) float32."""
+    """Softmax probabilities of query rows [start, stop) over the keys they can see (keys
+    0 .. stop - 1; later keys have probability 0 and are left out): (B, Hq, C, stop) float32."""
     b, hq, _, d = q.shape
-    hkv, t = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     g = hq // hkv
     c = stop - start
     qf = q[:, :, start:stop].float().view(b, hkv, g, c, d)
-    scores = (qf @ k.float()[:, :, None].transpose(-1, -2)).view(b, hq, c, t) * scale
-    key_pos = torch.arange(t, device=q.device)
+    kf = k[:, :, :stop].float()
+    scores = (qf @ kf[:, :, None].transpose(-1, -2)).view(b, hq, c, stop).mul_(scale)
+    key_pos = torch.arange(stop, device=q.device)
     q_pos = torch.arange(start, stop, device=q.device)
-    scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
+    scores = scores.masked_fill_(key_pos[None, :] > q_pos[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
@@ -108,11 +110,11 @@ def attention_recall(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     head_mask = selection.head_mask(hq, k.shape[1])
     nb = num_blocks(t, bs)
-    pad = nb * bs - t
     total = torch.zeros(hq, dtype=torch.float64, device=q.device)
     for start, stop in _query_chunks(t, hq, bs, chunk_size):
         p = _causal_probs(q, k, start, stop, scale)
-        p_blocks = torch.nn.functional.pad(p, (0, pad)).view(b, hq, stop - start, nb, bs).sum(-1)
+        p = torch.nn.functional.pad(p, (0, nb * bs - stop))
+        p_blocks = p.view(b, hq, stop - start, nb, bs).sum(-1)
         rows_mask = head_mask[:, :, torch.arange(start, stop, device=q.device) // bs]
         kept = (p_blocks * rows_mask).sum(-1)  # (B, Hq, C)
         total += kept.double().sum(dim=(0, 2))
@@ -146,12 +148,11 @@ def true_block_attention(
     b, hq, t, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     nb = num_blocks(t, block_size)
-    pad = nb * block_size - t
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     for start, stop in _query_chunks(t, hq, block_size, chunk_size):
         c = stop - start
         p = _causal_probs(q, k, start, stop, scale)
-        p = torch.nn.functional.pad(p, (0, pad)).view(b, hq, c, nb, block_size)
+        p = torch.nn.functional.pad(p, (0, nb * block_size - stop)).view(b, hq, c, nb, block_size)
         p = p.sum(-1) if reduce == "sum" else p.amax(-1)  # (B, Hq, C, nb)
         qpad = (-c) % block_size
         rows = c + qpad

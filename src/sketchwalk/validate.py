@@ -1,0 +1,487 @@
+"""Run SketchWalk on collected tensors and measure it against dense attention.
+
+Files are grouped by sequence (seq_len, sample, timestamp) and each sequence's layers are fed in
+increasing order, so the cross-layer walk really runs; a missing layer is reported (the walk
+restarts after it). For every file: accuracy of the sparse output against exact dense attention
+(cosine similarity, MSE, max error, relative L2 error), attention recall (share of the dense
+softmax mass inside the kept blocks), sparsity over causal blocks, block counts, and timing of
+dense vs sparse attention plus the selection itself.
+
+Timing: on CUDA, CUDA events around each call, median of ``--repeats`` runs after a warm-up; the
+dense baseline is the fastest SDPA backend available (cuDNN, flash, memory-efficient), and the
+sparse side uses ``--backend`` (``auto`` picks the fastest sparse kernel). On the CPU both sides
+are the plain PyTorch references (``reference-vs-reference``): they do the same O(T^2) work, so
+CPU speedups are about 1x by construction and say nothing about GPU kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sketchwalk import __version__, metrics
+from sketchwalk.attention import dense_attention, resolve_backend, sparse_attention
+from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
+from sketchwalk.core import SketchWalk
+from sketchwalk.selection import BlockSelection
+from sketchwalk.tensorio import group_tensor_files, load_tensor_file
+
+SEED_DEFAULTS = {
+    "preset": "seed",
+    "block_size": 64,
+    "sketch_dim": 64,
+    "top_k_blocks": 16,
+    "sparsity_exponent": 8,
+}
+
+
+# ---- small shared pieces (also used by compare) -------------------------------------------
+
+
+def timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d_%H%M%S")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file in the same folder, then rename: a crash never
+    leaves a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=_json_default)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return dev
+
+
+def compute_dtype(name: str, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """``auto``: the stored dtype on GPU, float32 on CPU (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return stored if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def iter_sequences(tensor_dir: Path) -> list[dict[str, Any]]:
+    """The sequences of a tensor folder, each with its files in layer order and its missing
+    layers (gaps between 0 and the highest layer collected)."""
+    groups = group_tensor_files(tensor_dir)
+    out = []
+    for (seq_len, sample, ts), paths in groups.items():
+        from sketchwalk.tensorio import parse_tensor_filename
+
+        layers = [parse_tensor_filename(p.name)["layer_idx"] for p in paths]
+        missing = sorted(set(range(max(layers) + 1)) - set(layers))
+        out.append(
+            {
+                "seq_len": seq_len,
+                "sample": sample,
+                "timestamp": ts,
+                "paths": paths,
+                "layers": layers,
+                "missing_layers": missing,
+            }
+        )
+    return out
+
+
+def budget_target_density(config: SketchWalkConfig, nb: int) -> float:
+    """The density the budget asks for before forced blocks are added: ``density``;
+    ``kblocks_frac``; or ``top_k_blocks`` per row over the causal blocks of the rows."""
+    if config.budget == "density":
+        return float(config.density)
+    if config.budget == "kblocks_frac":
+        return float(config.kblocks_frac)
+    causal = nb * (nb + 1) / 2
+    return sum(min(i + 1, config.top_k_blocks) for i in range(nb)) / causal
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+
+def _time_fn(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median milliseconds of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _timed_once(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, (time.perf_counter() - t0) * 1e3
+
+
+def fastest_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int
+) -> tuple[str, float]:
+    """(name, ms) of the fastest dense causal attention available on q's device."""
+    if q.device.type != "cuda":
+        return "reference", _time_fn(lambda: dense_attention(q, k, v), q.device, repeats)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    candidates = {
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    best: tuple[str, float] | None = None
+    gqa = q.shape[1] != k.shape[1]
+    for name, backend in candidates.items():
+
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
+
+        try:
+            ms = _time_fn(run, q.device, repeats)
+        except RuntimeError:
+            continue
+        if best is None or ms < best[1]:
+            best = (name, ms)
+    if best is None:
+        return "reference", _time_fn(lambda: dense_attention(q, k, v), q.device, repeats)
+    return best
+
+
+# ---- one file ----------------------------------------------------------------------------
+
+
+def validate_layer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    config: SketchWalkConfig,
+    backend: str,
+    repeats: int,
+    selection_ms: float,
+    time_it: bool = True,
+) -> dict[str, Any]:
+    """All metrics of one layer's selection. q (B, Hq, T, D), k/v (B, Hkv, T, D).
+
+    On the CPU the two timed numbers are single runs of the computations that produce the
+    outputs compared here (reference vs reference); on CUDA they are medians of ``repeats``
+    runs after a warm-up, the dense side being the fastest SDPA backend.
+    """
+    dense, dense_ref_ms = _timed_once(lambda: dense_attention(q, k, v), q.device)
+    sparse, sparse_ref_ms = _timed_once(
+        lambda: sparse_attention(q, k, v, selection, backend=backend), q.device
+    )
+    nb = selection.num_blocks
+    density = selection.density
+    per_row = selection.blocks_per_row()
+    kept_all = float(selection.kv_num_blocks.float().sum()) / (
+        selection.block_mask.shape[0] * selection.num_groups
+    )
+    record: dict[str, Any] = {
+        "actual_sparsity": 1.0 - density,
+        "target_sparsity": 1.0 - budget_target_density(config, nb),
+        "block_sparsity": 1.0 - kept_all / (nb * nb),
+        "cosine_similarity": metrics.cosine_similarity(sparse, dense),
+        "mse": metrics.mse(sparse, dense),
+        "max_error": metrics.max_abs_error(sparse, dense),
+        "relative_l2_error": metrics.relative_l2_error(sparse, dense),
+        "attention_recall": metrics.attention_recall(q, k, selection),
+        "density": density,
+        "num_blocks_selected": per_row,
+        "total_blocks": nb,
+        "block_selection_ratio": per_row / nb,
+    }
+    if time_it:
+        if q.device.type == "cuda":
+            dense_name, dense_ms = fastest_dense(q, k, v, repeats)
+            sparse_ms = _time_fn(
+                lambda: sparse_attention(q, k, v, selection, backend=backend), q.device, repeats
+            )
+        else:
+            dense_name, dense_ms, sparse_ms = "reference", dense_ref_ms, sparse_ref_ms
+        record.update(
+            dense_time_ms=dense_ms,
+            sparse_time_ms=sparse_ms,
+            selection_time_ms=selection_ms,
+            speedup=dense_ms / sparse_ms if sparse_ms > 0 else math.nan,
+            end_to_end_speedup=dense_ms / (sparse_ms + selection_ms),
+            dense_backend=dense_name,
+            timing="cuda-events" if q.device.type == "cuda" else "perf-counter",
+        )
+    return record
+
+
+# ---- aggregation -------------------------------------------------------------------------
+
+SUMMARY_FIELDS = (
+    "actual_sparsity",
+    "target_sparsity",
+    "block_sparsity",
+    "cosine_similarity",
+    "mse",
+    "max_error",
+    "relative_l2_error",
+    "attention_recall",
+    "density",
+    "num_blocks_selected",
+    "block_selection_ratio",
+    "dense_time_ms",
+    "sparse_time_ms",
+    "selection_time_ms",
+    "speedup",
+    "end_to_end_speedup",
+)
+
+
+def aggregate(records: list[dict[str, Any]], fields=SUMMARY_FIELDS) -> dict[str, Any]:
+    """mean / min / max of each numeric field over records (skipping missing values)."""
+    out: dict[str, Any] = {"count": len(records)}
+    for name in fields:
+        vals = [r[name] for r in records if isinstance(r.get(name), (int, float))]
+        vals = [float(x) for x in vals if not math.isnan(x)]
+        if vals:
+            out[name] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
+    return out
+
+
+def summarize(
+    records: list[dict[str, Any]], by_keys=("seq_len", "layer_idx"), fields=SUMMARY_FIELDS
+):
+    summary: dict[str, Any] = {"overall": aggregate(records, fields)}
+    for key in by_keys:
+        groups: dict[Any, list[dict[str, Any]]] = {}
+        for r in records:
+            groups.setdefault(r[key], []).append(r)
+        summary[f"by_{key}"] = {str(k): aggregate(v, fields) for k, v in sorted(groups.items())}
+    return summary
+
+
+def print_table(
+    title: str,
+    summary: dict[str, Any],
+    columns: list[tuple[str, str]],
+    groups: tuple[str, ...] = ("by_seq_len",),
+) -> None:
+    """Console table of a summary (overall, then one row per group)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("group")
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+
+    def row(name: str, agg: dict[str, Any]) -> None:
+        cells = []
+        for _, field in columns:
+            v = agg.get(field)
+            cells.append("-" if v is None else f"{v['mean']:.4g}")
+        table.add_row(name, *cells)
+
+    row(f"overall ({summary['overall']['count']})", summary["overall"])
+    for key in [k for k in summary if k in groups]:
+        for group, agg in summary[key].items():
+            row(f"{key[3:]}={group}", agg)
+    Console().print(table)
+
+
+# ---- CLI ---------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor_dir", required=True, help="folder of collected tensor files")
+    parser.add_argument("--output_dir", default="./validation_results", help="results folder")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "reference", "triton", "flex"],
+        help="sparse attention backend (auto: fastest available, reference on CPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (auto: stored dtype on GPU, float32 on CPU)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument("--no_timing", action="store_true", help="skip timing (accuracy only)")
+    parser.add_argument(
+        "--save_masks", action="store_true", help="write the selected block masks (safetensors)"
+    )
+    add_config_arguments(parser, SEED_DEFAULTS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    config = config_from_args(args, default_preset="seed")
+    tensor_dir = Path(args.tensor_dir)
+    out_dir = Path(args.output_dir)
+    device = resolve_device(args.device)
+    sequences = iter_sequences(tensor_dir)
+    if not sequences:
+        raise SystemExit(
+            f"no tensor files (tensors_seq*_layer*_sample*_*.pt|.safetensors) in {tensor_dir}"
+        )
+    ts = timestamp()
+    results_path = out_dir / f"validation_results_{ts}.json"
+    summary_path = out_dir / f"validation_summary_{ts}.json"
+    masks: dict[str, torch.Tensor] = {}
+    records: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    backend_used: str | None = None
+    total = sum(len(s["paths"]) for s in sequences)
+    bar = tqdm(total=total, desc="validate", unit="file")
+    for seq in sequences:
+        if seq["missing_layers"]:
+            msg = (
+                f"seq_len={seq['seq_len']} sample={seq['sample']} ts={seq['timestamp']}: "
+                f"missing layers {seq['missing_layers']} (the walk restarts after each gap)"
+            )
+            warnings.append(msg)
+            tqdm.write(f"warning: {msg}")
+        walker = SketchWalk(config)
+        for path in seq["paths"]:
+            rec = load_tensor_file(path)
+            meta = rec["metadata"]
+            dtype = compute_dtype(args.dtype, device, rec["Q"].dtype)
+            q, k, v = (rec[n].to(device=device, dtype=dtype) for n in ("Q", "K", "V"))
+            layer = int(meta["layer_idx"])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            selection = walker.select(q, k, layer)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            selection_ms = (time.perf_counter() - t0) * 1e3
+            if backend_used is None:
+                backend_used = resolve_backend(args.backend, q)
+            result = validate_layer(
+                q,
+                k,
+                v,
+                selection,
+                config,
+                backend_used,
+                args.repeats,
+                selection_ms,
+                time_it=not args.no_timing,
+            )
+            record = {
+                "sample_id": path.stem,
+                "file": str(path),
+                "layer_idx": layer,
+                "seq_len": int(meta["seq_len"]),
+                "sample": seq["sample"],
+                "num_heads": int(meta["num_heads"]),
+                "num_kv_heads": int(meta["num_kv_heads"]),
+                **result,
+                "backend": backend_used,
+                "device": str(device),
+                "dtype": str(dtype).replace("torch.", ""),
+                "model_path": meta.get("model_path"),
+                "config": config.to_dict(),
+            }
+            records.append(record)
+            if args.save_masks:
+                masks[path.stem] = selection.block_mask.cpu()
+            write_json_atomic(results_path, records)
+            bar.set_postfix(
+                recall=f"{result['attention_recall']:.3f}", density=f"{result['density']:.2f}"
+            )
+            bar.update(1)
+    bar.close()
+    summary = {
+        "timestamp": ts,
+        "tensor_dir": str(tensor_dir),
+        "device": str(device),
+        "backend": backend_used,
+        "timing": (
+            "cuda-events, dense = fastest SDPA backend"
+            if device.type == "cuda"
+            else "single run, reference-vs-reference (CPU)"
+        ),
+        "config": config.to_dict(),
+        "sketchwalk_version": __version__,
+        "torch_version": torch.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "warnings": warnings,
+        **summarize(records),
+    }
+    write_json_atomic(summary_path, summary)
+    if args.save_masks:
+        from safetensors.torch import save_file
+
+        mask_path = out_dir / f"validation_masks_{ts}.safetensors"
+        tmp = mask_path.with_name(f".{mask_path.name}.tmp")
+        save_file(
+            {k: m.contiguous() for k, m in masks.items()},
+            str(tmp),
+            metadata={"config": json.dumps(config.to_dict())},
+        )
+        os.replace(tmp, mask_path)
+        print(f"block masks: {mask_path}")
+    columns = [
+        ("recall", "attention_recall"),
+        ("density", "density"),
+        ("cos", "cosine_similarity"),
+        ("rel L2", "relative_l2_error"),
+        ("max err", "max_error"),
+        ("blocks/row", "num_blocks_selected"),
+        ("speedup", "speedup"),
+        ("e2e speedup", "end_to_end_speedup"),
+    ]
+    print_table("SketchWalk validation by layer", summary, columns[:5], groups=("by_layer_idx",))
+    print_table(
+        f"SketchWalk validation ({backend_used} on {device}; timing: {summary['timing']})",
+        summary,
+        columns,
+    )
+    print(f"results: {results_path}\nsummary: {summary_path}")
+    return 0
