@@ -60,4 +60,52 @@ def random_selection(
     return BlockSelection.from_mask(mask.to(device), block_size, seq_len)
 
 
-__all__ = ["make_qkv", "random_selection"]
+def write_tensor_dir(
+    directory,
+    seq_len: int = 300,
+    num_layers: int = 4,
+    samples: int = 1,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    timestamp: str = "20260101_000000",
+    layers: list[int] | None = None,
+    seed: int = 0,
+    format: str = "pt",
+) -> list:
+    """Write synthetic tensor files in the collect step's format (for tests and examples).
+
+    Returns the list of paths written, in (sample, layer) order.
+    """
+    from pathlib import Path
+
+    from sketchwalk.tensorio import save_tensor_file, tensor_filename
+
+    directory = Path(directory)
+    paths = []
+    for sample in range(samples):
+        for layer in layers if layers is not None else range(num_layers):
+            q, k, v = make_qkv(
+                1, num_heads, num_kv_heads, seq_len, head_dim, seed=seed + 1000 * sample + layer
+            )
+            ids = torch.randint(
+                0, 1000, (1, seq_len), generator=torch.Generator().manual_seed(seed + sample)
+            )
+            meta = {
+                "layer_idx": layer,
+                "seq_len": seq_len,
+                "num_heads": num_heads,
+                "num_kv_heads": num_kv_heads,
+                "head_dim": head_dim,
+                "hidden_size": num_heads * head_dim,
+                "batch_size": 1,
+                "timestamp": timestamp,
+                "model_path": "synthetic",
+            }
+            path = directory / tensor_filename(seq_len, layer, sample, timestamp, format)
+            save_tensor_file(path, {"Q": q, "K": k, "V": v, "input_ids": ids}, meta)
+            paths.append(path)
+    return paths
+
+
+__all__ = ["make_qkv", "random_selection", "write_tensor_dir"]

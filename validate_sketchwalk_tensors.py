@@ -1,0 +1,29 @@
+"""Seed-compatible entry point for step 2; everything lives in :mod:`sketchwalk.validate`.
+
+    python validate_sketchwalk_tensors.py --tensor_dir ./tensor_data \
+        --output_dir ./validation_results --block_size 64 --sketch_dim 64 \
+        --top_k_blocks 16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sketchwalk.validate import add_arguments, run
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="validate_sketchwalk_tensors.py",
+        description="Validate SketchWalk sparse attention against dense attention on collected "
+        "tensors (same as `sketchwalk validate`).",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
