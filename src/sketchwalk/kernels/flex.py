@@ -1,8 +1,10 @@
 """FlexAttention backend: a `BlockSelection` turned into a `BlockMask` with `from_kv_blocks`.
 
-Kept blocks left of the diagonal are passed as *full* blocks (FlexAttention skips the mask
-function on them); the diagonal block is the only *partial* block and gets the causal
-``mask_mod``. ``compute_q_blocks=False``: inference needs no backward (column) metadata.
+A per-KV-group selection (G == Hkv < Hq) is run with the KV heads folded into the batch, so
+the mask is never repeated over query heads. Kept blocks left of the diagonal are passed as
+*full* blocks (FlexAttention skips the mask function on them); the diagonal block is the only
+*partial* block and gets the causal ``mask_mod``. ``compute_q_blocks=False``: inference needs
+no backward (column) metadata.
 `flex_attention` is compiled once per process and cached (torch.compile re-specialises per
 shape and dtype as usual).
 """
@@ -43,8 +45,8 @@ def build_block_mask(
     Args:
         kv_num_blocks: int32 (B, G, nq); kv_indices: int32 (B, G, nq, nk), sorted ascending.
         block_size: tokens per block; seq_len: T.
-        num_q_heads, num_kv_heads: head counts; a per-KV-group mask (G == Hkv < Hq) is repeated
-            over each group's query heads since a BlockMask has one or Hq heads.
+        num_q_heads, num_kv_heads: head counts (unused here; see `flex_sparse_attention` for
+            how a per-KV-group mask is laid out).
 
     Returns:
         BlockMask with full (off-diagonal) and partial (diagonal, causal mask_mod) blocks.
@@ -67,11 +69,6 @@ def build_block_mask(
     # both must have the same shape: the diagonal goes in column 0 of a zero tensor.
     part_idx = torch.zeros_like(full_idx)
     part_idx[..., 0] = rows
-    groups = num.shape[1]
-    if groups != 1 and groups != num_q_heads:
-        repeat = num_q_heads // num_kv_heads
-        full_num, full_idx, part_num, part_idx = (
-            t.repeat_interleave(repeat, dim=1) for t in (full_num, full_idx, part_num, part_idx))
     return BlockMask.from_kv_blocks(
         part_num, part_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=_causal,
         seq_lengths=(seq_len, seq_len), compute_q_blocks=False,
@@ -99,18 +96,33 @@ def flex_sparse_attention(
 
     Args:
         q: (B, Hq, T, D); k, v: (B, Hkv, T, D); selection tensors as in `build_block_mask`.
-        block_mask: a prebuilt mask from `build_block_mask` (skips rebuilding it).
+        block_mask: a prebuilt mask from `build_block_mask` (skips rebuilding it; for a
+            per-KV-group selection it must be built from the batch-folded selection).
 
     Returns:
         (B, Hq, T, D) in q's dtype.
     """
+    batch, num_q_heads, seq_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    groups = kv_num_blocks.shape[1]
+    per_group = groups == num_kv_heads and num_q_heads != num_kv_heads
+    if per_group:
+        # A BlockMask has 1 or Hq heads. Rather than repeating a per-KV-group mask over each
+        # group's query heads, fold the KV heads into the batch: (B * Hkv, group, T, D) queries,
+        # one KV head each, and a mask with one head that broadcasts over the group.
+        kv_num_blocks = kv_num_blocks.reshape(batch * groups, 1, -1)
+        kv_indices = kv_indices.reshape(batch * groups, 1, *kv_indices.shape[2:])
+        q = q.reshape(batch * num_kv_heads, num_q_heads // num_kv_heads, seq_len, head_dim)
+        k = k.reshape(batch * num_kv_heads, 1, seq_len, head_dim)
+        v = v.reshape(batch * num_kv_heads, 1, seq_len, v.shape[-1])
     if block_mask is None:
-        block_mask = build_block_mask(kv_num_blocks, kv_indices, block_size, q.shape[2],
+        block_mask = build_block_mask(kv_num_blocks, kv_indices, block_size, seq_len,
                                       q.shape[1], k.shape[1])
-    return compiled_flex_attention()(
+    out = compiled_flex_attention()(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=kernel_options(block_size),
     )
+    return out.reshape(batch, num_q_heads, seq_len, out.shape[-1]) if per_group else out
 
 
 __all__ = ["build_block_mask", "compiled_flex_attention", "flex_sparse_attention",
