@@ -68,3 +68,15 @@ def test_oracle_is_an_upper_bound_at_the_same_budget():
     r_sw, r_or = metrics.attention_recall(q, k, sel), metrics.attention_recall(q, k, oracle)
     print(f"sketchwalk {r_sw:.4f} oracle {r_or:.4f}")
     assert r_or >= r_sw - 1e-9
+
+
+@pytest.mark.parametrize("t", [200, 256, 30])
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_recall_from_block_attention_equals_attention_recall(t, groups):
+    q, k, _ = make_qkv(2, 6, 2, t, 16, seed=t + groups)
+    sel = random_selection(2, groups, t, 64, 0.4, seed=3)
+    tba = metrics.true_block_attention(q, k, 64)
+    fast = metrics.recall_from_block_attention(tba, sel)
+    slow = metrics.attention_recall(q, k, sel)
+    print(f"from blocks {fast:.8f} direct {slow:.8f}")
+    assert fast == pytest.approx(slow, abs=1e-6)
