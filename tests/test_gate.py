@@ -295,6 +295,7 @@ def test_checkpoint_round_trip_in_seerattention_format(tmp_path) -> None:
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert cfg["base_model"] == "org/base" and cfg["model_type"] == "llama"
     assert cfg["seerattn_gate_type"] == "Qavg_Kmaxminavg"
+    assert cfg["rope_theta"] == 5000.0  # the 4.x field SeerAttention's config class reads
     for key in (
         "seerattn_sparsity_method",
         "seerattn_threshold",

@@ -448,9 +448,10 @@ class GateConfig:
         out.setdefault("num_attention_heads", self.num_q_heads)
         out.setdefault("num_key_value_heads", self.num_kv_heads)
         out.setdefault("head_dim", self.head_dim)
-        if "rope_parameters" not in out:
-            out.setdefault("rope_theta", self.rope_theta)
-            out.setdefault("rope_scaling", self.rope_scaling)
+        # transformers 5 writes rope_parameters; SeerAttention's config class reads the 4.x
+        # rope_theta / rope_scaling fields, so both forms are written
+        out.setdefault("rope_theta", self.rope_theta)
+        out.setdefault("rope_scaling", self.rope_scaling)
         out.update(
             base_model=self.base_model,
             seerattn_sparsity_method=self.sparsity_method,
