@@ -165,3 +165,14 @@ def test_parity_exact_paper_preset_matches_released_selection(t):
         diff = int((a != b).sum())
         print(f"layer {i}: {int(a.sum())} kept blocks, {diff} differ")
         assert diff == 0
+
+
+@pytest.mark.parametrize("nb", [1, 2, 3, 10, 57, 300])
+@pytest.mark.parametrize("sink, window, last", [(0.025, 0.05, 4), (0.3, 0.1, 0), (0.0, 0.5, 2)])
+@pytest.mark.parametrize("parity", [False, True])
+def test_forced_per_row_counts_the_forced_mask(nb, sink, window, last, parity):
+    from sketchwalk.selection import forced_per_row
+
+    cfg = SketchWalkConfig(sink=sink, window=window, dense_last_rows=last, parity=parity)
+    want = forced_block_mask(nb, cfg, "cpu").sum(-1)
+    assert torch.equal(forced_per_row(nb, cfg), want)

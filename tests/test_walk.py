@@ -69,3 +69,28 @@ def test_causal_sketch_puts_no_mass_on_future_blocks():
     # parity ignores causal_sketch: the released softmax is not causal
     parity = block_transition(logits, 2, SketchWalkConfig(causal_sketch=True, parity=True))
     torch.testing.assert_close(parity, released)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("parity, exact", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("exponent", [1.0, 4.0])
+def test_transition_from_pooled_equals_the_step_by_step_path(
+    granularity, causal, parity, exact, exponent
+):
+    from sketchwalk.sketch import block_logits
+    from sketchwalk.walk import transition_from_pooled
+
+    gen = torch.Generator().manual_seed(1)
+    qb, kb = torch.randn(2, 6, 7, 32, generator=gen), torch.randn(2, 2, 7, 32, generator=gen)
+    cfg = SketchWalkConfig(
+        granularity=granularity,
+        causal_sketch=causal,
+        parity=parity,
+        exact=exact,
+        sparsity_exponent=exponent,
+        sketch_dim=16,
+    )
+    want = block_transition(block_logits(qb, kb, cfg, 3), 2, cfg)
+    got = transition_from_pooled(qb, kb, cfg, 3)
+    torch.testing.assert_close(got, want)

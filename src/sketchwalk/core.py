@@ -22,8 +22,8 @@ import torch
 
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.selection import BlockSelection, select_blocks
-from sketchwalk.sketch import block_logits, block_pool, num_blocks
-from sketchwalk.walk import block_transition, walk_step
+from sketchwalk.sketch import block_pool, num_blocks
+from sketchwalk.walk import transition_from_pooled, walk_step
 
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, where: str = "SketchWalk.select") -> None:
@@ -127,11 +127,15 @@ class SketchWalk:
 
         qb = block_pool(q, cfg.block_size, cfg.parity)
         kb = block_pool(k, cfg.block_size, cfg.parity)
-        if not (torch.isfinite(qb).all() and torch.isfinite(kb).all()):
-            bad = "q" if not torch.isfinite(qb).all() else "k"
-            raise ValueError(f"SketchWalk.select: {bad} of layer {layer_idx} contains NaN or Inf")
-        logits = block_logits(qb, kb, cfg, layer_idx)
-        a = block_transition(logits, hkv, cfg)
+        # A non-finite value anywhere in a block makes its pooled mean non-finite: checking the
+        # pooled tensors costs one small reduction and one host sync per layer.
+        if not bool(torch.isfinite(qb.sum() + kb.sum())):
+            for name, pooled in (("q", qb), ("k", kb)):
+                if not bool(torch.isfinite(pooled).all()):
+                    raise ValueError(
+                        f"SketchWalk.select: {name} of layer {layer_idx} contains NaN or Inf"
+                    )
+        a = transition_from_pooled(qb, kb, cfg, layer_idx)
         previous = None
         if (
             cfg.walk

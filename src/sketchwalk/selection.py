@@ -70,14 +70,16 @@ class BlockSelection:
                 f"block_size={block_size}; got {tuple(block_mask.shape[-2:])}"
             )
         mask = block_mask & causal_block_mask(nb, block_mask.device)
-        kv_num_blocks = mask.sum(dim=-1, dtype=torch.int32)
-        ar = torch.arange(nb, device=mask.device)
-        # Kept blocks first, in ascending order; then padding.
-        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
-        valid = ar < kv_num_blocks[..., None]
-        kv_indices = torch.where(valid, order, torch.zeros_like(order)).to(torch.int32)
+        # Compact each row: kept block j goes to slot (number of kept blocks before j); the
+        # other entries go to a scratch column nb that is dropped. No sort needed.
+        slot = mask.cumsum(dim=-1, dtype=torch.int32)
+        kv_num_blocks = slot[..., -1].contiguous()
+        slot = torch.where(mask, slot - 1, nb).long()
+        cols = torch.arange(nb, device=mask.device, dtype=torch.int32).expand_as(mask)
+        buf = torch.zeros(*mask.shape[:-1], nb + 1, dtype=torch.int32, device=mask.device)
+        kv_indices = buf.scatter_(-1, slot, cols)[..., :nb]
         total_causal = mask.shape[0] * mask.shape[1] * nb * (nb + 1) // 2
-        density = float(kv_num_blocks.sum().item()) / max(1, total_causal)
+        density = float(kv_num_blocks.sum(dtype=torch.int64).item()) / max(1, total_causal)
         return cls(mask, block_size, seq_len, kv_num_blocks, kv_indices, density, scores)
 
     @classmethod
@@ -168,6 +170,20 @@ def forced_block_mask(
     return forced & causal
 
 
+def forced_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
+    """Number of forced blocks of each row, int64 (nb,) on the CPU (no device work)."""
+    sink, window = forced_counts(nb, config)
+    i = torch.arange(nb, dtype=torch.int64)
+    causal = i + 1
+    s = torch.clamp(causal, max=sink)
+    w = torch.clamp(causal, max=window)
+    overlap = torch.clamp(s - (i - w + 1), min=0)  # sink blocks that are also in the window
+    forced = s + w - torch.minimum(overlap, w)
+    if config.dense_last_rows > 0:
+        forced = torch.where(i >= nb - config.dense_last_rows, causal, forced)
+    return forced
+
+
 def _density_row_budgets(
     forced_per_row: torch.Tensor, causal_per_row: torch.Tensor, density: float
 ) -> torch.Tensor:
@@ -177,7 +193,7 @@ def _density_row_budgets(
     causal_i). The total is monotone in d', so the result lands within one block per row of
     the target unless the forced blocks alone exceed it.
     """
-    target = density * float(causal_per_row.sum().item())
+    target = density * float(causal_per_row.sum())
     causal_f = causal_per_row.double()
 
     def kept(rate: float) -> torch.Tensor:
@@ -187,12 +203,12 @@ def _density_row_budgets(
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = 0.5 * (lo + hi)
-        if float(kept(mid).sum().item()) < target:
+        if float(kept(mid).sum()) < target:
             lo = mid
         else:
             hi = mid
     below, above = kept(lo), kept(hi)
-    best = below if abs(below.sum().item() - target) <= abs(above.sum().item() - target) else above
+    best = below if abs(float(below.sum()) - target) <= abs(float(above.sum()) - target) else above
     return best.long()
 
 
@@ -218,16 +234,17 @@ def select_blocks(scores: torch.Tensor, seq_len: int, config: SketchWalkConfig) 
     causal = causal_block_mask(nb, device)
     forced = forced_block_mask(nb, config, device)
     candidates = causal & ~forced
-    n_cand = candidates.sum(dim=-1)  # (nb,)
+    # Per-row budgets depend only on nb and the config: computed on the CPU, no device sync.
+    n_forced = forced_per_row(nb, config)
+    n_causal = torch.arange(1, nb + 1, dtype=torch.int64)
+    n_cand = n_causal - n_forced
 
     if config.budget == "kblocks_frac" and config.parity:
         ranked = _quantile_threshold(scores, candidates, config.kblocks_frac)
     else:
         if config.budget == "density":
-            causal_per_row = causal.sum(dim=-1)
-            forced_per_row = forced.sum(dim=-1)
-            budgets = _density_row_budgets(forced_per_row, causal_per_row, config.density)
-            k_row = (budgets - forced_per_row).clamp_min(0)
+            budgets = _density_row_budgets(n_forced, n_causal, config.density)
+            k_row = (budgets - n_forced).clamp_min(0)
         elif config.budget == "top_k_blocks":
             k_row = torch.clamp(n_cand, max=config.top_k_blocks)
         else:
@@ -242,14 +259,15 @@ def select_blocks(scores: torch.Tensor, seq_len: int, config: SketchWalkConfig) 
 def _top_k_rows(
     scores: torch.Tensor, candidates: torch.Tensor, k_row: torch.Tensor
 ) -> torch.Tensor:
-    """bool mask keeping the k_row[i] best candidates of each row i."""
-    kmax = int(k_row.max().item()) if k_row.numel() else 0
+    """bool mask keeping the k_row[i] best candidates of each row i (k_row: CPU int64 (nb,))."""
+    kmax = int(k_row.max()) if k_row.numel() else 0
     out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if kmax == 0:
         return out
     masked = scores.float().masked_fill(~candidates, float("-inf"))
-    top = masked.topk(kmax, dim=-1).indices  # (B, G, nb, kmax)
-    keep = torch.arange(kmax, device=scores.device) < k_row[:, None]  # (nb, kmax)
+    top = masked.topk(kmax, dim=-1, sorted=True).indices  # (B, G, nb, kmax)
+    k_dev = k_row.to(scores.device, non_blocking=True)
+    keep = torch.arange(kmax, device=scores.device) < k_dev[:, None]  # (nb, kmax)
     out.scatter_(-1, top, keep.expand_as(top))
     return out & candidates
 
@@ -258,17 +276,16 @@ def _quantile_threshold(
     scores: torch.Tensor, candidates: torch.Tensor, frac: float
 ) -> torch.Tensor:
     """Released ranking: per row, keep candidates strictly above the (1 - frac) quantile (linear
-    interpolation) of that row's candidate scores."""
-    nb = scores.shape[-1]
+    interpolation) of that row's candidate scores. Non-candidates are NaN for nanquantile;
+    rows are processed in slices because torch.quantile caps its input size."""
+    b, g, nb, _ = scores.shape
+    vals = scores.float().masked_fill(~candidates, float("nan"))
     out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    s = scores.float()
-    for i in range(nb):
-        cols = candidates[i].nonzero().flatten()
-        if cols.numel() == 0:
-            continue
-        vals = s[:, :, i, cols]  # (B, G, c)
-        thr = torch.quantile(vals, 1.0 - frac, dim=-1, keepdim=True)
-        out[:, :, i, cols] = vals > thr
+    rows = max(1, (1 << 22) // max(1, b * g * nb))
+    for start in range(0, nb, rows):
+        chunk = vals[:, :, start : start + rows]
+        thr = torch.nanquantile(chunk, 1.0 - frac, dim=-1, keepdim=True)
+        out[:, :, start : start + rows] = chunk > thr  # NaN compares False
     return out
 
 

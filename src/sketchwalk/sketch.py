@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 from sketchwalk.config import SketchWalkConfig
 
@@ -46,14 +45,19 @@ def block_pool(x: torch.Tensor, block_size: int, parity: bool = False) -> torch.
         (B, H, ceil(T / block_size), D) float32 block means.
     """
     b, h, t, d = x.shape
-    nb = num_blocks(t, block_size)
-    pad = nb * block_size - t
-    xs = F.pad(x.float(), (0, 0, 0, pad)).view(b, h, nb, block_size, d).sum(dim=3)
-    if parity or pad == 0:
-        return xs / block_size
-    counts = torch.full((nb, 1), float(block_size), device=x.device)
-    counts[-1] = block_size - pad
-    return xs / counts
+    full = t // block_size
+    tail = t - full * block_size
+    # Sum in float32 inside the reduction: no float32 copy (or padded copy) of x is made.
+    parts = []
+    if full:
+        body = x[:, :, : full * block_size].reshape(b, h, full, block_size, d)
+        parts.append(body.sum(dim=3, dtype=torch.float32).div_(block_size))
+    if tail:
+        divisor = block_size if parity else tail
+        parts.append(
+            x[:, :, full * block_size :].sum(dim=2, keepdim=True, dtype=torch.float32).div_(divisor)
+        )
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def next_power_of_two(n: int) -> int:
@@ -98,6 +102,7 @@ class SketchDraws:
         return self.coords.numel()
 
 
+@lru_cache(maxsize=1024)
 def sketch_draws(head_dim: int, sketch_dim: int, seed: int, layer_idx: int) -> SketchDraws:
     """Seeded draws for one layer. ``sketch_dim`` is clamped to the padded head dim."""
     n = next_power_of_two(head_dim)
@@ -128,6 +133,32 @@ def hadamard_sketch(x: torch.Tensor, draws: SketchDraws, parity: bool = False) -
     return x.float() @ sketch_projection(draws, parity, x.device)
 
 
+def sketched_blocks(
+    q_blocks: torch.Tensor,
+    k_blocks: torch.Tensor,
+    config: SketchWalkConfig,
+    layer_idx: int,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Sketch the pooled blocks once per layer.
+
+    Returns:
+        (qs (B, Hq, nq, r), ks (B, Hkv, nk, r), scale): block logits are ``scale * qs . ks``
+        (clamped to [-10, 10] in parity-exact mode); see `block_logits` for the arithmetic.
+    """
+    d = q_blocks.shape[-1]
+    if config.exact:
+        qs, ks, r = q_blocks.float(), k_blocks.float(), d
+    else:
+        draws = sketch_draws(d, config.sketch_dim, config.seed, layer_idx)
+        proj = sketch_projection(draws, config.parity, q_blocks.device)
+        qs, ks, r = q_blocks.float() @ proj, k_blocks.float() @ proj, draws.r
+    if config.parity:
+        scale = 1.0 / math.sqrt(d) if config.exact else 1.0 / math.sqrt(r) / 100.0
+    else:
+        scale = 1.0 / (math.sqrt(d) * config.temperature)
+    return qs, ks, scale
+
+
 def block_logits(
     q_blocks: torch.Tensor,
     k_blocks: torch.Tensor,
@@ -151,25 +182,15 @@ def block_logits(
         parity sketch:   q~ . k~ / sqrt(r) / 100                  (unnormalised sketch)
         parity exact:    clamp(qb . kb / sqrt(D), -10, 10)
     """
-    b, hq, nq, d = q_blocks.shape
+    b, hq, nq, _ = q_blocks.shape
     hkv, nk = k_blocks.shape[1], k_blocks.shape[2]
-    group = hq // hkv
-    if config.exact:
-        qs, ks = q_blocks.float(), k_blocks.float()
-        r = d
-    else:
-        draws = sketch_draws(d, config.sketch_dim, config.seed, layer_idx)
-        proj = sketch_projection(draws, config.parity, q_blocks.device)
-        qs, ks = q_blocks.float() @ proj, k_blocks.float() @ proj
-        r = draws.r
+    qs, ks, scale = sketched_blocks(q_blocks, k_blocks, config, layer_idx)
     # GQA: (B, Hkv, group, nq, r) @ (B, Hkv, 1, r, nk)
-    logits = qs.view(b, hkv, group, nq, -1) @ ks.view(b, hkv, 1, nk, -1).transpose(-1, -2)
-    logits = logits.view(b, hq, nq, nk)
-    if config.parity:
-        if config.exact:
-            return (logits / math.sqrt(d)).clamp_(-10.0, 10.0)
-        return logits / math.sqrt(r) / 100.0
-    return logits / (math.sqrt(d) * config.temperature)
+    logits = qs.view(b, hkv, hq // hkv, nq, -1) @ ks.view(b, hkv, 1, nk, -1).transpose(-1, -2)
+    logits = logits.view(b, hq, nq, nk).mul_(scale)
+    if config.parity and config.exact:
+        logits.clamp_(-10.0, 10.0)
+    return logits
 
 
 __all__ = [
@@ -182,4 +203,5 @@ __all__ = [
     "num_blocks",
     "sketch_draws",
     "sketch_projection",
+    "sketched_blocks",
 ]

@@ -71,6 +71,56 @@ def block_transition(
     return sharpen(a, config.sparsity_exponent, config.parity)
 
 
+def transition_from_pooled(
+    q_blocks: torch.Tensor,
+    k_blocks: torch.Tensor,
+    config: SketchWalkConfig,
+    layer_idx: int,
+) -> torch.Tensor:
+    """Pooled blocks -> transition matrix A (B, G, nq, nk), one KV group at a time.
+
+    Same result as ``block_transition(block_logits(...))`` but never holds the per-head
+    (B, Hq, nq, nk) logits at once (537 MB in float32 for 32 heads at 128K tokens) unless the
+    granularity is ``head``: each KV group's logits are softmaxed and summed into A, and the
+    sketch is applied once per layer.
+
+    Args:
+        q_blocks: (B, Hq, nq, D) pooled queries; k_blocks: (B, Hkv, nk, D) pooled keys.
+    """
+    from sketchwalk.sketch import sketched_blocks
+
+    hq, nq = q_blocks.shape[1], q_blocks.shape[2]
+    hkv, nk = k_blocks.shape[1], k_blocks.shape[2]
+    group = hq // hkv
+    qs, ks, scale = sketched_blocks(q_blocks, k_blocks, config, layer_idx)
+    causal = config.causal_sketch and not config.parity
+    future = None
+    if causal:
+        future = torch.ones(nq, nk, dtype=torch.bool, device=q_blocks.device).triu(nk - nq + 1)
+    per_group = []
+    for h in range(hkv):
+        logits = qs[:, h * group : (h + 1) * group] @ ks[:, h : h + 1].transpose(-1, -2)
+        logits.mul_(scale)
+        if config.parity and config.exact:
+            logits.clamp_(-10.0, 10.0)
+        if future is not None:
+            logits.masked_fill_(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # (B, group, nq, nk)
+        if config.granularity == "head":
+            per_group.append(probs)
+        else:
+            per_group.append(probs.sum(dim=1, keepdim=True))
+    if config.granularity == "layer":
+        a = per_group[0]
+        for extra in per_group[1:]:
+            a = a + extra
+    else:
+        a = torch.cat(per_group, dim=1)
+    if config.granularity != "head":
+        a = a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    return sharpen(a, config.sparsity_exponent, config.parity)
+
+
 def walk_step(
     a: torch.Tensor, previous: torch.Tensor | None, degree: int, damping: float
 ) -> torch.Tensor:
@@ -91,4 +141,10 @@ def walk_step(
     return state
 
 
-__all__ = ["aggregate_heads", "block_transition", "sharpen", "walk_step"]
+__all__ = [
+    "aggregate_heads",
+    "block_transition",
+    "sharpen",
+    "transition_from_pooled",
+    "walk_step",
+]
