@@ -1,0 +1,870 @@
+"""Compare SketchWalk's block selection with SeerAttention's on collected tensors (step 3).
+
+Files are grouped by sequence (seq_len, sample, timestamp) and each sequence's layers are fed to
+one SketchWalk in increasing order, so the cross-layer walk runs as in ``validate``.
+
+The SeerAttention side is, per file:
+
+- ``seerattention-gate``: the learned gate, when the file carries ``seerattn_scores`` (collected
+  with a SeerAttention checkpoint). Its selection is the stored ``seerattn_mask`` (the
+  checkpoint's own threshold or nz_ratio), or the gate scores re-selected when
+  ``--seerattn_threshold`` or ``--seerattn_nz_ratio`` is given explicitly.
+- ``oracle-threshold``: otherwise, the seed's stand-in. It is NOT a learned gate: it thresholds
+  the true block attention (per head, mean over the block's queries of the softmax mass on each
+  key block; rows sum to 1) at ``--seerattn_threshold`` (default 0.1), or keeps SeerAttention's
+  nz_ratio top-k per row; lower-triangular, the last ``--seerattn_dense_last_rows`` rows dense
+  (2, as SeerAttention), the diagonal kept.
+
+Per file: both sparsities over causal blocks (per-head masks), block overlap (overlap
+coefficient), Jaccard similarity, attention correlation (Pearson, over causal tiles, of the
+head-averaged SeerAttention-side score map and SketchWalk's walk matrix), each side's attention
+recall at its own density, both at a matched density, and the oracle (true top blocks) recall
+at SketchWalk's per-row budget as the ceiling. The true block attention is computed once per
+file and every recall is derived from it exactly.
+
+``--validation_dir``: the latest validation run found there gives the default SketchWalk
+config (explicit flags win) and its per-file attention recall is reported alongside.
+
+Outputs in ``--output_dir``: ``comparison_results_{ts}.json`` (one record per file, rewritten
+atomically after each), ``comparison_summary_{ts}.json`` (overall, sparse layers only, by
+sequence length, by layer), a console table, and with ``--visualize`` PNG heatmaps
+``comparison_{sample_id}.png`` for up to ``--max_plots`` files plus
+``comparison_summary_{ts}.png`` (recall and overlap by layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sketchwalk import __version__
+from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
+from sketchwalk.core import SketchWalk
+from sketchwalk.gate import select_blocks_from_scores
+from sketchwalk.metrics import oracle_selection, true_block_attention
+from sketchwalk.selection import BlockSelection, select_blocks
+from sketchwalk.sketch import num_blocks
+from sketchwalk.tensorio import TensorFileError, load_tensor_file
+from sketchwalk.validate import (
+    SEED_DEFAULTS,
+    compute_dtype,
+    iter_sequences,
+    print_table,
+    resolve_device,
+    summarize,
+    timestamp,
+    write_json_atomic,
+)
+
+ORACLE_THRESHOLD = "oracle-threshold"
+SEERATTENTION_GATE = "seerattention-gate"
+DEFAULT_SEERATTN_THRESHOLD = 0.1
+
+COMPARE_FIELDS = (
+    "seerattn_sparsity",
+    "sketchwalk_sparsity",
+    "seerattn_density",
+    "sketchwalk_density",
+    "seerattn_blocks_per_row",
+    "sketchwalk_blocks_per_row",
+    "block_overlap",
+    "jaccard_similarity",
+    "attention_correlation",
+    "attention_rank_correlation",
+    "sketchwalk_true_correlation",
+    "seerattn_true_correlation",
+    "seerattn_recall",
+    "sketchwalk_recall",
+    "sketchwalk_recall_matched",
+    "sketchwalk_density_matched",
+    "seerattn_recall_matched",
+    "oracle_recall",
+    "oracle_recall_seerattn_budget",
+    "validation_attention_recall",
+    "seconds",
+)
+
+
+def _causal(nb: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool (nb, nb), True on and below the diagonal (an index comparison: the same as
+    ``selection.causal_block_mask`` but without bool ``tril``, which is slow on the CPU)."""
+    ar = torch.arange(nb, device=device)
+    return ar[:, None] >= ar[None, :]
+
+
+class CompareInputError(ValueError):
+    """An input the comparison cannot use; the message names the file and the problem."""
+
+
+@dataclasses.dataclass
+class SeerSide:
+    """The SeerAttention side of one file.
+
+    Attributes:
+        method: ``"seerattention-gate"`` or ``"oracle-threshold"``.
+        rule: how the mask was made, in words (recorded in every result).
+        mask: bool (B, Hq, nb, nb), causal.
+        scores: float32 (B, Hq, nb, nb) score map the mask was selected from.
+    """
+
+    method: str
+    rule: str
+    mask: torch.Tensor
+    scores: torch.Tensor
+
+
+# ---- the SeerAttention side ----------------------------------------------------------------
+
+
+def _select_seerattn(
+    scores: torch.Tensor,
+    threshold: float | None,
+    nz_ratio: float | None,
+    dense_last_rows: int,
+    keep_diagonal: bool,
+) -> torch.Tensor:
+    """SeerAttention's selection rule on a (B, H, nb, nb) score map: threshold or nz_ratio top-k
+    per row (:func:`sketchwalk.gate.select_blocks_from_scores`), then the last
+    ``dense_last_rows`` rows dense, optionally the diagonal, lower-triangular."""
+    mask = select_blocks_from_scores(scores, threshold, nz_ratio, last_block_dense=False)
+    nb = scores.shape[-1]
+    if dense_last_rows > 0:
+        mask[..., max(0, nb - dense_last_rows) :, :] = True
+    if keep_diagonal:
+        mask |= torch.eye(nb, dtype=torch.bool, device=mask.device)
+    return mask & _causal(nb, mask.device)
+
+
+def _rule_text(threshold: float | None, nz_ratio: float | None, dense_last_rows: int) -> str:
+    pick = f"score > {threshold:g}" if nz_ratio is None else f"nz_ratio={nz_ratio:g} top-k per row"
+    return f"{pick}, last {dense_last_rows} rows dense"
+
+
+def oracle_threshold_side(
+    block_attention: torch.Tensor,
+    threshold: float | None = DEFAULT_SEERATTN_THRESHOLD,
+    nz_ratio: float | None = None,
+    dense_last_rows: int = 2,
+) -> SeerSide:
+    """The seed's stand-in for SeerAttention: a threshold on the TRUE block attention.
+
+    Args:
+        block_attention: float32 (B, Hq, nb, nb) from ``true_block_attention(..., reduce="sum")``.
+        threshold: keep tiles whose mass exceeds it (ignored when ``nz_ratio`` is given).
+        nz_ratio: SeerAttention's top-k per row instead of a threshold.
+        dense_last_rows: trailing query-block rows kept dense.
+
+    Returns:
+        `SeerSide` named ``oracle-threshold``; the diagonal is always kept.
+    """
+    if nz_ratio is not None:
+        threshold = None
+    mask = _select_seerattn(block_attention, threshold, nz_ratio, dense_last_rows, True)
+    rule = "true block attention " + _rule_text(threshold, nz_ratio, dense_last_rows)
+    return SeerSide(ORACLE_THRESHOLD, rule + ", diagonal kept", mask, block_attention)
+
+
+def _to_heads(t: torch.Tensor, hq: int, hkv: int, name: str, path: Path) -> torch.Tensor:
+    g = t.shape[1]
+    if g == hq:
+        return t
+    if g == 1:
+        return t.expand(t.shape[0], hq, *t.shape[2:])
+    if g == hkv:
+        return t.repeat_interleave(hq // hkv, dim=1)
+    raise CompareInputError(f"{path}: {name} has {g} heads; expected 1, {hkv} or {hq}")
+
+
+def gate_side(
+    record: dict[str, Any],
+    path: Path,
+    block_size: int,
+    threshold: float | None = None,
+    nz_ratio: float | None = None,
+    dense_last_rows: int = 2,
+    device: torch.device | str = "cpu",
+) -> SeerSide:
+    """The learned SeerAttention gate's selection stored in a tensor file.
+
+    Args:
+        record: a loaded tensor file carrying ``seerattn_scores`` (B, G, nb, nb) and possibly
+            ``seerattn_mask``.
+        path: the file (named in errors).
+        block_size: the comparison's block size; it must be the gate's.
+        threshold, nz_ratio: re-select from the scores (at most one); with neither, the stored
+            mask is used (or, without one, the default threshold 0.1).
+        dense_last_rows: trailing rows kept dense when re-selecting.
+        device: where the returned tensors live.
+
+    Returns:
+        `SeerSide` named ``seerattention-gate`` with per-head (B, Hq, nb, nb) tensors.
+    """
+    q, k = record["Q"], record["K"]
+    hq, hkv, t = q.shape[1], k.shape[1], q.shape[2]
+    nb = num_blocks(t, block_size)
+    scores = record["seerattn_scores"]
+    if tuple(scores.shape[-2:]) != (nb, nb):
+        raise CompareInputError(
+            f"{path}: seerattn_scores has {scores.shape[-2]}x{scores.shape[-1]} blocks but "
+            f"--block_size {block_size} gives {nb}x{nb} for seq_len {t}; use the gate's block "
+            "size"
+        )
+    scores = _to_heads(scores.to(device, torch.float32), hq, hkv, "seerattn_scores", path)
+    stored = record.get("seerattn_mask")
+    if threshold is None and nz_ratio is None and stored is not None:
+        if tuple(stored.shape) != tuple(record["seerattn_scores"].shape):
+            raise CompareInputError(
+                f"{path}: seerattn_mask {tuple(stored.shape)} and seerattn_scores "
+                f"{tuple(record['seerattn_scores'].shape)} differ in shape"
+            )
+        mask = _to_heads(stored.to(device).bool(), hq, hkv, "seerattn_mask", path)
+        mask = mask & _causal(nb, mask.device)
+        rule = "stored seerattn_mask (the checkpoint's own threshold or nz_ratio)"
+        return SeerSide(SEERATTENTION_GATE, rule, mask.contiguous(), scores.contiguous())
+    if threshold is None and nz_ratio is None:
+        threshold = DEFAULT_SEERATTN_THRESHOLD
+    mask = _select_seerattn(scores, threshold, nz_ratio, dense_last_rows, False)
+    rule = "gate scores " + _rule_text(threshold, nz_ratio, dense_last_rows)
+    return SeerSide(SEERATTENTION_GATE, rule, mask, scores.contiguous())
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+
+def row_token_counts(seq_len: int, block_size: int) -> torch.Tensor:
+    """float64 (nb,): query tokens in each query block (the tail block may be partial)."""
+    nb = num_blocks(seq_len, block_size)
+    counts = torch.full((nb,), float(block_size), dtype=torch.float64)
+    counts[-1] = seq_len - (nb - 1) * block_size
+    return counts
+
+
+def recall_from_block_attention(
+    block_attention: torch.Tensor, head_mask: torch.Tensor, seq_len: int, block_size: int
+) -> float:
+    """Attention recall of a per-head block mask, from the true block attention.
+
+    Exactly :func:`sketchwalk.metrics.attention_recall` without recomputing the softmax: tile
+    (i, j) of ``block_attention`` (reduce="sum") is the mean over block i's queries of the mass
+    on key block j, so a row's kept mass times its query count, summed over rows and divided by
+    T, is the mean kept mass per query; then averaged over batch and heads.
+
+    Args:
+        block_attention: float (B, Hq, nb, nb); head_mask: bool (B, Hq, nb, nb).
+    """
+    kept = (block_attention.double() * head_mask).sum(-1)  # (B, Hq, nb)
+    counts = row_token_counts(seq_len, block_size).to(kept.device)
+    return float(((kept * counts).sum(-1) / seq_len).mean().item())
+
+
+def mask_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | None]:
+    """Overlap coefficient and Jaccard similarity of two per-head block masks.
+
+    Each mask (B, H, nb, nb) is read as the set of its kept causal tiles (b, h, i, j):
+    ``block_overlap = |A & B| / min(|A|, |B|)``, ``jaccard_similarity = |A & B| / |A | B|``
+    (None when a denominator is 0).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"mask_agreement: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    causal = _causal(a.shape[-1], a.device)
+    a, b = a & causal, b & causal
+    inter = int((a & b).sum().item())
+    size_a, size_b = int(a.sum().item()), int(b.sum().item())
+    union = size_a + size_b - inter
+    smaller = min(size_a, size_b)
+    return {
+        "block_overlap": inter / smaller if smaller else None,
+        "jaccard_similarity": inter / union if union else None,
+        "intersection_blocks": inter,
+    }
+
+
+def causal_tiles(score_map: torch.Tensor) -> torch.Tensor:
+    """float64 vector of the causal tiles (i >= j) of a (B, G, nb, nb) map averaged over batch
+    and heads/groups."""
+    mean = score_map.double().mean(dim=(0, 1))
+    return mean[_causal(mean.shape[-1], mean.device)]
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson correlation of two equal-length vectors (float64); None if either is constant."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    den = x.norm() * y.norm()
+    if x.numel() < 2 or den == 0:
+        return None
+    return float((x @ y / den).item())
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    return (ends - (counts.double() - 1) / 2)[inverse]
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Spearman rank correlation (ties get their average rank); None if either is constant."""
+    return pearson(_average_ranks(x), _average_ranks(y))
+
+
+def compare_layer(
+    selection: BlockSelection,
+    seer: SeerSide,
+    block_attention: torch.Tensor,
+    config: SketchWalkConfig,
+    num_kv_heads: int,
+) -> dict[str, Any]:
+    """Every comparison metric of one layer.
+
+    Args:
+        selection: SketchWalk's selection (its ``scores`` = the walk matrix, None on dense
+            layers).
+        seer: the SeerAttention side.
+        block_attention: float32 (B, Hq, nb, nb) true block attention (reduce="sum").
+        config: SketchWalk's config (the matched-density re-selection uses it with ``density``).
+        num_kv_heads: Hkv.
+
+    Returns:
+        A dict of plain values (see ``docs/compare.md`` for each definition).
+    """
+    _, hq, nb, _ = block_attention.shape
+    t, bs = selection.seq_len, selection.block_size
+    sw_mask = selection.head_mask(hq, num_kv_heads)
+    sw_heads = BlockSelection.from_mask(sw_mask.contiguous(), bs, t)
+    seer_sel = BlockSelection.from_mask(seer.mask, bs, t)
+
+    def recall(mask: torch.Tensor) -> float:
+        return recall_from_block_attention(block_attention, mask, t, bs)
+
+    out: dict[str, Any] = {
+        "seerattn_method": seer.method,
+        "seerattn_rule": seer.rule,
+        "seerattn_sparsity": 1.0 - seer_sel.density,
+        "sketchwalk_sparsity": 1.0 - sw_heads.density,
+        "seerattn_density": seer_sel.density,
+        "sketchwalk_density": sw_heads.density,
+        "seerattn_blocks_per_row": seer_sel.blocks_per_row(),
+        "sketchwalk_blocks_per_row": sw_heads.blocks_per_row(),
+        "total_blocks": nb,
+        "causal_blocks_per_head": nb * (nb + 1) // 2,
+        "sketchwalk_dense_layer": selection.scores is None,
+    }
+    out.update(mask_agreement(seer.mask, sw_mask))
+
+    seer_tiles = causal_tiles(seer.scores)
+    true_tiles = causal_tiles(block_attention)
+    if selection.scores is not None:
+        walk_tiles = causal_tiles(selection.scores)
+        out["attention_correlation"] = pearson(seer_tiles, walk_tiles)
+        out["attention_rank_correlation"] = spearman(seer_tiles, walk_tiles)
+        out["sketchwalk_true_correlation"] = pearson(walk_tiles, true_tiles)
+    else:
+        out["attention_correlation"] = None
+        out["attention_rank_correlation"] = None
+        out["sketchwalk_true_correlation"] = None
+    out["seerattn_true_correlation"] = pearson(seer_tiles, true_tiles)
+
+    out["seerattn_recall"] = recall(seer.mask)
+    out["sketchwalk_recall"] = recall(sw_mask)
+    # Matched density 1: SketchWalk at the SeerAttention side's density. The walk matrix does not
+    # depend on the budget, so re-selecting from it equals re-running SketchWalk with density=.
+    out["sketchwalk_recall_matched"] = None
+    out["sketchwalk_density_matched"] = None
+    if selection.scores is not None and seer_sel.density > 0:
+        matched_cfg = config.replace(density=seer_sel.density, top_k_blocks=None)
+        matched = select_blocks(selection.scores, t, matched_cfg)
+        matched_mask = matched.head_mask(hq, num_kv_heads)
+        out["sketchwalk_recall_matched"] = recall(matched_mask)
+        out["sketchwalk_density_matched"] = BlockSelection.from_mask(
+            matched_mask.contiguous(), bs, t
+        ).density
+    # Matched density 2: the SeerAttention side's scores, top-k per row with SketchWalk's counts.
+    out["seerattn_recall_matched"] = recall(oracle_selection(seer.scores, sw_heads).block_mask)
+    out["oracle_recall"] = recall(oracle_selection(block_attention, sw_heads).block_mask)
+    out["oracle_recall_seerattn_budget"] = recall(
+        oracle_selection(block_attention, seer_sel).block_mask
+    )
+    return out
+
+
+# ---- validation results ------------------------------------------------------------------------
+
+
+def load_validation(validation_dir: str | None) -> dict[str, Any]:
+    """The latest validation run in ``validation_dir``.
+
+    Returns:
+        ``{"config": dict | None, "recall": {sample_id: (recall, config)}, "notes": [str],
+        "summary_file": str | None, "results_file": str | None}``. Absent, empty or unreadable
+        inputs give notes, never an error (the comparison goes on without them).
+    """
+    info: dict[str, Any] = {
+        "config": None,
+        "recall": {},
+        "notes": [],
+        "summary_file": None,
+        "results_file": None,
+    }
+    if not validation_dir:
+        info["notes"].append("no --validation_dir given: SketchWalk config from flags only")
+        return info
+    folder = Path(validation_dir)
+    if not folder.is_dir():
+        info["notes"].append(f"validation folder {folder} not found: config from flags only")
+        return info
+    summaries = sorted(folder.glob("validation_summary_*.json"))
+    results = sorted(folder.glob("validation_results_*.json"))
+    if not summaries and not results:
+        info["notes"].append(
+            f"no validation_summary_*.json or validation_results_*.json in {folder}: "
+            "config from flags only"
+        )
+        return info
+
+    def read(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            info["notes"].append(f"{path}: unreadable ({exc}); ignored")
+            return None
+
+    if summaries:
+        summary_path = summaries[-1]
+        data = read(summary_path)
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            info["config"], info["summary_file"] = data["config"], str(summary_path)
+        elif data is not None:
+            info["notes"].append(f"{summary_path}: no 'config' entry; ignored")
+        stamp = summary_path.stem.removeprefix("validation_summary_")
+        same = folder / f"validation_results_{stamp}.json"
+        results_path = same if same.is_file() else (results[-1] if results else None)
+    else:
+        results_path = results[-1]
+    if results_path is not None:
+        data = read(results_path)
+        if isinstance(data, list):
+            info["results_file"] = str(results_path)
+            for rec in data:
+                if isinstance(rec, dict) and "sample_id" in rec:
+                    info["recall"][rec["sample_id"]] = (
+                        rec.get("attention_recall"),
+                        rec.get("config"),
+                    )
+            if info["config"] is None and data and isinstance(data[0].get("config"), dict):
+                info["config"] = data[0]["config"]
+        elif data is not None:
+            info["notes"].append(f"{results_path}: not a list of records; ignored")
+    if len(summaries) > 1:
+        info["notes"].append(f"{len(summaries)} validation runs in {folder}; using the latest")
+    return info
+
+
+def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None) -> SketchWalkConfig:
+    """SketchWalk's config: the validation run's config (when given and no ``--preset``) or the
+    seed preset, then every flag given explicitly.
+
+    A budget flag given explicitly clears the other budget forms inherited from the base
+    (``--top_k_blocks`` clears an inherited ``density``, which would otherwise take precedence).
+    """
+    if base is None or getattr(args, "preset", None):
+        return config_from_args(args, default_preset="seed")
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SketchWalkConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    budget_flags = {"density", "top_k_blocks", "kblocks_frac"} & set(given)
+    if budget_flags:
+        for name in ("density", "top_k_blocks"):
+            if name not in given:
+                given[name] = None
+    return SketchWalkConfig.from_dict({**base, **given})
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "--visualize needs matplotlib: pip install 'sketchwalk[plot]' (or matplotlib)"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_file(
+    path: Path,
+    block_attention: torch.Tensor,
+    seer_mask: torch.Tensor,
+    sw_mask: torch.Tensor,
+    record: dict[str, Any],
+) -> None:
+    """Heatmaps of one file: the true block attention (log10, mean over heads), each side's
+    selection (share of heads keeping a tile) over it, and where the two agree."""
+    import numpy as np
+
+    plt = _pyplot()
+    nb = block_attention.shape[-1]
+    causal = _causal(nb).numpy()
+    att = block_attention.double().mean(dim=(0, 1)).cpu().numpy()
+    log_att = np.where(causal, np.log10(np.maximum(att, 1e-8)), np.nan)
+    seer = seer_mask.float().mean(dim=(0, 1)).cpu().numpy()
+    sw = sw_mask.float().mean(dim=(0, 1)).cpu().numpy()
+    method = record["seerattn_method"]
+
+    fig, axes = plt.subplots(1, 4, figsize=(19, 5), constrained_layout=True)
+    im = axes[0].imshow(log_att, cmap="viridis", interpolation="nearest")
+    axes[0].set_title("true block attention\nlog10 mass, mean over heads")
+    fig.colorbar(im, ax=axes[0], shrink=0.8)
+    for ax, share, name, cmap in (
+        (axes[1], seer, method, "Reds"),
+        (axes[2], sw, "SketchWalk", "Blues"),
+    ):
+        ax.imshow(log_att, cmap="gray", interpolation="nearest", alpha=0.6)
+        overlay = np.ma.masked_where(share <= 0, share)
+        im = ax.imshow(overlay, cmap=cmap, vmin=0, vmax=1, alpha=0.75, interpolation="nearest")
+        density = record["seerattn_density" if name == method else "sketchwalk_density"]
+        ax.set_title(f"{name} kept (share of heads)\ndensity {density:.3f}")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    rgb = np.ones((nb, nb, 3))
+    rgb[causal] = 0.0
+    rgb[..., 0] = np.where(causal, seer, rgb[..., 0])
+    rgb[..., 2] = np.where(causal, sw, rgb[..., 2])
+    rgb[..., 1] = np.where(causal, 0.0, rgb[..., 1])
+    axes[3].imshow(rgb, interpolation="nearest")
+    axes[3].set_title(
+        f"agreement (share of heads): magenta both,\nred {method} only, blue SketchWalk only"
+    )
+    for ax in axes:
+        ax.set_xlabel("key block")
+        ax.set_ylabel("query block")
+
+    def fmt(key: str) -> str:
+        v = record.get(key)
+        return "-" if v is None else f"{v:.3f}"
+
+    fig.suptitle(
+        f"{record['sample_id']} (layer {record['layer_idx']}, {record['seq_len']} tokens)  "
+        f"overlap {fmt('block_overlap')}  Jaccard {fmt('jaccard_similarity')}  "
+        f"corr {fmt('attention_correlation')}  recall: {method} {fmt('seerattn_recall')}, "
+        f"SketchWalk {fmt('sketchwalk_recall')}, oracle {fmt('oracle_recall')}"
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_summary(path: Path, summary: dict[str, Any], method: str) -> None:
+    """Recall and selection agreement by layer (means over sequences)."""
+    plt = _pyplot()
+    by_layer = summary["by_layer_idx"]
+    layers = sorted(int(k) for k in by_layer)
+
+    def series(field: str) -> list[float]:
+        return [by_layer[str(layer)].get(field, {}).get("mean", math.nan) for layer in layers]
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), constrained_layout=True)
+    for field, label, style in (
+        ("sketchwalk_recall", "SketchWalk", "o-"),
+        ("seerattn_recall", method, "s-"),
+        ("oracle_recall", "oracle at SketchWalk's budget", "k--"),
+        ("seerattn_recall_matched", f"{method} at SketchWalk's budget", "s:"),
+        ("sketchwalk_recall_matched", f"SketchWalk at {method}'s density", "o:"),
+    ):
+        left.plot(layers, series(field), style, label=label, markersize=4)
+    left.set_title("attention recall by layer")
+    left.set_xlabel("layer")
+    left.set_ylabel("share of softmax mass kept")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    for field, label, style in (
+        ("block_overlap", "block overlap", "o-"),
+        ("jaccard_similarity", "Jaccard", "s-"),
+        ("attention_correlation", "attention correlation (Pearson)", "^-"),
+        ("attention_rank_correlation", "attention rank correlation (Spearman)", "v-"),
+        ("seerattn_density", f"{method} density", "r:"),
+        ("sketchwalk_density", "SketchWalk density", "b:"),
+    ):
+        right.plot(layers, series(field), style, label=label, markersize=4)
+    right.set_title("selection agreement by layer")
+    right.set_xlabel("layer")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor_dir", required=True, help="folder of collected tensor files")
+    parser.add_argument(
+        "--validation_dir",
+        default=None,
+        help="folder of validation results: its latest config becomes the default SketchWalk "
+        "config and its per-file recall is reported alongside (optional)",
+    )
+    parser.add_argument("--output_dir", default="./comparison_results", help="results folder")
+    parser.add_argument(
+        "--seerattn_threshold",
+        type=float,
+        default=None,
+        help="SeerAttention threshold (default: 0.1). oracle-threshold: on the true block "
+        "attention; gate files: given explicitly, re-selects the gate scores instead of using "
+        "the stored seerattn_mask",
+    )
+    parser.add_argument(
+        "--seerattn_nz_ratio",
+        type=float,
+        default=None,
+        help="SeerAttention nz_ratio (top-k per row) instead of a threshold",
+    )
+    parser.add_argument(
+        "--seerattn_dense_last_rows",
+        type=int,
+        default=2,
+        help="last query-block rows the SeerAttention side keeps dense (default: 2)",
+    )
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="SketchWalk's compute dtype (auto: stored dtype on GPU, float32 on CPU)",
+    )
+    parser.add_argument("--visualize", action="store_true", help="write PNG heatmaps")
+    parser.add_argument(
+        "--max_plots", type=int, default=6, help="files to draw with --visualize (default: 6)"
+    )
+    add_config_arguments(parser, SEED_DEFAULTS)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.seerattn_threshold is not None and args.seerattn_nz_ratio is not None:
+        raise SystemExit("give at most one of --seerattn_threshold and --seerattn_nz_ratio")
+    if args.seerattn_nz_ratio is not None and not 0.0 <= args.seerattn_nz_ratio <= 1.0:
+        raise SystemExit(f"--seerattn_nz_ratio must be in [0, 1], got {args.seerattn_nz_ratio}")
+    if args.seerattn_dense_last_rows < 0:
+        raise SystemExit("--seerattn_dense_last_rows must be >= 0")
+    if args.max_plots < 0:
+        raise SystemExit("--max_plots must be >= 0")
+
+
+def _plot_indices(total: int, max_plots: int) -> set[int]:
+    """Up to ``max_plots`` file positions spread evenly over the run."""
+    if max_plots <= 0 or total == 0:
+        return set()
+    if max_plots >= total:
+        return set(range(total))
+    step = (total - 1) / max(1, max_plots - 1)
+    return {round(i * step) for i in range(max_plots)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    _check_args(args)
+    tensor_dir = Path(args.tensor_dir)
+    if not tensor_dir.is_dir():
+        raise SystemExit(f"error: tensor folder not found: {tensor_dir}")
+    sequences = iter_sequences(tensor_dir)
+    if not sequences:
+        raise SystemExit(
+            f"error: no tensor files (tensors_seq*_layer*_sample*_*.pt|.safetensors) in "
+            f"{tensor_dir}"
+        )
+    validation = load_validation(args.validation_dir)
+    for note in validation["notes"]:
+        print(f"note: {note}")
+    try:
+        config = resolve_config(args, validation["config"])
+    except ValueError as exc:
+        if validation["config"] is None:
+            raise SystemExit(f"error: {exc}") from None
+        print(f"note: validation config unusable ({exc}); using the flags and the seed preset")
+        config = config_from_args(args, default_preset="seed")
+    config_source = (
+        f"validation run {validation['summary_file'] or validation['results_file']} + flags"
+        if validation["config"] is not None and not args.preset
+        else f"preset {args.preset or 'seed'} + flags"
+    )
+    device = resolve_device(args.device)
+    out_dir = Path(args.output_dir)
+    ts = timestamp()
+    results_path = out_dir / f"comparison_results_{ts}.json"
+    summary_path = out_dir / f"comparison_summary_{ts}.json"
+    total = sum(len(s["paths"]) for s in sequences)
+    to_plot = _plot_indices(total, args.max_plots) if args.visualize else set()
+    plots: list[str] = []
+    records: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    methods: set[str] = set()
+    t_start = time.perf_counter()
+    bar = tqdm(total=total, desc="compare", unit="file")
+    position = 0
+    for seq in sequences:
+        if seq["missing_layers"]:
+            msg = (
+                f"seq_len={seq['seq_len']} sample={seq['sample']} ts={seq['timestamp']}: "
+                f"missing layers {seq['missing_layers']} (the walk restarts after each gap)"
+            )
+            warnings.append(msg)
+            tqdm.write(f"warning: {msg}")
+        walker = SketchWalk(config)
+        for path in seq["paths"]:
+            t0 = time.perf_counter()
+            try:
+                rec = load_tensor_file(path)
+            except TensorFileError as exc:
+                bar.close()
+                raise SystemExit(f"error: {exc}") from None
+            meta = rec["metadata"]
+            dtype = compute_dtype(args.dtype, device, rec["Q"].dtype)
+            q = rec["Q"].to(device=device, dtype=dtype)
+            k = rec["K"].to(device=device, dtype=dtype)
+            layer = int(meta["layer_idx"])
+            scale = meta.get("attention_scaling")
+            block_attention = true_block_attention(
+                q, k, config.block_size, reduce="sum", scale=scale
+            )
+            selection = walker.select(q, k, layer)
+            threshold = args.seerattn_threshold
+            try:
+                if "seerattn_scores" in rec:
+                    seer = gate_side(
+                        rec,
+                        path,
+                        config.block_size,
+                        threshold,
+                        args.seerattn_nz_ratio,
+                        args.seerattn_dense_last_rows,
+                        device=device,
+                    )
+                else:
+                    seer = oracle_threshold_side(
+                        block_attention,
+                        DEFAULT_SEERATTN_THRESHOLD if threshold is None else threshold,
+                        args.seerattn_nz_ratio,
+                        args.seerattn_dense_last_rows,
+                    )
+            except CompareInputError as exc:
+                bar.close()
+                raise SystemExit(f"error: {exc}") from None
+            methods.add(seer.method)
+            result = compare_layer(selection, seer, block_attention, config, k.shape[1])
+            val_recall, val_config = validation["recall"].get(path.stem, (None, None))
+            record = {
+                "sample_id": path.stem,
+                "file": str(path),
+                "layer_idx": layer,
+                "seq_len": int(meta["seq_len"]),
+                "sample": seq["sample"],
+                "num_heads": int(meta["num_heads"]),
+                "num_kv_heads": int(meta["num_kv_heads"]),
+                **result,
+                "validation_attention_recall": val_recall,
+                "validation_config_matches": (
+                    None if val_config is None else val_config == config.to_dict()
+                ),
+                "seconds": time.perf_counter() - t0,
+                "device": str(device),
+                "model_path": meta.get("model_path"),
+                "config": config.to_dict(),
+            }
+            records.append(record)
+            write_json_atomic(results_path, records)
+            if position in to_plot:
+                png = out_dir / f"comparison_{path.stem}.png"
+                plot_file(
+                    png,
+                    block_attention.cpu(),
+                    seer.mask.cpu(),
+                    selection.head_mask(q.shape[1], k.shape[1]).cpu(),
+                    record,
+                )
+                plots.append(str(png))
+            position += 1
+            bar.set_postfix(
+                overlap=f"{record['block_overlap'] or 0:.2f}",
+                sw_recall=f"{record['sketchwalk_recall']:.3f}",
+            )
+            bar.update(1)
+    bar.close()
+    method = "/".join(sorted(methods))
+    sparse = [r for r in records if not r["sketchwalk_dense_layer"]]
+    grouped = summarize(records, fields=COMPARE_FIELDS)
+    summary: dict[str, Any] = {
+        "timestamp": ts,
+        "tensor_dir": str(tensor_dir),
+        "validation_dir": args.validation_dir,
+        "validation_summary_file": validation["summary_file"],
+        "validation_results_file": validation["results_file"],
+        "seerattn_method": method,
+        "seerattn_rules": sorted({r["seerattn_rule"] for r in records}),
+        "config": config.to_dict(),
+        "config_source": config_source,
+        "device": str(device),
+        "seconds": time.perf_counter() - t_start,
+        "sketchwalk_version": __version__,
+        "torch_version": torch.__version__,
+        "notes": validation["notes"],
+        "warnings": warnings,
+        "overall": grouped["overall"],
+        "sparse_layers": summarize(sparse, by_keys=("seq_len",), fields=COMPARE_FIELDS),
+        "by_seq_len": grouped["by_seq_len"],
+        "by_layer_idx": grouped["by_layer_idx"],
+    }
+    if args.visualize:
+        png = out_dir / f"comparison_summary_{ts}.png"
+        plot_summary(png, summary, method)
+        plots.append(str(png))
+        summary["plots"] = plots
+    write_json_atomic(summary_path, summary)
+
+    print(
+        f"S = SeerAttention side ({method}), W = SketchWalk; dens = density over causal blocks; "
+        "rec = attention recall; @S dens = at S's density; @W k = with W's blocks per row"
+    )
+    by_layer = [
+        ("overlap", "block_overlap"),
+        ("Jaccard", "jaccard_similarity"),
+        ("rank corr", "attention_rank_correlation"),
+        ("S rec", "seerattn_recall"),
+        ("W rec", "sketchwalk_recall"),
+        ("oracle", "oracle_recall"),
+    ]
+    print_table("S vs W by layer", summary, by_layer, groups=("by_layer_idx",))
+    agreement = [
+        ("S dens", "seerattn_density"),
+        ("W dens", "sketchwalk_density"),
+        ("overlap", "block_overlap"),
+        ("Jaccard", "jaccard_similarity"),
+        ("corr", "attention_correlation"),
+        ("rank corr", "attention_rank_correlation"),
+    ]
+    recall = [
+        ("S rec", "seerattn_recall"),
+        ("W rec", "sketchwalk_recall"),
+        ("W rec @S dens", "sketchwalk_recall_matched"),
+        ("S rec @W k", "seerattn_recall_matched"),
+        ("oracle @W k", "oracle_recall"),
+    ]
+    where = f"W's sparse layers (>= {config.dense_layers}), {device}"
+    print_table(f"Selections: S vs W, {where}", summary["sparse_layers"], agreement)
+    print_table(f"Attention recall, {where}", summary["sparse_layers"], recall)
+    print(f"config: {config_source}")
+    if plots:
+        print(f"plots: {len(plots)} PNG files in {out_dir}")
+    print(f"results: {results_path}\nsummary: {summary_path}")
+    return 0
