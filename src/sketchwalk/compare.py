@@ -523,7 +523,7 @@ def plot_file(
     sw = sw_mask.float().mean(dim=(0, 1)).cpu().numpy()
     method = record["seerattn_method"]
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5), constrained_layout=True)
     im = axes[0].imshow(log_att, cmap="viridis", interpolation="nearest")
     axes[0].set_title("true block attention\nlog10 mass, mean over heads")
     fig.colorbar(im, ax=axes[0], shrink=0.8)
@@ -544,7 +544,7 @@ def plot_file(
     rgb[..., 1] = np.where(causal, 0.0, rgb[..., 1])
     axes[3].imshow(rgb, interpolation="nearest")
     axes[3].set_title(
-        f"agreement (share of heads): magenta both,\nred {method} only, blue SketchWalk only"
+        f"agreement (share of heads): magenta both,\nred only {method}, blue only SketchWalk"
     )
     for ax in axes:
         ax.set_xlabel("key block")
