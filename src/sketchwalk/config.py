@@ -148,12 +148,15 @@ class SketchWalkConfig:
     def preset(cls, name: str, **overrides: Any) -> SketchWalkConfig:
         """Named starting points.
 
+        - ``"default"``: this package's defaults (``SketchWalkConfig()``), chosen by measured
+          attention recall (README, "Evidence for the defaults").
         - ``"paper"``: the authors' released defaults (block 64, sketch 128, kblocks_frac 0.125,
           sink 2.5%, window 5%, walk degree 3 with damping 0.25, non-causal block softmax).
         - ``"seed"``: the seed pipeline's CLI defaults (block 64, sketch 64, top_k_blocks 16,
           sparsity_exponent 8).
         """
         presets: dict[str, dict[str, Any]] = {
+            "default": {},
             "paper": dict(causal_sketch=False),
             "seed": dict(sketch_dim=64, top_k_blocks=16, sparsity_exponent=8.0),
         }
@@ -213,7 +216,7 @@ def add_config_arguments(parser: Any, defaults: dict[str, Any] | None = None) ->
     group = parser.add_argument_group("SketchWalk configuration (one flag per config field)")
     group.add_argument(
         "--preset",
-        choices=["seed", "paper"],
+        choices=["seed", "paper", "default"],
         default=None,
         help="starting configuration; explicit flags override it "
         f"(default: {defaults.get('preset', 'seed')})",

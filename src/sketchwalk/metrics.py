@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from sketchwalk.selection import BlockSelection
+from sketchwalk.selection import BlockSelection, causal_block_mask
 from sketchwalk.sketch import num_blocks
 
 _CHUNK_ELEMENTS = 1 << 24
@@ -202,7 +202,7 @@ def oracle_selection(
     groups."""
     counts = like.kv_num_blocks.long()  # (B, G, nb)
     nb = like.num_blocks
-    causal = torch.ones(nb, nb, dtype=torch.bool, device=block_attention.device).tril()
+    causal = causal_block_mask(nb, block_attention.device)
     scores = block_attention.float().masked_fill(~causal, float("-inf"))
     kmax = int(counts.max().item())
     top = scores.topk(kmax, dim=-1).indices

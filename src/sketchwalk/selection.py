@@ -146,7 +146,8 @@ class BlockSelection:
 
 def causal_block_mask(nb: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """bool (nb, nb), True on and below the diagonal."""
-    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+    ar = torch.arange(nb, device=device)
+    return ar[:, None] >= ar[None, :]  # (bool .tril() is very slow on some CPU builds)
 
 
 def forced_counts(nb: int, config: SketchWalkConfig) -> tuple[int, int]:
