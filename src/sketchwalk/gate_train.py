@@ -14,6 +14,7 @@ Usage:
     sketchwalk train-gate                               # embedded smollm2-135m, real text, CPU
     sketchwalk train-gate --model_path /path/to/llama --output_dir gates/llama --device cuda
     sketchwalk train-gate --output_dir gates/smol --resume   # continue from the last checkpoint
+    sketchwalk train-gate --cached   # the cached default gate compare uses (trained if missing)
 
 The output folder is a SeerAttention gate checkpoint (config.json + attn_gate_weights.pth)
 plus training_info.json (settings, losses, held-out KL before/after, timings), train_state.pt
@@ -37,7 +38,9 @@ from typing import Any
 import torch
 
 from sketchwalk.gate import (
+    CONFIG_NAME,
     DEFAULT_GATE_TYPE,
+    WEIGHTS_NAME,
     GateConfig,
     GateSet,
     block_position_ids,
@@ -632,21 +635,25 @@ def ensure_default_gate(
     cache_dir: str | os.PathLike | None = None,
     device: str = "cpu",
     progress: bool = True,
+    cfg: GateTrainConfig | None = None,
 ) -> Path:
-    """Folder of a trained gate for ``model_path``; trains it with the defaults on first use.
+    """Folder of a trained gate for ``model_path``; trains it on first use and caches it.
 
+    With ``cfg`` None the default training settings are used (what ``compare`` relies on);
+    otherwise ``cfg`` (its output_dir ignored) decides, and the cache key covers every setting.
     The folder is a SeerAttention checkpoint, so ``load_gate_checkpoint`` (and ``collect
-    --model_path``) read it. Training goes to a temporary folder renamed into place at the end,
-    so an interrupted first run never leaves a half-trained gate behind.
+    --model_path``) read it. Training goes to a ``.partial`` folder renamed into place at the
+    end, so an interrupted first run never leaves a half-trained gate behind (the next call
+    resumes it).
     """
-    cfg = GateTrainConfig(model_path=model_path, device=device)
-    final = default_gate_dir(model_path, cache_dir, cfg)
-    if (final / "attn_gate_weights.pth").is_file() and (final / "config.json").is_file():
+    if cfg is None:
+        cfg = GateTrainConfig(model_path=model_path, device=device)
+    final = default_gate_dir(cfg.model_path, cache_dir, cfg)
+    if (final / WEIGHTS_NAME).is_file() and (final / CONFIG_NAME).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     work = final.with_name(final.name + ".partial")
-    cfg = dataclasses.replace(cfg, output_dir=str(work))
-    run_training(cfg, resume=True, progress=progress)
+    run_training(dataclasses.replace(cfg, output_dir=str(work)), resume=True, progress=progress)
     (work / FEATURES_NAME).unlink(missing_ok=True)
     if final.exists():  # another process finished first
         shutil.rmtree(work, ignore_errors=True)
@@ -697,6 +704,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue from output_dir's train_state.pt and features.pt",
     )
+    parser.add_argument(
+        "--cached",
+        action="store_true",
+        help="train into (or reuse) the gate cache that compare reads, keyed by every setting; "
+        "--output_dir is ignored",
+    )
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
@@ -711,6 +724,13 @@ def config_from_args(args: argparse.Namespace) -> GateTrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.cached:
+        folder = ensure_default_gate(cfg=cfg, progress=not args.no_progress)
+        info = json.loads((folder / INFO_NAME).read_text())
+        before, after = info["heldout_kl_mean_before"], info["heldout_kl_mean_after"]
+        print(f"gate checkpoint (cached): {folder}")
+        print(f"held-out KL (mean over layers): {before:.4f} -> {after:.4f}")
+        return 0
     result = run_training(cfg, resume=args.resume, progress=not args.no_progress)
     before, after = result.heldout_mean
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
