@@ -333,12 +333,13 @@ def collect_features(
     gate_cfg: GateConfig,
     desc: str = "capture",
     capture: Callable[[Any, torch.Tensor, GateConfig], list[LayerBatch]] = capture_features,
+    progress: bool = True,
 ) -> GateFeatures:
     """Capture every sample (1, T) and group them by length."""
     from tqdm.auto import tqdm
 
     by_len: dict[int, list[list[LayerBatch]]] = {}
-    for ids in tqdm(samples, desc=desc, unit="sample"):
+    for ids in tqdm(samples, desc=desc, unit="sample", disable=not progress):
         with torch.no_grad():
             by_len.setdefault(int(ids.shape[-1]), []).append(capture(model, ids, gate_cfg))
     return GateFeatures({t: GateFeatures.merge(s) for t, s in sorted(by_len.items())})
@@ -529,9 +530,9 @@ def run_training(cfg: GateTrainConfig, resume: bool = False, progress: bool = Tr
         gate_cfg = gate_config_for_model(model, cfg, name)
         seconds["load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        train = collect_features(model, train_ids, gate_cfg, "capture train")
+        train = collect_features(model, train_ids, gate_cfg, "capture train", progress=progress)
         heldout = (
-            collect_features(model, heldout_ids, gate_cfg, "capture held-out")
+            collect_features(model, heldout_ids, gate_cfg, "capture held-out", progress=progress)
             if heldout_ids
             else None
         )
