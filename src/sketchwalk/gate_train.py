@@ -284,7 +284,9 @@ def capture_features(
     """
     from sketchwalk.capture import capture_attention
 
-    with capture_attention(model, dtype=torch.float32, pre_rope=True) as cap:
+    # keep the captured tensors where the model runs (no offload): on a GPU the targets'
+    # exact attention is computed there; pooling and the targets are float32 either way
+    with capture_attention(model, offload=False, pre_rope=True) as cap:
         try:  # only the last position's logits: the LM head over T tokens is wasted work here
             model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
         except TypeError:
