@@ -21,6 +21,8 @@ Variants (each changes one thing from the base configuration):
     damping 0.75          a walk that leans on the previous layer
     released forced       sink 2.5% + window 5% (the released forced budget)
     small forced          sink 1 block + window 1 block
+    window 2.5%           half the released window
+    dense_last_rows 0     no dense trailing query-block rows
     oracle (shared)       the true top blocks of the head-averaged attention, same per-row budget
     oracle (per head)     the true top blocks of each head, same per-row budget (the ceiling)
 """
@@ -56,6 +58,8 @@ def variants(density: float) -> dict[str, SketchWalkConfig]:
         "damping 0.75": base.replace(damping=0.75),
         "released forced (sink 2.5%, window 5%)": base.replace(sink=0.025, window=0.05),
         "small forced (1 + 1 block)": base.replace(sink=0.0, window=0.0),
+        "window 2.5%": base.replace(window=0.025),
+        "dense_last_rows 0": base.replace(dense_last_rows=0),
     }
 
 
