@@ -162,3 +162,26 @@ def test_sparse_attention_dispatch_gpu():
     for backend in ("triton", "flex", "auto"):
         out = sparse_attention(q, k, v, sel, backend=backend)
         assert_within_rule(out, q, k, v, sel, label=f"sparse_attention({backend})")
+
+
+@pytest.mark.gpu
+def test_flex_never_falls_back_to_eager(monkeypatch):
+    """Past dynamo's recompile limit torch.compile runs flex_attention eagerly, and eager flex
+    ignores the block indices (dense causal attention: the old per-KV-group failures, max
+    error 3-4). The backend must raise instead: with a limit of 1 specialisation, two new
+    shapes in a row are either right or a RuntimeError, and the second one cannot compile."""
+    from sketchwalk.kernels import flex
+
+    monkeypatch.setattr(flex, "FLEX_RECOMPILE_LIMIT", 1)
+    raised = 0
+    for t in (320, 448):  # lengths no other test compiles
+        q, k, v = make_qkv(1, 4, 2, t, 64, dtype=torch.bfloat16, device="cuda", seed=t)
+        sel = random_selection(1, 2, t, 64, 0.0, seed=t + 1, device="cuda")
+        try:
+            out = sparse_attention(q, k, v, sel, backend="flex")
+        except RuntimeError as err:
+            assert "recompile limit" in str(err)
+            raised += 1
+            continue
+        assert_within_rule(out, q, k, v, sel, label=f"flex T={t}, recompile limit 1")
+    assert raised >= 1

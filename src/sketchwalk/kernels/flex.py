@@ -7,15 +7,26 @@ the mask is never repeated over query heads. Kept blocks left of the diagonal ar
 no backward (column) metadata.
 `flex_attention` is compiled once per process and cached (torch.compile re-specialises per
 shape and dtype as usual).
+
+Never the eager path: uncompiled `flex_attention` evaluates only ``mask_mod`` over the full
+score matrix and ignores the block indices, so with our causal ``mask_mod`` it returns *dense*
+causal attention. torch.compile silently falls back to that path once a function has been
+recompiled ``torch._dynamo.config.recompile_limit`` times (8 by default: eight shapes) or when
+``suppress_errors`` is on. Every call therefore runs under a scoped dynamo config with a larger
+limit (`FLEX_RECOMPILE_LIMIT`), ``fail_on_recompile_limit_hit`` and no error suppression: past
+the limit the backend raises RuntimeError instead of returning wrong numbers.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
 
 _compiled_flex: Any = None
+# Distinct (shape, dtype, mask layout) specialisations of the compiled flex_attention per process.
+FLEX_RECOMPILE_LIMIT = 256
 
 
 def compiled_flex_attention() -> Any:
@@ -82,6 +93,15 @@ def kernel_options(block_size: int) -> dict[str, int] | None:
     return None
 
 
+def _no_eager_fallback() -> Any:
+    """Scoped dynamo settings under which compiled flex_attention never falls back to eager."""
+    dynamo_config = importlib.import_module("torch._dynamo").config
+    settings = {"recompile_limit": FLEX_RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True,
+                "suppress_errors": False}
+    return dynamo_config.patch(**{key: val for key, val in settings.items()
+                                  if hasattr(dynamo_config, key)})
+
+
 def flex_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,12 +138,23 @@ def flex_sparse_attention(
     if block_mask is None:
         block_mask = build_block_mask(kv_num_blocks, kv_indices, block_size, seq_len,
                                       q.shape[1], k.shape[1])
-    out = compiled_flex_attention()(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=kernel_options(block_size),
-    )
+    with _no_eager_fallback():
+        try:
+            out = compiled_flex_attention()(
+                q, k, v, block_mask=block_mask, scale=scale,
+                enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options(block_size),
+            )
+        except Exception as err:
+            if "RecompileLimit" not in type(err).__name__:
+                raise
+            raise RuntimeError(
+                f"flex backend: compiled flex_attention hit its recompile limit "
+                f"({FLEX_RECOMPILE_LIMIT} specialisations in this process); refusing the eager "
+                f"fallback, which ignores the block selection. Raise "
+                f"sketchwalk.kernels.flex.FLEX_RECOMPILE_LIMIT or use backend='triton'."
+            ) from err
     return out.reshape(batch, num_q_heads, seq_len, out.shape[-1]) if per_group else out
 
 
-__all__ = ["build_block_mask", "compiled_flex_attention", "flex_sparse_attention",
-           "kernel_options"]
+__all__ = ["FLEX_RECOMPILE_LIMIT", "build_block_mask", "compiled_flex_attention",
+           "flex_sparse_attention", "kernel_options"]
