@@ -186,3 +186,33 @@ def test_selection_properties(
         assert 0 < sel.density <= 1
         if layer == 0:
             assert sel.density == 1.0
+
+
+def test_transition_backend_choice_on_cpu():
+    q, k, _ = make_qkv(1, 4, 2, 300, 16)
+    sw = SketchWalk(SketchWalkConfig(dense_layers=0), backend="auto")
+    sw.select(q, k, 0)
+    assert sw.transition_backend == "torch"
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        SketchWalk(SketchWalkConfig(dense_layers=0), backend="triton").select(q, k, 0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SketchWalk(backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["layer", "kv_group"])
+@pytest.mark.parametrize("parity, exact", [(False, False), (True, True)])
+def test_triton_transition_selects_the_same_blocks_as_torch(granularity, parity, exact):
+    cfg = SketchWalkConfig(
+        dense_layers=0, density=0.2, granularity=granularity, parity=parity, exact=exact
+    )
+    layers = [make_qkv(2, 8, 2, 4000, 64, seed=s, device="cuda") for s in range(3)]
+    fast, slow = SketchWalk(cfg, backend="triton"), SketchWalk(cfg, backend="torch")
+    for i, (q, k, _) in enumerate(layers):
+        a, b = fast.select(q, k, i), slow.select(q, k, i)
+        assert fast.transition_backend == "triton"
+        err = (a.scores - b.scores).abs().max().item()
+        differ = (a.block_mask != b.block_mask).float().mean().item()
+        print(f"layer {i}: walk max abs diff {err:.2e}, blocks differing {differ:.2e}")
+        assert err < 1e-5
+        assert differ < 1e-3

@@ -18,12 +18,14 @@ the largest tensors are (B, Hq, nb, nb) with nb = T / block_size.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.selection import BlockSelection, select_blocks
-from sketchwalk.sketch import block_pool, num_blocks
-from sketchwalk.walk import transition_from_pooled, walk_step
+from sketchwalk.sketch import block_pool, num_blocks, sketched_blocks
+from sketchwalk.walk import sharpen, transition_from_pooled, walk_step
 
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, where: str = "SketchWalk.select") -> None:
@@ -70,8 +72,23 @@ class SketchWalk:
     to start a new sequence.
     """
 
-    def __init__(self, config: SketchWalkConfig | None = None) -> None:
+    def __init__(self, config: SketchWalkConfig | None = None, backend: str = "auto") -> None:
+        """
+        Args:
+            config: the selection settings (default ``SketchWalkConfig()``).
+            backend: how the block transition matrix is computed: ``"torch"`` (plain PyTorch,
+                any device: `sketchwalk.walk.transition_from_pooled`), ``"triton"`` (fused
+                kernel, CUDA, granularity ``layer`` or ``kv_group``; raises where it cannot
+                run) or ``"auto"`` (Triton where it can run, else PyTorch; the choice of the
+                last layer is in ``transition_backend``).
+        """
+        if backend not in TRANSITION_BACKENDS:
+            raise ValueError(
+                f"SketchWalk: backend must be one of {TRANSITION_BACKENDS}, got {backend!r}"
+            )
         self.config = config if config is not None else SketchWalkConfig()
+        self.backend = backend
+        self.transition_backend: str | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -135,7 +152,7 @@ class SketchWalk:
                     raise ValueError(
                         f"SketchWalk.select: {name} of layer {layer_idx} contains NaN or Inf"
                     )
-        a = transition_from_pooled(qb, kb, cfg, layer_idx)
+        a = self._transition(qb, kb, layer_idx)
         previous = None
         if (
             cfg.walk
@@ -149,5 +166,41 @@ class SketchWalk:
         assert r.shape[-1] == num_blocks(t, cfg.block_size)
         return select_blocks(r, t, cfg)
 
+    def _transition(self, qb: torch.Tensor, kb: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        cfg = self.config
+        reason = _triton_transition_unavailable(qb, cfg)
+        if self.backend == "triton" and reason is not None:
+            raise RuntimeError(f"SketchWalk backend 'triton' cannot run: {reason}")
+        if self.backend == "torch" or reason is not None:
+            self.transition_backend = "torch"
+            return transition_from_pooled(qb, kb, cfg, layer_idx)
+        from sketchwalk.kernels.triton_transition import transition_triton
 
-__all__ = ["SketchWalk", "check_qk"]
+        qs, ks, scale = sketched_blocks(qb, kb, cfg, layer_idx)
+        a = transition_triton(
+            qs,
+            ks,
+            scale,
+            cfg.causal_sketch and not cfg.parity,
+            cfg.granularity,
+            clamp=10.0 if (cfg.parity and cfg.exact) else None,
+        )
+        self.transition_backend = "triton"
+        return sharpen(a, cfg.sparsity_exponent, cfg.parity)
+
+
+TRANSITION_BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_transition_unavailable(qb: torch.Tensor, cfg: SketchWalkConfig) -> str | None:
+    """Why the fused transition kernel cannot run here, or None if it can."""
+    if not qb.is_cuda:
+        return f"tensors are on {qb.device}, the kernel needs CUDA"
+    if cfg.granularity == "head":
+        return "granularity 'head' has nothing to fuse (one softmax per mask)"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+__all__ = ["TRANSITION_BACKENDS", "SketchWalk", "check_qk"]

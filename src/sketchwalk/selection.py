@@ -20,6 +20,7 @@ Under ``parity`` the sink takes the window's size (the released final mask does 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -213,6 +214,59 @@ def _density_row_budgets(
     return best.long()
 
 
+def ranked_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
+    """Ranked (non-forced) blocks each row keeps: int64 (nb,) on the CPU.
+
+    Depends only on nb and the budget fields, so it is cached: no device work and no host-side
+    bisection on the hot path after the first layer.
+    """
+    return _ranked_per_row(
+        nb,
+        config.budget,
+        config.density,
+        config.top_k_blocks,
+        config.kblocks_frac,
+        config.sink,
+        config.window,
+        config.dense_last_rows,
+        config.parity,
+    )
+
+
+@lru_cache(maxsize=256)
+def _ranked_per_row(
+    nb: int,
+    budget: str,
+    density: float | None,
+    top_k: int | None,
+    frac: float,
+    sink: float,
+    window: float,
+    dense_last_rows: int,
+    parity: bool,
+) -> torch.Tensor:
+    config = SketchWalkConfig(
+        density=density,
+        top_k_blocks=top_k,
+        kblocks_frac=frac,
+        sink=sink,
+        window=window,
+        dense_last_rows=dense_last_rows,
+        parity=parity,
+    )
+    n_forced = forced_per_row(nb, config)
+    n_causal = torch.arange(1, nb + 1, dtype=torch.int64)
+    n_cand = n_causal - n_forced
+    if budget == "density":
+        budgets = _density_row_budgets(n_forced, n_causal, density)
+        k_row = (budgets - n_forced).clamp_min(0)
+    elif budget == "top_k_blocks":
+        k_row = torch.clamp(n_cand, max=top_k)
+    else:
+        k_row = torch.floor(frac * n_cand.double() + 0.5).long()
+    return torch.minimum(k_row, n_cand)
+
+
 def select_blocks(scores: torch.Tensor, seq_len: int, config: SketchWalkConfig) -> BlockSelection:
     """Rank the walk matrix and build the causal block selection.
 
@@ -235,23 +289,10 @@ def select_blocks(scores: torch.Tensor, seq_len: int, config: SketchWalkConfig) 
     causal = causal_block_mask(nb, device)
     forced = forced_block_mask(nb, config, device)
     candidates = causal & ~forced
-    # Per-row budgets depend only on nb and the config: computed on the CPU, no device sync.
-    n_forced = forced_per_row(nb, config)
-    n_causal = torch.arange(1, nb + 1, dtype=torch.int64)
-    n_cand = n_causal - n_forced
-
     if config.budget == "kblocks_frac" and config.parity:
         ranked = _quantile_threshold(scores, candidates, config.kblocks_frac)
     else:
-        if config.budget == "density":
-            budgets = _density_row_budgets(n_forced, n_causal, config.density)
-            k_row = (budgets - n_forced).clamp_min(0)
-        elif config.budget == "top_k_blocks":
-            k_row = torch.clamp(n_cand, max=config.top_k_blocks)
-        else:
-            k_row = torch.floor(config.kblocks_frac * n_cand.double() + 0.5).long()
-        k_row = torch.minimum(k_row, n_cand)
-        ranked = _top_k_rows(scores, candidates, k_row)
+        ranked = _top_k_rows(scores, candidates, ranked_per_row(nb, config))
 
     mask = forced | ranked
     return BlockSelection.from_mask(mask & causal, config.block_size, seq_len, scores=scores)
