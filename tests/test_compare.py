@@ -19,7 +19,7 @@ from sketchwalk import compare
 from sketchwalk.cli import main
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.core import SketchWalk
-from sketchwalk.metrics import attention_recall, true_block_attention
+from sketchwalk.metrics import attention_recall, block_mask_recall, true_block_attention
 from sketchwalk.selection import BlockSelection
 from sketchwalk.tensorio import save_tensor_file, tensor_filename
 from sketchwalk.testing import make_qkv
@@ -175,7 +175,7 @@ def test_correlations_match_brute_force():
 
 
 @pytest.mark.parametrize("seq_len", [40, 64, 7])
-def test_recall_from_block_attention_equals_attention_recall(seq_len):
+def test_block_mask_recall_equals_attention_recall(seq_len):
     q, k, _ = make_qkv(2, 4, 2, seq_len, 8, seed=seq_len)
     ba = true_block_attention(q, k, BLOCK)
     nb = ba.shape[-1]
@@ -183,7 +183,7 @@ def test_recall_from_block_attention_equals_attention_recall(seq_len):
     mask |= torch.eye(nb, dtype=torch.bool)
     sel = BlockSelection.from_mask(mask, BLOCK, seq_len)
     want = attention_recall(q, k, sel)
-    got = compare.recall_from_block_attention(ba, sel.block_mask, seq_len, BLOCK)
+    got = block_mask_recall(ba, sel.block_mask, seq_len, BLOCK)
     print(f"recall {got} vs attention_recall {want}, diff {abs(got - want):.2e}")
     assert got == pytest.approx(want, abs=1e-6)
 

@@ -48,7 +48,7 @@ from sketchwalk import __version__
 from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
 from sketchwalk.core import SketchWalk
 from sketchwalk.gate import select_blocks_from_scores
-from sketchwalk.metrics import oracle_selection, true_block_attention
+from sketchwalk.metrics import block_mask_recall, oracle_selection, true_block_attention
 from sketchwalk.selection import BlockSelection, select_blocks
 from sketchwalk.sketch import num_blocks
 from sketchwalk.tensorio import TensorFileError, load_tensor_file
@@ -238,32 +238,6 @@ def gate_side(
 # ---- metrics ---------------------------------------------------------------------------------
 
 
-def row_token_counts(seq_len: int, block_size: int) -> torch.Tensor:
-    """float64 (nb,): query tokens in each query block (the tail block may be partial)."""
-    nb = num_blocks(seq_len, block_size)
-    counts = torch.full((nb,), float(block_size), dtype=torch.float64)
-    counts[-1] = seq_len - (nb - 1) * block_size
-    return counts
-
-
-def recall_from_block_attention(
-    block_attention: torch.Tensor, head_mask: torch.Tensor, seq_len: int, block_size: int
-) -> float:
-    """Attention recall of a per-head block mask, from the true block attention.
-
-    Exactly :func:`sketchwalk.metrics.attention_recall` without recomputing the softmax: tile
-    (i, j) of ``block_attention`` (reduce="sum") is the mean over block i's queries of the mass
-    on key block j, so a row's kept mass times its query count, summed over rows and divided by
-    T, is the mean kept mass per query; then averaged over batch and heads.
-
-    Args:
-        block_attention: float (B, Hq, nb, nb); head_mask: bool (B, Hq, nb, nb).
-    """
-    kept = (block_attention.double() * head_mask).sum(-1)  # (B, Hq, nb)
-    counts = row_token_counts(seq_len, block_size).to(kept.device)
-    return float(((kept * counts).sum(-1) / seq_len).mean().item())
-
-
 def mask_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | None]:
     """Overlap coefficient and Jaccard similarity of two per-head block masks.
 
@@ -340,7 +314,7 @@ def compare_layer(
     seer_sel = BlockSelection.from_mask(seer.mask, bs, t)
 
     def recall(mask: torch.Tensor) -> float:
-        return recall_from_block_attention(block_attention, mask, t, bs)
+        return block_mask_recall(block_attention, mask, t, bs)
 
     out: dict[str, Any] = {
         "seerattn_method": seer.method,
@@ -714,13 +688,9 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, desc="compare", unit="file")
     position = 0
     for seq in sequences:
-        if seq["missing_layers"]:
-            msg = (
-                f"seq_len={seq['seq_len']} sample={seq['sample']} ts={seq['timestamp']}: "
-                f"missing layers {seq['missing_layers']} (the walk restarts after each gap)"
-            )
-            warnings.append(msg)
-            tqdm.write(f"warning: {msg}")
+        if seq["warning"]:
+            warnings.append(seq["warning"])
+            tqdm.write(f"warning: {seq['warning']}")
         walker = SketchWalk(config)
         for path in seq["paths"]:
             t0 = time.perf_counter()

@@ -182,15 +182,24 @@ def recall_from_block_attention(
         block_attention: (B, Hq, nb, nb) from ``true_block_attention(q, k, bs, reduce="sum")``.
         selection: mask groups 1, Hkv or Hq.
     """
-    b, hq, nb, _ = block_attention.shape
+    hq = block_attention.shape[1]
     t = selection.seq_len if seq_len is None else seq_len
-    bs = selection.block_size
     # Any group count 1, Hkv or Hq expands correctly when Hkv is taken to be the group count.
     mask = selection.head_mask(hq, selection.num_groups).to(block_attention.device)
-    per_block = (block_attention.double() * mask).sum(-1)  # (B, Hq, nb)
-    rows = torch.full((nb,), float(bs), dtype=torch.float64, device=block_attention.device)
-    rows[-1] = t - (nb - 1) * bs
-    return float((per_block * rows).sum() / (b * hq * t))
+    return block_mask_recall(block_attention, mask, t, selection.block_size)
+
+
+def block_mask_recall(
+    block_attention: torch.Tensor, head_mask: torch.Tensor, seq_len: int, block_size: int
+) -> float:
+    """Attention recall of a per-head bool block mask (B, Hq, nb, nb) from the true block
+    attention (B, Hq, nb, nb): each row's kept mass weighted by its number of query tokens (the
+    tail block's true count), summed and divided by B * Hq * T."""
+    b, hq, nb, _ = block_attention.shape
+    per_block = (block_attention.double() * head_mask).sum(-1)  # (B, Hq, nb)
+    rows = torch.full((nb,), float(block_size), dtype=torch.float64, device=per_block.device)
+    rows[-1] = seq_len - (nb - 1) * block_size
+    return float((per_block * rows).sum() / (b * hq * seq_len))
 
 
 def oracle_selection(
@@ -214,6 +223,7 @@ def oracle_selection(
 
 __all__ = [
     "attention_recall",
+    "block_mask_recall",
     "cosine_similarity",
     "max_abs_error",
     "mse",

@@ -94,8 +94,8 @@ def compute_dtype(name: str, device: torch.device, stored: torch.dtype) -> torch
 
 
 def iter_sequences(tensor_dir: Path) -> list[dict[str, Any]]:
-    """The sequences of a tensor folder, each with its files in layer order and its missing
-    layers (gaps between 0 and the highest layer collected)."""
+    """The sequences of a tensor folder, each with its files in layer order, its missing layers
+    (gaps between 0 and the highest layer collected) and a warning naming them (or None)."""
     groups = group_tensor_files(tensor_dir)
     out = []
     for (seq_len, sample, ts), paths in groups.items():
@@ -103,6 +103,12 @@ def iter_sequences(tensor_dir: Path) -> list[dict[str, Any]]:
 
         layers = [parse_tensor_filename(p.name)["layer_idx"] for p in paths]
         missing = sorted(set(range(max(layers) + 1)) - set(layers))
+        warning = None
+        if missing:
+            warning = (
+                f"seq_len={seq_len} sample={sample} ts={ts}: missing layers {missing} "
+                "(the walk restarts after each gap)"
+            )
         out.append(
             {
                 "seq_len": seq_len,
@@ -111,6 +117,7 @@ def iter_sequences(tensor_dir: Path) -> list[dict[str, Any]]:
                 "paths": paths,
                 "layers": layers,
                 "missing_layers": missing,
+                "warning": warning,
             }
         )
     return out
@@ -379,13 +386,9 @@ def run(args: argparse.Namespace) -> int:
     total = sum(len(s["paths"]) for s in sequences)
     bar = tqdm(total=total, desc="validate", unit="file")
     for seq in sequences:
-        if seq["missing_layers"]:
-            msg = (
-                f"seq_len={seq['seq_len']} sample={seq['sample']} ts={seq['timestamp']}: "
-                f"missing layers {seq['missing_layers']} (the walk restarts after each gap)"
-            )
-            warnings.append(msg)
-            tqdm.write(f"warning: {msg}")
+        if seq["warning"]:
+            warnings.append(seq["warning"])
+            tqdm.write(f"warning: {seq['warning']}")
         walker = SketchWalk(config)
         for path in seq["paths"]:
             rec = load_tensor_file(path)
