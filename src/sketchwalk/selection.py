@@ -71,14 +71,7 @@ class BlockSelection:
                 f"block_size={block_size}; got {tuple(block_mask.shape[-2:])}"
             )
         mask = block_mask & causal_block_mask(nb, block_mask.device)
-        # Compact each row: kept block j goes to slot (number of kept blocks before j); the
-        # other entries go to a scratch column nb that is dropped. No sort needed.
-        slot = mask.cumsum(dim=-1, dtype=torch.int32)
-        kv_num_blocks = slot[..., -1].contiguous()
-        slot = torch.where(mask, slot - 1, nb).long()
-        cols = torch.arange(nb, device=mask.device, dtype=torch.int32).expand_as(mask)
-        buf = torch.zeros(*mask.shape[:-1], nb + 1, dtype=torch.int32, device=mask.device)
-        kv_indices = buf.scatter_(-1, slot, cols)[..., :nb]
+        kv_num_blocks, kv_indices = compact_mask(mask)
         total_causal = mask.shape[0] * mask.shape[1] * nb * (nb + 1) // 2
         density = float(kv_num_blocks.sum(dtype=torch.int64).item()) / max(1, total_causal)
         return cls(mask, block_size, seq_len, kv_num_blocks, kv_indices, density, scores)
@@ -143,6 +136,22 @@ class BlockSelection:
     def blocks_per_row(self) -> float:
         """Mean number of kept key blocks per query-block row."""
         return float(self.kv_num_blocks.float().mean().item())
+
+
+def compact_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index form of a bool block mask (..., nk): (kv_num_blocks int32 (...), kv_indices int32
+    (..., nk) with each row's kept blocks ascending, then 0-padding).
+
+    Kept block j goes to slot (number of kept blocks before j); the others go to a scratch
+    column nk that is dropped. No sort needed.
+    """
+    nk = mask.shape[-1]
+    slot = mask.cumsum(dim=-1, dtype=torch.int32)
+    kv_num_blocks = slot[..., -1].contiguous()
+    slot = torch.where(mask, slot - 1, nk).long()
+    cols = torch.arange(nk, device=mask.device, dtype=torch.int32).expand_as(mask)
+    buf = torch.zeros(*mask.shape[:-1], nk + 1, dtype=torch.int32, device=mask.device)
+    return kv_num_blocks, buf.scatter_(-1, slot, cols)[..., :nk]
 
 
 def causal_block_mask(nb: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -334,6 +343,7 @@ def _quantile_threshold(
 __all__ = [
     "BlockSelection",
     "causal_block_mask",
+    "compact_mask",
     "forced_block_mask",
     "forced_counts",
     "select_blocks",
