@@ -24,7 +24,7 @@ def _run(cfg, t_prefill=300, steps=40, b=2, hq=6, hkv=2, d=32, layer=2, seed=0, 
 
 def test_incremental_pooled_keys_equal_full_repooling():
     cfg = SketchWalkConfig(block_size=16, top_k_blocks=3)
-    dec, q, k, _, sels = _run(cfg, t_prefill=50, steps=40)
+    dec, _q, k, _, sels = _run(cfg, t_prefill=50, steps=40)
     st = dec._layers[2]
     t = st.seq_len
     torch.testing.assert_close(st.key_sums / st.key_counts[:, None], block_pool(k[:, :, :t], 16))
@@ -98,7 +98,7 @@ def test_dense_layers_keep_every_block():
 
 def test_decode_selection_beats_random_and_feeds_sparse_decode():
     cfg = SketchWalkConfig(block_size=32, top_k_blocks=4)
-    dec, q, k, v, sels = _run(cfg, t_prefill=1500, steps=4, b=1, hq=8, hkv=2, d=64, seed=7)
+    _dec, q, k, v, sels = _run(cfg, t_prefill=1500, steps=4, b=1, hq=8, hkv=2, d=64, seed=7)
     sel = sels[-1]
     t = sel.seq_len
     qt, kc, vc = q[:, :, t - 1 : t], k[:, :, :t], v[:, :, :t]
