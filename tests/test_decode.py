@@ -68,14 +68,19 @@ def same_math_low_precision(q, k, v, mask, scale):
     return probs.to(q.dtype) @ vv
 
 
-def check_decode(case, backend, device, seed=0):
+def check_decode(case, backend, device, seed=0, num_splits=None):
     b, hq, hkv, tq, s, d, bs, gran, density, dtype = case
     groups = {"layer": 1, "kv_group": hkv, "head": hq}[gran]
     q, k, v, num, idx = make_decode_inputs(b, hq, hkv, tq, s, d, bs, groups, density, dtype,
                                            device, seed)
     scale = 1.0 / math.sqrt(d)
     out = torch.full_like(q, float("nan"))
-    out.copy_(sparse_decode(q, k, v, num, idx, bs, backend=backend))
+    if num_splits is None:
+        out.copy_(sparse_decode(q, k, v, num, idx, bs, backend=backend))
+    else:
+        from sketchwalk.kernels.triton_decode import sparse_decode_triton
+
+        out.copy_(sparse_decode_triton(q, k, v, num, idx, bs, num_splits=num_splits))
     assert torch.isfinite(out).all(), "non-finite output (unwritten rows?)"
     ref = sparse_decode(q.float(), k.float(), v.float(), num, idx, bs).double()
     mask = token_mask(num, idx, hq, hkv, tq, s, bs)
@@ -144,6 +149,14 @@ SMALL_CASES = [
 def test_triton_decode_small(case):
     """Small shapes: compiled on CUDA, the CPU interpreter otherwise (CI)."""
     check_decode(case, "triton", "cuda" if CUDA else "cpu")
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 70])
+def test_triton_decode_split_counts(num_splits):
+    """The combine merges 1 split, a few, and more than one SPLIT_CHUNK (64) of them, most
+    empty (fewer kept blocks than splits)."""
+    case = (1, 8, 2, 2, 700, 64, 32, "kv_group", 0.5, torch.bfloat16)
+    check_decode(case, "triton", "cuda" if CUDA else "cpu", seed=3, num_splits=num_splits)
 
 
 GPU_CASES = [

@@ -9,7 +9,9 @@ idle and read the cache with a handful of programs. Instead:
    unit. Split ``s`` takes a contiguous share of the unit's kept-block list (the share is computed
    in the kernel from ``kv_num_blocks``, so the host never syncs) and writes a normalised partial
    output plus its log-sum-exp (base 2).
-2. ``_decode_combine_kernel``: merges the splits of each row by their log-sum-exp.
+2. ``_decode_combine_kernel``: one program per output row merges all of the row's splits by
+   their log-sum-exp in one vector load (a serial loop over splits in 8 programs made the merge
+   ~half of the batch-1 time at 128K).
 
 Queries are aligned to the end of the cache: query ``i`` of ``Tq`` sits at position
 ``S - Tq + i`` and sees keys ``<= `` that position.
@@ -100,37 +102,46 @@ def _decode_combine_kernel(
     part_o_ptr, part_lse_ptr, o_ptr,
     stride_ob, stride_oh, stride_ot,
     num_queries, num_units, tiles_per_unit, heads_per_unit, num_splits,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
+    # One program per output row: all of the row's splits are read at once (SPLIT_CHUNK at a
+    # time) instead of one split per iteration, so the merge is a single memory round trip.
     pid = tl.program_id(0)
+    row_in_tile = tl.program_id(1)
     batch = pid // (num_units * tiles_per_unit)
     unit = (pid // tiles_per_unit) % num_units
     tile = pid % tiles_per_unit
-    offs_m = tl.arange(0, BLOCK_M)
+    splits = tl.arange(0, SPLIT_CHUNK)
     dims = tl.arange(0, HEAD_DIM)
 
-    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(num_splits):
-        lse_max = tl.maximum(lse_max, tl.load(part_lse_ptr + (pid * num_splits + s) * BLOCK_M
-                                              + offs_m))
-    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weight_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for s in range(num_splits):
-        part = (pid * num_splits + s) * BLOCK_M + offs_m
-        w = tl.exp2(tl.load(part_lse_ptr + part) - shift)
-        o = tl.load(part_o_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :])
+    lse_max = tl.full([SPLIT_CHUNK], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        part = (pid * num_splits + s0 + splits) * BLOCK_M + row_in_tile
+        lse = tl.load(part_lse_ptr + part, mask=s0 + splits < num_splits, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, lse)
+    row_max = tl.max(lse_max, 0)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    weight_sum = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        valid = s0 + splits < num_splits
+        part = (pid * num_splits + s0 + splits) * BLOCK_M + row_in_tile
+        w = tl.exp2(tl.load(part_lse_ptr + part, mask=valid, other=float("-inf")) - shift)
+        o = tl.load(part_o_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :],
+                    mask=valid[:, None], other=0.0)
         weight_sum += w
-        acc += w[:, None] * o
-    out = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)[:, None]
+        acc += tl.sum(w[:, None] * o, 0)
+    total = tl.sum(weight_sum, 0)
+    out = acc / tl.where(total > 0.0, total, 1.0)
 
-    rows = tile * BLOCK_M + offs_m
-    head_in_unit = rows // num_queries
-    query = rows % num_queries
+    row = tile * BLOCK_M + row_in_tile
+    head_in_unit = row // num_queries
+    query = row % num_queries
     head = unit * heads_per_unit + head_in_unit
-    o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh
-              + query[:, None] * stride_ot + dims[None, :])
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(head_in_unit < heads_per_unit)[:, None])
+    o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+              + query * stride_ot + dims)
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(head_in_unit < heads_per_unit)
+             & (dims < HEAD_DIM))
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -214,11 +225,13 @@ def sparse_decode_triton(
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=key_block_tile(block_size),
         HEAD_DIM=head_dim, UPCAST_DOT=upcast_dot(q), **launch,
     )
-    _decode_combine_kernel[(programs,)](
+    _decode_combine_kernel[(programs, min(block_m, rows))](
         part_o, part_lse, out,
         out.stride(0), out.stride(1), out.stride(2),
         num_queries, units, tiles, heads_per_unit, num_splits,
-        BLOCK_M=block_m, HEAD_DIM=head_dim, **({"num_warps": 4} if q.is_cuda else {}),
+        BLOCK_M=block_m, HEAD_DIM=head_dim,
+        SPLIT_CHUNK=min(64, triton.next_power_of_2(num_splits)),
+        **({"num_warps": 4} if q.is_cuda else {}),
     )
     return out
 

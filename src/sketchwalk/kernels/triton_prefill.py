@@ -8,6 +8,11 @@ head ``r // block_size``), so every K/V tile a program loads is used by all of t
 repeating K/V. The program walks the row's ``kv_indices`` (sorted ascending), runs an online
 softmax in fp32 (exp2 domain), and applies the causal/bounds mask only to the last kept block,
 which is the only one that can reach the diagonal or the tail of the sequence.
+
+On Hopper at head_dim 128 the unmasked K/V blocks are read with TMA descriptor loads (host
+``TensorDescriptor`` over the contiguous (B * Hkv * T, D) view) and the key loop is warp
+specialised; the masked last block keeps pointer loads, so the sequence tail is read exactly as
+before and the output is bit-identical to the pointer-load kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ LOG2E = 1.4426950408889634
 def _attend_block(
     acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, key_start, pos, seq_len, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, k_desc=None, v_desc=None, desc_row=0,
+    USE_TMA: tl.constexpr = False,
 ):
     offs_n = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -34,6 +40,10 @@ def _attend_block(
         key_ok = offs_n < seq_len
         k = tl.load(k_base + offs_n[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None],
                     other=0.0)
+    elif USE_TMA:
+        # Unmasked blocks lie inside the sequence: a bulk tensor copy of rows
+        # desc_row + key_start .. + BLOCK_N of the (B * Hkv * T, D) view.
+        k = k_desc.load([desc_row + key_start, 0])
     else:
         k = tl.load(k_base + offs_n[:, None] * stride_kt + dims[None, :])
     if UPCAST_DOT:
@@ -54,6 +64,8 @@ def _attend_block(
     if MASKED:
         v = tl.load(v_base + offs_n[:, None] * stride_vt + dims[None, :], mask=key_ok[:, None],
                     other=0.0)
+    elif USE_TMA:
+        v = v_desc.load([desc_row + key_start, 0])
     else:
         v = tl.load(v_base + offs_n[:, None] * stride_vt + dims[None, :])
     if UPCAST_DOT:
@@ -65,7 +77,7 @@ def _attend_block(
 
 @triton.jit
 def _sparse_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, k_desc, v_desc,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -74,7 +86,8 @@ def _sparse_prefill_kernel(
     stride_ib, stride_ig, stride_iq,
     seq_len, num_units, heads_per_unit, group_size, num_q_blocks, tiles_per_q_block, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_u = tl.program_id(1)
@@ -105,14 +118,17 @@ def _sparse_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+    # Row of this (batch, KV head)'s first key in the (B * Hkv * T, D) descriptor view (the
+    # TMA path needs contiguous K and V, so stride_kb // stride_kh is Hkv).
+    desc_row = (batch * (stride_kb // stride_kh) + kv_head) * seq_len
     # Every kept block before the last lies strictly left of this query block: no mask at all.
-    for e in range(n_sel - 1):
+    for e in tl.range(0, n_sel - 1, warp_specialize=WARP_SPEC):
         kv_block = tl.load(idx_row + e)
         for s in tl.static_range(BLOCK_SIZE // BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
                 kv_block * BLOCK_SIZE + s * BLOCK_N, pos, seq_len, qk_scale,
-                BLOCK_N, HEAD_DIM, False, UPCAST_DOT,
+                BLOCK_N, HEAD_DIM, False, UPCAST_DOT, k_desc, v_desc, desc_row, USE_TMA,
             )
     if n_sel > 0:
         kv_block = tl.load(idx_row + n_sel - 1)
@@ -133,17 +149,36 @@ def _sparse_prefill_kernel(
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
-# Launch configuration by head_dim: (max BLOCK_M, num_warps, num_stages). Chosen from the sweep
-# in benchmarks/attention.py on an H100 (see benchmarks/NOTES.md).
+# Launch configuration by head_dim: (max BLOCK_M, num_warps, num_stages). Chosen from the sweeps
+# in benchmarks/attention.py and benchmarks/prefill_variants.py on an H100 (benchmarks/NOTES.md).
 _CONFIGS: dict[int, tuple[int, int, int]] = {
     16: (128, 4, 3),
     32: (128, 4, 3),
     64: (64, 4, 3),
-    128: (128, 4, 3),
+    128: (128, 4, 2),
     256: (64, 8, 2),
 }
-# Overrides used by the benchmark's configuration sweep: head_dim -> (BLOCK_M, warps, stages).
+# Kernel variant by head_dim: TMA descriptor loads for the unmasked K/V blocks, and Triton's
+# warp specialisation of the key loop. Both won at D 128 on an H100 (run 5: 1.17-1.24x over
+# pointer loads); at D 64 they were within noise or slower, so pointer loads stay.
+_VARIANTS: dict[int, dict[str, bool]] = {128: {"tma": True, "warp_spec": True}}
+# Overrides used by the benchmark sweeps: head_dim -> (BLOCK_M, warps, stages), and a variant
+# dict ("tma", "warp_spec" -> bool) that replaces _VARIANTS for every head_dim when non-empty.
 config_override: dict[int, tuple[int, int, int]] = {}
+variant: dict[str, bool] = {}
+
+
+def _variant(head_dim: int) -> dict[str, bool]:
+    return variant if variant else _VARIANTS.get(head_dim, {})
+
+
+def _use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Bulk tensor copies (TMA) for the unmasked K/V blocks: Hopper or newer, contiguous K/V."""
+    if not q.is_cuda or not _variant(q.shape[-1]).get("tma", False):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    return k.is_contiguous() and v.is_contiguous()
 
 
 def upcast_dot(q: torch.Tensor) -> bool:
@@ -239,8 +274,17 @@ def sparse_prefill(
     kwargs: dict[str, Any] = {}
     if q.is_cuda:
         kwargs = {"num_warps": num_warps, "num_stages": num_stages}
+    block_n = key_block_tile(block_size)
+    use_tma = _use_tma(q, k, v)
+    k_desc: Any = k
+    v_desc: Any = v
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc = TensorDescriptor.from_tensor(k.view(-1, head_dim), [block_n, head_dim])
+        v_desc = TensorDescriptor.from_tensor(v.view(-1, head_dim), [block_n, head_dim])
     _sparse_prefill_kernel[grid](
-        q, k, v, out, kv_num_blocks, kv_indices,
+        q, k, v, out, kv_num_blocks, kv_indices, k_desc, v_desc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -249,8 +293,10 @@ def sparse_prefill(
         kv_indices.stride(0), kv_indices.stride(1) * group_stride, kv_indices.stride(2),
         seq_len, units, heads_per_unit, num_q_heads // num_kv_heads, num_q_blocks, tiles,
         scale * LOG2E,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=key_block_tile(block_size),
-        HEAD_DIM=head_dim, UPCAST_DOT=upcast_dot(q), **kwargs,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, UPCAST_DOT=upcast_dot(q), USE_TMA=use_tma,
+        WARP_SPEC=q.is_cuda and _variant(head_dim).get("warp_spec", False),
+        **kwargs,
     )
     return out
 
