@@ -38,7 +38,8 @@ class BlockSelection:
         seq_len: T, the number of query (and key) tokens.
         kv_num_blocks: int32 (B, G, nq), kept blocks per row.
         kv_indices: int32 (B, G, nq, nk), each row's kept key blocks ascending, then 0-padding.
-        density: kept causal blocks / causal blocks, over all batch rows and groups.
+        density_value: the density if already known (else computed on first access of
+            ``density``: kept causal blocks / causal blocks, over all batch rows and groups).
         scores: optional float (B, G, nq, nk) walk matrix the selection ranked (diagnostics).
     """
 
@@ -47,8 +48,19 @@ class BlockSelection:
     seq_len: int
     kv_num_blocks: torch.Tensor
     kv_indices: torch.Tensor
-    density: float
+    density_value: float | None = None
     scores: torch.Tensor | None = None
+
+    @property
+    def density(self) -> float:
+        """Kept causal blocks / causal blocks, over all batch rows and groups (computed on first
+        use: reading it waits for the device)."""
+        if self.density_value is None:
+            b, g, nq, nk = self.block_mask.shape
+            total_causal = b * g * (nk * (nk + 1) // 2 - (nk - nq) * (nk - nq + 1) // 2)
+            kept = int(self.kv_num_blocks.sum(dtype=torch.int64))
+            self.density_value = kept / max(1, total_causal)
+        return self.density_value
 
     @classmethod
     def from_mask(
@@ -72,9 +84,7 @@ class BlockSelection:
             )
         mask = block_mask & causal_block_mask(nb, block_mask.device)
         kv_num_blocks, kv_indices = compact_mask(mask)
-        total_causal = mask.shape[0] * mask.shape[1] * nb * (nb + 1) // 2
-        density = float(kv_num_blocks.sum(dtype=torch.int64).item()) / max(1, total_causal)
-        return cls(mask, block_size, seq_len, kv_num_blocks, kv_indices, density, scores)
+        return cls(mask, block_size, seq_len, kv_num_blocks, kv_indices, None, scores)
 
     @classmethod
     def full(
@@ -223,6 +233,28 @@ def _density_row_budgets(
     return best.long()
 
 
+def _causal_and_candidates(
+    nb: int, config: SketchWalkConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _causal_and_candidates_cached(
+        nb,
+        config.sink,
+        config.window,
+        config.dense_last_rows,
+        config.parity,
+        torch.device(device),
+    )
+
+
+@lru_cache(maxsize=64)
+def _causal_and_candidates_cached(
+    nb: int, sink: float, window: float, dense_last_rows: int, parity: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = SketchWalkConfig(sink=sink, window=window, dense_last_rows=dense_last_rows, parity=parity)
+    causal = causal_block_mask(nb, device)
+    return causal, causal & ~forced_block_mask(nb, cfg, device)
+
+
 def ranked_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
     """Ranked (non-forced) blocks each row keeps: int64 (nb,) on the CPU.
 
@@ -295,20 +327,22 @@ def select_blocks(scores: torch.Tensor, seq_len: int, config: SketchWalkConfig) 
             f"{tuple(scores.shape)}"
         )
     device = scores.device
-    causal = causal_block_mask(nb, device)
-    forced = forced_block_mask(nb, config, device)
-    candidates = causal & ~forced
+    causal, candidates = _causal_and_candidates(nb, config, device)
+    forced = causal & ~candidates
     if config.budget == "kblocks_frac" and config.parity:
         ranked = _quantile_threshold(scores, candidates, config.kblocks_frac)
     else:
-        ranked = _top_k_rows(scores, candidates, ranked_per_row(nb, config))
+        ranked = _top_k_rows(scores, candidates, ranked_per_row(nb, config), config)
 
     mask = forced | ranked
     return BlockSelection.from_mask(mask & causal, config.block_size, seq_len, scores=scores)
 
 
 def _top_k_rows(
-    scores: torch.Tensor, candidates: torch.Tensor, k_row: torch.Tensor
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    k_row: torch.Tensor,
+    config: SketchWalkConfig | None = None,
 ) -> torch.Tensor:
     """bool mask keeping the k_row[i] best candidates of each row i (k_row: CPU int64 (nb,))."""
     kmax = int(k_row.max()) if k_row.numel() else 0
@@ -317,10 +351,35 @@ def _top_k_rows(
         return out
     masked = scores.float().masked_fill(~candidates, float("-inf"))
     top = masked.topk(kmax, dim=-1, sorted=True).indices  # (B, G, nb, kmax)
-    k_dev = k_row.to(scores.device, non_blocking=True)
-    keep = torch.arange(kmax, device=scores.device) < k_dev[:, None]  # (nb, kmax)
+    if config is not None:
+        keep = _keep_table(scores.shape[-1], config, scores.device)[:, :kmax]
+    else:
+        keep = torch.arange(kmax, device=scores.device) < k_row.to(scores.device)[:, None]
     out.scatter_(-1, top, keep.expand_as(top))
     return out & candidates
+
+
+@lru_cache(maxsize=256)
+def _keep_table_cached(nb: int, key: tuple, device: torch.device) -> torch.Tensor:
+    k_row = _ranked_per_row(nb, *key)
+    kmax = int(k_row.max()) if k_row.numel() else 0
+    return torch.arange(kmax, device=device) < k_row.to(device)[:, None]
+
+
+def _keep_table(nb: int, config: SketchWalkConfig, device: torch.device) -> torch.Tensor:
+    """bool (nb, kmax) on ``device``: rank r of row i is kept iff r < ranked_per_row[i].
+    Cached per (nb, budget, device), so later layers copy nothing from the host."""
+    key = (
+        config.budget,
+        config.density,
+        config.top_k_blocks,
+        config.kblocks_frac,
+        config.sink,
+        config.window,
+        config.dense_last_rows,
+        config.parity,
+    )
+    return _keep_table_cached(nb, key, torch.device(device))
 
 
 def _quantile_threshold(

@@ -124,6 +124,27 @@ def sketch_projection(
     return (p * scale)[:d]
 
 
+def layer_projection(
+    head_dim: int,
+    sketch_dim: int,
+    seed: int,
+    layer_idx: int,
+    parity: bool,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """The (D, r) sketch matrix of one layer on ``device``, built once and cached (so a layer's
+    selection copies nothing from the host after the first sequence)."""
+    return _layer_projection(head_dim, sketch_dim, seed, layer_idx, parity, torch.device(device))
+
+
+@lru_cache(maxsize=1024)
+def _layer_projection(
+    head_dim: int, sketch_dim: int, seed: int, layer_idx: int, parity: bool, device: torch.device
+) -> torch.Tensor:
+    draws = sketch_draws(head_dim, sketch_dim, seed, layer_idx)
+    return sketch_projection(draws, parity, device)
+
+
 def hadamard_sketch(x: torch.Tensor, draws: SketchDraws, parity: bool = False) -> torch.Tensor:
     """Apply the sketch to the last dim of ``x`` (..., D) -> (..., r), float32."""
     if x.shape[-1] != draws.head_dim:
@@ -149,9 +170,10 @@ def sketched_blocks(
     if config.exact:
         qs, ks, r = q_blocks.float(), k_blocks.float(), d
     else:
-        draws = sketch_draws(d, config.sketch_dim, config.seed, layer_idx)
-        proj = sketch_projection(draws, config.parity, q_blocks.device)
-        qs, ks, r = q_blocks.float() @ proj, k_blocks.float() @ proj, draws.r
+        proj = layer_projection(
+            d, config.sketch_dim, config.seed, layer_idx, config.parity, q_blocks.device
+        )
+        qs, ks, r = q_blocks.float() @ proj, k_blocks.float() @ proj, proj.shape[1]
     if config.parity:
         scale = 1.0 / math.sqrt(d) if config.exact else 1.0 / math.sqrt(r) / 100.0
     else:
@@ -199,6 +221,7 @@ __all__ = [
     "block_pool",
     "hadamard_matrix",
     "hadamard_sketch",
+    "layer_projection",
     "next_power_of_two",
     "num_blocks",
     "sketch_draws",
