@@ -1,0 +1,498 @@
+"""Drop-in SketchWalk attention for transformers causal LMs (no forked modeling files).
+
+:func:`enable_sketchwalk` switches a model to a registered attention function named
+``sketchwalk+<inner>`` (``<inner>`` is the implementation the model used before, e.g. ``sdpa`` or
+``eager``); its paired mask function is the inner implementation's own, so masks are built exactly
+as before. For every attention call the function receives post-RoPE ``query`` (B, Hq, S, D),
+un-repeated ``key``/``value`` (B, Hkv, S_kv, D) and ``module.layer_idx``, and decides:
+
+- **Sparse prefill**: ``S == S_kv > block_size``, a causal module, no padding (the mask is None or
+  equals the plain causal mask), ``dropout == 0`` and no score modifiers (``softcap``, sinks,
+  position bias). The layer's q/k go to one :class:`~sketchwalk.core.SketchWalk` per forward pass
+  (fed in layer order, so the cross-layer walk runs; it is reset when a layer at or below the last
+  one seen arrives, i.e. when a new forward pass starts), and the output is
+  :func:`~sketchwalk.attention.sparse_attention` over the selected blocks with the configured
+  backend and the module's ``scaling``. When the selection keeps every causal block (the first
+  ``dense_layers`` layers, a density-1 budget, a sequence of one block) the inner implementation
+  runs instead: the result is the same attention, computed by the stock kernel, so a dense
+  configuration reproduces the stock model's logits exactly.
+- **Everything else runs the inner (dense) implementation unchanged**, with the reason recorded:
+  decode steps and chunked prefill (``S < S_kv``: SketchWalk's decode-time selection is not
+  implemented), padded or packed batches and sliding-window masks (the mask is not plain
+  causal; ``on_padding="raise"`` raises instead), short sequences, dropout, non-causal modules,
+  layers outside ``layers``.
+
+Every call is recorded in :attr:`SketchWalkAttention.calls` (layer, pass, mode, density, backend,
+reason); :attr:`SketchWalkAttention.layers` holds each layer's latest call and
+:meth:`SketchWalkAttention.summary` the mean density over prefill calls.
+
+Example::
+
+    from sketchwalk import SketchWalkConfig
+    from sketchwalk.integration import enable_sketchwalk, disable_sketchwalk
+
+    sw = enable_sketchwalk(model, SketchWalkConfig(density=0.2))
+    logits = model(input_ids).logits          # sparse prefill
+    print(sw.summary()["mean_density"])
+    disable_sketchwalk(model)                 # or: with enable_sketchwalk(model, cfg) as sw: ...
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sketchwalk.attention import BACKENDS, resolve_backend, sparse_attention
+from sketchwalk.capture import CAPTURE_PREFIX, _inner_functions, _set_attn, attention_modules
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.core import TRANSITION_BACKENDS, SketchWalk
+
+__all__ = [
+    "SKETCHWALK_PREFIX",
+    "LayerCall",
+    "SketchWalkAttention",
+    "disable_sketchwalk",
+    "enable_sketchwalk",
+    "sketchwalk_attention",
+]
+
+SKETCHWALK_PREFIX = "sketchwalk+"
+PADDING_POLICIES = ("fallback", "raise")
+# Score modifiers SketchWalk's kernels do not implement: a call carrying one runs dense.
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+# id(attention module) -> the SketchWalkAttention driving it; id(model) -> the same.
+_ACTIVE_MODULES: dict[int, SketchWalkAttention] = {}
+_ACTIVE_MODELS: dict[int, SketchWalkAttention] = {}
+
+
+@dataclass
+class LayerCall:
+    """One attention call seen by the integration.
+
+    Attributes:
+        layer_idx: the module's ``layer_idx``.
+        forward_pass: index of the forward pass (increments when a new prefill pass starts).
+        mode: ``"sparse"`` (SketchWalk + block-sparse attention) or ``"dense"`` (inner).
+        q_len, kv_len: query and key lengths of the call.
+        density: kept causal blocks / causal blocks (1.0 for every dense call).
+        backend: the resolved sparse backend (``"reference"``, ``"triton"``, ``"flex"``) or
+            ``"inner:<name>"`` for the inner implementation.
+        reason: why the call ran dense (None for sparse calls).
+        prefill: True when ``q_len == kv_len`` (a prefill call, sparse or not).
+    """
+
+    layer_idx: int
+    forward_pass: int
+    mode: str
+    q_len: int
+    kv_len: int
+    density: float
+    backend: str
+    reason: str | None
+    prefill: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SketchWalkAttention:
+    """SketchWalk sparse prefill attention on a transformers model (context manager).
+
+    Args:
+        model: a transformers causal LM whose attention modules have ``layer_idx`` and dispatch
+            through ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Qwen3, Mistral, ...).
+        config: the selection settings (default ``SketchWalkConfig()``).
+        backend: sparse attention backend for :func:`sparse_attention` (``"auto"``,
+            ``"reference"``, ``"triton"``, ``"flex"``). An explicit backend that cannot run on the
+            layer's tensors raises during the forward pass; ``"auto"`` resolves per call.
+        layers: layer indices allowed to run sparse; None means every layer (the first
+            ``config.dense_layers`` layers stay dense anyway).
+        selection_backend: ``SketchWalk(backend=)`` for the transition matrix (``"auto"``,
+            ``"torch"``, ``"triton"``).
+        on_padding: ``"fallback"`` (padded / packed / sliding-window masks run the inner dense
+            attention, recorded) or ``"raise"`` (ValueError).
+        dense_when_full: run the inner implementation when the selection keeps every causal
+            block (exactly the same attention); False sends such calls through
+            ``sparse_attention`` too (useful to test the sparse path).
+
+    The model is switched on :meth:`enable` (or ``__enter__``) and restored on :meth:`disable`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SketchWalkConfig | None = None,
+        backend: str = "auto",
+        layers: Iterable[int] | None = None,
+        selection_backend: str = "auto",
+        on_padding: str = "fallback",
+        dense_when_full: bool = True,
+    ) -> None:
+        if config is None:
+            config = SketchWalkConfig()
+        if not isinstance(config, SketchWalkConfig):
+            raise TypeError(
+                f"enable_sketchwalk: config must be a SketchWalkConfig, got {type(config).__name__}"
+            )
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"enable_sketchwalk: backend must be one of {BACKENDS}, got {backend!r}"
+            )
+        if selection_backend not in TRANSITION_BACKENDS:
+            raise ValueError(
+                f"enable_sketchwalk: selection_backend must be one of {TRANSITION_BACKENDS}, got "
+                f"{selection_backend!r}"
+            )
+        if on_padding not in PADDING_POLICIES:
+            raise ValueError(
+                f"enable_sketchwalk: on_padding must be one of {PADDING_POLICIES}, got "
+                f"{on_padding!r}"
+            )
+        modules = attention_modules(model)
+        if layers is None:
+            chosen = list(modules)
+        else:
+            chosen = sorted({int(i) for i in layers})
+            bad = [i for i in chosen if i not in modules]
+            if bad:
+                raise ValueError(
+                    f"enable_sketchwalk: layers {bad} do not exist; the model has layers "
+                    f"0..{max(modules)}"
+                )
+        self.model = model
+        self.config = config
+        self.backend = backend
+        self.selection_backend = selection_backend
+        self.on_padding = on_padding
+        self.dense_when_full = dense_when_full
+        self.modules = modules
+        self.sparse_layers: set[int] = set(chosen)
+        self.inner: str | None = None
+        self.name: str | None = None
+        self.active = False
+        self.sketchwalk = SketchWalk(config, backend=selection_backend)
+        self.calls: list[LayerCall] = []
+        self.layers: dict[int, LayerCall] = {}
+        self.forward_passes = 0
+        self._last_layer: int | None = None
+        self._mask_verdicts: dict[int, tuple[weakref.ref, str | None]] = {}
+
+    # ---- switching ------------------------------------------------------------------------
+
+    def enable(self) -> SketchWalkAttention:
+        """Register ``sketchwalk+<inner>`` and switch the model to it."""
+        if self.active:
+            raise RuntimeError("enable_sketchwalk: this SketchWalkAttention is already enabled")
+        if id(self.model) in _ACTIVE_MODELS:
+            raise RuntimeError(
+                "enable_sketchwalk: SketchWalk is already enabled on this model; call "
+                "disable_sketchwalk(model) first"
+            )
+        current = self.model.config._attn_implementation or "sdpa"
+        if current.startswith(CAPTURE_PREFIX) or current.startswith(SKETCHWALK_PREFIX):
+            raise RuntimeError(
+                f"enable_sketchwalk: the model runs {current!r}; enable SketchWalk before "
+                "capturing (capture_attention wraps whatever implementation is active)"
+            )
+        self.inner = current
+        self.name = _register(current)
+        _set_attn(self.model, self.name)
+        for module in self.modules.values():
+            _ACTIVE_MODULES[id(module)] = self
+        _ACTIVE_MODELS[id(self.model)] = self
+        self.active = True
+        return self
+
+    def disable(self) -> None:
+        """Restore the model's previous attention implementation (idempotent)."""
+        if not self.active:
+            return
+        for module in self.modules.values():
+            if _ACTIVE_MODULES.get(id(module)) is self:
+                del _ACTIVE_MODULES[id(module)]
+        if _ACTIVE_MODELS.get(id(self.model)) is self:
+            del _ACTIVE_MODELS[id(self.model)]
+        _set_attn(self.model, self.inner)
+        self.active = False
+
+    def __enter__(self) -> SketchWalkAttention:
+        return self if self.active else self.enable()
+
+    def __exit__(self, *exc: object) -> None:
+        self.disable()
+
+    # ---- records --------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Drop the call records (the walk state is kept)."""
+        self.calls = []
+        self.layers = {}
+
+    def summary(self) -> dict[str, Any]:
+        """Aggregates over the recorded calls.
+
+        Returns:
+            dict with ``mean_density`` (mean selection density over prefill calls, dense ones
+            counting 1.0: the share of causal attention blocks computed), ``mean_sparse_density``
+            (over sparse calls only, None if none), ``sparse_calls``, ``dense_calls``,
+            ``prefill_calls``, ``forward_passes``, ``backends`` (call counts per backend) and
+            ``dense_reasons`` (call counts per reason).
+        """
+        prefill = [c for c in self.calls if c.prefill]
+        sparse = [c for c in self.calls if c.mode == "sparse"]
+        backends: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for c in self.calls:
+            backends[c.backend] = backends.get(c.backend, 0) + 1
+            if c.reason is not None:
+                reasons[c.reason] = reasons.get(c.reason, 0) + 1
+        return {
+            "mean_density": (sum(c.density for c in prefill) / len(prefill)) if prefill else None,
+            "mean_sparse_density": (sum(c.density for c in sparse) / len(sparse))
+            if sparse
+            else None,
+            "sparse_calls": len(sparse),
+            "dense_calls": len(self.calls) - len(sparse),
+            "prefill_calls": len(prefill),
+            "forward_passes": self.forward_passes,
+            "backends": backends,
+            "dense_reasons": reasons,
+        }
+
+    def _record(
+        self,
+        layer_idx: int,
+        mode: str,
+        q_len: int,
+        kv_len: int,
+        density: float,
+        backend: str,
+        reason: str | None,
+    ) -> None:
+        call = LayerCall(
+            layer_idx,
+            self.forward_passes,
+            mode,
+            q_len,
+            kv_len,
+            float(density),
+            backend,
+            reason,
+            q_len == kv_len,
+        )
+        self.calls.append(call)
+        self.layers[layer_idx] = call
+
+    # ---- the attention call ---------------------------------------------------------------
+
+    def _mask_problem(self, mask: Any, q_len: int, kv_len: int) -> str | None:
+        """None when ``mask`` is absent or equals the plain causal mask, else why it is not."""
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor):
+            return f"attention mask of type {type(mask).__name__} (only tensors are inspected)"
+        if mask.dim() != 4 or mask.shape[-2:] != (q_len, kv_len):
+            return f"attention mask of shape {tuple(mask.shape)} (expected (B, 1, S, S))"
+        # Every layer of a forward pass gets the same mask object: inspect it once. Entries are
+        # weak references checked by identity, so a new mask at a reused address is re-inspected.
+        seen = self._mask_verdicts.get(id(mask))
+        if seen is not None and seen[0]() is mask:
+            return seen[1]
+        # Bool masks mark allowed positions; additive float masks hold 0 where allowed.
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
+        plain = bool(torch.equal(allowed, causal.expand_as(allowed)))
+        verdict = (
+            None
+            if plain
+            else "attention mask is not plain causal (padding, packing or sliding window)"
+        )
+        self._mask_verdicts = {k: v for k, v in self._mask_verdicts.items() if v[0]() is not None}
+        self._mask_verdicts[id(mask)] = (weakref.ref(mask), verdict)
+        return verdict
+
+    def _dense_reason(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> str | None:
+        """Why this call must run the inner implementation, or None when it may run sparse."""
+        layer_idx = module.layer_idx
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if layer_idx not in self.sparse_layers:
+            return "layer not selected for SketchWalk"
+        if q_len < kv_len:
+            return "decode step or chunked prefill (query shorter than keys): dense"
+        if q_len != kv_len:
+            return f"query length {q_len} > key length {kv_len}"
+        if q_len <= self.config.block_size:
+            return f"sequence of {q_len} tokens fits in one block of {self.config.block_size}"
+        if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+            return "non-causal attention module"
+        if args:
+            return "positional extra arguments to the attention function"
+        if float(kwargs.get("dropout", 0.0) or 0.0) != 0.0:
+            return "attention dropout > 0"
+        for name in _UNSUPPORTED_KWARGS:
+            if kwargs.get(name) is not None:
+                return f"unsupported attention argument {name!r}"
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        if isinstance(window, int) and not isinstance(window, bool) and 0 < window < kv_len:
+            return f"sliding-window layer (window {window} < {kv_len} keys)"
+        problem = self._mask_problem(attention_mask, q_len, kv_len)
+        if problem is not None and self.on_padding == "raise":
+            raise ValueError(
+                f"SketchWalk (layer {layer_idx}): {problem}; padded batches are not supported "
+                "by sparse prefill (use on_padding='fallback' to run them dense, or unpadded "
+                "batches)"
+            )
+        return problem
+
+    def _start_pass_if_new(self, layer_idx: int) -> None:
+        if self._last_layer is None or layer_idx <= self._last_layer:
+            self.sketchwalk.reset()
+            self.forward_passes += 1
+        self._last_layer = layer_idx
+
+    def __call__(
+        self,
+        inner_fn: Callable[..., Any],
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, Any]:
+        """One attention call: sparse prefill or the inner implementation (see module doc).
+
+        Args:
+            inner_fn: the inner attention function.
+            module: the attention module (``layer_idx``, ``scaling``).
+            query: (B, Hq, S, D) post-RoPE; key, value: (B, Hkv, S_kv, D).
+            attention_mask: what the inner mask function built (None, bool or additive float).
+            args, kwargs: the remaining arguments, passed to the inner function unchanged.
+
+        Returns:
+            ``(output (B, S, Hq, D), weights)``; weights are None on the sparse path.
+        """
+        layer_idx = int(module.layer_idx)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        inner_label = f"inner:{self.inner}"
+        reason = self._dense_reason(module, query, key, attention_mask, args, kwargs)
+        if reason is not None:
+            self._record(layer_idx, "dense", q_len, kv_len, 1.0, inner_label, reason)
+            return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+        self._start_pass_if_new(layer_idx)
+        selection = self.sketchwalk.select(query, key, layer_idx)
+        if self.dense_when_full and selection.density >= 1.0:
+            why = (
+                "dense layer (config.dense_layers)"
+                if layer_idx < self.config.dense_layers
+                else "selection keeps every causal block"
+            )
+            self._record(layer_idx, "dense", q_len, kv_len, 1.0, inner_label, why)
+            return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", None)
+        resolved = resolve_backend(self.backend, query)
+        out = sparse_attention(query, key, value, selection, backend=resolved, scale=scaling)
+        self._record(layer_idx, "sparse", q_len, kv_len, selection.density, resolved, None)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _make_attention_fn(inner: str) -> Callable[..., Any]:
+    def sketchwalk_attention_forward(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        inner_fn = _inner_functions(inner, module)
+        driver = _ACTIVE_MODULES.get(id(module))
+        if driver is None:  # a model switched by name without enable_sketchwalk: stay dense
+            return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
+        return driver(inner_fn, module, query, key, value, attention_mask, args, kwargs)
+
+    sketchwalk_attention_forward.__name__ = f"sketchwalk_{inner}_attention_forward"
+    return sketchwalk_attention_forward
+
+
+def _register(inner: str) -> str:
+    """Register ``sketchwalk+<inner>`` (attention function + the inner mask function) once."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    name = SKETCHWALK_PREFIX + inner
+    if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        return name
+    if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        raise ValueError(
+            f"enable_sketchwalk: cannot wrap unknown attention implementation {inner!r}"
+        )
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
+    if mask_fn is None:
+        raise ValueError(
+            f"enable_sketchwalk: attention implementation {inner!r} has no mask function to reuse"
+        )
+    AttentionInterface.register(name, _make_attention_fn(inner))
+    AttentionMaskInterface.register(name, mask_fn)
+    return name
+
+
+def sketchwalk_attention(model: nn.Module) -> SketchWalkAttention | None:
+    """The active :class:`SketchWalkAttention` of ``model``, or None."""
+    return _ACTIVE_MODELS.get(id(model))
+
+
+def enable_sketchwalk(
+    model: nn.Module,
+    config: SketchWalkConfig | None = None,
+    backend: str = "auto",
+    layers: Iterable[int] | None = None,
+    **options: Any,
+) -> SketchWalkAttention:
+    """Switch ``model`` to SketchWalk sparse prefill attention.
+
+    Args:
+        model: a transformers causal LM (see :class:`SketchWalkAttention`).
+        config: selection settings (default ``SketchWalkConfig()``).
+        backend: sparse attention backend (``"auto"``, ``"reference"``, ``"triton"``, ``"flex"``).
+        layers: layers allowed to run sparse (None: all).
+        **options: ``selection_backend``, ``on_padding``, ``dense_when_full``.
+
+    Returns:
+        The enabled :class:`SketchWalkAttention` (also usable as a context manager that
+        disables on exit).
+    """
+    return SketchWalkAttention(model, config, backend, layers, **options).enable()
+
+
+def disable_sketchwalk(model: nn.Module) -> bool:
+    """Restore the attention implementation ``model`` had before :func:`enable_sketchwalk`.
+
+    Returns:
+        True if SketchWalk was active on ``model``, False if there was nothing to undo.
+    """
+    driver = _ACTIVE_MODELS.get(id(model))
+    if driver is None:
+        return False
+    driver.disable()
+    return True
