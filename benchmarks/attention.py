@@ -62,16 +62,26 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         driver = "unknown"
     return {
-        "gpu": torch.cuda.get_device_name(0), "sm_count": props.multi_processor_count,
-        "driver": driver, "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "gpu": torch.cuda.get_device_name(0),
+        "sm_count": props.multi_processor_count,
+        "driver": driver,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def bench(fn: Callable[..., Any], fn_args: tuple, warmup: int, rep: int, graph: bool = False,
-          **fn_kwargs: Any) -> float:
+def bench(
+    fn: Callable[..., Any],
+    fn_args: tuple,
+    warmup: int,
+    rep: int,
+    graph: bool = False,
+    **fn_kwargs: Any,
+) -> float:
     """Median milliseconds of fn(*fn_args, **fn_kwargs); a failure gives NaN (reason printed)."""
 
     def call() -> Any:
@@ -93,8 +103,9 @@ def _bench(fn: Callable[[], Any], warmup: int, rep: int, graph: bool) -> float:
         return float("nan")
 
 
-def synthetic_selection(batch: int, groups: int, seq_len: int, density: float,
-                        device: str, seed: int) -> BlockSelection:
+def synthetic_selection(
+    batch: int, groups: int, seq_len: int, density: float, device: str, seed: int
+) -> BlockSelection:
     """Causal selection keeping round(density * (i + 1)) blocks of row i (at least the
     diagonal and block 0), the rest chosen at random; built on the GPU, O(nb^2) memory."""
     nb = triton.cdiv(seq_len, BLOCK)
@@ -162,17 +173,31 @@ def sweep_prefill(args, env_rows: list) -> dict[int, tuple[int, int, int]]:
                     if bm == 256 and (warps == 4 or (d == 128 and stages > 2)):
                         continue
                     tp.config_override[d] = (bm, warps, stages)
-                    ms = bench(tp.sparse_prefill, (q, k, v, sel.kv_num_blocks, sel.kv_indices,
-                                                   BLOCK), 10, 50)
+                    ms = bench(
+                        tp.sparse_prefill,
+                        (q, k, v, sel.kv_num_blocks, sel.kv_indices, BLOCK),
+                        10,
+                        50,
+                    )
                     results.append((ms, bm, warps, stages))
-                    print(f"  sweep {shape} T={t} BLOCK_M={bm} warps={warps} stages={stages}: "
-                          f"{ms:.3f} ms", flush=True)
+                    print(
+                        f"  sweep {shape} T={t} BLOCK_M={bm} warps={warps} stages={stages}: "
+                        f"{ms:.3f} ms",
+                        flush=True,
+                    )
         tp.config_override.pop(d, None)
         ok = [r for r in results if not math.isnan(r[0])]
         ms, bm, warps, stages = min(ok)
         best[d] = (bm, warps, stages)
-        env_rows.append({"shape": shape, "seq_len": t, "sweep": [list(r) for r in results],
-                         "best": [bm, warps, stages], "best_ms": ms})
+        env_rows.append(
+            {
+                "shape": shape,
+                "seq_len": t,
+                "sweep": [list(r) for r in results],
+                "best": [bm, warps, stages],
+                "best_ms": ms,
+            }
+        )
     return best
 
 
@@ -185,8 +210,11 @@ def record(records: list, base: dict, method: str, ms: float, **extra: Any) -> N
         rec["GBps"] = extra["bytes"] / ms / 1e6
     records.append(rec)
     shown = {key: val for key, val in extra.items() if key not in ("flops", "bytes")}
-    rate = f"{rec['tflops']:.0f} TFLOP/s" if "tflops" in rec else (
-        f"{rec['GBps']:.0f} GB/s" if "GBps" in rec else "")
+    rate = (
+        f"{rec['tflops']:.0f} TFLOP/s"
+        if "tflops" in rec
+        else (f"{rec['GBps']:.0f} GB/s" if "GBps" in rec else "")
+    )
     print(f"  {method:<22} {ms:10.4f} ms {rate:>14} {json.dumps(shown)[:110]}", flush=True)
 
 
@@ -218,39 +246,78 @@ def run_prefill(args: argparse.Namespace, records: list) -> None:
             q = torch.randn(1, hq, t, d, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, hkv, t, d, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
-            base = {"kind": "prefill", "shape": shape, "num_q_heads": hq, "num_kv_heads": hkv,
-                    "head_dim": d, "seq_len": t, "batch": 1, "dtype": "bfloat16",
-                    "block_size": BLOCK}
+            base = {
+                "kind": "prefill",
+                "shape": shape,
+                "num_q_heads": hq,
+                "num_kv_heads": hkv,
+                "head_dim": d,
+                "seq_len": t,
+                "batch": 1,
+                "dtype": "bfloat16",
+                "block_size": BLOCK,
+            }
             dense_flops = 4.0 * d * hq * t * (t + 1) / 2
-            for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
-                                  ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            for name, backend in (
+                ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+            ):
                 fn, how = sdpa(q, k, v, backend, causal=True)
                 record(records, base, name, bench(fn, (), w, r), gqa=how, flops=dense_flops)
                 fn = None
             # Causal BlockMask from block indices (create_block_mask would materialise T x T).
             full = BlockSelection.full(1, 1, t, 128, "cuda")
             dense_mask = build_block_mask(full.kv_num_blocks, full.kv_indices, 128, t, hq, hkv)
-            record(records, base, "flex_dense",
-                   bench(flex, (q, k, v), w, r, block_mask=dense_mask, enable_gqa=True),
-                   flops=dense_flops)
+            record(
+                records,
+                base,
+                "flex_dense",
+                bench(flex, (q, k, v), w, r, block_mask=dense_mask, enable_gqa=True),
+                flops=dense_flops,
+            )
             dense_mask = None
             full = BlockSelection.full(1, 1, t, BLOCK, "cuda")
-            record(records, base, "triton_dense", bench(
-                sparse_prefill, (q, k, v, full.kv_num_blocks, full.kv_indices, BLOCK), w, r),
-                flops=dense_flops)
+            record(
+                records,
+                base,
+                "triton_dense",
+                bench(sparse_prefill, (q, k, v, full.kv_num_blocks, full.kv_indices, BLOCK), w, r),
+                flops=dense_flops,
+            )
             full = None
             for density in args.densities:
                 sel = synthetic_selection(1, 1, t, density, "cuda", seed=1)
                 flops = sparse_flops(sel, hq, d)
-                record(records, base, "triton_sparse", bench(
-                    sparse_prefill, (q, k, v, sel.kv_num_blocks, sel.kv_indices, BLOCK), w, r),
-                    density=density, actual_density=sel.density, flops=flops)
+                record(
+                    records,
+                    base,
+                    "triton_sparse",
+                    bench(
+                        sparse_prefill, (q, k, v, sel.kv_num_blocks, sel.kv_indices, BLOCK), w, r
+                    ),
+                    density=density,
+                    actual_density=sel.density,
+                    flops=flops,
+                )
                 if not args.no_flex_sparse and (density == 0.2 or args.all_flex):
                     mask = build_block_mask(sel.kv_num_blocks, sel.kv_indices, BLOCK, t, hq, hkv)
-                    record(records, base, "flex_sparse", bench(
-                        flex, (q, k, v), w, r, block_mask=mask, enable_gqa=True,
-                        kernel_options=kernel_options(BLOCK)),
-                        density=density, actual_density=sel.density, flops=flops)
+                    record(
+                        records,
+                        base,
+                        "flex_sparse",
+                        bench(
+                            flex,
+                            (q, k, v),
+                            w,
+                            r,
+                            block_mask=mask,
+                            enable_gqa=True,
+                            kernel_options=kernel_options(BLOCK),
+                        ),
+                        density=density,
+                        actual_density=sel.density,
+                        flops=flops,
+                    )
                     mask = None
                 sel = None
                 if SketchWalk is None or args.no_select:
@@ -262,18 +329,46 @@ def run_prefill(args: argparse.Namespace, records: list) -> None:
                     sel_ms = bench(select_two_layers, (sw, q, k, cfg.dense_layers), w, r) / 2
                 except Exception as err:
                     traceback.print_exc()
-                    record(records, base, "sketchwalk_select", float("nan"), density=density,
-                           error=repr(err))
+                    record(
+                        records,
+                        base,
+                        "sketchwalk_select",
+                        float("nan"),
+                        density=density,
+                        error=repr(err),
+                    )
                     continue
-                record(records, base, "sketchwalk_select", sel_ms, density=density,
-                       actual_density=real.density,
-                       note="per layer, mean of two consecutive sparse layers")
-                attn_ms = bench(sparse_prefill,
-                                (q, k, v, real.kv_num_blocks, real.kv_indices, BLOCK), w, r)
-                record(records, base, "triton_on_sketchwalk", attn_ms, density=density,
-                       actual_density=real.density, flops=sparse_flops(real, hq, d))
-                record(records, base, "end_to_end", sel_ms + attn_ms, density=density,
-                       actual_density=real.density, select_ms=sel_ms, attention_ms=attn_ms)
+                record(
+                    records,
+                    base,
+                    "sketchwalk_select",
+                    sel_ms,
+                    density=density,
+                    actual_density=real.density,
+                    note="per layer, mean of two consecutive sparse layers",
+                )
+                attn_ms = bench(
+                    sparse_prefill, (q, k, v, real.kv_num_blocks, real.kv_indices, BLOCK), w, r
+                )
+                record(
+                    records,
+                    base,
+                    "triton_on_sketchwalk",
+                    attn_ms,
+                    density=density,
+                    actual_density=real.density,
+                    flops=sparse_flops(real, hq, d),
+                )
+                record(
+                    records,
+                    base,
+                    "end_to_end",
+                    sel_ms + attn_ms,
+                    density=density,
+                    actual_density=real.density,
+                    select_ms=sel_ms,
+                    attention_ms=attn_ms,
+                )
                 real = sw = None
                 if args.profile_select and density == 0.2 and t >= 65536:
                     profile_select(q, k, cfg, shape, t)
@@ -295,12 +390,14 @@ def profile_select(q, k, cfg, shape: str, t: int) -> None:
             sw.select(q, k, cfg.dense_layers + 1)
         torch.cuda.synchronize()
     print(f"select profile {shape} T={t}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
-                                    max_name_column_width=60))
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    )
 
 
-def decode_selection(batch: int, groups: int, context: int, density: float,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_selection(
+    batch: int, groups: int, context: int, density: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     nk = triton.cdiv(context, BLOCK)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     scores = torch.rand(batch, groups, nk, generator=gen, device="cuda")
@@ -328,34 +425,66 @@ def run_decode(args: argparse.Namespace, records: list) -> None:
                 q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
                 k = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
                 v = torch.randn_like(k)
-                base = {"kind": "decode", "shape": shape, "num_q_heads": hq,
-                        "num_kv_heads": hkv, "head_dim": d, "context": ctx, "batch": batch,
-                        "dtype": "bfloat16", "block_size": BLOCK, "queries": 1}
+                base = {
+                    "kind": "decode",
+                    "shape": shape,
+                    "num_q_heads": hq,
+                    "num_kv_heads": hkv,
+                    "head_dim": d,
+                    "context": ctx,
+                    "batch": batch,
+                    "dtype": "bfloat16",
+                    "block_size": BLOCK,
+                    "queries": 1,
+                }
                 dense_bytes = 2 * k.numel() * k.element_size()
-                for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                                      ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
-                                      ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+                for name, backend in (
+                    ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                    ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                    ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+                ):
                     try:
                         fn, how = sdpa(q, k, v, backend, causal=False)
                     except RuntimeError as err:
                         print(f"    {name} unavailable: {str(err)[:120]}")
                         continue
-                    record(records, base, name, bench(fn, (), w, r, graph=True), gqa=how,
-                           bytes=dense_bytes)
+                    record(
+                        records,
+                        base,
+                        name,
+                        bench(fn, (), w, r, graph=True),
+                        gqa=how,
+                        bytes=dense_bytes,
+                    )
                     fn = None
                 nk = triton.cdiv(ctx, BLOCK)
                 full_num = torch.full((batch, 1), nk, dtype=torch.int32, device="cuda")
-                full_idx = torch.arange(nk, dtype=torch.int32, device="cuda").expand(
-                    batch, 1, nk).contiguous()
-                record(records, base, "triton_dense", bench(
-                    sparse_decode_triton, (q, k, v, full_num, full_idx, BLOCK), w, r, graph=True),
-                    bytes=dense_bytes)
+                full_idx = (
+                    torch.arange(nk, dtype=torch.int32, device="cuda")
+                    .expand(batch, 1, nk)
+                    .contiguous()
+                )
+                record(
+                    records,
+                    base,
+                    "triton_dense",
+                    bench(
+                        sparse_decode_triton, (q, k, v, full_num, full_idx, BLOCK), w, r, graph=True
+                    ),
+                    bytes=dense_bytes,
+                )
                 for density in args.densities:
                     num, idx = decode_selection(batch, 1, ctx, density, seed=2)
                     kept = num[0, 0].item() / nk
-                    record(records, base, "triton_sparse", bench(
-                        sparse_decode_triton, (q, k, v, num, idx, BLOCK), w, r, graph=True),
-                        density=density, actual_density=kept, bytes=dense_bytes * kept)
+                    record(
+                        records,
+                        base,
+                        "triton_sparse",
+                        bench(sparse_decode_triton, (q, k, v, num, idx, BLOCK), w, r, graph=True),
+                        density=density,
+                        actual_density=kept,
+                        bytes=dense_bytes * kept,
+                    )
                 q = k = v = None
                 torch.cuda.empty_cache()
 
@@ -373,9 +502,11 @@ def ratio_tables(records: list) -> str:
     pre = [r for r in records if r["kind"] == "prefill"]
     if pre:
         out.append("### Prefill (batch 1, bf16, block 64): time and speedup vs SDPA cuDNN dense\n")
-        out.append("| shape | T | cuDNN ms | flash ms | flex dense ms | triton dense ms | density "
-                   "| triton sparse ms (x) | flex sparse ms (x) | select ms (% of cuDNN) "
-                   "| end to end ms (x) |")
+        out.append(
+            "| shape | T | cuDNN ms | flash ms | flex dense ms | triton dense ms | density "
+            "| triton sparse ms (x) | flex sparse ms (x) | select ms (% of cuDNN) "
+            "| end to end ms (x) |"
+        )
         out.append("|" + "---|" * 11)
         keys = sorted({(r["shape"], r["seq_len"]) for r in pre}, key=lambda x: (x[0], x[1]))
         for shape, t in keys:
@@ -390,26 +521,34 @@ def ratio_tables(records: list) -> str:
                     f"| {shape} | {t} | {cud:.2f} | {ms_of(rows, 'sdpa_flash'):.2f} | "
                     f"{ms_of(rows, 'flex_dense'):.2f} | {ms_of(rows, 'triton_dense'):.2f} | "
                     f"{dens:.0%} | {ts:.2f} ({cud / ts:.2f}x) | {fs:.2f} ({cud / fs:.2f}x) | "
-                    f"{sel:.2f} ({100 * sel / cud:.1f}%) | {e2e:.2f} ({cud / e2e:.2f}x) |")
+                    f"{sel:.2f} ({100 * sel / cud:.1f}%) | {e2e:.2f} ({cud / e2e:.2f}x) |"
+                )
         out.append("")
     dec = [r for r in records if r["kind"] == "decode"]
     if dec:
         out.append("### Decode (1 query, bf16, block 64): speedup vs the fastest SDPA dense\n")
-        out.append("| shape | batch | context | best SDPA | SDPA us | triton dense us | density "
-                   "| triton sparse us | speedup vs SDPA | vs triton dense |")
+        out.append(
+            "| shape | batch | context | best SDPA | SDPA us | triton dense us | density "
+            "| triton sparse us | speedup vs SDPA | vs triton dense |"
+        )
         out.append("|" + "---|" * 10)
         keys = sorted({(r["shape"], r["batch"], r["context"]) for r in dec})
         for shape, b, ctx in keys:
             rows = [r for r in dec if (r["shape"], r["batch"], r["context"]) == (shape, b, ctx)]
-            sdpas = [(r["ms"], r["method"]) for r in rows
-                     if r["method"].startswith("sdpa") and r["ms"] == r["ms"]]
+            sdpas = [
+                (r["ms"], r["method"])
+                for r in rows
+                if r["method"].startswith("sdpa") and r["ms"] == r["ms"]
+            ]
             best_ms, best = min(sdpas) if sdpas else (float("nan"), "-")
             td = ms_of(rows, "triton_dense")
             for dens in sorted({r["density"] for r in rows if "density" in r}):
                 ts = ms_of(rows, "triton_sparse", density=dens)
-                out.append(f"| {shape} | {b} | {ctx} | {best} | {best_ms * 1e3:.1f} | "
-                           f"{td * 1e3:.1f} | {dens:.0%} | {ts * 1e3:.1f} | "
-                           f"{best_ms / ts:.2f}x | {td / ts:.2f}x |")
+                out.append(
+                    f"| {shape} | {b} | {ctx} | {best} | {best_ms * 1e3:.1f} | "
+                    f"{td * 1e3:.1f} | {dens:.0%} | {ts * 1e3:.1f} | "
+                    f"{best_ms / ts:.2f}x | {td / ts:.2f}x |"
+                )
         out.append("")
     return "\n".join(out)
 
@@ -419,11 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["prefill", "decode", "all"], default="all")
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["llama", "smollm2"])
     p.add_argument("--decode-shapes", nargs="+", choices=list(SHAPES), default=["llama"])
-    p.add_argument("--seq-lens", nargs="+", type=int,
-                   default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 16384, 32768, 65536, 131072])
     p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.2, 0.3])
-    p.add_argument("--contexts", nargs="+", type=int,
-                   default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--contexts", nargs="+", type=int, default=[8192, 16384, 32768, 65536, 131072])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--warmup", type=int, default=25, help="warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="measurement time, ms")
@@ -463,17 +600,29 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items()}
     from sketchwalk.kernels import triton_prefill as tp
 
-    result = {"environment": env, "settings": settings, "timing": {
-        "warmup_ms": args.warmup, "rep_ms": args.rep, "statistic": "median",
-        "prefill": "triton.testing.do_bench", "decode": "triton.testing.do_bench_cudagraph"},
+    result = {
+        "environment": env,
+        "settings": settings,
+        "timing": {
+            "warmup_ms": args.warmup,
+            "rep_ms": args.rep,
+            "statistic": "median",
+            "prefill": "triton.testing.do_bench",
+            "decode": "triton.testing.do_bench_cudagraph",
+        },
         "prefill_config": {str(k): v for k, v in tp.config_override.items()} or "defaults",
-        "sweep": sweeps, "records": records, "wall_s": time.time() - start}
+        "sweep": sweeps,
+        "records": records,
+        "wall_s": time.time() - start,
+    }
     stem = f"attention_{args.tag}_{args.mode}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    header = (f"# Attention benchmark ({args.mode})\n\n{env['gpu']}, driver {env['driver']}, "
-              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, cuDNN "
-              f"{env['cudnn']}; {env['date']}. Median of do_bench (warm-up {args.warmup} ms, "
-              f"rep {args.rep} ms).\n\n")
+    header = (
+        f"# Attention benchmark ({args.mode})\n\n{env['gpu']}, driver {env['driver']}, "
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, cuDNN "
+        f"{env['cudnn']}; {env['date']}. Median of do_bench (warm-up {args.warmup} ms, "
+        f"rep {args.rep} ms).\n\n"
+    )
     tables = ratio_tables(records)
     (out_dir / f"{stem}.md").write_text(header + tables)
     print(tables)

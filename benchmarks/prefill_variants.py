@@ -47,9 +47,17 @@ def run_prefill(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
         (128, 4, 2, True, True),  # the run-5 default
     ]
     if args.full_grid:
-        grid += [(128, 4, 2, True, False), (128, 4, 3, True, False), (128, 4, 4, True, False),
-                 (128, 8, 2, True, False), (128, 8, 3, True, False), (128, 4, 3, True, True),
-                 (128, 8, 2, True, True), (128, 8, 3, True, True), (64, 4, 3, True, False)]
+        grid += [
+            (128, 4, 2, True, False),
+            (128, 4, 3, True, False),
+            (128, 4, 4, True, False),
+            (128, 8, 2, True, False),
+            (128, 8, 3, True, False),
+            (128, 4, 3, True, True),
+            (128, 8, 2, True, True),
+            (128, 8, 3, True, True),
+            (64, 4, 3, True, False),
+        ]
     for shape in args.shapes:
         hq, hkv, d = SHAPES[shape]
         for t in args.seq_lens:
@@ -63,9 +71,16 @@ def run_prefill(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
             kept = sel.kv_num_blocks.sum().item() - sel.kv_num_blocks.numel() * 0.5
             flops = 4.0 * d * hq * kept * 64 * 64
             ref = None
-            variants = grid if d == 128 else [
-                (64, 4, 3, False, False), (64, 4, 3, True, False), (64, 4, 2, True, False),
-                (64, 4, 3, True, True)]
+            variants = (
+                grid
+                if d == 128
+                else [
+                    (64, 4, 3, False, False),
+                    (64, 4, 3, True, False),
+                    (64, 4, 2, True, False),
+                    (64, 4, 3, True, True),
+                ]
+            )
             for bm, warps, stages, tma, ws in variants:
                 tp.config_override[d] = (bm, warps, stages)
                 tp.variant.clear()
@@ -78,19 +93,36 @@ def run_prefill(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
                         ref = out
                     diff = (out.float() - ref.float()).abs().max().item()
                     ms = triton.testing.do_bench(
-                        partial(tp.sparse_prefill, q, k, v, sel.kv_num_blocks, sel.kv_indices,
-                                64), warmup=25, rep=100, return_mode="median")
+                        partial(tp.sparse_prefill, q, k, v, sel.kv_num_blocks, sel.kv_indices, 64),
+                        warmup=25,
+                        rep=100,
+                        return_mode="median",
+                    )
                 except Exception as err:  # a variant that does not compile is reported, not fatal
-                    print(f"  {label}: failed {type(err).__name__}: {str(err)[:300]}",
-                          flush=True)
+                    print(f"  {label}: failed {type(err).__name__}: {str(err)[:300]}", flush=True)
                     continue
-                row = {"kind": "prefill", "shape": shape, "seq_len": t, "density": args.density,
-                       "block_m": bm, "warps": warps, "stages": stages, "tma": tma,
-                       "warp_spec": ws, "ms": ms, "cudnn_ms": cudnn,
-                       "speedup": cudnn / ms, "tflops": flops / ms / 1e9, "max_diff": diff}
+                row = {
+                    "kind": "prefill",
+                    "shape": shape,
+                    "seq_len": t,
+                    "density": args.density,
+                    "block_m": bm,
+                    "warps": warps,
+                    "stages": stages,
+                    "tma": tma,
+                    "warp_spec": ws,
+                    "ms": ms,
+                    "cudnn_ms": cudnn,
+                    "speedup": cudnn / ms,
+                    "tflops": flops / ms / 1e9,
+                    "max_diff": diff,
+                }
                 results.append(row)
-                print(f"  {label}: {ms:.3f} ms {row['tflops']:.0f} TFLOP/s "
-                      f"{row['speedup']:.2f}x diff {diff:.1e}", flush=True)
+                print(
+                    f"  {label}: {ms:.3f} ms {row['tflops']:.0f} TFLOP/s "
+                    f"{row['speedup']:.2f}x diff {diff:.1e}",
+                    flush=True,
+                )
             tp.config_override.clear()
             tp.variant.clear()
             q = k = v = ref = out = fn = None
@@ -121,16 +153,32 @@ def run_decode(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
                     ref = out
                 diff = (out.float() - ref.float()).abs().max().item()
                 ms = triton.testing.do_bench_cudagraph(
-                    partial(td.sparse_decode_triton, q, k, v, num, idx, 64), rep=100,
-                    return_mode="median")
+                    partial(td.sparse_decode_triton, q, k, v, num, idx, 64),
+                    rep=100,
+                    return_mode="median",
+                )
             except Exception as err:
                 print(f"  splits {splits} w{warps} s{stages}: failed {err!r:.200}", flush=True)
                 continue
-            results.append({"kind": "decode", "batch": batch, "context": ctx, "splits": splits,
-                            "warps": warps, "stages": stages, "us": ms * 1e3,
-                            "cudnn_us": cudnn * 1e3, "speedup": cudnn / ms, "max_diff": diff})
-            print(f"  splits {splits or 'auto'} w{warps} s{stages}: {ms * 1e3:.1f} us "
-                  f"{cudnn / ms:.2f}x diff {diff:.1e}", flush=True)
+            results.append(
+                {
+                    "kind": "decode",
+                    "batch": batch,
+                    "context": ctx,
+                    "splits": splits,
+                    "warps": warps,
+                    "stages": stages,
+                    "us": ms * 1e3,
+                    "cudnn_us": cudnn * 1e3,
+                    "speedup": cudnn / ms,
+                    "max_diff": diff,
+                }
+            )
+            print(
+                f"  splits {splits or 'auto'} w{warps} s{stages}: {ms * 1e3:.1f} us "
+                f"{cudnn / ms:.2f}x diff {diff:.1e}",
+                flush=True,
+            )
         td.config_override.clear()
         q = k = v = None
         torch.cuda.empty_cache()
@@ -164,11 +212,25 @@ def profile_select(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
     events = prof.key_averages()
     cuda_us = sum(e.self_device_time_total for e in events) / 10
     launches = sum(e.count for e in events if e.device_type.name == "CUDA") / 10
-    syncs = sum(e.count for e in events
-                if e.key in ("aten::item", "aten::_local_scalar_dense",
-                             "cudaStreamSynchronize", "cudaDeviceSynchronize")) / 10
-    print(f"select T={t}: {ms:.3f} ms per layer, CUDA {cuda_us / 1e3:.3f} ms, "
-          f"{launches:.0f} kernels, {syncs:.0f} sync-like ops per layer", flush=True)
+    syncs = (
+        sum(
+            e.count
+            for e in events
+            if e.key
+            in (
+                "aten::item",
+                "aten::_local_scalar_dense",
+                "cudaStreamSynchronize",
+                "cudaDeviceSynchronize",
+            )
+        )
+        / 10
+    )
+    print(
+        f"select T={t}: {ms:.3f} ms per layer, CUDA {cuda_us / 1e3:.3f} ms, "
+        f"{launches:.0f} kernels, {syncs:.0f} sync-like ops per layer",
+        flush=True,
+    )
     print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50))
     print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=50))
     # Where the host waits for the GPU (what blocks CUDA-graph capture): torch's sync debug
@@ -179,8 +241,11 @@ def profile_select(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
     sites: dict[str, int] = {}
 
     def note(message, category, filename, lineno, file=None, line=None):
-        frames = [f for f in traceback.extract_stack()
-                  if "sketchwalk" in f.filename and "prefill_variants" not in f.filename]
+        frames = [
+            f
+            for f in traceback.extract_stack()
+            if "sketchwalk" in f.filename and "prefill_variants" not in f.filename
+        ]
         key = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[::-1][:3])
         sites[key] = sites.get(key, 0) + 1
 
@@ -197,9 +262,17 @@ def profile_select(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
     print("synchronising calls in two layers (file:line <- callers):")
     for key, count in sites.items():
         print(f"  {count} x {key}")
-    results.append({"kind": "select", "seq_len": t, "ms_per_layer": ms, "sync_sites": sites,
-                    "cuda_ms_per_layer": cuda_us / 1e3, "kernels_per_layer": launches,
-                    "syncs_per_layer": syncs})
+    results.append(
+        {
+            "kind": "select",
+            "seq_len": t,
+            "ms_per_layer": ms,
+            "sync_sites": sites,
+            "cuda_ms_per_layer": cuda_us / 1e3,
+            "kernels_per_layer": launches,
+            "syncs_per_layer": syncs,
+        }
+    )
 
 
 def main() -> int:
@@ -211,21 +284,26 @@ def main() -> int:
     p.add_argument("--decode-contexts", nargs="+", type=int, default=[131072])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--select-seq", type=int, default=32768)
-    p.add_argument("--splits", nargs="+", type=int, default=[0, 16, 64, 128, 256],
-                   help="decode split counts (0: the kernel's default)")
+    p.add_argument(
+        "--splits",
+        nargs="+",
+        type=int,
+        default=[0, 16, 64, 128, 256],
+        help="decode split counts (0: the kernel's default)",
+    )
     p.add_argument("--full-grid", action="store_true", help="every prefill variant")
     p.add_argument("--out", default="benchmarks/results/variants.json")
     args = p.parse_args()
     env = environment()
     print(json.dumps(env), flush=True)
     results: list[dict[str, Any]] = []
-    for part, fn in (("prefill", run_prefill), ("decode", run_decode),
-                     ("select", profile_select)):
+    for part, fn in (("prefill", run_prefill), ("decode", run_decode), ("select", profile_select)):
         if part in args.parts:
             fn(args, results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"environment": env, "settings": vars(args),
-                                          "results": results}, indent=1))
+    Path(args.out).write_text(
+        json.dumps({"environment": env, "settings": vars(args), "results": results}, indent=1)
+    )
     return 0
 
 

@@ -51,9 +51,17 @@ def triton_transition_fn(precision: str, block_m: int, block_n: int, warps: int)
     def transition(q_blocks, k_blocks, config, layer_idx):
         qs, ks, scale = sketched_blocks(q_blocks, k_blocks, config, layer_idx)
         a = transition_triton(
-            qs, ks, scale, config.causal_sketch and not config.parity, config.granularity,
-            clamp=10.0 if (config.parity and config.exact) else None, precision=precision,
-            block_m=block_m, block_n=block_n, num_warps=warps)
+            qs,
+            ks,
+            scale,
+            config.causal_sketch and not config.parity,
+            config.granularity,
+            clamp=10.0 if (config.parity and config.exact) else None,
+            precision=precision,
+            block_m=block_m,
+            block_n=block_n,
+            num_warps=warps,
+        )
         return sharpen(a, config.sparsity_exponent, config.parity)
 
     return transition
@@ -90,15 +98,20 @@ def main(argv: list[str] | None = None) -> int:
 
         call()
         torch.cuda.synchronize()
-        return float(triton.testing.do_bench(call, warmup=args.warmup, rep=args.rep,
-                                             return_mode="median"))
+        return float(
+            triton.testing.do_bench(call, warmup=args.warmup, rep=args.rep, return_mode="median")
+        )
 
     def dense_attention(q, k):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             return F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
 
-    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "triton": triton.__version__, "cuda": torch.version.cuda}
+    env = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+    }
     print(json.dumps(env), flush=True)
     records: list[dict[str, Any]] = []
     original = core.transition_from_pooled
@@ -134,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                     name = f"triton_{precision}_{bm}x{bn}w{warps}"
                     row[name + "_ms"] = ms
                     row[name + "_maxerr"] = err_max
-                    print(f"  {gran:<8} {name:<28} {ms:8.3f} ms (torch {row['torch_ms']:.3f}) "
-                          f"max |A - torch| {err_max:.2e}", flush=True)
+                    print(
+                        f"  {gran:<8} {name:<28} {ms:8.3f} ms (torch {row['torch_ms']:.3f}) "
+                        f"max |A - torch| {err_max:.2e}",
+                        flush=True,
+                    )
                     if precision == "tf32x3" and (best is None or ms < best[0]):
                         best = (ms, bm, bn, warps)
                 row["best_tf32x3"] = list(best) if best else None
@@ -151,15 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                         core.transition_from_pooled = triton_transition_fn("tf32x3", *best[1:])
                         row["select_same_blocks"] = bool(
                             torch.equal(sel_t.kv_num_blocks, sel_r.kv_num_blocks)
-                            and torch.equal(sel_t.kv_indices, sel_r.kv_indices))
+                            and torch.equal(sel_t.kv_indices, sel_r.kv_indices)
+                        )
                         row["select_triton_ms"] = bench(select_two, sw, q, k, 2) / 2
                     finally:
                         core.transition_from_pooled = original
-                print(f"  {gran:<8} select torch {row['select_torch_ms']:.3f} ms "
-                      f"({100 * row['select_torch_ms'] / dense:.1f}% of dense), triton "
-                      f"{row.get('select_triton_ms', float('nan')):.3f} ms "
-                      f"({100 * row.get('select_triton_ms', float('nan')) / dense:.1f}%), "
-                      f"same blocks {row.get('select_same_blocks')}", flush=True)
+                print(
+                    f"  {gran:<8} select torch {row['select_torch_ms']:.3f} ms "
+                    f"({100 * row['select_torch_ms'] / dense:.1f}% of dense), triton "
+                    f"{row.get('select_triton_ms', float('nan')):.3f} ms "
+                    f"({100 * row.get('select_triton_ms', float('nan')) / dense:.1f}%), "
+                    f"same blocks {row.get('select_same_blocks')}",
+                    flush=True,
+                )
                 records.append(row)
                 if not args.no_profile and t == max(args.seq_lens) and gran == "layer":
                     profile(core, cfg, q, k, shape, t, best, original)
@@ -167,24 +187,32 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"transition_{args.tag}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(
-        {"environment": env, "settings": vars(args), "records": records}, indent=1))
-    lines = [f"# Transition matrix and selection ({env['gpu']}, torch {env['torch']}, triton "
-             f"{env['triton']}, CUDA {env['cuda']}); batch 1, bf16 Q/K, block 64, median "
-             f"do_bench (warm-up {args.warmup} ms, rep {args.rep} ms)\n",
-             "| shape | T | granularity | cuDNN dense ms | transition torch ms | transition "
-             "triton ms (x) | select torch ms (% dense) | select triton ms (% dense) | "
-             "same blocks |", "|" + "---|" * 9]
+    (out_dir / f"{stem}.json").write_text(
+        json.dumps({"environment": env, "settings": vars(args), "records": records}, indent=1)
+    )
+    lines = [
+        f"# Transition matrix and selection ({env['gpu']}, torch {env['torch']}, triton "
+        f"{env['triton']}, CUDA {env['cuda']}); batch 1, bf16 Q/K, block 64, median "
+        f"do_bench (warm-up {args.warmup} ms, rep {args.rep} ms)\n",
+        "| shape | T | granularity | cuDNN dense ms | transition torch ms | transition "
+        "triton ms (x) | select torch ms (% dense) | select triton ms (% dense) | "
+        "same blocks |",
+        "|" + "---|" * 9,
+    ]
     for r in records:
-        tri = min((v for key, v in r.items() if key.startswith("triton_tf32x3")
-                   and key.endswith("_ms")), default=float("nan"))
+        tri = min(
+            (v for key, v in r.items() if key.startswith("triton_tf32x3") and key.endswith("_ms")),
+            default=float("nan"),
+        )
         st, sr = r["select_torch_ms"], r.get("select_triton_ms", float("nan"))
-        lines.append(f"| {r['shape']} | {r['seq_len']} | {r['granularity']} | "
-                     f"{r['dense_cudnn_ms']:.2f} | {r['torch_ms']:.3f} | {tri:.3f} "
-                     f"({r['torch_ms'] / tri:.1f}x) | {st:.3f} "
-                     f"({100 * st / r['dense_cudnn_ms']:.1f}%) | {sr:.3f} "
-                     f"({100 * sr / r['dense_cudnn_ms']:.1f}%) | "
-                     f"{r.get('select_same_blocks')} |")
+        lines.append(
+            f"| {r['shape']} | {r['seq_len']} | {r['granularity']} | "
+            f"{r['dense_cudnn_ms']:.2f} | {r['torch_ms']:.3f} | {tri:.3f} "
+            f"({r['torch_ms'] / tri:.1f}x) | {st:.3f} "
+            f"({100 * st / r['dense_cudnn_ms']:.1f}%) | {sr:.3f} "
+            f"({100 * sr / r['dense_cudnn_ms']:.1f}%) | "
+            f"{r.get('select_same_blocks')} |"
+        )
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -214,12 +242,12 @@ def profile(core, cfg, q, k, shape, t, best, original) -> None:
             core.transition_from_pooled = original
         events = prof.key_averages()
         cuda_total = sum(e.self_device_time_total for e in events) / 4e3
-        print(f"select profile {shape} T={t} transition={name}: per layer wall {wall * 1e3:.2f} "
-              f"ms (profiled), CUDA kernel time {cuda_total:.2f} ms")
-        print(events.table(sort_by="self_cuda_time_total", row_limit=15,
-                           max_name_column_width=55))
-        print(events.table(sort_by="self_cpu_time_total", row_limit=10,
-                           max_name_column_width=55))
+        print(
+            f"select profile {shape} T={t} transition={name}: per layer wall {wall * 1e3:.2f} "
+            f"ms (profiled), CUDA kernel time {cuda_total:.2f} ms"
+        )
+        print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=55))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=55))
 
 
 if __name__ == "__main__":

@@ -86,8 +86,11 @@ def test_layer_subset_dtype_and_hooks_removed():
     with capture_attention(model, layers=[2, 0], dtype=torch.bfloat16) as cap, torch.no_grad():
         model(ids)
     assert sorted(cap.layers) == [0, 2]
-    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu"
-               for rec in cap.layers.values() for t in rec.values())
+    assert all(
+        t.dtype == torch.bfloat16 and t.device.type == "cpu"
+        for rec in cap.layers.values()
+        for t in rec.values()
+    )
     assert "Q_pre" not in cap.layers[0]
     with torch.no_grad():
         model(ids)  # after the context nothing is recorded any more

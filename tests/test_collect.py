@@ -76,9 +76,21 @@ def test_attention_statistics_exact(t, block, hq, hkv):
 
 def _collect_args(model_dir, out, *extra):
     return [
-        "collect", "--model_path", str(model_dir), "--output_dir", str(out),
-        "--sequence_lengths", "80", "--num_samples", "2", "--device", "cpu",
-        "--text_source", "stdlib", "--no_progress", *extra,
+        "collect",
+        "--model_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--sequence_lengths",
+        "80",
+        "--num_samples",
+        "2",
+        "--device",
+        "cpu",
+        "--text_source",
+        "stdlib",
+        "--no_progress",
+        *extra,
     ]
 
 
@@ -99,8 +111,17 @@ def test_cli_collect_files_summary_and_resume(tiny_dir, tmp_path, capsys):
     assert rec["Q"].shape == (1, 4, 80, 16) and rec["K"].shape == (1, 2, 80, 16)
     assert rec["Q"].dtype == torch.bfloat16 and rec["Q_pre"].shape == (1, 4, 80, 16)
     meta = rec["metadata"]
-    for key in ("model_id", "dtype", "rope_parameters", "text_source", "text_offset",
-                "input_ids_sha256", "sketchwalk_version", "hidden_size", "model_path"):
+    for key in (
+        "model_id",
+        "dtype",
+        "rope_parameters",
+        "text_source",
+        "text_offset",
+        "input_ids_sha256",
+        "sketchwalk_version",
+        "hidden_size",
+        "model_path",
+    ):
         assert key in meta, key
     assert meta["text_source"] == "stdlib" and meta["dtype"] == "bfloat16"
     raw = torch.load(files[0], weights_only=True)  # the seed's way of reading a file
@@ -210,8 +231,13 @@ def test_seerattn_checkpoint_stores_gate_scores(tiny_dir, tmp_path):
     if not hasattr(gate_mod, "GateSet") or not hasattr(gate_mod, "GateConfig"):
         pytest.skip("sketchwalk.gate has no GateSet yet")
     cfg = gate_mod.GateConfig(
-        base_model=str(tiny_dir), num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=16,
-        block_size=16, hidden_size=16,
+        base_model=str(tiny_dir),
+        num_layers=3,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        block_size=16,
+        hidden_size=16,
     )
     folder = gate_mod.GateSet(cfg).save(tmp_path / "gate")
     out = tmp_path / "g"
@@ -227,8 +253,12 @@ def test_seerattn_checkpoint_stores_gate_scores(tiny_dir, tmp_path):
 def test_real_smollm2_alias(tmp_path):
     """Real SmolLM2-135M weights through the default alias (converts once into the cache)."""
     collector = TensorCollector(
-        output_dir=tmp_path / "smol", device="cpu", layers=[0, 29], dtype="float32",
-        text_source="stdlib", progress=False,
+        output_dir=tmp_path / "smol",
+        device="cpu",
+        layers=[0, 29],
+        dtype="float32",
+        text_source="stdlib",
+        progress=False,
     )
     collector.load_model()
     assert collector.resolved.kind == "alias"

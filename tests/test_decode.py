@@ -21,8 +21,20 @@ from sketchwalk.attention import dense_attention  # noqa: E402
 from sketchwalk.decode import sparse_decode  # noqa: E402
 
 
-def make_decode_inputs(batch, hq, hkv, num_queries, cache_len, head_dim, block_size, groups,
-                       density, dtype, device, seed=0):
+def make_decode_inputs(
+    batch,
+    hq,
+    hkv,
+    num_queries,
+    cache_len,
+    head_dim,
+    block_size,
+    groups,
+    density,
+    dtype,
+    device,
+    seed=0,
+):
     """Seeded q (B, Hq, Tq, D), caches (B, Hkv, S, D) and a sorted random block selection
     (B, G) / (B, G, nk) that always keeps the first and the last (current) block."""
     gen = torch.Generator().manual_seed(seed)
@@ -39,8 +51,13 @@ def make_decode_inputs(batch, hq, hkv, num_queries, cache_len, head_dim, block_s
     idx = torch.sort(torch.where(keep, order, nk + order), -1).values
     idx = torch.where(order < num[..., None], idx, torch.zeros_like(idx)).to(torch.int32)
     to = dict(device=device)
-    return (q.to(dtype=dtype, **to), k.to(dtype=dtype, **to), v.to(dtype=dtype, **to),
-            num.to(**to), idx.to(**to))
+    return (
+        q.to(dtype=dtype, **to),
+        k.to(dtype=dtype, **to),
+        v.to(dtype=dtype, **to),
+        num.to(**to),
+        idx.to(**to),
+    )
 
 
 def token_mask(num, idx, hq, hkv, num_queries, cache_len, block_size):
@@ -50,7 +67,8 @@ def token_mask(num, idx, hq, hkv, num_queries, cache_len, block_size):
     valid = torch.arange(nk, device=idx.device) < num[..., None]
     kept.scatter_(-1, idx.long(), valid)  # padding zeros scatter False into block 0 ...
     kept |= (idx == 0).logical_and(valid).any(-1, keepdim=True) & (
-        torch.arange(nk, device=idx.device) == 0)  # ... so re-add block 0 where it is kept
+        torch.arange(nk, device=idx.device) == 0
+    )  # ... so re-add block 0 where it is kept
     if g == 1:
         kept = kept.expand(b, hq, nk)
     elif g != hq:
@@ -71,8 +89,9 @@ def same_math_low_precision(q, k, v, mask, scale):
 def check_decode(case, backend, device, seed=0, num_splits=None):
     b, hq, hkv, tq, s, d, bs, gran, density, dtype = case
     groups = {"layer": 1, "kv_group": hkv, "head": hq}[gran]
-    q, k, v, num, idx = make_decode_inputs(b, hq, hkv, tq, s, d, bs, groups, density, dtype,
-                                           device, seed)
+    q, k, v, num, idx = make_decode_inputs(
+        b, hq, hkv, tq, s, d, bs, groups, density, dtype, device, seed
+    )
     scale = 1.0 / math.sqrt(d)
     out = torch.full_like(q, float("nan"))
     if num_splits is None:
@@ -88,8 +107,10 @@ def check_decode(case, backend, device, seed=0, num_splits=None):
     rounding = (ref.to(dtype).double() - ref).abs().max().item()
     err = (out.double() - ref).abs()
     bound = 2 * low_err + rounding
-    print(f"{backend} {case}: max {err.max().item():.3e} mean {err.mean().item():.3e}; "
-          f"same-math {low_err:.3e}; rounding {rounding:.3e}; bound {bound:.3e}")
+    print(
+        f"{backend} {case}: max {err.max().item():.3e} mean {err.mean().item():.3e}; "
+        f"same-math {low_err:.3e}; rounding {rounding:.3e}; bound {bound:.3e}"
+    )
     assert err.max().item() <= bound, f"max error {err.max().item():.3e} > bound {bound:.3e}"
 
 
@@ -113,8 +134,7 @@ def test_reference_matches_token_mask():
     mask = token_mask(num, idx, hq, hkv, tq, s, bs)
     expected = same_math_low_precision(q, k, v, mask, 1.0 / math.sqrt(d))
     # the helper's softmax runs in fp32
-    torch.testing.assert_close(sparse_decode(q, k, v, num, idx, bs), expected, atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(sparse_decode(q, k, v, num, idx, bs), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_input_errors():
@@ -125,8 +145,14 @@ def test_decode_input_errors():
     with pytest.raises(ValueError, match="query must be"):
         sparse_decode(q[0], k, k, num, idx, 32)
     with pytest.raises(ValueError, match="groups"):
-        sparse_decode(q, k, k, torch.ones(1, 3, dtype=torch.int32),
-                      torch.zeros(1, 3, 2, dtype=torch.int32), 32)
+        sparse_decode(
+            q,
+            k,
+            k,
+            torch.ones(1, 3, dtype=torch.int32),
+            torch.zeros(1, 3, 2, dtype=torch.int32),
+            32,
+        )
     with pytest.raises(ValueError, match="unknown decode backend"):
         sparse_decode(q, k, k, num, idx, 32, backend="nope")
     if not CUDA:
@@ -144,8 +170,11 @@ SMALL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}-q{c[3]}"
-                         f"-S{c[4]}-d{c[5]}-bs{c[6]}-{c[7]}")
+@pytest.mark.parametrize(
+    "case",
+    SMALL_CASES,
+    ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}-q{c[3]}-S{c[4]}-d{c[5]}-bs{c[6]}-{c[7]}",
+)
 def test_triton_decode_small(case):
     """Small shapes: compiled on CUDA, the CPU interpreter otherwise (CI)."""
     check_decode(case, "triton", "cuda" if CUDA else "cpu")
@@ -168,7 +197,8 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}-q{c[3]}"
-                         f"-S{c[4]}-{c[7]}")
+@pytest.mark.parametrize(
+    "case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}-q{c[3]}-S{c[4]}-{c[7]}"
+)
 def test_triton_decode_gpu(case):
     check_decode(case, "triton", "cuda", seed=5)

@@ -52,8 +52,10 @@ def assert_within_rule(out, q, k, v, selection, scale=None, label=""):
     low_err = (low - ref).abs().max().item()
     rounding = (ref.to(q.dtype).double() - ref).abs().max().item()
     bound = 2 * low_err + rounding
-    print(f"{label}: kernel max {err.max().item():.3e} mean {err.mean().item():.3e}; "
-          f"same-math max {low_err:.3e}; rounding {rounding:.3e}; bound {bound:.3e}")
+    print(
+        f"{label}: kernel max {err.max().item():.3e} mean {err.mean().item():.3e}; "
+        f"same-math max {low_err:.3e}; rounding {rounding:.3e}; bound {bound:.3e}"
+    )
     assert err.max().item() <= bound, f"{label}: max error {err.max().item():.3e} > {bound:.3e}"
 
 
@@ -75,8 +77,9 @@ def _groups(granularity: str, hq: int, hkv: int) -> int:
 def _run_case(case, backend: str, device: str, seed: int = 0) -> None:
     b, hq, hkv, t, d, bs, gran, dtype, density, diag = case
     q, k, v = make_qkv(b, hq, hkv, t, d, dtype=dtype, device=device, seed=seed)
-    sel = random_selection(b, _groups(gran, hq, hkv), t, bs, density, seed=seed + 1,
-                           device=device, keep_diagonal=diag)
+    sel = random_selection(
+        b, _groups(gran, hq, hkv), t, bs, density, seed=seed + 1, device=device, keep_diagonal=diag
+    )
     from sketchwalk.kernels import get_backend
 
     name, fn = get_backend(backend, q)
@@ -85,8 +88,11 @@ def _run_case(case, backend: str, device: str, seed: int = 0) -> None:
     assert_within_rule(out, q, k, v, sel, label=f"{backend} {case}")
 
 
-@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}x{c[3]}"
-                         f"x{c[4]}-bs{c[5]}-{c[6]}-{str(c[7])[6:]}-d{c[8]}")
+@pytest.mark.parametrize(
+    "case",
+    SMALL_CASES,
+    ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}-bs{c[5]}-{c[6]}-{str(c[7])[6:]}-d{c[8]}",
+)
 def test_triton_prefill_small(case):
     """Small shapes: compiled on CUDA, the CPU interpreter otherwise (CI)."""
     _run_case(case, "triton", "cuda" if CUDA else "cpu")
@@ -122,8 +128,7 @@ def test_get_backend_errors_and_auto():
         assert name == "reference"  # the interpreter is never picked by "auto"
         qq, k, v = make_qkv(1, 2, 1, 70, 64, seed=5)
         sel = random_selection(1, 1, 70, 32, 0.5, seed=6)
-        torch.testing.assert_close(fn(qq, k, v, sel, None),
-                                   sparse_attention(qq, k, v, sel))
+        torch.testing.assert_close(fn(qq, k, v, sel, None), sparse_attention(qq, k, v, sel))
     else:
         name, _ = get_backend("auto", q.bfloat16())
         assert name == "triton"
@@ -143,8 +148,11 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "flex"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}x{c[3]}"
-                         f"x{c[4]}-bs{c[5]}-{c[6]}-{str(c[7])[6:]}")
+@pytest.mark.parametrize(
+    "case",
+    GPU_CASES,
+    ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}-bs{c[5]}-{c[6]}-{str(c[7])[6:]}",
+)
 def test_prefill_gpu(case, backend):
     _run_case(case, backend, "cuda", seed=11)
 

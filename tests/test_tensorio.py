@@ -73,7 +73,11 @@ def test_filename_parse_and_group(tmp_path):
     name = tensor_filename(4096, 12, 3, TS)
     assert name == f"tensors_seq4096_layer12_sample3_{TS}.pt"
     assert parse_tensor_filename(name) == {
-        "seq_len": 4096, "layer_idx": 12, "sample": 3, "timestamp": TS, "format": "pt"
+        "seq_len": 4096,
+        "layer_idx": 12,
+        "sample": 3,
+        "timestamp": TS,
+        "format": "pt",
     }
     with pytest.raises(ValueError, match="not a tensor file name"):
         parse_tensor_filename("summary_seq4096_20240219_120000.json")
@@ -131,21 +135,25 @@ def _bad_cases():
     def drop(key):
         def f(t, m):
             del t[key]
+
         return f
 
     def drop_meta(key):
         def f(t, m):
             del m[key]
+
         return f
 
     def setter(key, value):
         def f(t, m):
             t[key] = value
+
         return f
 
     def meta_set(key, value):
         def f(t, m):
             m[key] = value
+
         return f
 
     return [
@@ -238,6 +246,13 @@ def test_safetensors_without_metadata(tmp_path):
 
 def test_required_metadata_matches_seed():
     assert set(REQUIRED_METADATA) == {
-        "layer_idx", "seq_len", "num_heads", "num_kv_heads", "head_dim", "hidden_size",
-        "batch_size", "timestamp", "model_path",
+        "layer_idx",
+        "seq_len",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "hidden_size",
+        "batch_size",
+        "timestamp",
+        "model_path",
     }

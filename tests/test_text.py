@@ -55,9 +55,10 @@ def test_stdlib_passages(bos):
     first = passages[0]
     text = dict(iter_documents("stdlib"))[first.document]
     start = 1 if bos else 0
-    assert list(text.encode()[first.offset : first.offset + 50]) == first.input_ids[
-        start : start + 50
-    ].tolist()
+    assert (
+        list(text.encode()[first.offset : first.offset + 50])
+        == first.input_ids[start : start + 50].tolist()
+    )
 
 
 def test_seed_changes_order_and_is_reproducible():

@@ -33,7 +33,8 @@ def pooled_blocks(b, hq, hkv, n, d, seed, device):
     qb = torch.randn(b, hq, n, d, generator=gen)
     kb = torch.randn(b, hkv, n, d, generator=gen)
     drift = torch.sin(torch.linspace(0, 9.0, n))[None, None, :, None] * torch.randn(
-        1, hkv, 1, d, generator=gen)
+        1, hkv, 1, d, generator=gen
+    )
     kb = 3.0 * (kb + 2.0 * drift)
     qb = 3.0 * (qb + 2.0 * drift.repeat_interleave(hq // hkv, 1))
     return qb.to(device), kb.to(device)
@@ -58,14 +59,16 @@ def check(case, device, precision="tf32x3", seed=0):
     from sketchwalk.kernels.triton_transition import transition_triton
 
     b, hq, hkv, n, d, granularity, causal, exact, parity = case
-    cfg = SketchWalkConfig(granularity=granularity, causal_sketch=causal, exact=exact,
-                           parity=parity, sketch_dim=64)
+    cfg = SketchWalkConfig(
+        granularity=granularity, causal_sketch=causal, exact=exact, parity=parity, sketch_dim=64
+    )
     qb, kb = pooled_blocks(b, hq, hkv, n, d, seed, device)
     qs, ks, scale = sketched_blocks(qb, kb, cfg, 3)
     use_causal = cfg.causal_sketch and not cfg.parity
     clamp = 10.0 if (cfg.parity and cfg.exact) else None
-    out = transition_triton(qs, ks, scale, use_causal, granularity, clamp=clamp,
-                            precision=precision)
+    out = transition_triton(
+        qs, ks, scale, use_causal, granularity, clamp=clamp, precision=precision
+    )
     torch_path = transition_from_pooled(qb, kb, cfg, 3).double()
     ref = reference64(qs, ks, scale, use_causal, granularity, clamp)
     assert out.shape == ref.shape and out.dtype == torch.float32
@@ -76,9 +79,11 @@ def check(case, device, precision="tf32x3", seed=0):
     allowance = 2.0**-17 * ref.abs().max().item() if precision == "tf32x3" else 0.0
     bound = 2 * same_math + rounding + allowance
     rows = (out.double().sum(-1) - 1).abs().max().item()
-    print(f"{case} {precision}: kernel max {err.max().item():.3e} mean {err.mean().item():.3e}; "
-          f"torch same-math max {same_math:.3e}; rounding {rounding:.3e}; bound {bound:.3e}; "
-          f"row-sum error {rows:.2e}")
+    print(
+        f"{case} {precision}: kernel max {err.max().item():.3e} mean {err.mean().item():.3e}; "
+        f"torch same-math max {same_math:.3e}; rounding {rounding:.3e}; bound {bound:.3e}; "
+        f"row-sum error {rows:.2e}"
+    )
     assert err.max().item() <= bound, f"max error {err.max().item():.3e} > bound {bound:.3e}"
     if use_causal:
         future = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
@@ -94,9 +99,15 @@ SMALL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: f"{c[1]}/{c[2]}x{c[3]}-{c[5]}"
-                         f"{'-causal' if c[6] else ''}{'-exact' if c[7] else ''}"
-                         f"{'-parity' if c[8] else ''}")
+@pytest.mark.parametrize(
+    "case",
+    SMALL_CASES,
+    ids=lambda c: (
+        f"{c[1]}/{c[2]}x{c[3]}-{c[5]}"
+        f"{'-causal' if c[6] else ''}{'-exact' if c[7] else ''}"
+        f"{'-parity' if c[8] else ''}"
+    ),
+)
 def test_transition_triton_small(case):
     """Compiled on CUDA, the CPU interpreter otherwise (CI)."""
     check(case, "cuda" if CUDA else "cpu")
@@ -125,7 +136,12 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}x{c[3]}-{c[5]}"
-                         f"{'-exact' if c[7] else ''}{'-parity' if c[8] else ''}")
+@pytest.mark.parametrize(
+    "case",
+    GPU_CASES,
+    ids=lambda c: (
+        f"{c[0]}x{c[1]}/{c[2]}x{c[3]}-{c[5]}{'-exact' if c[7] else ''}{'-parity' if c[8] else ''}"
+    ),
+)
 def test_transition_triton_gpu(case, precision):
     check(case, "cuda", precision, seed=5)

@@ -662,7 +662,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output_dir", default="./tensor_data", help="where files are written")
     parser.add_argument(
-        "--sequence_lengths", type=int, nargs="+", default=[4096, 8192, 16384],
+        "--sequence_lengths",
+        type=int,
+        nargs="+",
+        default=[4096, 8192, 16384],
         help="sequence lengths in tokens (default: 4096 8192 16384)",
     )
     parser.add_argument("--num_samples", type=int, default=5, help="samples per length")
@@ -670,19 +673,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="cuda / cpu / cuda:1 (default: cuda when available)"
     )
     parser.add_argument(
-        "--layers", nargs="+", default=None,
+        "--layers",
+        nargs="+",
+        default=None,
         help="layers to capture, e.g. '0 5 10' or '0-3,8' (default: all)",
     )
     parser.add_argument(
-        "--dtype", default="bfloat16", choices=["auto", *DTYPES],
+        "--dtype",
+        default="bfloat16",
+        choices=["auto", *DTYPES],
         help="storage dtype of Q/K/V (default bfloat16; auto = the model's compute dtype)",
     )
     parser.add_argument(
-        "--model_dtype", default="auto", choices=["auto", *DTYPES],
+        "--model_dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
         help="compute dtype (default auto: bfloat16 on CUDA, float32 on CPU)",
     )
     parser.add_argument(
-        "--text_source", default="auto", choices=["auto", "austen", "stdlib", "file"],
+        "--text_source",
+        default="auto",
+        choices=["auto", "austen", "stdlib", "file"],
         help="real text: austen (r-cran-janeaustenr), stdlib (Python sources), file "
         "(--text_file); auto = austen where installed, else stdlib",
     )
@@ -694,11 +705,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="skip samples whose files are already complete"
     )
     parser.add_argument(
-        "--allow_long", action="store_true",
+        "--allow_long",
+        action="store_true",
         help="allow lengths beyond the model's max_position_embeddings",
     )
     parser.add_argument(
-        "--save_pre_rope", action="store_true",
+        "--save_pre_rope",
+        action="store_true",
         help="also store pre-RoPE Q_pre/K_pre (always stored for a SeerAttention checkpoint)",
     )
     parser.add_argument("--block_size", type=int, default=64, help="block size of the statistics")

@@ -91,16 +91,22 @@ def _normalise_selection(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if kv_num_blocks.dim() == 3 and kv_indices.dim() == 4:
         if kv_num_blocks.shape[2] != 1 or kv_indices.shape[2] != 1:
-            raise ValueError("decode selection in BlockSelection layout must have one query-block "
-                             f"row, got kv_num_blocks {tuple(kv_num_blocks.shape)}")
+            raise ValueError(
+                "decode selection in BlockSelection layout must have one query-block "
+                f"row, got kv_num_blocks {tuple(kv_num_blocks.shape)}"
+            )
         kv_num_blocks, kv_indices = kv_num_blocks[:, :, 0], kv_indices[:, :, 0]
     if kv_num_blocks.dim() != 2 or kv_indices.dim() != 3:
-        raise ValueError("kv_num_blocks must be (batch, groups) and kv_indices "
-                         f"(batch, groups, nk), got {tuple(kv_num_blocks.shape)} and "
-                         f"{tuple(kv_indices.shape)}")
+        raise ValueError(
+            "kv_num_blocks must be (batch, groups) and kv_indices "
+            f"(batch, groups, nk), got {tuple(kv_num_blocks.shape)} and "
+            f"{tuple(kv_indices.shape)}"
+        )
     if kv_num_blocks.shape[0] != batch or kv_indices.shape[:2] != kv_num_blocks.shape:
-        raise ValueError(f"selection batch/groups {tuple(kv_indices.shape[:2])} do not match "
-                         f"kv_num_blocks {tuple(kv_num_blocks.shape)} and batch {batch}")
+        raise ValueError(
+            f"selection batch/groups {tuple(kv_indices.shape[:2])} do not match "
+            f"kv_num_blocks {tuple(kv_num_blocks.shape)} and batch {batch}"
+        )
     if kv_num_blocks.dtype.is_floating_point or kv_indices.dtype.is_floating_point:
         raise ValueError("kv_num_blocks and kv_indices must be integer tensors")
     return kv_num_blocks, kv_indices
@@ -133,26 +139,32 @@ def sparse_decode(
     if q.dim() != 4:
         raise ValueError(f"query must be (batch, heads, queries, head_dim), got {tuple(q.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError("k_cache and v_cache must both be (batch, kv_heads, seq, head_dim), got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            "k_cache and v_cache must both be (batch, kv_heads, seq, head_dim), got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     batch, num_q_heads, num_queries, head_dim = q.shape
     if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match query {tuple(q.shape)}")
     num_kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
     if num_q_heads % num_kv_heads:
-        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of kv heads "
-                         f"({num_kv_heads})")
+        raise ValueError(
+            f"query heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})"
+        )
     if not 1 <= num_queries <= cache_len:
         raise ValueError(f"need 1 <= Tq <= S, got Tq={num_queries}, S={cache_len}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     kv_num_blocks, kv_indices = _normalise_selection(kv_num_blocks, kv_indices, batch)
     if kv_num_blocks.shape[1] not in (1, num_kv_heads, num_q_heads):
-        raise ValueError(f"selection has {kv_num_blocks.shape[1]} groups; expected 1, "
-                         f"{num_kv_heads} or {num_q_heads}")
+        raise ValueError(
+            f"selection has {kv_num_blocks.shape[1]} groups; expected 1, "
+            f"{num_kv_heads} or {num_q_heads}"
+        )
     if backend == "reference":
-        return sparse_decode_reference(q, k_cache, v_cache, kv_num_blocks, kv_indices,
-                                       block_size, scale)
+        return sparse_decode_reference(
+            q, k_cache, v_cache, kv_num_blocks, kv_indices, block_size, scale
+        )
     if backend == "triton":
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("triton decode backend needs CUDA tensors (or TRITON_INTERPRET=1)")
@@ -160,8 +172,9 @@ def sparse_decode(
             from sketchwalk.kernels.triton_decode import sparse_decode_triton
         except ImportError as err:
             raise RuntimeError(f"triton decode backend unavailable: {err}") from err
-        return sparse_decode_triton(q, k_cache, v_cache, kv_num_blocks, kv_indices, block_size,
-                                    scale)
+        return sparse_decode_triton(
+            q, k_cache, v_cache, kv_num_blocks, kv_indices, block_size, scale
+        )
     raise ValueError(f"unknown decode backend {backend!r}; expected one of {BACKENDS}")
 
 

@@ -278,8 +278,9 @@ def resolve_model(model_path: str | os.PathLike | None = None) -> ResolvedModel:
         if "base_model" in config:
             return _resolve_seerattn(spec, path, str(config["base_model"]), tried)
         if _is_hf_folder(path):
-            return ResolvedModel("hf_folder", spec, path, None, config.get("_name_or_path")
-                                 or path.name, None, tried)
+            return ResolvedModel(
+                "hf_folder", spec, path, None, config.get("_name_or_path") or path.name, None, tried
+            )
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             tried.append(str(ggufs[0]))

@@ -152,9 +152,7 @@ def _austen_documents() -> Iterator[tuple[str, str]]:
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
-    files = [
-        p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1])
-    ]
+    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1])]
     return sorted(files)
 
 

@@ -28,8 +28,9 @@ BACKENDS = ("triton", "flex", "auto")
 AUTO_ORDER = ("triton", "flex")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, "float | None"],
-                       torch.Tensor]
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, Any, "float | None"], torch.Tensor
+]
 
 
 def _interpreting() -> bool:
@@ -40,9 +41,11 @@ def _check_triton(q: torch.Tensor) -> None:
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("triton backend needs the triton package (pip install triton)")
     if not q.is_cuda and not _interpreting():
-        raise RuntimeError(f"triton backend needs a CUDA tensor, got device {q.device} "
-                           "(or set TRITON_INTERPRET=1 before importing triton for the CPU "
-                           "interpreter)")
+        raise RuntimeError(
+            f"triton backend needs a CUDA tensor, got device {q.device} "
+            "(or set TRITON_INTERPRET=1 before importing triton for the CPU "
+            "interpreter)"
+        )
     if q.dtype not in _LOW_PRECISION:
         raise RuntimeError(f"triton backend supports bfloat16/float16, got {q.dtype}")
     head_dim = q.shape[-1]
@@ -52,8 +55,10 @@ def _check_triton(q: torch.Tensor) -> None:
 
 def _check_flex(q: torch.Tensor) -> None:
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
-        raise RuntimeError(f"flex backend needs torch.nn.attention.flex_attention "
-                           f"(torch {torch.__version__} lacks it)")
+        raise RuntimeError(
+            f"flex backend needs torch.nn.attention.flex_attention "
+            f"(torch {torch.__version__} lacks it)"
+        )
     if not q.is_cuda:
         raise RuntimeError(f"flex backend needs a CUDA tensor, got device {q.device}")
     if q.dtype not in (*_LOW_PRECISION, torch.float32):
@@ -63,27 +68,33 @@ def _check_flex(q: torch.Tensor) -> None:
         raise RuntimeError(f"flex backend needs a power-of-two head_dim >= 16, got {head_dim}")
 
 
-def _triton_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any,
-               scale: float | None) -> torch.Tensor:
+def _triton_fn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any, scale: float | None
+) -> torch.Tensor:
     from sketchwalk.kernels.triton_prefill import sparse_prefill
 
-    return sparse_prefill(q, k, v, selection.kv_num_blocks, selection.kv_indices,
-                          selection.block_size, scale)
+    return sparse_prefill(
+        q, k, v, selection.kv_num_blocks, selection.kv_indices, selection.block_size, scale
+    )
 
 
-def _flex_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any,
-             scale: float | None) -> torch.Tensor:
+def _flex_fn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any, scale: float | None
+) -> torch.Tensor:
     from sketchwalk.kernels.flex import flex_sparse_attention
 
     if k.shape[2] != q.shape[2]:
-        raise RuntimeError(f"flex backend needs keys as long as queries, got T={q.shape[2]}, "
-                           f"S={k.shape[2]}")
-    return flex_sparse_attention(q, k, v, selection.kv_num_blocks, selection.kv_indices,
-                                 selection.block_size, scale)
+        raise RuntimeError(
+            f"flex backend needs keys as long as queries, got T={q.shape[2]}, S={k.shape[2]}"
+        )
+    return flex_sparse_attention(
+        q, k, v, selection.kv_num_blocks, selection.kv_indices, selection.block_size, scale
+    )
 
 
-def _reference_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any,
-                  scale: float | None) -> torch.Tensor:
+def _reference_fn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Any, scale: float | None
+) -> torch.Tensor:
     from sketchwalk.attention import sparse_attention
 
     return sparse_attention(q, k, v, selection, backend="reference", scale=scale)

@@ -81,8 +81,14 @@ def build_block_mask(
     part_idx = torch.zeros_like(full_idx)
     part_idx[..., 0] = rows
     return BlockMask.from_kv_blocks(
-        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=_causal,
-        seq_lengths=(seq_len, seq_len), compute_q_blocks=False,
+        part_num,
+        part_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=_causal,
+        seq_lengths=(seq_len, seq_len),
+        compute_q_blocks=False,
     )
 
 
@@ -96,10 +102,14 @@ def kernel_options(block_size: int) -> dict[str, int] | None:
 def _no_eager_fallback() -> Any:
     """Scoped dynamo settings under which compiled flex_attention never falls back to eager."""
     dynamo_config = importlib.import_module("torch._dynamo").config
-    settings = {"recompile_limit": FLEX_RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True,
-                "suppress_errors": False}
-    return dynamo_config.patch(**{key: val for key, val in settings.items()
-                                  if hasattr(dynamo_config, key)})
+    settings = {
+        "recompile_limit": FLEX_RECOMPILE_LIMIT,
+        "fail_on_recompile_limit_hit": True,
+        "suppress_errors": False,
+    }
+    return dynamo_config.patch(
+        **{key: val for key, val in settings.items() if hasattr(dynamo_config, key)}
+    )
 
 
 def flex_sparse_attention(
@@ -136,13 +146,19 @@ def flex_sparse_attention(
         k = k.reshape(batch * num_kv_heads, 1, seq_len, head_dim)
         v = v.reshape(batch * num_kv_heads, 1, seq_len, v.shape[-1])
     if block_mask is None:
-        block_mask = build_block_mask(kv_num_blocks, kv_indices, block_size, seq_len,
-                                      q.shape[1], k.shape[1])
+        block_mask = build_block_mask(
+            kv_num_blocks, kv_indices, block_size, seq_len, q.shape[1], k.shape[1]
+        )
     with _no_eager_fallback():
         try:
             out = compiled_flex_attention()(
-                q, k, v, block_mask=block_mask, scale=scale,
-                enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options(block_size),
+                q,
+                k,
+                v,
+                block_mask=block_mask,
+                scale=scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+                kernel_options=kernel_options(block_size),
             )
         except Exception as err:
             if "RecompileLimit" not in type(err).__name__:
@@ -156,5 +172,10 @@ def flex_sparse_attention(
     return out.reshape(batch, num_q_heads, seq_len, out.shape[-1]) if per_group else out
 
 
-__all__ = ["FLEX_RECOMPILE_LIMIT", "build_block_mask", "compiled_flex_attention",
-           "flex_sparse_attention", "kernel_options"]
+__all__ = [
+    "FLEX_RECOMPILE_LIMIT",
+    "build_block_mask",
+    "compiled_flex_attention",
+    "flex_sparse_attention",
+    "kernel_options",
+]

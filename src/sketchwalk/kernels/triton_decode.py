@@ -37,16 +37,39 @@ from sketchwalk.kernels.triton_prefill import (
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, num_ptr, idx_ptr, part_o_ptr, part_lse_ptr,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_nb, stride_ng,
-    stride_ib, stride_ig,
-    num_queries, cache_len, num_units, tiles_per_unit, heads_per_unit, group_size, num_splits,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    num_ptr,
+    idx_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_nb,
+    stride_ng,
+    stride_ib,
+    stride_ig,
+    num_queries,
+    cache_len,
+    num_units,
+    tiles_per_unit,
+    heads_per_unit,
+    group_size,
+    num_splits,
     qk_scale,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -63,8 +86,13 @@ def _decode_split_kernel(
     kv_head = (unit * heads_per_unit) // group_size
     dims = tl.arange(0, HEAD_DIM)
 
-    q_ptrs = (q_ptr + batch.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
-              + query[:, None] * stride_qt + dims[None, :])
+    q_ptrs = (
+        q_ptr
+        + batch.to(tl.int64) * stride_qb
+        + head[:, None].to(tl.int64) * stride_qh
+        + query[:, None] * stride_qt
+        + dims[None, :]
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
 
     n_sel = tl.load(num_ptr + batch * stride_nb + unit * stride_ng)
@@ -84,9 +112,22 @@ def _decode_split_kernel(
             # Always masked: a kept block may hold keys past a query (the cache's last block)
             # and the mask costs little next to the K/V reads that bound decode.
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                kv_block * BLOCK_SIZE + s * BLOCK_N, pos, cache_len, qk_scale,
-                BLOCK_N, HEAD_DIM, True, UPCAST_DOT,
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_kt,
+                stride_vt,
+                kv_block * BLOCK_SIZE + s * BLOCK_N,
+                pos,
+                cache_len,
+                qk_scale,
+                BLOCK_N,
+                HEAD_DIM,
+                True,
+                UPCAST_DOT,
             )
 
     has_mass = l_i > 0.0
@@ -99,10 +140,20 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    part_o_ptr, part_lse_ptr, o_ptr,
-    stride_ob, stride_oh, stride_ot,
-    num_queries, num_units, tiles_per_unit, heads_per_unit, num_splits,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    part_o_ptr,
+    part_lse_ptr,
+    o_ptr,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    num_queries,
+    num_units,
+    tiles_per_unit,
+    heads_per_unit,
+    num_splits,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
 ):
     # One program per output row: all of the row's splits are read at once (SPLIT_CHUNK at a
     # time) instead of one split per iteration, so the merge is a single memory round trip.
@@ -127,8 +178,11 @@ def _decode_combine_kernel(
         valid = s0 + splits < num_splits
         part = (pid * num_splits + s0 + splits) * BLOCK_M + row_in_tile
         w = tl.exp2(tl.load(part_lse_ptr + part, mask=valid, other=float("-inf")) - shift)
-        o = tl.load(part_o_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :],
-                    mask=valid[:, None], other=0.0)
+        o = tl.load(
+            part_o_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
         weight_sum += w
         acc += tl.sum(w[:, None] * o, 0)
     total = tl.sum(weight_sum, 0)
@@ -138,10 +192,18 @@ def _decode_combine_kernel(
     head_in_unit = row // num_queries
     query = row % num_queries
     head = unit * heads_per_unit + head_in_unit
-    o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-              + query * stride_ot + dims)
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(head_in_unit < heads_per_unit)
-             & (dims < HEAD_DIM))
+    o_ptrs = (
+        o_ptr
+        + batch.to(tl.int64) * stride_ob
+        + head.to(tl.int64) * stride_oh
+        + query * stride_ot
+        + dims
+    )
+    tl.store(
+        o_ptrs,
+        out.to(o_ptr.dtype.element_ty),
+        mask=(head_in_unit < heads_per_unit) & (dims < HEAD_DIM),
+    )
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -188,8 +250,9 @@ def sparse_decode_triton(
     num_kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
     num_groups = kv_num_blocks.shape[1]
     units, heads_per_unit = _mask_layout(num_groups, num_q_heads, num_kv_heads)
-    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous()
-                           for t in (q, k_cache, v_cache))
+    q, k_cache, v_cache = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache)
+    )
     kv_num_blocks = kv_num_blocks.to(torch.int32)
     kv_indices = kv_indices.to(torch.int32)
     if kv_indices.stride(-1) != 1:
@@ -201,35 +264,72 @@ def sparse_decode_triton(
     programs = batch * units * tiles
     if num_splits is None:
         num_splits = config_override.get("splits", 0) or triton.cdiv(
-            2 * _sm_count(q.device), programs)
+            2 * _sm_count(q.device), programs
+        )
         num_splits = max(1, min(num_splits, triton.cdiv(kv_indices.shape[-1], 2)))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    part_o = torch.empty(programs * num_splits * block_m * head_dim, device=q.device,
-                         dtype=torch.float32)
+    part_o = torch.empty(
+        programs * num_splits * block_m * head_dim, device=q.device, dtype=torch.float32
+    )
     part_lse = torch.empty(programs * num_splits * block_m, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     group_stride = 0 if num_groups == 1 else 1
     launch = {}
     if q.is_cuda:
-        launch = {"num_warps": config_override.get("num_warps", 4),
-                      "num_stages": config_override.get("num_stages", 3)}
+        launch = {
+            "num_warps": config_override.get("num_warps", 4),
+            "num_stages": config_override.get("num_stages", 3),
+        }
     _decode_split_kernel[(num_splits, programs)](
-        q, k_cache, v_cache, kv_num_blocks, kv_indices, part_o, part_lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        kv_num_blocks.stride(0), kv_num_blocks.stride(1) * group_stride,
-        kv_indices.stride(0), kv_indices.stride(1) * group_stride,
-        num_queries, cache_len, units, tiles, heads_per_unit, num_q_heads // num_kv_heads,
-        num_splits, scale * LOG2E,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=key_block_tile(block_size),
-        HEAD_DIM=head_dim, UPCAST_DOT=upcast_dot(q), **launch,
+        q,
+        k_cache,
+        v_cache,
+        kv_num_blocks,
+        kv_indices,
+        part_o,
+        part_lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        kv_num_blocks.stride(0),
+        kv_num_blocks.stride(1) * group_stride,
+        kv_indices.stride(0),
+        kv_indices.stride(1) * group_stride,
+        num_queries,
+        cache_len,
+        units,
+        tiles,
+        heads_per_unit,
+        num_q_heads // num_kv_heads,
+        num_splits,
+        scale * LOG2E,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=key_block_tile(block_size),
+        HEAD_DIM=head_dim,
+        UPCAST_DOT=upcast_dot(q),
+        **launch,
     )
     _decode_combine_kernel[(programs, min(block_m, rows))](
-        part_o, part_lse, out,
-        out.stride(0), out.stride(1), out.stride(2),
-        num_queries, units, tiles, heads_per_unit, num_splits,
-        BLOCK_M=block_m, HEAD_DIM=head_dim,
+        part_o,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        num_queries,
+        units,
+        tiles,
+        heads_per_unit,
+        num_splits,
+        BLOCK_M=block_m,
+        HEAD_DIM=head_dim,
         SPLIT_CHUNK=min(64, triton.next_power_of_2(num_splits)),
         **({"num_warps": 4} if q.is_cuda else {}),
     )

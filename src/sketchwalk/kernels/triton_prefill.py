@@ -29,17 +29,34 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, key_start, pos, seq_len, qk_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, k_desc=None, v_desc=None, desc_row=0,
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    key_start,
+    pos,
+    seq_len,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    k_desc=None,
+    v_desc=None,
+    desc_row=0,
     USE_TMA: tl.constexpr = False,
 ):
     offs_n = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     if MASKED:
         key_ok = offs_n < seq_len
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None],
-                    other=0.0)
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0
+        )
     elif USE_TMA:
         # Unmasked blocks lie inside the sequence: a bulk tensor copy of rows
         # desc_row + key_start .. + BLOCK_N of the (B * Hkv * T, D) view.
@@ -62,8 +79,9 @@ def _attend_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if MASKED:
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + dims[None, :], mask=key_ok[:, None],
-                    other=0.0)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vt + dims[None, :], mask=key_ok[:, None], other=0.0
+        )
     elif USE_TMA:
         v = v_desc.load([desc_row + key_start, 0])
     else:
@@ -77,16 +95,45 @@ def _attend_block(
 
 @triton.jit
 def _sparse_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, k_desc, v_desc,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot,
-    stride_nb, stride_ng, stride_nq,
-    stride_ib, stride_ig, stride_iq,
-    seq_len, num_units, heads_per_unit, group_size, num_q_blocks, tiles_per_q_block, qk_scale,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    num_ptr,
+    idx_ptr,
+    k_desc,
+    v_desc,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_nb,
+    stride_ng,
+    stride_nq,
+    stride_ib,
+    stride_ig,
+    stride_iq,
+    seq_len,
+    num_units,
+    heads_per_unit,
+    group_size,
+    num_q_blocks,
+    tiles_per_q_block,
+    qk_scale,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -105,8 +152,13 @@ def _sparse_prefill_kernel(
     kv_head = (unit * heads_per_unit) // group_size
     dims = tl.arange(0, HEAD_DIM)
 
-    q_ptrs = (q_ptr + batch.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
-              + pos[:, None].to(tl.int64) * stride_qt + dims[None, :])
+    q_ptrs = (
+        q_ptr
+        + batch.to(tl.int64) * stride_qb
+        + head[:, None].to(tl.int64) * stride_qh
+        + pos[:, None].to(tl.int64) * stride_qt
+        + dims[None, :]
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
 
     n_sel = tl.load(num_ptr + batch * stride_nb + unit * stride_ng + q_block * stride_nq)
@@ -126,23 +178,58 @@ def _sparse_prefill_kernel(
         kv_block = tl.load(idx_row + e)
         for s in tl.static_range(BLOCK_SIZE // BLOCK_N):
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                kv_block * BLOCK_SIZE + s * BLOCK_N, pos, seq_len, qk_scale,
-                BLOCK_N, HEAD_DIM, False, UPCAST_DOT, k_desc, v_desc, desc_row, USE_TMA,
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_kt,
+                stride_vt,
+                kv_block * BLOCK_SIZE + s * BLOCK_N,
+                pos,
+                seq_len,
+                qk_scale,
+                BLOCK_N,
+                HEAD_DIM,
+                False,
+                UPCAST_DOT,
+                k_desc,
+                v_desc,
+                desc_row,
+                USE_TMA,
             )
     if n_sel > 0:
         kv_block = tl.load(idx_row + n_sel - 1)
         for s in tl.static_range(BLOCK_SIZE // BLOCK_N):
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                kv_block * BLOCK_SIZE + s * BLOCK_N, pos, seq_len, qk_scale,
-                BLOCK_N, HEAD_DIM, True, UPCAST_DOT,
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_kt,
+                stride_vt,
+                kv_block * BLOCK_SIZE + s * BLOCK_N,
+                pos,
+                seq_len,
+                qk_scale,
+                BLOCK_N,
+                HEAD_DIM,
+                True,
+                UPCAST_DOT,
             )
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh
-              + pos[:, None].to(tl.int64) * stride_ot + dims[None, :])
+    o_ptrs = (
+        o_ptr
+        + batch.to(tl.int64) * stride_ob
+        + head[:, None].to(tl.int64) * stride_oh
+        + pos[:, None].to(tl.int64) * stride_ot
+        + dims[None, :]
+    )
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -200,11 +287,14 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     if q.dtype not in SUPPORTED_DTYPES:
         raise RuntimeError(f"triton backend supports bfloat16/float16, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise RuntimeError(f"triton backend needs q, k, v of one dtype, got {q.dtype}, "
-                           f"{k.dtype}, {v.dtype}")
+        raise RuntimeError(
+            f"triton backend needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        raise RuntimeError(f"triton backend supports head_dim in {SUPPORTED_HEAD_DIMS} "
-                           f"(same for q, k, v), got {q.shape[-1]}/{v.shape[-1]}")
+        raise RuntimeError(
+            f"triton backend supports head_dim in {SUPPORTED_HEAD_DIMS} "
+            f"(same for q, k, v), got {q.shape[-1]}/{v.shape[-1]}"
+        )
     key_block_tile(block_size)
 
 
@@ -215,8 +305,10 @@ def _mask_layout(num_groups: int, num_q_heads: int, num_kv_heads: int) -> tuple[
         return num_q_heads, 1
     if num_groups in (1, num_kv_heads):
         return num_kv_heads, group_size
-    raise RuntimeError(f"selection has {num_groups} mask groups; expected 1, {num_kv_heads} "
-                       f"(KV heads) or {num_q_heads} (query heads)")
+    raise RuntimeError(
+        f"selection has {num_groups} mask groups; expected 1, {num_kv_heads} "
+        f"(KV heads) or {num_q_heads} (query heads)"
+    )
 
 
 def sparse_prefill(
@@ -248,14 +340,17 @@ def sparse_prefill(
     batch, num_q_heads, seq_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if k.shape[2] != seq_len:
-        raise RuntimeError(f"prefill kernel needs keys as long as queries, got T={seq_len}, "
-                           f"S={k.shape[2]}; use sketchwalk.decode.sparse_decode for S > T")
+        raise RuntimeError(
+            f"prefill kernel needs keys as long as queries, got T={seq_len}, "
+            f"S={k.shape[2]}; use sketchwalk.decode.sparse_decode for S > T"
+        )
     num_groups = kv_num_blocks.shape[1]
     units, heads_per_unit = _mask_layout(num_groups, num_q_heads, num_kv_heads)
     num_q_blocks = kv_num_blocks.shape[2]
     if num_q_blocks != math.ceil(seq_len / block_size):
-        raise RuntimeError(f"selection has {num_q_blocks} query blocks, expected "
-                           f"ceil({seq_len} / {block_size})")
+        raise RuntimeError(
+            f"selection has {num_q_blocks} query blocks, expected ceil({seq_len} / {block_size})"
+        )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kv_num_blocks = kv_num_blocks.to(torch.int32)
     kv_indices = kv_indices.to(torch.int32)
@@ -284,17 +379,45 @@ def sparse_prefill(
         k_desc = TensorDescriptor.from_tensor(k.view(-1, head_dim), [block_n, head_dim])
         v_desc = TensorDescriptor.from_tensor(v.view(-1, head_dim), [block_n, head_dim])
     _sparse_prefill_kernel[grid](
-        q, k, v, out, kv_num_blocks, kv_indices, k_desc, v_desc,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        kv_num_blocks.stride(0), kv_num_blocks.stride(1) * group_stride, kv_num_blocks.stride(2),
-        kv_indices.stride(0), kv_indices.stride(1) * group_stride, kv_indices.stride(2),
-        seq_len, units, heads_per_unit, num_q_heads // num_kv_heads, num_q_blocks, tiles,
+        q,
+        k,
+        v,
+        out,
+        kv_num_blocks,
+        kv_indices,
+        k_desc,
+        v_desc,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        kv_num_blocks.stride(0),
+        kv_num_blocks.stride(1) * group_stride,
+        kv_num_blocks.stride(2),
+        kv_indices.stride(0),
+        kv_indices.stride(1) * group_stride,
+        kv_indices.stride(2),
+        seq_len,
+        units,
+        heads_per_unit,
+        num_q_heads // num_kv_heads,
+        num_q_blocks,
+        tiles,
         scale * LOG2E,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        HEAD_DIM=head_dim, UPCAST_DOT=upcast_dot(q), USE_TMA=use_tma,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        UPCAST_DOT=upcast_dot(q),
+        USE_TMA=use_tma,
         WARP_SPEC=q.is_cuda and _variant(head_dim).get("warp_spec", False),
         **kwargs,
     )

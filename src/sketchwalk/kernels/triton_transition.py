@@ -35,20 +35,39 @@ GRANULARITIES = ("layer", "kv_group", "head")
 
 
 @triton.jit
-def _logits_tile(q, ks_base, stride_kn, stride_kr, key_start, rows, nk, causal_offset,
-                 qk_scale2, clamp_value,
-                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R: tl.constexpr,
-                 CAUSAL: tl.constexpr, CLAMP: tl.constexpr, PRECISION: tl.constexpr):
+def _logits_tile(
+    q,
+    ks_base,
+    stride_kn,
+    stride_kr,
+    key_start,
+    rows,
+    nk,
+    causal_offset,
+    qk_scale2,
+    clamp_value,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    R: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CLAMP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Logits in the log2 domain of one (query tile, key tile); invisible entries are -inf."""
     cols = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_R)
-    k = tl.load(ks_base + cols[:, None] * stride_kn + dims[None, :] * stride_kr,
-                mask=(cols[:, None] < nk) & (dims[None, :] < R), other=0.0)
+    k = tl.load(
+        ks_base + cols[:, None] * stride_kn + dims[None, :] * stride_kr,
+        mask=(cols[:, None] < nk) & (dims[None, :] < R),
+        other=0.0,
+    )
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if CLAMP:
         # Parity-exact arithmetic clamps the natural-log-domain logits before the softmax.
-        s = tl.minimum(tl.maximum(s * (qk_scale2 / 1.4426950408889634), -clamp_value),
-                       clamp_value) * 1.4426950408889634
+        s = (
+            tl.minimum(tl.maximum(s * (qk_scale2 / 1.4426950408889634), -clamp_value), clamp_value)
+            * 1.4426950408889634
+        )
     else:
         s = s * qk_scale2
     visible = cols[None, :] < nk
@@ -59,12 +78,32 @@ def _logits_tile(q, ks_base, stride_kn, stride_kr, key_start, rows, nk, causal_o
 
 @triton.jit
 def _row_stats_kernel(
-    qs_ptr, ks_ptr, max_ptr, inv_sum_ptr,
-    stride_qb, stride_qh, stride_qn, stride_qr,
-    stride_kb, stride_kh, stride_kn, stride_kr,
-    num_q_heads, group, nq, nk, causal_offset, qk_scale2, clamp_value,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R: tl.constexpr,
-    CAUSAL: tl.constexpr, CLAMP: tl.constexpr, PRECISION: tl.constexpr,
+    qs_ptr,
+    ks_ptr,
+    max_ptr,
+    inv_sum_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qr,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kr,
+    num_q_heads,
+    group,
+    nq,
+    nk,
+    causal_offset,
+    qk_scale2,
+    clamp_value,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    R: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CLAMP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -72,9 +111,15 @@ def _row_stats_kernel(
     h = pid_bh % num_q_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_R)
-    q = tl.load(qs_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
-                + dims[None, :] * stride_qr,
-                mask=(rows[:, None] < nq) & (dims[None, :] < R), other=0.0)
+    q = tl.load(
+        qs_ptr
+        + b * stride_qb
+        + h * stride_qh
+        + rows[:, None] * stride_qn
+        + dims[None, :] * stride_qr,
+        mask=(rows[:, None] < nq) & (dims[None, :] < R),
+        other=0.0,
+    )
     ks_base = ks_ptr + b * stride_kb + (h // group) * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -82,8 +127,24 @@ def _row_stats_kernel(
     if CAUSAL:
         key_end = tl.minimum(nk, pid_m * BLOCK_M + BLOCK_M + causal_offset)
     for key_start in range(0, key_end, BLOCK_N):
-        s = _logits_tile(q, ks_base, stride_kn, stride_kr, key_start, rows, nk, causal_offset,
-                         qk_scale2, clamp_value, BLOCK_N, BLOCK_R, R, CAUSAL, CLAMP, PRECISION)
+        s = _logits_tile(
+            q,
+            ks_base,
+            stride_kn,
+            stride_kr,
+            key_start,
+            rows,
+            nk,
+            causal_offset,
+            qk_scale2,
+            clamp_value,
+            BLOCK_N,
+            BLOCK_R,
+            R,
+            CAUSAL,
+            CLAMP,
+            PRECISION,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows past nq (or, non-causal, none) can be fully masked: keep exp2 away from NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -97,14 +158,39 @@ def _row_stats_kernel(
 
 @triton.jit
 def _accumulate_kernel(
-    qs_ptr, ks_ptr, max_ptr, inv_sum_ptr, a_ptr,
-    stride_qb, stride_qh, stride_qn, stride_qr,
-    stride_kb, stride_kh, stride_kn, stride_kr,
-    stride_ab, stride_ag, stride_an,
-    num_q_heads, num_groups, heads_per_group, group, nq, nk, causal_offset, qk_scale2,
-    clamp_value, inv_heads,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R: tl.constexpr,
-    CAUSAL: tl.constexpr, CLAMP: tl.constexpr, PRECISION: tl.constexpr,
+    qs_ptr,
+    ks_ptr,
+    max_ptr,
+    inv_sum_ptr,
+    a_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qr,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kr,
+    stride_ab,
+    stride_ag,
+    stride_an,
+    num_q_heads,
+    num_groups,
+    heads_per_group,
+    group,
+    nq,
+    nk,
+    causal_offset,
+    qk_scale2,
+    clamp_value,
+    inv_heads,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    R: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CLAMP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -122,15 +208,36 @@ def _accumulate_kernel(
         row_ok = rows < nq
         for t in range(0, heads_per_group):
             h = g * heads_per_group + t
-            q = tl.load(qs_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
-                        + dims[None, :] * stride_qr,
-                        mask=row_ok[:, None] & (dims[None, :] < R), other=0.0)
+            q = tl.load(
+                qs_ptr
+                + b * stride_qb
+                + h * stride_qh
+                + rows[:, None] * stride_qn
+                + dims[None, :] * stride_qr,
+                mask=row_ok[:, None] & (dims[None, :] < R),
+                other=0.0,
+            )
             stat = (b * num_q_heads + h) * nq + rows
             m_row = tl.load(max_ptr + stat, mask=row_ok, other=0.0)
             inv_l = tl.load(inv_sum_ptr + stat, mask=row_ok, other=0.0)
-            s = _logits_tile(q, ks_ptr + b * stride_kb + (h // group) * stride_kh, stride_kn,
-                             stride_kr, pid_n * BLOCK_N, rows, nk, causal_offset, qk_scale2,
-                             clamp_value, BLOCK_N, BLOCK_R, R, CAUSAL, CLAMP, PRECISION)
+            s = _logits_tile(
+                q,
+                ks_ptr + b * stride_kb + (h // group) * stride_kh,
+                stride_kn,
+                stride_kr,
+                pid_n * BLOCK_N,
+                rows,
+                nk,
+                causal_offset,
+                qk_scale2,
+                clamp_value,
+                BLOCK_N,
+                BLOCK_R,
+                R,
+                CAUSAL,
+                CLAMP,
+                PRECISION,
+            )
             acc += tl.exp2(s - m_row[:, None]) * inv_l[:, None]
         acc = acc * inv_heads
     out = a_ptr + b * stride_ab + g * stride_ag + rows[:, None] * stride_an + cols[None, :]
@@ -174,13 +281,16 @@ def transition_triton(
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if qs.dim() != 4 or ks.dim() != 4:
-        raise ValueError(f"qs must be (B, Hq, nq, r) and ks (B, Hkv, nk, r), got "
-                         f"{tuple(qs.shape)} and {tuple(ks.shape)}")
+        raise ValueError(
+            f"qs must be (B, Hq, nq, r) and ks (B, Hkv, nk, r), got "
+            f"{tuple(qs.shape)} and {tuple(ks.shape)}"
+        )
     b, hq, nq, r = qs.shape
     hkv, nk = ks.shape[1], ks.shape[2]
     if ks.shape[0] != b or ks.shape[3] != r or hq % hkv:
-        raise ValueError(f"ks must be (B={b}, Hkv dividing Hq={hq}, nk, r={r}), got "
-                         f"{tuple(ks.shape)}")
+        raise ValueError(
+            f"ks must be (B={b}, Hkv dividing Hq={hq}, nk, r={r}), got {tuple(ks.shape)}"
+        )
     if qs.dtype != torch.float32 or ks.dtype != torch.float32:
         raise ValueError(f"qs and ks must be float32, got {qs.dtype} and {ks.dtype}")
     if causal and nk < nq:
@@ -194,20 +304,58 @@ def transition_triton(
     row_max = torch.empty(b, hq, nq, device=qs.device, dtype=torch.float32)
     inv_sum = torch.empty_like(row_max)
     block_r = max(16, triton.next_power_of_2(r))
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, R=r, CAUSAL=bool(causal),
-                  CLAMP=clamp is not None, PRECISION=precision, num_warps=num_warps)
+    common = dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+        R=r,
+        CAUSAL=bool(causal),
+        CLAMP=clamp is not None,
+        PRECISION=precision,
+        num_warps=num_warps,
+    )
     qk_scale2 = float(scale) * LOG2E
     clamp_value = float(clamp) if clamp is not None else 0.0
     offset = nk - nq
     m_tiles = triton.cdiv(nq, block_m)
     _row_stats_kernel[(m_tiles, b * hq)](
-        qs, ks, row_max, inv_sum, *qs.stride(), *ks.stride(), hq, hq // hkv, nq, nk, offset,
-        qk_scale2, clamp_value, **common,
+        qs,
+        ks,
+        row_max,
+        inv_sum,
+        *qs.stride(),
+        *ks.stride(),
+        hq,
+        hq // hkv,
+        nq,
+        nk,
+        offset,
+        qk_scale2,
+        clamp_value,
+        **common,
     )
     _accumulate_kernel[(triton.cdiv(nk, block_n), m_tiles, b * groups)](
-        qs, ks, row_max, inv_sum, a, *qs.stride(), *ks.stride(), a.stride(0), a.stride(1),
-        a.stride(2), hq, groups, heads_per_group, hq // hkv, nq, nk, offset, qk_scale2, clamp_value,
-        1.0 / heads_per_group, **common,
+        qs,
+        ks,
+        row_max,
+        inv_sum,
+        a,
+        *qs.stride(),
+        *ks.stride(),
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        hq,
+        groups,
+        heads_per_group,
+        hq // hkv,
+        nq,
+        nk,
+        offset,
+        qk_scale2,
+        clamp_value,
+        1.0 / heads_per_group,
+        **common,
     )
     return a
 
