@@ -55,7 +55,8 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     return dict(sorted(found.items()))
 
 
-def _inner_functions(inner: str, module: nn.Module) -> Callable[..., Any]:
+def inner_attention_function(inner: str, module: nn.Module) -> Callable[..., Any]:
+    """The attention function registered as ``inner`` ("sdpa", "eager", ...) for ``module``."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if inner == "eager":
@@ -77,7 +78,7 @@ def _make_attention_fn(inner: str) -> Callable[..., Any]:
         capture = _ACTIVE.get(id(module))
         if capture is not None:
             capture._record(module.layer_idx, query, key, value)
-        return _inner_functions(inner, module)(
+        return inner_attention_function(inner, module)(
             module, query, key, value, attention_mask, *args, **kwargs
         )
 
@@ -103,7 +104,8 @@ def _register(inner: str) -> str:
     return name
 
 
-def _set_attn(model: nn.Module, name: str) -> None:
+def set_attention_implementation(model: nn.Module, name: str) -> None:
+    """Switch ``model`` to the registered attention implementation ``name``."""
     try:
         model.set_attn_implementation(name)
     except (AttributeError, ValueError):
@@ -202,7 +204,7 @@ class AttentionCapture:
             self._previous = previous
         name = _register(inner)
         if self._previous is not None:
-            _set_attn(self.model, name)
+            set_attention_implementation(self.model, name)
         for i, module in self.modules.items():
             _ACTIVE[id(module)] = self
             if self.pre_rope:
@@ -226,7 +228,7 @@ class AttentionCapture:
             if _ACTIVE.get(id(module)) is self:
                 del _ACTIVE[id(module)]
         if self._previous is not None:
-            _set_attn(self.model, self._previous)
+            set_attention_implementation(self.model, self._previous)
         self.active = False
 
 

@@ -48,7 +48,12 @@ import torch
 from torch import nn
 
 from sketchwalk.attention import BACKENDS, resolve_backend, sparse_attention
-from sketchwalk.capture import CAPTURE_PREFIX, _inner_functions, _set_attn, attention_modules
+from sketchwalk.capture import (
+    CAPTURE_PREFIX,
+    attention_modules,
+    inner_attention_function,
+    set_attention_implementation,
+)
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.core import TRANSITION_BACKENDS, SketchWalk
 
@@ -202,7 +207,7 @@ class SketchWalkAttention:
             )
         self.inner = current
         self.name = _register(current)
-        _set_attn(self.model, self.name)
+        set_attention_implementation(self.model, self.name)
         for module in self.modules.values():
             _ACTIVE_MODULES[id(module)] = self
         _ACTIVE_MODELS[id(self.model)] = self
@@ -218,7 +223,7 @@ class SketchWalkAttention:
                 del _ACTIVE_MODULES[id(module)]
         if _ACTIVE_MODELS.get(id(self.model)) is self:
             del _ACTIVE_MODELS[id(self.model)]
-        _set_attn(self.model, self.inner)
+        set_attention_implementation(self.model, self.inner)
         self.active = False
 
     def __enter__(self) -> SketchWalkAttention:
@@ -425,7 +430,7 @@ def _make_attention_fn(inner: str) -> Callable[..., Any]:
         *args: Any,
         **kwargs: Any,
     ) -> Any:
-        inner_fn = _inner_functions(inner, module)
+        inner_fn = inner_attention_function(inner, module)
         driver = _ACTIVE_MODULES.get(id(module))
         if driver is None:  # a model switched by name without enable_sketchwalk: stay dense
             return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
