@@ -248,3 +248,69 @@ def test_bad_arguments_raise_clear_errors():
     ):
         model(_ids())
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sketchwalk_decode_runs_sparse_steps_and_keeps_every_block_when_asked(arch):
+    """decode="sketchwalk": one-token steps select blocks with SketchWalkDecoder and run
+    sparse_decode. With a budget that keeps every block the generated tokens and step logits
+    equal plain dense decoding after the same sparse prefill; with a sparse budget the steps keep
+    fewer blocks and still generate."""
+    model = _model(arch)
+    prompt = _ids(batch=2, seq=90)
+    steps = 5
+    keep_all = SketchWalkConfig(block_size=16, kblocks_frac=1.0, dense_layers=1, dense_last_rows=1)
+
+    def run(decode: str, cfg: SketchWalkConfig):
+        with (
+            torch.no_grad(),
+            enable_sketchwalk(model, cfg, backend="reference", decode=decode) as sw,
+        ):
+            out = model.generate(
+                prompt,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        return out, sw
+
+    dense_out, _ = run("dense", keep_all)
+    full_out, sw_full = run("sketchwalk", keep_all)
+    assert torch.equal(dense_out.sequences, full_out.sequences)
+    for a, b in zip(dense_out.logits, full_out.logits, strict=True):
+        assert _report("decode logits, every block kept", b, a) < 1e-4
+    decode_calls = [c for c in sw_full.calls if not c.prefill]
+    sparse_steps = [c for c in decode_calls if c.mode == "sparse"]
+    assert len(sparse_steps) == 2 * (steps - 1)  # layers 1 and 2, every step after the first
+    assert all(c.density == 1.0 for c in sparse_steps)
+    assert all(
+        c.reason == "dense layer (config.dense_layers)" for c in decode_calls if c.layer_idx == 0
+    )
+
+    sparse_out, sw_sparse = run(
+        "sketchwalk",
+        SketchWalkConfig(
+            block_size=16, top_k_blocks=1, sink=0.0, window=0.0, dense_layers=1, dense_last_rows=1
+        ),
+    )
+    steps_sparse = [c for c in sw_sparse.calls if not c.prefill and c.mode == "sparse"]
+    assert len(steps_sparse) == 2 * (steps - 1)
+    assert all(c.density < 1.0 for c in steps_sparse)
+    assert sparse_out.sequences.shape == (2, 90 + steps)
+    assert all(torch.isfinite(x).all() for x in sparse_out.logits)
+
+
+def test_sketchwalk_decode_without_sparse_prefill_stays_dense():
+    model = _model("llama")
+    with (
+        torch.no_grad(),
+        enable_sketchwalk(model, SPARSE, backend="reference", decode="sketchwalk") as sw,
+    ):
+        model.generate(_ids(batch=1, seq=10), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    decode = [c for c in sw.calls if not c.prefill]
+    assert decode and all(c.mode == "dense" for c in decode)
+    assert any("no SketchWalk prefill state" in (c.reason or "") for c in decode)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        enable_sketchwalk(model, SPARSE, decode="always")

@@ -93,6 +93,11 @@ class SketchWalkDecoder:
     def reset(self) -> None:
         self._layers.clear()
 
+    def cache_length(self, layer_idx: int) -> int | None:
+        """Tokens the decoder has seen for ``layer_idx`` (None before its prefill)."""
+        state = self._layers.get(layer_idx)
+        return None if state is None else state.seq_len
+
     def prefill(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int) -> None:
         """Initialise a layer's state from its prefill q (B, Hq, T, D) and k (B, Hkv, T, D)."""
         cfg = self.config

@@ -16,11 +16,15 @@ un-repeated ``key``/``value`` (B, Hkv, S_kv, D) and ``module.layer_idx``, and de
   ``dense_layers`` layers, a density-1 budget, a sequence of one block) the inner implementation
   runs instead: the result is the same attention, computed by the stock kernel, so a dense
   configuration reproduces the stock model's logits exactly.
+- **Sparse decode** (``decode="sketchwalk"``): a step with one new token (``S == 1``) on a layer
+  whose prefill ran through SketchWalk goes to a :class:`~sketchwalk.decode_selection.
+  SketchWalkDecoder` (incremental pooled keys, a window of recent queries, the prefill's
+  transition matrix) and :func:`~sketchwalk.decode.sparse_decode` over the kept blocks of the
+  cache. With the default ``decode="dense"`` decode steps run the inner implementation.
 - **Everything else runs the inner (dense) implementation unchanged**, with the reason recorded:
-  decode steps and chunked prefill (``S < S_kv``: SketchWalk's decode-time selection is not
-  implemented), padded or packed batches and sliding-window masks (the mask is not plain
-  causal; ``on_padding="raise"`` raises instead), short sequences, dropout, non-causal modules,
-  layers outside ``layers``.
+  chunked prefill and multi-token steps (``1 < S < S_kv``), padded or packed batches and
+  sliding-window masks (the mask is not plain causal; ``on_padding="raise"`` raises instead),
+  short sequences, dropout, non-causal modules, layers outside ``layers``.
 
 Every call is recorded in :attr:`SketchWalkAttention.calls` (layer, pass, mode, density, backend,
 reason); :attr:`SketchWalkAttention.layers` holds each layer's latest call and
@@ -56,6 +60,8 @@ from sketchwalk.capture import (
 )
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.core import TRANSITION_BACKENDS, SketchWalk
+from sketchwalk.decode import sparse_decode
+from sketchwalk.decode_selection import SketchWalkDecoder
 
 __all__ = [
     "SKETCHWALK_PREFIX",
@@ -68,6 +74,7 @@ __all__ = [
 
 SKETCHWALK_PREFIX = "sketchwalk+"
 PADDING_POLICIES = ("fallback", "raise")
+DECODE_MODES = ("dense", "sketchwalk")
 # Score modifiers SketchWalk's kernels do not implement: a call carrying one runs dense.
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
@@ -125,6 +132,9 @@ class SketchWalkAttention:
         dense_when_full: run the inner implementation when the selection keeps every causal
             block (exactly the same attention); False sends such calls through
             ``sparse_attention`` too (useful to test the sparse path).
+        decode: ``"dense"`` (decode steps run the inner implementation) or ``"sketchwalk"``
+            (one-token steps select blocks with a ``SketchWalkDecoder`` and run
+            ``sparse_decode``; Triton on CUDA when the sparse backend resolves to Triton).
 
     The model is switched on :meth:`enable` (or ``__enter__``) and restored on :meth:`disable`.
     """
@@ -138,6 +148,7 @@ class SketchWalkAttention:
         selection_backend: str = "auto",
         on_padding: str = "fallback",
         dense_when_full: bool = True,
+        decode: str = "dense",
     ) -> None:
         if config is None:
             config = SketchWalkConfig()
@@ -153,6 +164,10 @@ class SketchWalkAttention:
             raise ValueError(
                 f"enable_sketchwalk: selection_backend must be one of {TRANSITION_BACKENDS}, got "
                 f"{selection_backend!r}"
+            )
+        if decode not in DECODE_MODES:
+            raise ValueError(
+                f"enable_sketchwalk: decode must be one of {DECODE_MODES}, got {decode!r}"
             )
         if on_padding not in PADDING_POLICIES:
             raise ValueError(
@@ -182,6 +197,8 @@ class SketchWalkAttention:
         self.name: str | None = None
         self.active = False
         self.sketchwalk = SketchWalk(config, backend=selection_backend)
+        self.decode = decode
+        self.decoder = SketchWalkDecoder(config)
         self.calls: list[LayerCall] = []
         self.layers: dict[int, LayerCall] = {}
         self.forward_passes = 0
@@ -337,7 +354,9 @@ class SketchWalkAttention:
         if layer_idx not in self.sparse_layers:
             return "layer not selected for SketchWalk"
         if q_len < kv_len:
-            return "decode step or chunked prefill (query shorter than keys): dense"
+            if self.decode == "dense":
+                return "decode step or chunked prefill (query shorter than keys): dense"
+            return self._decode_problem(layer_idx, q_len, kv_len, attention_mask, kwargs)
         if q_len != kv_len:
             return f"query length {q_len} > key length {kv_len}"
         if q_len <= self.config.block_size:
@@ -363,9 +382,34 @@ class SketchWalkAttention:
             )
         return problem
 
+    def _decode_problem(
+        self, layer_idx: int, q_len: int, kv_len: int, attention_mask: Any, kwargs: dict
+    ) -> str | None:
+        """Why a decode-shaped call cannot run SketchWalk decode, or None."""
+        if q_len != 1:
+            return f"{q_len} new tokens in one step (decode selection takes one): dense"
+        if layer_idx < self.config.dense_layers:
+            return "dense layer (config.dense_layers)"
+        if self.decoder.cache_length(layer_idx) != kv_len - 1:
+            return "no SketchWalk prefill state for this cache (prefill ran dense): dense"
+        if float(kwargs.get("dropout", 0.0) or 0.0) != 0.0:
+            return "attention dropout > 0"
+        for name in _UNSUPPORTED_KWARGS:
+            if kwargs.get(name) is not None:
+                return f"unsupported attention argument {name!r}"
+        window = kwargs.get("sliding_window")
+        if isinstance(window, int) and not isinstance(window, bool) and 0 < window < kv_len:
+            return f"sliding-window layer (window {window} < {kv_len} keys)"
+        if attention_mask is not None:
+            allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            if not bool(allowed.all()):
+                return "decode mask hides part of the cache (padding): dense"
+        return None
+
     def _start_pass_if_new(self, layer_idx: int) -> None:
         if self._last_layer is None or layer_idx <= self._last_layer:
             self.sketchwalk.reset()
+            self.decoder.reset()
             self.forward_passes += 1
         self._last_layer = layer_idx
 
@@ -400,8 +444,30 @@ class SketchWalkAttention:
             self._record(layer_idx, "dense", q_len, kv_len, 1.0, inner_label, reason)
             return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
 
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", None)
+        if q_len < kv_len:  # SketchWalk decode step (checked by _dense_reason)
+            step = self.decoder.step(query, key[:, :, -1:], layer_idx)
+            resolved = resolve_backend(self.backend, query)
+            decode_backend = "triton" if resolved == "triton" else "reference"
+            out = sparse_decode(
+                query,
+                key,
+                value,
+                step.kv_num_blocks,
+                step.kv_indices,
+                self.config.block_size,
+                backend=decode_backend,
+                scale=scaling,
+            )
+            self._record(layer_idx, "sparse", q_len, kv_len, step.density, decode_backend, None)
+            return out.transpose(1, 2).contiguous(), None
+
         self._start_pass_if_new(layer_idx)
         selection = self.sketchwalk.select(query, key, layer_idx)
+        if self.decode == "sketchwalk":
+            self.decoder.prefill(query, key, layer_idx)
         if self.dense_when_full and selection.density >= 1.0:
             why = (
                 "dense layer (config.dense_layers)"
@@ -411,9 +477,6 @@ class SketchWalkAttention:
             self._record(layer_idx, "dense", q_len, kv_len, 1.0, inner_label, why)
             return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
 
-        scaling = kwargs.get("scaling")
-        if scaling is None:
-            scaling = getattr(module, "scaling", None)
         resolved = resolve_backend(self.backend, query)
         out = sparse_attention(query, key, value, selection, backend=resolved, scale=scaling)
         self._record(layer_idx, "sparse", q_len, kv_len, selection.density, resolved, None)
@@ -481,7 +544,7 @@ def enable_sketchwalk(
         config: selection settings (default ``SketchWalkConfig()``).
         backend: sparse attention backend (``"auto"``, ``"reference"``, ``"triton"``, ``"flex"``).
         layers: layers allowed to run sparse (None: all).
-        **options: ``selection_backend``, ``on_padding``, ``dense_when_full``.
+        **options: ``selection_backend``, ``on_padding``, ``dense_when_full``, ``decode``.
 
     Returns:
         The enabled :class:`SketchWalkAttention` (also usable as a context manager that
