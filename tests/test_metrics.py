@@ -80,3 +80,11 @@ def test_recall_from_block_attention_equals_attention_recall(t, groups):
     slow = metrics.attention_recall(q, k, sel)
     print(f"from blocks {fast:.8f} direct {slow:.8f}")
     assert fast == pytest.approx(slow, abs=1e-6)
+
+
+def test_density_counts_kept_causal_blocks():
+    mask = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    mask[..., torch.arange(4), torch.arange(4)] = True  # 4 of 10 causal blocks per row set
+    mask[1, 0, 3, :] = True  # + 3 more in batch row 1
+    sel = BlockSelection.from_mask(mask, 16, 64)
+    assert metrics.density(sel) == pytest.approx((4 + 7) / 20)

@@ -55,6 +55,11 @@ def relative_l2_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((x - y).norm() / den).item()) if den > 0 else float((x - y).norm().item())
 
 
+def density(selection: BlockSelection) -> float:
+    """Kept causal blocks / causal blocks of a selection (over batch rows and mask groups)."""
+    return selection.density
+
+
 def _query_chunks(t: int, heads: int, block_size: int, chunk_size: int | None):
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // max(1, heads * t))
@@ -225,6 +230,7 @@ __all__ = [
     "attention_recall",
     "block_mask_recall",
     "cosine_similarity",
+    "density",
     "max_abs_error",
     "mse",
     "oracle_selection",
