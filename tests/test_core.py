@@ -216,3 +216,83 @@ def test_triton_transition_selects_the_same_blocks_as_torch(granularity, parity,
         print(f"layer {i}: walk max abs diff {err:.2e}, blocks differing {differ:.2e}")
         assert err < 1e-5
         assert differ < 1e-3
+
+
+def test_cuda_graphs_flag_leaves_the_cpu_path_unchanged():
+    cfg = SketchWalkConfig(dense_layers=0, density=0.3)
+    on, off = SketchWalk(cfg, cuda_graphs=True), SketchWalk(cfg, cuda_graphs=False)
+    for i, (q, k) in enumerate(_layers(3)):
+        a, b = on.select(q, k, i), off.select(q, k, i)
+        assert torch.equal(a.block_mask, b.block_mask)
+        assert torch.equal(a.kv_indices, b.kv_indices)
+        assert torch.equal(on.walk_state, off.walk_state)
+    assert not on._graphs
+
+
+def _assert_same_selection(a, b):
+    assert torch.equal(a.block_mask, b.block_mask)
+    assert torch.equal(a.kv_num_blocks, b.kv_num_blocks)
+    assert torch.equal(a.kv_indices, b.kv_indices)
+    if a.scores is None or b.scores is None:  # dense layers carry no walk matrix
+        assert a.scores is None and b.scores is None
+    else:
+        assert torch.equal(a.scores, b.scores)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["layer", "kv_group"])
+@pytest.mark.parametrize("parity, exact", [(False, False), (True, True)])
+def test_cuda_graph_selection_equals_eager(granularity, parity, exact):
+    cfg = SketchWalkConfig(
+        dense_layers=1, density=0.2, granularity=granularity, parity=parity, exact=exact
+    )
+    for t in (3000, 4100):
+        layers = [make_qkv(1, 8, 2, t, 64, seed=10 * t + s, device="cuda")[:2] for s in range(5)]
+        graphed, eager = SketchWalk(cfg), SketchWalk(cfg, cuda_graphs=False)
+        # Layer 3 is skipped: layer 4 restarts the walk (the no-previous-state graph again).
+        feed = [0, 1, 2, 4]
+        for _ in range(2):  # second round: every selection replays a captured graph
+            graphed.reset()
+            eager.reset()
+            kept = []
+            for i in feed:
+                q, k = layers[i]
+                a, b = graphed.select(q, k, i), eager.select(q, k, i)
+                _assert_same_selection(a, b)
+                if i < cfg.dense_layers:  # dense layers leave the walk state alone
+                    assert graphed.walk_state is None and eager.walk_state is None
+                else:
+                    assert torch.equal(graphed.walk_state, eager.walk_state)
+                kept.append((a, b))
+            # Earlier layers' results are copies, not graph buffers later replays overwrote.
+            for a, b in kept:
+                _assert_same_selection(a, b)
+            assert graphed.transition_backend == "triton"
+        assert len(graphed._graphs) == 2  # (no previous state, previous state)
+        graphed.clear_graphs()
+    # Bad input still raises on the graphed path (the check runs before the replay).
+    q, k = layers[1]
+    graphed.reset()
+    graphed.select(q, k, 1)
+    graphed.select(q, k, 2)
+    bad = q.clone()
+    bad[0, 3, 100, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        graphed.select(bad, k, 3)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_cache_is_bounded(monkeypatch):
+    import sketchwalk.core as core
+
+    monkeypatch.setattr(core, "MAX_GRAPHS", 1)
+    cfg = SketchWalkConfig(dense_layers=0, density=0.2)
+    graphed, eager = SketchWalk(cfg), SketchWalk(cfg, cuda_graphs=False)
+    for t in (2000, 2600, 2000):
+        layers = [make_qkv(1, 8, 2, t, 64, seed=t + s, device="cuda")[:2] for s in range(3)]
+        for _ in range(2):
+            graphed.reset()
+            eager.reset()
+            for i, (q, k) in enumerate(layers):
+                _assert_same_selection(graphed.select(q, k, i), eager.select(q, k, i))
+            assert len(graphed._graphs) == 1

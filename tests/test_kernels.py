@@ -217,3 +217,22 @@ def test_prefill_tma_matches_pointer_loads_gpu(contiguous):
     print(f"contiguous={contiguous}: max |TMA - pointer| {diff:.3e}")
     assert diff == 0.0
     assert_within_rule(default, q, k, v, sel, label=f"TMA default, contiguous={contiguous}")
+
+
+def test_key_tile_override():
+    """The sweep hook for the key tile (benchmarks/key_tile.py): a smaller tile computes the same
+    attention within the rule; a tile that does not divide the block raises."""
+    from sketchwalk.kernels import triton_prefill as tp
+
+    device = "cuda" if CUDA else "cpu"
+    q, k, v = make_qkv(1, 4, 2, 150, 64, dtype=torch.bfloat16, device=device, seed=21)
+    sel = random_selection(1, 2, 150, 64, 0.4, seed=22, device=device)
+    try:
+        tp.key_tile_override = 32
+        out = tp.sparse_prefill(q, k, v, sel.kv_num_blocks, sel.kv_indices, 64)
+        assert_within_rule(out, q, k, v, sel, label="key tile 32")
+        tp.key_tile_override = 48
+        with pytest.raises(RuntimeError, match="does not divide"):
+            tp.sparse_prefill(q, k, v, sel.kv_num_blocks, sel.kv_indices, 64)
+    finally:
+        tp.key_tile_override = 0

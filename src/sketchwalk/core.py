@@ -18,13 +18,15 @@ the largest tensors are (B, Hq, nb, nb) with nb = T / block_size.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.selection import BlockSelection, select_blocks
-from sketchwalk.sketch import block_pool, num_blocks, sketched_blocks
+from sketchwalk.sketch import block_pool, layer_projection, num_blocks, sketched_blocks
 from sketchwalk.walk import sharpen, transition_from_pooled, walk_step
 
 
@@ -72,7 +74,12 @@ class SketchWalk:
     to start a new sequence.
     """
 
-    def __init__(self, config: SketchWalkConfig | None = None, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        config: SketchWalkConfig | None = None,
+        backend: str = "auto",
+        cuda_graphs: bool = True,
+    ) -> None:
         """
         Args:
             config: the selection settings (default ``SketchWalkConfig()``).
@@ -81,6 +88,14 @@ class SketchWalk:
                 kernel, CUDA, granularity ``layer`` or ``kv_group``; raises where it cannot
                 run) or ``"auto"`` (Triton where it can run, else PyTorch; the choice of the
                 last layer is in ``transition_backend``).
+            cuda_graphs: on CUDA with the Triton transition, replay everything after pooling
+                (sketch, transition, walk, top-k, index compaction) from a CUDA graph captured
+                once per (batch, seq, heads, previous-walk-state present); same results as
+                the eager path, ~70 fewer launches per layer. Ignored on the CPU, with the
+                PyTorch transition, for the parity quantile budget and while the current stream
+                is already being captured. ``False`` always runs eagerly. At most
+                ``MAX_GRAPHS`` graphs are kept (oldest dropped first): each holds its own
+                memory pool (~0.1-0.2 GB at 128K tokens).
         """
         if backend not in TRANSITION_BACKENDS:
             raise ValueError(
@@ -88,8 +103,14 @@ class SketchWalk:
             )
         self.config = config if config is not None else SketchWalkConfig()
         self.backend = backend
+        self.cuda_graphs = bool(cuda_graphs)
         self.transition_backend: str | None = None
+        self._graphs: dict[tuple, _SelectGraph] = {}
         self.reset()
+
+    def clear_graphs(self) -> None:
+        """Drop the captured selection graphs (and the GPU memory they hold)."""
+        self._graphs.clear()
 
     def reset(self) -> None:
         """Forget the walk state: the next call starts a new sequence."""
@@ -152,19 +173,101 @@ class SketchWalk:
                     raise ValueError(
                         f"SketchWalk.select: {name} of layer {layer_idx} contains NaN or Inf"
                     )
-        a = self._transition(qb, kb, layer_idx)
+        nb = num_blocks(t, cfg.block_size)
         previous = None
         if (
             cfg.walk
             and self._walk_state is not None
             and self._walk_layer == layer_idx - 1
-            and self._walk_state.shape == a.shape
+            and self._walk_state.shape == (b, groups, nb, nb)
         ):
             previous = self._walk_state
-        r = walk_step(a, previous, cfg.degree, cfg.damping)
-        self._walk_state, self._walk_layer = r, layer_idx
-        assert r.shape[-1] == num_blocks(t, cfg.block_size)
-        return select_blocks(r, t, cfg)
+        if self._graph_eligible(qb):
+            selection = self._select_graphed(qb, kb, previous, t, layer_idx)
+        else:
+            a = self._transition(qb, kb, layer_idx)
+            r = walk_step(a, previous, cfg.degree, cfg.damping)
+            selection = select_blocks(r, t, cfg)
+        self._walk_state, self._walk_layer = selection.scores, layer_idx
+        assert selection.scores.shape == (b, groups, nb, nb)
+        return selection
+
+    def _graph_eligible(self, qb: torch.Tensor) -> bool:
+        cfg = self.config
+        return (
+            self.cuda_graphs
+            and self.backend != "torch"
+            and _triton_transition_unavailable(qb, cfg) is None
+            and not (cfg.budget == "kblocks_frac" and cfg.parity)
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def _graph_body(
+        self, t: int
+    ) -> Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+        tuple[torch.Tensor, ...],
+    ]:
+        """sketch -> fused transition -> walk -> selection, on given tensors (graph-capturable:
+        no host syncs, no host-to-device copies once the per-(nb, config) caches are warm)."""
+        cfg = self.config
+
+        def body(qb, kb, proj, previous):
+            from sketchwalk.kernels.triton_transition import transition_triton
+
+            qs, ks, scale = sketched_blocks(qb, kb, cfg, 0, projection=proj)
+            a = transition_triton(
+                qs,
+                ks,
+                scale,
+                cfg.causal_sketch and not cfg.parity,
+                cfg.granularity,
+                clamp=10.0 if (cfg.parity and cfg.exact) else None,
+            )
+            a = sharpen(a, cfg.sparsity_exponent, cfg.parity)
+            r = walk_step(a, previous, cfg.degree, cfg.damping)
+            sel = select_blocks(r, t, cfg)
+            return r, sel.block_mask, sel.kv_num_blocks, sel.kv_indices
+
+        return body
+
+    def _select_graphed(
+        self,
+        qb: torch.Tensor,
+        kb: torch.Tensor,
+        previous: torch.Tensor | None,
+        t: int,
+        layer_idx: int,
+    ) -> BlockSelection:
+        cfg = self.config
+        self.transition_backend = "triton"
+        proj = None
+        if not cfg.exact:
+            d = qb.shape[-1]
+            proj = layer_projection(d, cfg.sketch_dim, cfg.seed, layer_idx, cfg.parity, qb.device)
+        key = (
+            tuple(qb.shape),
+            tuple(kb.shape),
+            qb.device,
+            previous is not None,
+            t,
+            dataclasses.astuple(cfg),
+        )
+        body = self._graph_body(t)
+        graph = self._graphs.get(key)
+        if graph is None:
+            # First time for this key: run eagerly (compiles the kernels and fills the
+            # per-(nb, config) device caches), return that result, then capture.
+            r, mask, num, idx = body(qb, kb, proj, previous)
+            while len(self._graphs) >= MAX_GRAPHS:  # oldest first: bounded GPU memory
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = _SelectGraph(body, qb, kb, proj, previous)
+        else:
+            # The outputs are the graph's static buffers, overwritten by the next replay:
+            # return copies (the walk state is carried to the next layer and the selection is
+            # kept by the caller).
+            r, mask, num, idx = (x.clone() for x in graph.replay(qb, kb, proj, previous))
+        return BlockSelection(mask, cfg.block_size, t, num, idx, None, scores=r)
 
     def _transition(self, qb: torch.Tensor, kb: torch.Tensor, layer_idx: int) -> torch.Tensor:
         cfg = self.config
@@ -190,6 +293,44 @@ class SketchWalk:
 
 
 TRANSITION_BACKENDS = ("auto", "torch", "triton")
+# Captured selection graphs kept per SketchWalk (two per sequence length: with and without the
+# previous layer's walk state).
+MAX_GRAPHS = 8
+
+
+class _SelectGraph:
+    """One captured selection: static input buffers, the CUDA graph, its output buffers."""
+
+    def __init__(
+        self,
+        body: Callable[..., tuple[torch.Tensor, ...]],
+        qb: torch.Tensor,
+        kb: torch.Tensor,
+        proj: torch.Tensor | None,
+        previous: torch.Tensor | None,
+    ) -> None:
+        self.qb, self.kb = qb.clone(), kb.clone()
+        self.proj = None if proj is None else proj.clone()
+        self.previous = None if previous is None else previous.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = body(self.qb, self.kb, self.proj, self.previous)
+
+    def replay(
+        self,
+        qb: torch.Tensor,
+        kb: torch.Tensor,
+        proj: torch.Tensor | None,
+        previous: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        self.qb.copy_(qb)
+        self.kb.copy_(kb)
+        if self.proj is not None:
+            self.proj.copy_(proj)
+        if self.previous is not None:
+            self.previous.copy_(previous)
+        self.graph.replay()
+        return self.outputs
 
 
 def _triton_transition_unavailable(qb: torch.Tensor, cfg: SketchWalkConfig) -> str | None:
@@ -203,4 +344,4 @@ def _triton_transition_unavailable(qb: torch.Tensor, cfg: SketchWalkConfig) -> s
     return None
 
 
-__all__ = ["TRANSITION_BACKENDS", "SketchWalk", "check_qk"]
+__all__ = ["MAX_GRAPHS", "TRANSITION_BACKENDS", "SketchWalk", "check_qk"]

@@ -159,8 +159,12 @@ def sketched_blocks(
     k_blocks: torch.Tensor,
     config: SketchWalkConfig,
     layer_idx: int,
+    projection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Sketch the pooled blocks once per layer.
+
+    ``projection`` replaces the layer's cached (D, r) sketch matrix (`layer_projection`); the
+    CUDA-graph path of `SketchWalk.select` passes a static copy of it.
 
     Returns:
         (qs (B, Hq, nq, r), ks (B, Hkv, nk, r), scale): block logits are ``scale * qs . ks``
@@ -170,9 +174,11 @@ def sketched_blocks(
     if config.exact:
         qs, ks, r = q_blocks.float(), k_blocks.float(), d
     else:
-        proj = layer_projection(
-            d, config.sketch_dim, config.seed, layer_idx, config.parity, q_blocks.device
-        )
+        proj = projection
+        if proj is None:
+            proj = layer_projection(
+                d, config.sketch_dim, config.seed, layer_idx, config.parity, q_blocks.device
+            )
         qs, ks, r = q_blocks.float() @ proj, k_blocks.float() @ proj, proj.shape[1]
     if config.parity:
         scale = 1.0 / math.sqrt(d) if config.exact else 1.0 / math.sqrt(r) / 100.0

@@ -253,6 +253,8 @@ _VARIANTS: dict[int, dict[str, bool]] = {128: {"tma": True, "warp_spec": True}}
 # dict ("tma", "warp_spec" -> bool) that replaces _VARIANTS for every head_dim when non-empty.
 config_override: dict[int, tuple[int, int, int]] = {}
 variant: dict[str, bool] = {}
+# Key tile (BLOCK_N) override for the sweeps (0: `key_block_tile`); must divide the block size.
+key_tile_override: int = 0
 
 
 def _variant(head_dim: int) -> dict[str, bool]:
@@ -369,7 +371,9 @@ def sparse_prefill(
     kwargs: dict[str, Any] = {}
     if q.is_cuda:
         kwargs = {"num_warps": num_warps, "num_stages": num_stages}
-    block_n = key_block_tile(block_size)
+    block_n = key_tile_override or key_block_tile(block_size)
+    if block_size % block_n:
+        raise RuntimeError(f"key tile {block_n} does not divide block_size {block_size}")
     use_tma = _use_tma(q, k, v)
     k_desc: Any = k
     v_desc: Any = v
