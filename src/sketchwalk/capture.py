@@ -86,20 +86,27 @@ def _make_attention_fn(inner: str) -> Callable[..., Any]:
     return capture_attention_forward
 
 
-def _register(inner: str) -> str:
-    """Register ``sketchwalk_capture+<inner>`` (attention and mask functions) once."""
+def register_wrapper(
+    prefix: str, inner: str, make_fn: Callable[[str], Callable[..., Any]], who: str
+) -> str:
+    """Register ``<prefix><inner>`` once: the attention function ``make_fn(inner)`` paired with
+    the inner implementation's own mask function, so masks are built exactly as before.
+
+    Returns the registered name; raises ValueError (prefixed with ``who``) for an unknown inner
+    implementation or one without a mask function.
+    """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-    name = CAPTURE_PREFIX + inner
+    name = prefix + inner
     if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
         return name
     if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS._global_mapping:
-        raise ValueError(f"cannot capture around unknown attention implementation {inner!r}")
+        raise ValueError(f"{who}: cannot wrap unknown attention implementation {inner!r}")
     mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
     if mask_fn is None:
-        raise ValueError(f"attention implementation {inner!r} has no mask function to reuse")
-    AttentionInterface.register(name, _make_attention_fn(inner))
+        raise ValueError(f"{who}: attention implementation {inner!r} has no mask function to reuse")
+    AttentionInterface.register(name, make_fn(inner))
     AttentionMaskInterface.register(name, mask_fn)
     return name
 
@@ -202,7 +209,7 @@ class AttentionCapture:
         else:
             inner = previous
             self._previous = previous
-        name = _register(inner)
+        name = register_wrapper(CAPTURE_PREFIX, inner, _make_attention_fn, "capture")
         if self._previous is not None:
             set_attention_implementation(self.model, name)
         for i, module in self.modules.items():

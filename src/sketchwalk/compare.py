@@ -55,6 +55,7 @@ from sketchwalk.tensorio import TensorFileError, load_tensor_file
 from sketchwalk.validate import (
     SEED_DEFAULTS,
     compute_dtype,
+    file_record_header,
     iter_sequences,
     print_table,
     resolve_device,
@@ -735,13 +736,7 @@ def run(args: argparse.Namespace) -> int:
             result = compare_layer(selection, seer, block_attention, config, k.shape[1])
             val_recall, val_config = validation["recall"].get(path.stem, (None, None))
             record = {
-                "sample_id": path.stem,
-                "file": str(path),
-                "layer_idx": layer,
-                "seq_len": int(meta["seq_len"]),
-                "sample": seq["sample"],
-                "num_heads": int(meta["num_heads"]),
-                "num_kv_heads": int(meta["num_kv_heads"]),
+                **file_record_header(path, meta, seq["sample"]),
                 **result,
                 "validation_attention_recall": val_recall,
                 "validation_config_matches": (

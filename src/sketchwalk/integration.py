@@ -56,6 +56,7 @@ from sketchwalk.capture import (
     CAPTURE_PREFIX,
     attention_modules,
     inner_attention_function,
+    register_wrapper,
     set_attention_implementation,
 )
 from sketchwalk.config import SketchWalkConfig
@@ -223,7 +224,9 @@ class SketchWalkAttention:
                 "capturing (capture_attention wraps whatever implementation is active)"
             )
         self.inner = current
-        self.name = _register(current)
+        self.name = register_wrapper(
+            SKETCHWALK_PREFIX, current, _make_attention_fn, "enable_sketchwalk"
+        )
         set_attention_implementation(self.model, self.name)
         for module in self.modules.values():
             _ACTIVE_MODULES[id(module)] = self
@@ -501,28 +504,6 @@ def _make_attention_fn(inner: str) -> Callable[..., Any]:
 
     sketchwalk_attention_forward.__name__ = f"sketchwalk_{inner}_attention_forward"
     return sketchwalk_attention_forward
-
-
-def _register(inner: str) -> str:
-    """Register ``sketchwalk+<inner>`` (attention function + the inner mask function) once."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
-    name = SKETCHWALK_PREFIX + inner
-    if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
-        return name
-    if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS._global_mapping:
-        raise ValueError(
-            f"enable_sketchwalk: cannot wrap unknown attention implementation {inner!r}"
-        )
-    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
-    if mask_fn is None:
-        raise ValueError(
-            f"enable_sketchwalk: attention implementation {inner!r} has no mask function to reuse"
-        )
-    AttentionInterface.register(name, _make_attention_fn(inner))
-    AttentionMaskInterface.register(name, mask_fn)
-    return name
 
 
 def sketchwalk_attention(model: nn.Module) -> SketchWalkAttention | None:

@@ -123,6 +123,19 @@ def iter_sequences(tensor_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def file_record_header(path: Path, meta: dict[str, Any], sample: int) -> dict[str, Any]:
+    """The fields every per-file record starts with (the seed's identifiers)."""
+    return {
+        "sample_id": path.stem,
+        "file": str(path),
+        "layer_idx": int(meta["layer_idx"]),
+        "seq_len": int(meta["seq_len"]),
+        "sample": sample,
+        "num_heads": int(meta["num_heads"]),
+        "num_kv_heads": int(meta["num_kv_heads"]),
+    }
+
+
 def budget_target_density(config: SketchWalkConfig, nb: int) -> float:
     """The density the budget asks for before forced blocks are added: ``density``;
     ``kblocks_frac``; or ``top_k_blocks`` per row over the causal blocks of the rows."""
@@ -417,13 +430,7 @@ def run(args: argparse.Namespace) -> int:
                 time_it=not args.no_timing,
             )
             record = {
-                "sample_id": path.stem,
-                "file": str(path),
-                "layer_idx": layer,
-                "seq_len": int(meta["seq_len"]),
-                "sample": seq["sample"],
-                "num_heads": int(meta["num_heads"]),
-                "num_kv_heads": int(meta["num_kv_heads"]),
+                **file_record_header(path, meta, seq["sample"]),
                 **result,
                 "backend": backend_used,
                 "device": str(device),
