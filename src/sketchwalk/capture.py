@@ -55,6 +55,21 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     return dict(sorted(found.items()))
 
 
+def choose_layers(
+    modules: dict[int, nn.Module], layers: Iterable[int] | None, who: str
+) -> list[int]:
+    """Sorted layer indices to act on (all when ``layers`` is None); unknown ones raise."""
+    if layers is None:
+        return list(modules)
+    chosen = sorted({int(i) for i in layers})
+    bad = [i for i in chosen if i not in modules]
+    if bad:
+        raise ValueError(
+            f"{who}: layers {bad} do not exist: the model has layers 0..{max(modules)}"
+        )
+    return chosen
+
+
 def inner_attention_function(inner: str, module: nn.Module) -> Callable[..., Any]:
     """The attention function registered as ``inner`` ("sdpa", "eager", ...) for ``module``."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -144,15 +159,7 @@ class AttentionCapture:
     ):
         self.model = model
         modules = attention_modules(model)
-        if layers is None:
-            chosen = list(modules)
-        else:
-            chosen = sorted({int(i) for i in layers})
-            bad = [i for i in chosen if i not in modules]
-            if bad:
-                raise ValueError(
-                    f"layers {bad} do not exist: the model has layers 0..{max(modules)}"
-                )
+        chosen = choose_layers(modules, layers, "capture")
         self.layer_ids: list[int] = chosen
         self.modules = {i: modules[i] for i in chosen}
         self.dtype = dtype

@@ -55,6 +55,7 @@ from sketchwalk.attention import BACKENDS, resolve_backend, sparse_attention
 from sketchwalk.capture import (
     CAPTURE_PREFIX,
     attention_modules,
+    choose_layers,
     inner_attention_function,
     register_wrapper,
     set_attention_implementation,
@@ -176,16 +177,7 @@ class SketchWalkAttention:
                 f"{on_padding!r}"
             )
         modules = attention_modules(model)
-        if layers is None:
-            chosen = list(modules)
-        else:
-            chosen = sorted({int(i) for i in layers})
-            bad = [i for i in chosen if i not in modules]
-            if bad:
-                raise ValueError(
-                    f"enable_sketchwalk: layers {bad} do not exist; the model has layers "
-                    f"0..{max(modules)}"
-                )
+        chosen = choose_layers(modules, layers, "enable_sketchwalk")
         self.model = model
         self.config = config
         self.backend = backend
