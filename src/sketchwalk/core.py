@@ -213,18 +213,7 @@ class SketchWalk:
         cfg = self.config
 
         def body(qb, kb, proj, previous):
-            from sketchwalk.kernels.triton_transition import transition_triton
-
-            qs, ks, scale = sketched_blocks(qb, kb, cfg, 0, projection=proj)
-            a = transition_triton(
-                qs,
-                ks,
-                scale,
-                cfg.causal_sketch and not cfg.parity,
-                cfg.granularity,
-                clamp=10.0 if (cfg.parity and cfg.exact) else None,
-            )
-            a = sharpen(a, cfg.sparsity_exponent, cfg.parity)
+            a = _fused_transition(qb, kb, cfg, 0, projection=proj)
             r = walk_step(a, previous, cfg.degree, cfg.damping)
             sel = select_blocks(r, t, cfg)
             return r, sel.block_mask, sel.kv_num_blocks, sel.kv_indices
@@ -277,19 +266,31 @@ class SketchWalk:
         if self.backend == "torch" or reason is not None:
             self.transition_backend = "torch"
             return transition_from_pooled(qb, kb, cfg, layer_idx)
-        from sketchwalk.kernels.triton_transition import transition_triton
-
-        qs, ks, scale = sketched_blocks(qb, kb, cfg, layer_idx)
-        a = transition_triton(
-            qs,
-            ks,
-            scale,
-            cfg.causal_sketch and not cfg.parity,
-            cfg.granularity,
-            clamp=10.0 if (cfg.parity and cfg.exact) else None,
-        )
         self.transition_backend = "triton"
-        return sharpen(a, cfg.sparsity_exponent, cfg.parity)
+        return _fused_transition(qb, kb, cfg, layer_idx)
+
+
+def _fused_transition(
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    cfg: SketchWalkConfig,
+    layer_idx: int,
+    projection: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`transition_from_pooled` through the fused Triton kernel (sketch, block softmax, head
+    sum, sharpening); ``projection`` overrides the layer's sketch matrix (graph input)."""
+    from sketchwalk.kernels.triton_transition import transition_triton
+
+    qs, ks, scale = sketched_blocks(qb, kb, cfg, layer_idx, projection=projection)
+    a = transition_triton(
+        qs,
+        ks,
+        scale,
+        cfg.causal_sketch and not cfg.parity,
+        cfg.granularity,
+        clamp=10.0 if (cfg.parity and cfg.exact) else None,
+    )
+    return sharpen(a, cfg.sparsity_exponent, cfg.parity)
 
 
 TRANSITION_BACKENDS = ("auto", "torch", "triton")

@@ -261,8 +261,12 @@ def ranked_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
     Depends only on nb and the budget fields, so it is cached: no device work and no host-side
     bisection on the hot path after the first layer.
     """
-    return _ranked_per_row(
-        nb,
+    return _ranked_per_row(nb, *_budget_key(config))
+
+
+def _budget_key(config: SketchWalkConfig) -> tuple:
+    """The config fields the per-row budget depends on (a cache key)."""
+    return (
         config.budget,
         config.density,
         config.top_k_blocks,
@@ -369,17 +373,7 @@ def _keep_table_cached(nb: int, key: tuple, device: torch.device) -> torch.Tenso
 def _keep_table(nb: int, config: SketchWalkConfig, device: torch.device) -> torch.Tensor:
     """bool (nb, kmax) on ``device``: rank r of row i is kept iff r < ranked_per_row[i].
     Cached per (nb, budget, device), so later layers copy nothing from the host."""
-    key = (
-        config.budget,
-        config.density,
-        config.top_k_blocks,
-        config.kblocks_frac,
-        config.sink,
-        config.window,
-        config.dense_last_rows,
-        config.parity,
-    )
-    return _keep_table_cached(nb, key, torch.device(device))
+    return _keep_table_cached(nb, _budget_key(config), torch.device(device))
 
 
 def _quantile_threshold(
