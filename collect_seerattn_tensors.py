@@ -1,4 +1,4 @@
-"""Seed-compatible entry point for step 1; everything lives in :mod:`sketchwalk.collect`.
+"""Seed-compatible entry point for step 1; everything lives in :mod:`sketchwalk.pipeline.collect`.
 
     python collect_seerattn_tensors.py --model_path /path/to/model --output_dir ./tensor_data \
         --sequence_lengths 4096 8192 16384 --num_samples 5 --device cuda
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sketchwalk.collect import TensorCollector, add_arguments, run
+from sketchwalk.pipeline.collect import TensorCollector, add_arguments, run
 
 __all__ = ["TensorCollector", "main"]
 

@@ -1,4 +1,4 @@
-"""Seed-compatible entry point for step 3; everything lives in :mod:`sketchwalk.compare`.
+"""Seed-compatible entry point for step 3; everything lives in :mod:`sketchwalk.pipeline.compare`.
 
     python compare_sparsity_patterns.py --tensor_dir ./tensor_data \
         --validation_dir ./validation_results --output_dir ./comparison_results \
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sketchwalk.compare import __doc__ as _help
-from sketchwalk.compare import add_arguments, run
+from sketchwalk.pipeline.compare import __doc__ as _help
+from sketchwalk.pipeline.compare import add_arguments, run
 
 __all__ = ["main"]
 

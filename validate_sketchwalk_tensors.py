@@ -1,4 +1,4 @@
-"""Seed-compatible entry point for step 2; everything lives in :mod:`sketchwalk.validate`.
+"""Seed-compatible entry point for step 2; everything lives in :mod:`sketchwalk.pipeline.validate`.
 
     python validate_sketchwalk_tensors.py --tensor_dir ./tensor_data \
         --output_dir ./validation_results --block_size 64 --sketch_dim 64 \
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sketchwalk.validate import add_arguments, run
+from sketchwalk.pipeline.validate import add_arguments, run
 
 __all__ = ["main"]
 

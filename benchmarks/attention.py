@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sketchwalk.selection import BlockSelection
+from sketchwalk.blocks import BlockSelection
 
 SHAPES = {"llama": (32, 8, 128), "smollm2": (9, 3, 64)}
 BLOCK = 64
@@ -156,7 +156,7 @@ def sdpa(q, k, v, backend: SDPBackend, causal: bool):
 
 def sweep_prefill(args, env_rows: list) -> dict[int, tuple[int, int, int]]:
     """Try (BLOCK_M, warps, stages) for the prefill kernel at 32K, density 0.2."""
-    from sketchwalk.kernels import triton_prefill as tp
+    from sketchwalk.attention import triton_prefill as tp
 
     best: dict[int, tuple[int, int, int]] = {}
     for shape in args.shapes:
@@ -227,11 +227,11 @@ def select_two_layers(sw: Any, q: torch.Tensor, k: torch.Tensor, first: int) -> 
 
 def run_prefill(args: argparse.Namespace, records: list) -> None:
     from sketchwalk import SketchWalkConfig
-    from sketchwalk.kernels.flex import build_block_mask, compiled_flex_attention, kernel_options
-    from sketchwalk.kernels.triton_prefill import sparse_prefill
+    from sketchwalk.attention.flex import build_block_mask, compiled_flex_attention, kernel_options
+    from sketchwalk.attention.triton_prefill import sparse_prefill
 
     try:
-        from sketchwalk.core import SketchWalk
+        from sketchwalk.selection.prefill import SketchWalk
     except ImportError:
         SketchWalk = None
     flex = compiled_flex_attention()
@@ -380,7 +380,7 @@ def profile_select(q, k, cfg, shape: str, t: int) -> None:
     """Where the selection's time goes (torch profiler, CUDA time by op)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from sketchwalk.core import SketchWalk
+    from sketchwalk.selection.prefill import SketchWalk
 
     sw = SketchWalk(cfg)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -412,7 +412,7 @@ def decode_selection(
 
 
 def run_decode(args: argparse.Namespace, records: list) -> None:
-    from sketchwalk.kernels.triton_decode import sparse_decode_triton
+    from sketchwalk.attention.triton_decode import sparse_decode_triton
 
     w, r = args.warmup, args.rep
     for shape in args.decode_shapes:
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     sweeps: list[dict[str, Any]] = []
     start = time.time()
     if args.sweep and args.mode in ("prefill", "all"):
-        from sketchwalk.kernels import triton_prefill as tp
+        from sketchwalk.attention import triton_prefill as tp
 
         tp.config_override.update(sweep_prefill(args, sweeps))
         print(f"sweep picked {tp.config_override}", flush=True)
@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items()}
-    from sketchwalk.kernels import triton_prefill as tp
+    from sketchwalk.attention import triton_prefill as tp
 
     result = {
         "environment": env,

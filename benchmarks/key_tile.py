@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    from sketchwalk.kernels import triton_prefill as tp
+    from sketchwalk.attention import triton_prefill as tp
 
     hq, hkv, d = SHAPES["llama"]
     rows: list[dict] = []

@@ -38,7 +38,7 @@ from attention import SHAPES, environment, sdpa, synthetic_selection
 
 
 def run_prefill(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    from sketchwalk.kernels import triton_prefill as tp
+    from sketchwalk.attention import triton_prefill as tp
 
     # (BLOCK_M, warps, stages, tma, warp_spec); run 5's sweep also tried an index prefetch one
     # iteration ahead (slower everywhere: 0.75-0.84x), since removed from the kernel.
@@ -132,7 +132,7 @@ def run_prefill(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
 def run_decode(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     from attention import decode_selection
 
-    from sketchwalk.kernels import triton_decode as td
+    from sketchwalk.attention import triton_decode as td
 
     hq, hkv, d = SHAPES["llama"]
     for batch, ctx in itertools.product(args.batches, args.decode_contexts):
@@ -188,7 +188,7 @@ def profile_select(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
     from torch.profiler import ProfilerActivity, profile
 
     from sketchwalk import SketchWalkConfig
-    from sketchwalk.core import SketchWalk
+    from sketchwalk.selection.prefill import SketchWalk
 
     hq, hkv, d = SHAPES["llama"]
     t = args.select_seq

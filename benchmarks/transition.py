@@ -9,8 +9,8 @@ Usage (on a CUDA machine, from the repository root):
 For each shape (Llama-3.1-8B 32/8 heads D 128, SmolLM2 9/3 D 64), T and granularity (layer,
 kv_group), bf16 Q/K of batch 1, block 64, default `SketchWalkConfig`:
 
-- ``torch``: `sketchwalk.walk.transition_from_pooled` (sketch + per-KV-group softmax loop);
-- ``triton_<precision>``: `sketchwalk.sketch.sketched_blocks` + `transition_triton` (the same
+- ``torch``: `sketchwalk.selection.walk.transition_from_pooled` (sketch + per-KV-group softmax loop);
+- ``triton_<precision>``: `sketchwalk.selection.sketch.sketched_blocks` + `transition_triton` (the same
   inputs and result; precisions tf32x3 / ieee / tf32; a few tile configs);
 - ``select_torch`` / ``select_triton``: one full `SketchWalk.select` of a sparse layer (mean of
   two consecutive layers, as in benchmarks/attention.py), the second with core's transition call
@@ -44,9 +44,9 @@ CONFIGS = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 64, 4)]
 
 def triton_transition_fn(precision: str, block_m: int, block_n: int, warps: int):
     """A drop-in for `transition_from_pooled` (granularity layer / kv_group) on the kernel."""
-    from sketchwalk.kernels.triton_transition import transition_triton
-    from sketchwalk.sketch import sketched_blocks
-    from sketchwalk.walk import sharpen
+    from sketchwalk.selection.sketch import sketched_blocks
+    from sketchwalk.selection.triton_transition import transition_triton
+    from sketchwalk.selection.walk import sharpen
 
     def transition(q_blocks, k_blocks, config, layer_idx):
         qs, ks, scale = sketched_blocks(q_blocks, k_blocks, config, layer_idx)
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/transition.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    import sketchwalk.core as core
+    import sketchwalk.selection.prefill as core
     from sketchwalk import SketchWalkConfig
-    from sketchwalk.sketch import block_pool
-    from sketchwalk.walk import transition_from_pooled
+    from sketchwalk.selection.sketch import block_pool
+    from sketchwalk.selection.walk import transition_from_pooled
 
     def bench(fn, *fn_args) -> float:
         def call():

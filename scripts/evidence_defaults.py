@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 
 from sketchwalk import SketchWalk, SketchWalkConfig, metrics
-from sketchwalk.selection import BlockSelection
-from sketchwalk.tensorio import load_tensor_file
-from sketchwalk.validate import iter_sequences, write_json_atomic
+from sketchwalk.atomic import write_json
+from sketchwalk.blocks import BlockSelection
+from sketchwalk.pipeline.runs import iter_sequences
+from sketchwalk.pipeline.tensorio import load_tensor_file
 
 
 def variants(density: float) -> dict[str, SketchWalkConfig]:
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args)
     out = Path(args.output)
-    write_json_atomic(out.with_suffix(".json"), result)
+    write_json(out.with_suffix(".json"), result)
     md = to_markdown(result)
     out.with_suffix(".md").write_text(md)
     print(md)

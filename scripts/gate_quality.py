@@ -82,7 +82,7 @@ def density(mask: torch.Tensor) -> float:
 
 def heldout_passages(tokenizer, info: dict, seq_len: int, num_samples: int, seed_offset: int):
     """Passages after every passage the gate saw (same source and seed, skipping its tokens)."""
-    from sketchwalk.text import make_passages
+    from sketchwalk.pipeline.text import make_passages
 
     tc = info.get("train_config", {})
     lengths = tc.get("seq_lengths", [2048])
@@ -113,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="gate_quality")
     args = parser.parse_args(argv)
 
-    from sketchwalk.capture import capture_attention
+    from sketchwalk.blocks import BlockSelection
     from sketchwalk.config import SketchWalkConfig
-    from sketchwalk.core import SketchWalk
-    from sketchwalk.gate import load_gate_checkpoint
-    from sketchwalk.gate_train import INFO_NAME, ensure_default_gate
+    from sketchwalk.gate.checkpoint import load_gate_checkpoint
+    from sketchwalk.gate.train import INFO_NAME, ensure_default_gate
+    from sketchwalk.hf.capture import capture_attention
+    from sketchwalk.hf.models import load_model
     from sketchwalk.metrics import attention_recall, true_block_attention
-    from sketchwalk.models import load_model
-    from sketchwalk.selection import BlockSelection
+    from sketchwalk.selection.prefill import SketchWalk
 
     t_start = time.perf_counter()
     gate_dir = Path(args.gate_dir) if args.gate_dir else ensure_default_gate(device=args.device)

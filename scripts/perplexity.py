@@ -1,8 +1,8 @@
 """Perplexity of a causal LM on real text: dense attention vs SketchWalk sparse prefill.
 
-Every passage (``sketchwalk.text.make_passages``: distinct, non-overlapping real text) is run once
+Every passage (``sketchwalk.pipeline.text.make_passages``: distinct, non-overlapping real text) is run once
 with the model's own dense attention and once per SketchWalk configuration through
-``sketchwalk.integration.enable_sketchwalk`` (one full prefill pass; every position's next-token
+``sketchwalk.hf.integration.enable_sketchwalk`` (one full prefill pass; every position's next-token
 loss is scored, so the sparse selection affects the result through every layer and every row).
 Perplexity = exp(total negative log-likelihood / scored tokens), pooled over passages.
 
@@ -38,9 +38,9 @@ from typing import Any
 import torch
 
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.integration import enable_sketchwalk
-from sketchwalk.models import DEFAULT_MODEL, load_model
-from sketchwalk.text import make_passages
+from sketchwalk.hf.integration import enable_sketchwalk
+from sketchwalk.hf.models import DEFAULT_MODEL, load_model
+from sketchwalk.pipeline.text import make_passages
 
 
 def parse_variant(spec: str) -> dict[str, Any]:

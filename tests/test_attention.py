@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sketchwalk import BlockSelection, dense_attention, sparse_attention
-from sketchwalk.attention import sparse_attention_reference
+from sketchwalk.attention.reference import sparse_attention_reference
 from sketchwalk.testing import make_qkv, random_selection
 
 SHAPES = [  # (B, Hq, Hkv, T, D, block)

@@ -1,4 +1,4 @@
-"""Captured Q/K/V are exactly what attention consumes (sketchwalk.capture)."""
+"""Captured Q/K/V are exactly what attention consumes (sketchwalk.hf.capture)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 from test_models import ARCHS, tiny_config
 
-from sketchwalk.capture import attention_modules, capture_attention
+from sketchwalk.hf.capture import attention_modules, capture_attention
 
 
 def _model(arch: str, attn: str = "sdpa", seed: int = 0):

@@ -15,8 +15,8 @@ pytest.importorskip("transformers")
 from test_models import tiny_model_dir
 
 from sketchwalk.cli import main as cli_main
-from sketchwalk.collect import CollectError, TensorCollector, attention_statistics
-from sketchwalk.tensorio import group_tensor_files, load_tensor_file, parse_tensor_filename
+from sketchwalk.pipeline.collect import CollectError, TensorCollector, attention_statistics
+from sketchwalk.pipeline.tensorio import group_tensor_files, load_tensor_file, parse_tensor_filename
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,9 +227,8 @@ def test_seed_script_delegates(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_seerattn_checkpoint_stores_gate_scores(tiny_dir, tmp_path):
-    gate_mod = pytest.importorskip("sketchwalk.gate")
-    if not hasattr(gate_mod, "GateSet") or not hasattr(gate_mod, "GateConfig"):
-        pytest.skip("sketchwalk.gate has no GateSet yet")
+    from sketchwalk.gate import checkpoint as gate_mod
+
     cfg = gate_mod.GateConfig(
         base_model=str(tiny_dir),
         num_layers=3,

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sketchwalk import compare
+from sketchwalk.pipeline import compare
+from sketchwalk.pipeline import seer as seer_side
+from sketchwalk.blocks import BlockSelection
 from sketchwalk.cli import main
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.core import SketchWalk
 from sketchwalk.metrics import attention_recall, block_mask_recall, true_block_attention
-from sketchwalk.selection import BlockSelection
-from sketchwalk.tensorio import save_tensor_file, tensor_filename
+from sketchwalk.pipeline.tensorio import save_tensor_file, tensor_filename
+from sketchwalk.selection.prefill import SketchWalk
 from sketchwalk.testing import make_qkv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,17 +195,17 @@ def test_block_mask_recall_equals_attention_recall(seq_len):
 def test_oracle_threshold_rule():
     q, k, _ = make_qkv(1, 4, 2, 128, 16, seed=5)
     ba = true_block_attention(q, k, BLOCK)
-    side = compare.oracle_threshold_side(ba, threshold=0.1, dense_last_rows=2)
+    side = seer_side.oracle_threshold_side(ba, threshold=0.1, dense_last_rows=2)
     nb = ba.shape[-1]
     i = torch.arange(nb)[:, None]
     j = torch.arange(nb)[None, :]
     want = ((ba > 0.1) | (i == j) | (i >= nb - 2)) & (j <= i)
-    assert side.method == "oracle-threshold" == compare.ORACLE_THRESHOLD
+    assert side.method == "oracle-threshold" == seer_side.ORACLE_THRESHOLD
     assert torch.equal(side.mask, want)
     assert "true block attention" in side.rule and "diagonal kept" in side.rule
     assert side.scores is ba
     # nz_ratio: SeerAttention's top-k count per row (plus forced rows and diagonal)
-    nz = compare.oracle_threshold_side(ba, nz_ratio=0.5, dense_last_rows=0)
+    nz = seer_side.oracle_threshold_side(ba, nz_ratio=0.5, dense_last_rows=0)
     topk = max(1, int((1 - math.sqrt(0.5)) * nb))
     assert int(nz.mask[0, 0, -3].sum()) <= topk + 1
     assert "nz_ratio=0.5" in nz.rule
@@ -212,20 +213,20 @@ def test_oracle_threshold_rule():
 
 def test_gate_side_stored_mask_and_rethreshold(tmp_path):
     (path,) = write_files(tmp_path, layers=(2,), gate=True)
-    from sketchwalk.tensorio import load_tensor_file
+    from sketchwalk.pipeline.tensorio import load_tensor_file
 
     rec = load_tensor_file(path)
-    stored = compare.gate_side(rec, path, BLOCK)
+    stored = seer_side.gate_side(rec, path, BLOCK)
     assert stored.method == "seerattention-gate"
     assert torch.equal(stored.mask, rec["seerattn_mask"])
     assert "stored seerattn_mask" in stored.rule
-    again = compare.gate_side(rec, path, BLOCK, threshold=0.05, dense_last_rows=2)
+    again = seer_side.gate_side(rec, path, BLOCK, threshold=0.05, dense_last_rows=2)
     nb = rec["seerattn_scores"].shape[-1]
     want = (rec["seerattn_scores"] > 0.05) | (torch.arange(nb) >= nb - 2)[:, None]
     want &= torch.ones(nb, nb, dtype=torch.bool).tril()
     assert torch.equal(again.mask, want)
-    with pytest.raises(compare.CompareInputError, match=re.escape(path.name)):
-        compare.gate_side(rec, path, 32)
+    with pytest.raises(seer_side.CompareInputError, match=re.escape(path.name)):
+        seer_side.gate_side(rec, path, 32)
 
 
 # ---- matched density ---------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def test_matched_density_recall_ordering(granularity):
         q, k, _ = make_qkv(1, 4, 2, 160, 16, seed=layer)
         sel = walker.select(q, k, layer)
         ba = true_block_attention(q, k, BLOCK)
-        seer = compare.oracle_threshold_side(ba, threshold=0.05)
+        seer = seer_side.oracle_threshold_side(ba, threshold=0.05)
         out = compare.compare_layer(sel, seer, ba, cfg, 2)
         print({key: out[key] for key in out if "recall" in key})
         tol = 1e-9

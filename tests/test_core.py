@@ -4,10 +4,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sketchwalk import BlockSelection, SketchWalk, SketchWalkConfig
-from sketchwalk.selection import forced_counts
-from sketchwalk.sketch import block_logits, block_pool
+from sketchwalk.selection.select import forced_counts
+from sketchwalk.selection.sketch import block_logits, block_pool
+from sketchwalk.selection.walk import block_transition
 from sketchwalk.testing import make_qkv
-from sketchwalk.walk import block_transition
 
 
 def _layers(n, b=1, hq=8, hkv=2, t=700, d=32):
@@ -283,7 +283,7 @@ def test_cuda_graph_selection_equals_eager(granularity, parity, exact):
 
 @pytest.mark.gpu
 def test_cuda_graph_cache_is_bounded(monkeypatch):
-    import sketchwalk.core as core
+    import sketchwalk.selection.prefill as core
 
     monkeypatch.setattr(core, "MAX_GRAPHS", 1)
     cfg = SketchWalkConfig(dense_layers=0, density=0.2)

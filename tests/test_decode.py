@@ -17,8 +17,8 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from sketchwalk.attention import dense_attention  # noqa: E402
-from sketchwalk.decode import sparse_decode  # noqa: E402
+from sketchwalk.attention.api import sparse_decode  # noqa: E402
+from sketchwalk.attention.reference import dense_attention  # noqa: E402
 
 
 def make_decode_inputs(
@@ -97,7 +97,7 @@ def check_decode(case, backend, device, seed=0, num_splits=None):
     if num_splits is None:
         out.copy_(sparse_decode(q, k, v, num, idx, bs, backend=backend))
     else:
-        from sketchwalk.kernels.triton_decode import sparse_decode_triton
+        from sketchwalk.attention.triton_decode import sparse_decode_triton
 
         out.copy_(sparse_decode_triton(q, k, v, num, idx, bs, num_splits=num_splits))
     assert torch.isfinite(out).all(), "non-finite output (unwritten rows?)"
@@ -153,7 +153,7 @@ def test_decode_input_errors():
             torch.zeros(1, 3, 2, dtype=torch.int32),
             32,
         )
-    with pytest.raises(ValueError, match="unknown decode backend"):
+    with pytest.raises(ValueError, match="backend must be one of"):
         sparse_decode(q, k, k, num, idx, 32, backend="nope")
     if not CUDA:
         with pytest.raises(RuntimeError, match="bfloat16/float16"):

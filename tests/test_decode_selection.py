@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from sketchwalk import SketchWalkConfig
-from sketchwalk.decode import sparse_decode
-from sketchwalk.decode_selection import SketchWalkDecoder
-from sketchwalk.selection import forced_counts
-from sketchwalk.sketch import block_pool, sketched_blocks
+from sketchwalk.attention.api import sparse_decode
+from sketchwalk.selection.decode import SketchWalkDecoder
+from sketchwalk.selection.select import forced_counts
+from sketchwalk.selection.sketch import block_pool, sketched_blocks
+from sketchwalk.selection.walk import aggregate_heads
 from sketchwalk.testing import make_qkv
-from sketchwalk.walk import aggregate_heads
 
 
 def _run(cfg, t_prefill=300, steps=40, b=2, hq=6, hkv=2, d=32, layer=2, seed=0, window=8):

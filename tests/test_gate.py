@@ -10,17 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sketchwalk.gate import (
-    DEFAULT_GATE_TYPE,
-    GATE_TYPES,
+from sketchwalk.gate.checkpoint import (
     KEY_TEMPLATE,
-    AttnGate,
     GateCheckpointError,
     GateConfig,
     GateSet,
+    load_gate_checkpoint,
+)
+from sketchwalk.gate.model import (
+    DEFAULT_GATE_TYPE,
+    GATE_TYPES,
+    AttnGate,
     HeadLinear,
     apply_block_rope,
-    load_gate_checkpoint,
     parse_gate_type,
     pool_blocks,
     rope_inv_freq,
@@ -447,7 +449,7 @@ def _tiny_model():
 
 
 def test_tiny_gate_training_lowers_heldout_kl_and_resumes(tmp_path) -> None:
-    from sketchwalk.gate_train import (
+    from sketchwalk.gate.train import (
         GateTrainConfig,
         collect_features,
         gate_config_for_model,
@@ -505,7 +507,7 @@ def test_tiny_gate_training_lowers_heldout_kl_and_resumes(tmp_path) -> None:
 
 def test_train_gate_cli_flags_map_onto_the_config(tmp_path) -> None:
     from sketchwalk.cli import build_parser
-    from sketchwalk.gate_train import GateTrainConfig, config_from_args, default_gate_dir
+    from sketchwalk.gate.train import GateTrainConfig, config_from_args, default_gate_dir
 
     args = build_parser().parse_args(
         [

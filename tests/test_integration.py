@@ -1,4 +1,4 @@
-"""SketchWalk as a drop-in transformers attention implementation (sketchwalk.integration)."""
+"""SketchWalk as a drop-in transformers attention implementation (sketchwalk.hf.integration)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ pytest.importorskip("transformers")
 
 from test_models import ARCHS, tiny_config
 
-from sketchwalk.attention import dense_attention, sparse_attention
-from sketchwalk.capture import attention_modules, capture_attention
+from sketchwalk.attention.api import sparse_attention
+from sketchwalk.attention.reference import dense_attention
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.core import SketchWalk
-from sketchwalk.integration import (
+from sketchwalk.hf.capture import attention_modules, capture_attention
+from sketchwalk.hf.integration import (
     SketchWalkAttention,
     disable_sketchwalk,
     enable_sketchwalk,
     sketchwalk_attention,
 )
+from sketchwalk.selection.prefill import SketchWalk
 
 SEQ = 100  # 7 blocks of 16, the last one partial
 SPARSE = SketchWalkConfig(block_size=16, density=0.3, dense_layers=1, dense_last_rows=1)

@@ -19,8 +19,8 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from sketchwalk.attention import sparse_attention  # noqa: E402
-from sketchwalk.selection import BlockSelection  # noqa: E402
+from sketchwalk.attention.api import resolve_backend, sparse_attention  # noqa: E402
+from sketchwalk.blocks import BlockSelection  # noqa: E402
 from sketchwalk.testing import make_qkv, random_selection  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -80,11 +80,8 @@ def _run_case(case, backend: str, device: str, seed: int = 0) -> None:
     sel = random_selection(
         b, _groups(gran, hq, hkv), t, bs, density, seed=seed + 1, device=device, keep_diagonal=diag
     )
-    from sketchwalk.kernels import get_backend
-
-    name, fn = get_backend(backend, q)
-    assert name == backend
-    out = fn(q, k, v, sel, None)
+    assert resolve_backend(backend, q) == backend
+    out = sparse_attention(q, k, v, sel, backend=backend)
     assert_within_rule(out, q, k, v, sel, label=f"{backend} {case}")
 
 
@@ -100,7 +97,7 @@ def test_triton_prefill_small(case):
 
 def test_triton_prefill_poisoned_output_and_scale():
     """Every output element is written (poisoned buffer), and a custom scale is honoured."""
-    from sketchwalk.kernels.triton_prefill import sparse_prefill
+    from sketchwalk.attention.triton_prefill import sparse_prefill
 
     device = "cuda" if CUDA else "cpu"
     q, k, v = make_qkv(1, 4, 2, 96, 32, dtype=torch.bfloat16, device=device, seed=3)
@@ -110,30 +107,28 @@ def test_triton_prefill_poisoned_output_and_scale():
     assert_within_rule(out, q, k, v, sel, scale=0.3, label="poisoned, scale 0.3")
 
 
-def test_get_backend_errors_and_auto():
-    from sketchwalk.kernels import get_backend
-
+def test_resolve_backend_errors_and_auto():
     device = "cuda" if CUDA else "cpu"
-    q = torch.zeros(1, 2, 8, 64, device=device)
+    q = torch.randn(1, 2, 8, 64, device=device)
     with pytest.raises(RuntimeError, match="bfloat16/float16"):
-        get_backend("triton", q)
+        resolve_backend("triton", q)
     with pytest.raises(RuntimeError, match="head_dim"):
-        get_backend("triton", torch.zeros(1, 2, 8, 48, dtype=torch.bfloat16, device=device))
-    with pytest.raises(ValueError, match="unknown"):
-        get_backend("cuda-magic", q)
+        resolve_backend("triton", torch.randn(1, 2, 8, 48, device=device).bfloat16())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda-magic", q)
+    with pytest.raises(RuntimeError, match="no decode kernel"):
+        resolve_backend("flex", q.bfloat16(), mode="decode")
     if not CUDA:
         with pytest.raises(RuntimeError, match="CUDA"):
-            get_backend("flex", q.bfloat16())
-        name, fn = get_backend("auto", q.bfloat16())
-        assert name == "reference"  # the interpreter is never picked by "auto"
-        qq, k, v = make_qkv(1, 2, 1, 70, 64, seed=5)
-        sel = random_selection(1, 1, 70, 32, 0.5, seed=6)
-        torch.testing.assert_close(fn(qq, k, v, sel, None), sparse_attention(qq, k, v, sel))
+            resolve_backend("flex", q.bfloat16())
+        # the interpreter is a test tool: "auto" never picks it, for prefill or decode
+        assert resolve_backend("auto", q.bfloat16()) == "reference"
+        assert resolve_backend("auto", q.bfloat16(), mode="decode") == "reference"
     else:
-        name, _ = get_backend("auto", q.bfloat16())
-        assert name == "triton"
+        assert resolve_backend("auto", q.bfloat16()) == "triton"
+        assert resolve_backend("auto", q.bfloat16(), mode="decode") == "triton"
         with pytest.raises(RuntimeError, match="CUDA"):
-            get_backend("flex", q.cpu().bfloat16())
+            resolve_backend("flex", q.cpu().bfloat16())
 
 
 # Larger GPU shapes: Llama-3.1-8B and SmolLM2 attention shapes at a few thousand tokens.
@@ -178,7 +173,7 @@ def test_flex_never_falls_back_to_eager(monkeypatch):
     ignores the block indices (dense causal attention: the old per-KV-group failures, max
     error 3-4). The backend must raise instead: with a limit of 1 specialisation, two new
     shapes in a row are either right or a RuntimeError, and the second one cannot compile."""
-    from sketchwalk.kernels import flex
+    from sketchwalk.attention import flex
 
     monkeypatch.setattr(flex, "FLEX_RECOMPILE_LIMIT", 1)
     raised = 0
@@ -200,7 +195,7 @@ def test_flex_never_falls_back_to_eager(monkeypatch):
 def test_prefill_tma_matches_pointer_loads_gpu(contiguous):
     """The D-128 default (TMA descriptor loads + warp specialisation) computes the same bits as
     plain pointer loads: same blocks, same math. Non-contiguous K/V take the pointer path."""
-    from sketchwalk.kernels import triton_prefill as tp
+    from sketchwalk.attention import triton_prefill as tp
 
     q, k, v = make_qkv(2, 32, 8, 1000, 128, dtype=torch.bfloat16, device="cuda", seed=13)
     if not contiguous:
@@ -222,7 +217,7 @@ def test_prefill_tma_matches_pointer_loads_gpu(contiguous):
 def test_key_tile_override():
     """The sweep hook for the key tile (benchmarks/key_tile.py): a smaller tile computes the same
     attention within the rule; a tile that does not divide the block raises."""
-    from sketchwalk.kernels import triton_prefill as tp
+    from sketchwalk.attention import triton_prefill as tp
 
     device = "cuda" if CUDA else "cpu"
     q, k, v = make_qkv(1, 4, 2, 150, 64, dtype=torch.bfloat16, device=device, seed=21)

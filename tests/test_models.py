@@ -1,4 +1,4 @@
-"""Model resolution and offline loading (sketchwalk.models)."""
+"""Model resolution and offline loading (sketchwalk.hf.models)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from sketchwalk.models import (
+from sketchwalk.hf.models import (
     ModelNotFoundError,
     cache_dir,
     embedded_gguf_path,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sketchwalk import BlockSelection, SketchWalk, SketchWalkConfig
-from sketchwalk.selection import forced_block_mask, forced_counts, select_blocks
+from sketchwalk.selection.select import forced_block_mask, forced_counts, select_blocks
 from sketchwalk.testing import make_qkv
 
 
@@ -171,7 +171,7 @@ def test_parity_exact_paper_preset_matches_released_selection(t):
 @pytest.mark.parametrize("sink, window, last", [(0.025, 0.05, 4), (0.3, 0.1, 0), (0.0, 0.5, 2)])
 @pytest.mark.parametrize("parity", [False, True])
 def test_forced_per_row_counts_the_forced_mask(nb, sink, window, last, parity):
-    from sketchwalk.selection import forced_per_row
+    from sketchwalk.selection.select import forced_per_row
 
     cfg = SketchWalkConfig(sink=sink, window=window, dense_last_rows=last, parity=parity)
     want = forced_block_mask(nb, cfg, "cpu").sum(-1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sketchwalk import SketchWalkConfig
-from sketchwalk.sketch import (
+from sketchwalk.selection.sketch import (
     block_logits,
     block_pool,
     hadamard_matrix,

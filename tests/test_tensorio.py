@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sketchwalk.tensorio import (
+from sketchwalk.pipeline.tensorio import (
     REQUIRED_METADATA,
     TensorFileError,
     group_tensor_files,

@@ -1,4 +1,4 @@
-"""Fused Triton transition matrix against `sketchwalk.walk.transition_from_pooled`.
+"""Fused Triton transition matrix against `sketchwalk.selection.walk.transition_from_pooled`.
 
 Tolerance rule (docs/STYLE.md): |kernel - float64 reference| <= 2 * |float32 PyTorch same-math
 (`transition_from_pooled`) - float64 reference| + the reference's rounding to float32, plus, for
@@ -21,8 +21,8 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from sketchwalk.config import SketchWalkConfig  # noqa: E402
-from sketchwalk.sketch import sketched_blocks  # noqa: E402
-from sketchwalk.walk import transition_from_pooled  # noqa: E402
+from sketchwalk.selection.sketch import sketched_blocks  # noqa: E402
+from sketchwalk.selection.walk import transition_from_pooled  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -56,7 +56,7 @@ def reference64(qs, ks, scale, causal, granularity, clamp=None):
 
 
 def check(case, device, precision="tf32x3", seed=0):
-    from sketchwalk.kernels.triton_transition import transition_triton
+    from sketchwalk.selection.triton_transition import transition_triton
 
     b, hq, hkv, n, d, granularity, causal, exact, parity = case
     cfg = SketchWalkConfig(
@@ -114,7 +114,7 @@ def test_transition_triton_small(case):
 
 
 def test_transition_triton_rejects_bad_inputs():
-    from sketchwalk.kernels.triton_transition import transition_triton
+    from sketchwalk.selection.triton_transition import transition_triton
 
     qs = torch.zeros(1, 4, 8, 16)
     with pytest.raises(ValueError, match="granularity"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sketchwalk import SketchWalkConfig
-from sketchwalk.walk import aggregate_heads, block_transition, sharpen, walk_step
+from sketchwalk.selection.walk import aggregate_heads, block_transition, sharpen, walk_step
 
 
 def _stochastic(b, g, n, seed):
@@ -78,8 +78,8 @@ def test_causal_sketch_puts_no_mass_on_future_blocks():
 def test_transition_from_pooled_equals_the_step_by_step_path(
     granularity, causal, parity, exact, exponent
 ):
-    from sketchwalk.sketch import block_logits
-    from sketchwalk.walk import transition_from_pooled
+    from sketchwalk.selection.sketch import block_logits
+    from sketchwalk.selection.walk import transition_from_pooled
 
     gen = torch.Generator().manual_seed(1)
     qb, kb = torch.randn(2, 6, 7, 32, generator=gen), torch.randn(2, 2, 7, 32, generator=gen)

@@ -11,12 +11,12 @@ modules that need them.
 """
 
 from sketchwalk import metrics
-from sketchwalk.attention import dense_attention, sparse_attention
+from sketchwalk._version import __version__
+from sketchwalk.attention.api import sparse_attention
+from sketchwalk.attention.reference import dense_attention
+from sketchwalk.blocks import BlockSelection
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.core import SketchWalk
-from sketchwalk.selection import BlockSelection
-
-__version__ = "0.1.0"
+from sketchwalk.selection.prefill import SketchWalk
 
 __all__ = [
     "BlockSelection",

@@ -14,14 +14,20 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "collect": ("sketchwalk.collect", "capture real Q/K/V tensors from a causal LM run"),
+    "collect": ("sketchwalk.pipeline.collect", "capture real Q/K/V tensors from a causal LM run"),
     "validate": (
-        "sketchwalk.validate",
+        "sketchwalk.pipeline.validate",
         "run SketchWalk on collected tensors against dense attention",
     ),
-    "compare": ("sketchwalk.compare", "compare SketchWalk's block selection with SeerAttention's"),
-    "demo": ("sketchwalk.demo", "collect -> validate -> compare -> report on the embedded model"),
-    "train-gate": ("sketchwalk.gate_train", "train SeerAttention gates by self-distillation"),
+    "compare": (
+        "sketchwalk.pipeline.compare",
+        "compare SketchWalk's block selection with SeerAttention's",
+    ),
+    "demo": (
+        "sketchwalk.pipeline.demo",
+        "collect -> validate -> compare -> report on the embedded model",
+    ),
+    "train-gate": ("sketchwalk.gate.train", "train SeerAttention gates by self-distillation"),
 }
 
 
@@ -38,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sketchwalk",
         description="Sketch&Walk block-sparse attention: collect, validate, compare.",
     )
-    from sketchwalk import __version__
+    from sketchwalk._version import __version__
 
     parser.add_argument("--version", action="version", version=f"sketchwalk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

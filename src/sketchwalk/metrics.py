@@ -10,8 +10,7 @@ import math
 
 import torch
 
-from sketchwalk.selection import BlockSelection, causal_block_mask
-from sketchwalk.sketch import num_blocks
+from sketchwalk.blocks import BlockSelection, causal_block_mask, num_blocks
 
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -87,7 +86,7 @@ def _causal_probs(
 
 
 def _check_qk_pair(q: torch.Tensor, k: torch.Tensor, where: str) -> None:
-    from sketchwalk.core import check_qk
+    from sketchwalk.blocks import check_qk
 
     check_qk(q, k, where)
     if q.shape[2] != k.shape[2]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sketchwalk.selection import BlockSelection, causal_block_mask
-from sketchwalk.sketch import num_blocks
+from sketchwalk.blocks import BlockSelection, causal_block_mask, num_blocks
 
 
 def make_qkv(
@@ -79,7 +78,7 @@ def write_tensor_dir(
     """
     from pathlib import Path
 
-    from sketchwalk.tensorio import save_tensor_file, tensor_filename
+    from sketchwalk.pipeline.tensorio import save_tensor_file, tensor_filename
 
     directory = Path(directory)
     paths = []

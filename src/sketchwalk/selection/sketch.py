@@ -27,11 +27,6 @@ import torch
 from sketchwalk.config import SketchWalkConfig
 
 
-def num_blocks(seq_len: int, block_size: int) -> int:
-    """Number of blocks covering ``seq_len`` tokens (the last one may be partial)."""
-    return -(-seq_len // block_size)
-
-
 def block_pool(x: torch.Tensor, block_size: int, parity: bool = False) -> torch.Tensor:
     """Mean of ``x`` over consecutive blocks of tokens.
 
@@ -229,7 +224,6 @@ __all__ = [
     "hadamard_sketch",
     "layer_projection",
     "next_power_of_two",
-    "num_blocks",
     "sketch_draws",
     "sketch_projection",
     "sketched_blocks",

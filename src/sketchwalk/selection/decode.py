@@ -23,7 +23,7 @@ Each step, for a new query q_t and key k_t:
    nk blocks without dense last rows.
 
 The result is the (kv_num_blocks (B, G), kv_indices (B, G, nk)) pair that
-`sketchwalk.decode.sparse_decode` consumes. Layers below ``dense_layers`` keep every block.
+`sketchwalk.attention.sparse_decode` consumes. Layers below ``dense_layers`` keep every block.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
+from sketchwalk.blocks import check_qk, compact_mask, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.core import check_qk
-from sketchwalk.selection import compact_mask, forced_counts, ranked_per_row
-from sketchwalk.sketch import block_pool, num_blocks, sketched_blocks
-from sketchwalk.walk import aggregate_heads, sharpen, transition_from_pooled
+from sketchwalk.selection.select import forced_counts, ranked_per_row
+from sketchwalk.selection.sketch import block_pool, sketched_blocks
+from sketchwalk.selection.walk import aggregate_heads, sharpen, transition_from_pooled
 
 
 @dataclass

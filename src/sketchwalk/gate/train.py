@@ -37,14 +37,17 @@ from typing import Any
 
 import torch
 
-from sketchwalk.gate import (
+from sketchwalk.atomic import atomic_write
+from sketchwalk.gate.checkpoint import (
     CONFIG_NAME,
-    DEFAULT_GATE_TYPE,
     WEIGHTS_NAME,
     GateConfig,
     GateSet,
-    block_position_ids,
     load_gate_checkpoint,
+)
+from sketchwalk.gate.model import (
+    DEFAULT_GATE_TYPE,
+    block_position_ids,
     parse_gate_type,
     pool_blocks,
 )
@@ -279,10 +282,10 @@ def capture_features(
 ) -> list[LayerBatch]:
     """Run the model once on ``input_ids`` (1, T) and return every layer's :class:`LayerBatch`.
 
-    Uses :mod:`sketchwalk.capture` (post-RoPE Q/K where attention runs, pre-RoPE q/k after the
+    Uses :mod:`sketchwalk.hf.capture` (post-RoPE Q/K where attention runs, pre-RoPE q/k after the
     projection and q/k norm).
     """
-    from sketchwalk.capture import capture_attention
+    from sketchwalk.hf.capture import capture_attention
 
     # keep the captured tensors where the model runs (no offload): on a GPU the targets'
     # exact attention is computed there; pooling and the targets are float32 either way
@@ -466,9 +469,7 @@ def _save_run(
         "optimizer": opt.state_dict(),
         "history": torch.tensor(history, dtype=torch.float64),
     }
-    tmp = output_dir / (TRAIN_STATE_NAME + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, output_dir / TRAIN_STATE_NAME)
+    atomic_write(output_dir / TRAIN_STATE_NAME, lambda tmp: torch.save(state, tmp))
     gates.to(cfg.device)
 
 
@@ -487,8 +488,8 @@ def load_model_and_samples(
         (model, train ids, held-out ids, base_model), ids of shape (1, T) on ``cfg.device``;
         ``base_model`` is what config.json records (the alias, or the model folder's path).
     """
-    from sketchwalk.models import ALIASES, load_model
-    from sketchwalk.text import make_passages
+    from sketchwalk.hf.models import ALIASES, load_model
+    from sketchwalk.pipeline.text import make_passages
 
     model, tokenizer, _resolved = load_model(
         cfg.model_path, device=cfg.device, dtype=getattr(torch, cfg.dtype)
@@ -586,9 +587,7 @@ def _save_features(
         state.update({"heldout." + k: v for k, v in heldout.state().items()})
     blob = json.dumps({"key": key, "gate_config": dataclasses.asdict(gate_cfg)}, default=str)
     state["meta"] = torch.frombuffer(bytearray(blob.encode()), dtype=torch.uint8)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_features(
@@ -619,9 +618,9 @@ def default_gate_dir(
 ) -> Path:
     """Cache folder of the default gate: ``<sketchwalk cache>/gates/<model>-<settings hash>``.
 
-    The cache root is :func:`sketchwalk.models.cache_dir` (``$SKETCHWALK_CACHE_DIR``, ...).
+    The cache root is :func:`sketchwalk.hf.models.cache_dir` (``$SKETCHWALK_CACHE_DIR``, ...).
     """
-    from sketchwalk.models import cache_dir as models_cache_dir
+    from sketchwalk.hf.models import cache_dir as models_cache_dir
 
     cfg = cfg or GateTrainConfig(model_path=model_path)
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()

@@ -167,7 +167,7 @@ def flex_sparse_attention(
                 f"flex backend: compiled flex_attention hit its recompile limit "
                 f"({FLEX_RECOMPILE_LIMIT} specialisations in this process); refusing the eager "
                 f"fallback, which ignores the block selection. Raise "
-                f"sketchwalk.kernels.flex.FLEX_RECOMPILE_LIMIT or use backend='triton'."
+                f"sketchwalk.attention.flex.FLEX_RECOMPILE_LIMIT or use backend='triton'."
             ) from err
     return out.reshape(batch, num_q_heads, seq_len, out.shape[-1]) if per_group else out
 

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sketchwalk.pipeline.plots import plot_validation
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="sketchwalk_demo", help="where everything goes")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     model_path = args.model_path
     t0 = time.time()
     if not args.no_gate:
-        from sketchwalk.gate_train import ensure_default_gate
+        from sketchwalk.gate.train import ensure_default_gate
 
         print("[0/4] gate: SeerAttention gate for the embedded model (trained once, cached)")
         gate_device = "cuda" if args.device.startswith("cuda") else "cpu"
@@ -148,40 +150,6 @@ def _fmt(agg: dict[str, Any] | None, field: str, spec: str = ".4f") -> str:
     return format(v, spec)
 
 
-def _plot_validation(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by_layer = summary["by_layer_idx"]
-    layers = sorted(by_layer, key=int)
-    x = [int(layer) for layer in layers]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
-    for field, label in (
-        ("attention_recall", "attention recall"),
-        ("density", "density"),
-        ("cosine_similarity", "output cosine"),
-    ):
-        ax[0].plot(x, [by_layer[la][field]["mean"] for la in layers], marker="o", ms=3, label=label)
-    ax[0].set_xlabel("layer")
-    ax[0].set_ylim(0, 1.02)
-    ax[0].legend(loc="lower right")
-    ax[0].set_title("SketchWalk vs dense, per layer")
-    ax[1].plot(
-        x,
-        [by_layer[la]["relative_l2_error"]["mean"] for la in layers],
-        marker="o",
-        ms=3,
-        color="tab:red",
-    )
-    ax[1].set_xlabel("layer")
-    ax[1].set_title("relative L2 error of the attention output")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_report(
     out: Path, val_dir: Path, cmp_dir: Path, tensor_dir: Path, timings: dict[str, float]
 ) -> Path:
@@ -190,7 +158,7 @@ def write_report(
     csum_path = _latest(cmp_dir, "comparison_summary_*.json")
     csum = json.loads(csum_path.read_text())
     plot = out / "validation_by_layer.png"
-    _plot_validation(vsum, plot)
+    plot_validation(vsum, plot)
     cfg = vsum["config"]
     overall = vsum["overall"]
     sparse_layers = {k: v for k, v in vsum["by_layer_idx"].items() if int(k) >= cfg["dense_layers"]}

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from sketchwalk.atomic import write_json
+
 __all__ = [
     "CollectError",
     "TensorCollector",
@@ -165,7 +167,7 @@ def load_seerattn_gate(gate_dir: str | os.PathLike | None, device: str | torch.d
     if gate_dir is None or not (Path(gate_dir) / "attn_gate_weights.pth").is_file():
         return None
     try:
-        from sketchwalk.gate import load_gate_checkpoint
+        from sketchwalk.gate.checkpoint import load_gate_checkpoint
     except ImportError:
         return None
     return load_gate_checkpoint(gate_dir, device=device)
@@ -183,7 +185,7 @@ def seerattn_gate_tensors(
     """The hook point where collection asks SeerAttention's gate for its block selection.
 
     Args:
-        gate: a ``sketchwalk.gate.GateSet``.
+        gate: a ``sketchwalk.gate.checkpoint.GateSet``.
         layer_idx: decoder layer.
         q_pre: (B, Hq, T, D) pre-RoPE queries; k_pre: (B, Hkv, T, D) pre-RoPE keys.
         position_ids: (B, T) token positions (default ``arange(T)``).
@@ -232,14 +234,6 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 class TensorCollector:
     """Runs a causal LM on real text and writes the attention tensors of every sample.
 
@@ -282,7 +276,7 @@ class TensorCollector:
         seed: int = 0,
         progress: bool = True,
     ):
-        from sketchwalk.models import DEFAULT_MODEL
+        from sketchwalk.hf.models import DEFAULT_MODEL
 
         if file_format not in ("pt", "safetensors"):
             raise ValueError(f"file_format must be 'pt' or 'safetensors', got {file_format!r}")
@@ -315,8 +309,8 @@ class TensorCollector:
 
     def load_model(self) -> tuple[Any, Any]:
         """Load model and tokenizer, load a SeerAttention gate if present, start the capture."""
-        from sketchwalk.capture import AttentionCapture
-        from sketchwalk.models import load_model
+        from sketchwalk.hf.capture import AttentionCapture
+        from sketchwalk.hf.models import load_model
 
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise CollectError(
@@ -365,7 +359,7 @@ class TensorCollector:
     # -- forward + files ---------------------------------------------------------------------
 
     def _base_metadata(self) -> dict[str, Any]:
-        from sketchwalk import __version__
+        from sketchwalk._version import __version__
 
         cfg = self.model.config
         first = next(iter(self.capture.modules.values()))
@@ -426,13 +420,13 @@ class TensorCollector:
             input_ids: (B, T) or (T,) the ids that were run.
             sample_idx: sample number in the file name.
             timestamp: ``YYYYmmdd_HHMMSS`` of the run.
-            passage_info: text source description (see :meth:`sketchwalk.text.Passage.info`).
+            passage_info: text source description (see :meth:`sketchwalk.pipeline.text.Passage.info`).
 
         Returns:
             The paths written, in layer order.
         """
-        from sketchwalk.tensorio import save_tensor_file, tensor_filename
-        from sketchwalk.text import token_sha256
+        from sketchwalk.pipeline.tensorio import save_tensor_file, tensor_filename
+        from sketchwalk.pipeline.text import token_sha256
 
         ids = input_ids.detach().to("cpu", torch.int64)
         if ids.dim() == 1:
@@ -495,7 +489,7 @@ class TensorCollector:
 
     def _finished(self, seq_len: int, sample: int) -> list[Path] | None:
         """Files of a complete earlier (seq_len, sample) in the chosen format, or None."""
-        from sketchwalk.tensorio import group_tensor_files, parse_tensor_filename
+        from sketchwalk.pipeline.tensorio import group_tensor_files, parse_tensor_filename
 
         if not self.output_dir.is_dir():
             return None
@@ -509,7 +503,7 @@ class TensorCollector:
         return None
 
     def _resumed_stats(self, files: list[Path], passage_sha: str) -> dict[int, dict[str, float]]:
-        from sketchwalk.tensorio import load_tensor_file
+        from sketchwalk.pipeline.tensorio import load_tensor_file
 
         out = {}
         for path in files:
@@ -537,9 +531,9 @@ class TensorCollector:
         """
         from tqdm.auto import tqdm
 
-        from sketchwalk import __version__
-        from sketchwalk.tensorio import group_tensor_files
-        from sketchwalk.text import make_passages, resolve_source
+        from sketchwalk._version import __version__
+        from sketchwalk.pipeline.tensorio import group_tensor_files
+        from sketchwalk.pipeline.text import make_passages, resolve_source
 
         if self.model is None:
             self.load_model()
@@ -626,7 +620,7 @@ class TensorCollector:
                 "layers": layers_out,
             }
             path = self.output_dir / f"summary_seq{seq_len}_{timestamp}.json"
-            _write_json_atomic(path, summary)
+            write_json(path, summary, overwrite=False)
             summaries.append(path)
         bar.close()
         return summaries
@@ -721,9 +715,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``sketchwalk collect``: returns 0 on success, 1 with a message on a known failure."""
-    from sketchwalk.models import ModelNotFoundError
-    from sketchwalk.tensorio import TensorFileError
-    from sketchwalk.text import TextSourceError
+    from sketchwalk.hf.models import ModelNotFoundError
+    from sketchwalk.pipeline.tensorio import TensorFileError
+    from sketchwalk.pipeline.text import TextSourceError
 
     t0 = time.perf_counter()
     try:

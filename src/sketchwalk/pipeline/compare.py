@@ -37,36 +37,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sketchwalk import __version__
+from sketchwalk._version import __version__
+from sketchwalk.atomic import write_json
+from sketchwalk.blocks import BlockSelection, causal_block_mask
 from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
-from sketchwalk.core import SketchWalk
-from sketchwalk.gate import select_blocks_from_scores
 from sketchwalk.metrics import block_mask_recall, oracle_selection, true_block_attention
-from sketchwalk.selection import BlockSelection, select_blocks
-from sketchwalk.sketch import num_blocks
-from sketchwalk.tensorio import TensorFileError, load_tensor_file
-from sketchwalk.validate import (
+from sketchwalk.pipeline.plots import plot_file, plot_summary
+from sketchwalk.pipeline.runs import (
     SEED_DEFAULTS,
     compute_dtype,
     file_record_header,
     iter_sequences,
-    print_table,
     resolve_device,
-    summarize,
     timestamp,
-    write_json_atomic,
 )
-
-ORACLE_THRESHOLD = "oracle-threshold"
-SEERATTENTION_GATE = "seerattention-gate"
-DEFAULT_SEERATTN_THRESHOLD = 0.1
+from sketchwalk.pipeline.seer import (
+    DEFAULT_SEERATTN_THRESHOLD,
+    CompareInputError,
+    SeerSide,
+    gate_side,
+    oracle_threshold_side,
+)
+from sketchwalk.pipeline.tensorio import TensorFileError, load_tensor_file
+from sketchwalk.pipeline.validate import print_table, summarize
+from sketchwalk.selection.prefill import SketchWalk
+from sketchwalk.selection.select import select_blocks
 
 COMPARE_FIELDS = (
     "seerattn_sparsity",
@@ -93,149 +94,6 @@ COMPARE_FIELDS = (
 )
 
 
-def _causal(nb: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """bool (nb, nb), True on and below the diagonal (an index comparison: the same as
-    ``selection.causal_block_mask`` but without bool ``tril``, which is slow on the CPU)."""
-    ar = torch.arange(nb, device=device)
-    return ar[:, None] >= ar[None, :]
-
-
-class CompareInputError(ValueError):
-    """An input the comparison cannot use; the message names the file and the problem."""
-
-
-@dataclasses.dataclass
-class SeerSide:
-    """The SeerAttention side of one file.
-
-    Attributes:
-        method: ``"seerattention-gate"`` or ``"oracle-threshold"``.
-        rule: how the mask was made, in words (recorded in every result).
-        mask: bool (B, Hq, nb, nb), causal.
-        scores: float32 (B, Hq, nb, nb) score map the mask was selected from.
-    """
-
-    method: str
-    rule: str
-    mask: torch.Tensor
-    scores: torch.Tensor
-
-
-# ---- the SeerAttention side ----------------------------------------------------------------
-
-
-def _select_seerattn(
-    scores: torch.Tensor,
-    threshold: float | None,
-    nz_ratio: float | None,
-    dense_last_rows: int,
-    keep_diagonal: bool,
-) -> torch.Tensor:
-    """SeerAttention's selection rule on a (B, H, nb, nb) score map: threshold or nz_ratio top-k
-    per row (:func:`sketchwalk.gate.select_blocks_from_scores`), then the last
-    ``dense_last_rows`` rows dense, optionally the diagonal, lower-triangular."""
-    mask = select_blocks_from_scores(scores, threshold, nz_ratio, last_block_dense=False)
-    nb = scores.shape[-1]
-    if dense_last_rows > 0:
-        mask[..., max(0, nb - dense_last_rows) :, :] = True
-    if keep_diagonal:
-        mask |= torch.eye(nb, dtype=torch.bool, device=mask.device)
-    return mask & _causal(nb, mask.device)
-
-
-def _rule_text(threshold: float | None, nz_ratio: float | None, dense_last_rows: int) -> str:
-    pick = f"score > {threshold:g}" if nz_ratio is None else f"nz_ratio={nz_ratio:g} top-k per row"
-    return f"{pick}, last {dense_last_rows} rows dense"
-
-
-def oracle_threshold_side(
-    block_attention: torch.Tensor,
-    threshold: float | None = DEFAULT_SEERATTN_THRESHOLD,
-    nz_ratio: float | None = None,
-    dense_last_rows: int = 2,
-) -> SeerSide:
-    """The seed's stand-in for SeerAttention: a threshold on the TRUE block attention.
-
-    Args:
-        block_attention: float32 (B, Hq, nb, nb) from ``true_block_attention(..., reduce="sum")``.
-        threshold: keep tiles whose mass exceeds it (ignored when ``nz_ratio`` is given).
-        nz_ratio: SeerAttention's top-k per row instead of a threshold.
-        dense_last_rows: trailing query-block rows kept dense.
-
-    Returns:
-        `SeerSide` named ``oracle-threshold``; the diagonal is always kept.
-    """
-    if nz_ratio is not None:
-        threshold = None
-    mask = _select_seerattn(block_attention, threshold, nz_ratio, dense_last_rows, True)
-    rule = "true block attention " + _rule_text(threshold, nz_ratio, dense_last_rows)
-    return SeerSide(ORACLE_THRESHOLD, rule + ", diagonal kept", mask, block_attention)
-
-
-def _to_heads(t: torch.Tensor, hq: int, hkv: int, name: str, path: Path) -> torch.Tensor:
-    g = t.shape[1]
-    if g == hq:
-        return t
-    if g == 1:
-        return t.expand(t.shape[0], hq, *t.shape[2:])
-    if g == hkv:
-        return t.repeat_interleave(hq // hkv, dim=1)
-    raise CompareInputError(f"{path}: {name} has {g} heads; expected 1, {hkv} or {hq}")
-
-
-def gate_side(
-    record: dict[str, Any],
-    path: Path,
-    block_size: int,
-    threshold: float | None = None,
-    nz_ratio: float | None = None,
-    dense_last_rows: int = 2,
-    device: torch.device | str = "cpu",
-) -> SeerSide:
-    """The learned SeerAttention gate's selection stored in a tensor file.
-
-    Args:
-        record: a loaded tensor file carrying ``seerattn_scores`` (B, G, nb, nb) and possibly
-            ``seerattn_mask``.
-        path: the file (named in errors).
-        block_size: the comparison's block size; it must be the gate's.
-        threshold, nz_ratio: re-select from the scores (at most one); with neither, the stored
-            mask is used (or, without one, the default threshold 0.1).
-        dense_last_rows: trailing rows kept dense when re-selecting.
-        device: where the returned tensors live.
-
-    Returns:
-        `SeerSide` named ``seerattention-gate`` with per-head (B, Hq, nb, nb) tensors.
-    """
-    q, k = record["Q"], record["K"]
-    hq, hkv, t = q.shape[1], k.shape[1], q.shape[2]
-    nb = num_blocks(t, block_size)
-    scores = record["seerattn_scores"]
-    if tuple(scores.shape[-2:]) != (nb, nb):
-        raise CompareInputError(
-            f"{path}: seerattn_scores has {scores.shape[-2]}x{scores.shape[-1]} blocks but "
-            f"--block_size {block_size} gives {nb}x{nb} for seq_len {t}; use the gate's block "
-            "size"
-        )
-    scores = _to_heads(scores.to(device, torch.float32), hq, hkv, "seerattn_scores", path)
-    stored = record.get("seerattn_mask")
-    if threshold is None and nz_ratio is None and stored is not None:
-        if tuple(stored.shape) != tuple(record["seerattn_scores"].shape):
-            raise CompareInputError(
-                f"{path}: seerattn_mask {tuple(stored.shape)} and seerattn_scores "
-                f"{tuple(record['seerattn_scores'].shape)} differ in shape"
-            )
-        mask = _to_heads(stored.to(device).bool(), hq, hkv, "seerattn_mask", path)
-        mask = mask & _causal(nb, mask.device)
-        rule = "stored seerattn_mask (the checkpoint's own threshold or nz_ratio)"
-        return SeerSide(SEERATTENTION_GATE, rule, mask.contiguous(), scores.contiguous())
-    if threshold is None and nz_ratio is None:
-        threshold = DEFAULT_SEERATTN_THRESHOLD
-    mask = _select_seerattn(scores, threshold, nz_ratio, dense_last_rows, False)
-    rule = "gate scores " + _rule_text(threshold, nz_ratio, dense_last_rows)
-    return SeerSide(SEERATTENTION_GATE, rule, mask, scores.contiguous())
-
-
 # ---- metrics ---------------------------------------------------------------------------------
 
 
@@ -248,7 +106,7 @@ def mask_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | None]:
     """
     if a.shape != b.shape:
         raise ValueError(f"mask_agreement: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    causal = _causal(a.shape[-1], a.device)
+    causal = causal_block_mask(a.shape[-1], a.device)
     a, b = a & causal, b & causal
     inter = int((a & b).sum().item())
     size_a, size_b = int(a.sum().item()), int(b.sum().item())
@@ -265,7 +123,7 @@ def causal_tiles(score_map: torch.Tensor) -> torch.Tensor:
     """float64 vector of the causal tiles (i >= j) of a (B, G, nb, nb) map averaged over batch
     and heads/groups."""
     mean = score_map.double().mean(dim=(0, 1))
-    return mean[_causal(mean.shape[-1], mean.device)]
+    return mean[causal_block_mask(mean.shape[-1], mean.device)]
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -462,123 +320,6 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None) -> Ske
     return SketchWalkConfig.from_dict({**base, **given})
 
 
-# ---- plots -------------------------------------------------------------------------------------
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit(
-            "--visualize needs matplotlib: pip install 'sketchwalk[plot]' (or matplotlib)"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_file(
-    path: Path,
-    block_attention: torch.Tensor,
-    seer_mask: torch.Tensor,
-    sw_mask: torch.Tensor,
-    record: dict[str, Any],
-) -> None:
-    """Heatmaps of one file: the true block attention (log10, mean over heads), each side's
-    selection (share of heads keeping a tile) over it, and where the two agree."""
-    import numpy as np
-
-    plt = _pyplot()
-    nb = block_attention.shape[-1]
-    causal = _causal(nb).numpy()
-    att = block_attention.double().mean(dim=(0, 1)).cpu().numpy()
-    log_att = np.where(causal, np.log10(np.maximum(att, 1e-8)), np.nan)
-    seer = seer_mask.float().mean(dim=(0, 1)).cpu().numpy()
-    sw = sw_mask.float().mean(dim=(0, 1)).cpu().numpy()
-    method = record["seerattn_method"]
-
-    fig, axes = plt.subplots(1, 4, figsize=(20, 5), constrained_layout=True)
-    im = axes[0].imshow(log_att, cmap="viridis", interpolation="nearest")
-    axes[0].set_title("true block attention\nlog10 mass, mean over heads")
-    fig.colorbar(im, ax=axes[0], shrink=0.8)
-    for ax, share, name, cmap in (
-        (axes[1], seer, method, "Reds"),
-        (axes[2], sw, "SketchWalk", "Blues"),
-    ):
-        ax.imshow(log_att, cmap="gray", interpolation="nearest", alpha=0.6)
-        overlay = np.ma.masked_where(share <= 0, share)
-        im = ax.imshow(overlay, cmap=cmap, vmin=0, vmax=1, alpha=0.75, interpolation="nearest")
-        density = record["seerattn_density" if name == method else "sketchwalk_density"]
-        ax.set_title(f"{name} kept (share of heads)\ndensity {density:.3f}")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    rgb = np.ones((nb, nb, 3))
-    rgb[causal] = 0.0
-    rgb[..., 0] = np.where(causal, seer, rgb[..., 0])
-    rgb[..., 2] = np.where(causal, sw, rgb[..., 2])
-    rgb[..., 1] = np.where(causal, 0.0, rgb[..., 1])
-    axes[3].imshow(rgb, interpolation="nearest")
-    axes[3].set_title(
-        f"agreement (share of heads): magenta both,\nred only {method}, blue only SketchWalk"
-    )
-    for ax in axes:
-        ax.set_xlabel("key block")
-        ax.set_ylabel("query block")
-
-    def fmt(key: str) -> str:
-        v = record.get(key)
-        return "-" if v is None else f"{v:.3f}"
-
-    fig.suptitle(
-        f"{record['sample_id']} (layer {record['layer_idx']}, {record['seq_len']} tokens)  "
-        f"overlap {fmt('block_overlap')}  Jaccard {fmt('jaccard_similarity')}  "
-        f"corr {fmt('attention_correlation')}  recall: {method} {fmt('seerattn_recall')}, "
-        f"SketchWalk {fmt('sketchwalk_recall')}, oracle {fmt('oracle_recall')}"
-    )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_summary(path: Path, summary: dict[str, Any], method: str) -> None:
-    """Recall and selection agreement by layer (means over sequences)."""
-    plt = _pyplot()
-    by_layer = summary["by_layer_idx"]
-    layers = sorted(int(k) for k in by_layer)
-
-    def series(field: str) -> list[float]:
-        return [by_layer[str(layer)].get(field, {}).get("mean", math.nan) for layer in layers]
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), constrained_layout=True)
-    for field, label, style in (
-        ("sketchwalk_recall", "SketchWalk", "o-"),
-        ("seerattn_recall", method, "s-"),
-        ("oracle_recall", "oracle at SketchWalk's budget", "k--"),
-        ("seerattn_recall_matched", f"{method} at SketchWalk's budget", "s:"),
-        ("sketchwalk_recall_matched", f"SketchWalk at {method}'s density", "o:"),
-    ):
-        left.plot(layers, series(field), style, label=label, markersize=4)
-    left.set_title("attention recall by layer")
-    left.set_xlabel("layer")
-    left.set_ylabel("share of softmax mass kept")
-    left.legend(fontsize=8)
-    left.grid(alpha=0.3)
-    for field, label, style in (
-        ("block_overlap", "block overlap", "o-"),
-        ("jaccard_similarity", "Jaccard", "s-"),
-        ("attention_correlation", "attention correlation (Pearson)", "^-"),
-        ("attention_rank_correlation", "attention rank correlation (Spearman)", "v-"),
-        ("seerattn_density", f"{method} density", "r:"),
-        ("sketchwalk_density", "SketchWalk density", "b:"),
-    ):
-        right.plot(layers, series(field), style, label=label, markersize=4)
-    right.set_title("selection agreement by layer")
-    right.set_xlabel("layer")
-    right.legend(fontsize=8)
-    right.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---- CLI ---------------------------------------------------------------------------------------
 
 
@@ -748,7 +489,7 @@ def run(args: argparse.Namespace) -> int:
                 "config": config.to_dict(),
             }
             records.append(record)
-            write_json_atomic(results_path, records)
+            write_json(results_path, records)
             if position in to_plot:
                 png = out_dir / f"comparison_{path.stem}.png"
                 plot_file(
@@ -795,7 +536,7 @@ def run(args: argparse.Namespace) -> int:
         plot_summary(png, summary, method)
         plots.append(str(png))
         summary["plots"] = plots
-    write_json_atomic(summary_path, summary)
+    write_json(summary_path, summary)
 
     print(
         f"S = SeerAttention side ({method}), W = SketchWalk; dens = density over causal blocks; "

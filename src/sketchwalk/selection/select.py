@@ -19,155 +19,12 @@ Under ``parity`` the sink takes the window's size (the released final mask does 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
+from sketchwalk.blocks import BlockSelection, causal_block_mask, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.sketch import num_blocks
-
-
-@dataclass
-class BlockSelection:
-    """A causal block mask plus the index form kernels consume.
-
-    Attributes:
-        block_mask: bool (B, G, nq, nk); G = 1 (per layer), Hkv (per KV group) or Hq (per head).
-        block_size: tokens per block.
-        seq_len: T, the number of query (and key) tokens.
-        kv_num_blocks: int32 (B, G, nq), kept blocks per row.
-        kv_indices: int32 (B, G, nq, nk), each row's kept key blocks ascending, then 0-padding.
-        density_value: the density if already known (else computed on first access of
-            ``density``: kept causal blocks / causal blocks, over all batch rows and groups).
-        scores: optional float (B, G, nq, nk) walk matrix the selection ranked (diagnostics).
-    """
-
-    block_mask: torch.Tensor
-    block_size: int
-    seq_len: int
-    kv_num_blocks: torch.Tensor
-    kv_indices: torch.Tensor
-    density_value: float | None = None
-    scores: torch.Tensor | None = None
-
-    @property
-    def density(self) -> float:
-        """Kept causal blocks / causal blocks, over all batch rows and groups (computed on first
-        use: reading it waits for the device)."""
-        if self.density_value is None:
-            b, g, nq, nk = self.block_mask.shape
-            total_causal = b * g * (nk * (nk + 1) // 2 - (nk - nq) * (nk - nq + 1) // 2)
-            kept = int(self.kv_num_blocks.sum(dtype=torch.int64))
-            self.density_value = kept / max(1, total_causal)
-        return self.density_value
-
-    @classmethod
-    def from_mask(
-        cls,
-        block_mask: torch.Tensor,
-        block_size: int,
-        seq_len: int,
-        scores: torch.Tensor | None = None,
-    ) -> BlockSelection:
-        """Build from a bool (B, G, nq, nk) mask; entries above the diagonal are dropped."""
-        if block_mask.dim() != 4 or block_mask.dtype != torch.bool:
-            raise ValueError(
-                "block_mask must be a bool tensor (batch, groups, q_blocks, kv_blocks), got "
-                f"{block_mask.dtype} of shape {tuple(block_mask.shape)}"
-            )
-        nb = num_blocks(seq_len, block_size)
-        if block_mask.shape[-2:] != (nb, nb):
-            raise ValueError(
-                f"block_mask must have {nb}x{nb} blocks for seq_len={seq_len}, "
-                f"block_size={block_size}; got {tuple(block_mask.shape[-2:])}"
-            )
-        mask = block_mask & causal_block_mask(nb, block_mask.device)
-        kv_num_blocks, kv_indices = compact_mask(mask)
-        return cls(mask, block_size, seq_len, kv_num_blocks, kv_indices, None, scores)
-
-    @classmethod
-    def full(
-        cls,
-        batch: int,
-        groups: int,
-        seq_len: int,
-        block_size: int,
-        device: torch.device | str = "cpu",
-    ) -> BlockSelection:
-        """The full causal selection (dense attention)."""
-        nb = num_blocks(seq_len, block_size)
-        mask = causal_block_mask(nb, device).expand(batch, groups, nb, nb).contiguous()
-        return cls.from_mask(mask, block_size, seq_len)
-
-    @property
-    def num_groups(self) -> int:
-        return self.block_mask.shape[1]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.block_mask.shape[-1]
-
-    def group_of_head(self, head: int, num_q_heads: int, num_kv_heads: int) -> int:
-        """Mask group used by query head ``head``."""
-        g = self.num_groups
-        if g == 1:
-            return 0
-        if g == num_q_heads:
-            return head
-        if g == num_kv_heads:
-            return head // (num_q_heads // num_kv_heads)
-        raise ValueError(
-            f"selection has {g} mask groups; expected 1, num_kv_heads={num_kv_heads} or "
-            f"num_q_heads={num_q_heads}"
-        )
-
-    def head_mask(self, num_q_heads: int, num_kv_heads: int) -> torch.Tensor:
-        """The block mask expanded to one mask per query head: bool (B, Hq, nq, nk) (a view
-        where possible)."""
-        g = self.num_groups
-        b, _, nq, nk = self.block_mask.shape
-        if g == num_q_heads:
-            return self.block_mask
-        if g == 1:
-            return self.block_mask.expand(b, num_q_heads, nq, nk)
-        if g == num_kv_heads:
-            group = num_q_heads // num_kv_heads
-            return (
-                self.block_mask[:, :, None]
-                .expand(b, g, group, nq, nk)
-                .reshape(b, num_q_heads, nq, nk)
-            )
-        raise ValueError(
-            f"selection has {g} mask groups; expected 1, num_kv_heads={num_kv_heads} or "
-            f"num_q_heads={num_q_heads}"
-        )
-
-    def blocks_per_row(self) -> float:
-        """Mean number of kept key blocks per query-block row."""
-        return float(self.kv_num_blocks.float().mean().item())
-
-
-def compact_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index form of a bool block mask (..., nk): (kv_num_blocks int32 (...), kv_indices int32
-    (..., nk) with each row's kept blocks ascending, then 0-padding).
-
-    Kept block j goes to slot (number of kept blocks before j); the others go to a scratch
-    column nk that is dropped. No sort needed.
-    """
-    nk = mask.shape[-1]
-    slot = mask.cumsum(dim=-1, dtype=torch.int32)
-    kv_num_blocks = slot[..., -1].contiguous()
-    slot = torch.where(mask, slot - 1, nk).long()
-    cols = torch.arange(nk, device=mask.device, dtype=torch.int32).expand_as(mask)
-    buf = torch.zeros(*mask.shape[:-1], nk + 1, dtype=torch.int32, device=mask.device)
-    return kv_num_blocks, buf.scatter_(-1, slot, cols)[..., :nk]
-
-
-def causal_block_mask(nb: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """bool (nb, nb), True on and below the diagonal."""
-    ar = torch.arange(nb, device=device)
-    return ar[:, None] >= ar[None, :]  # (bool .tril() is very slow on some CPU builds)
 
 
 def forced_counts(nb: int, config: SketchWalkConfig) -> tuple[int, int]:
@@ -394,9 +251,6 @@ def _quantile_threshold(
 
 
 __all__ = [
-    "BlockSelection",
-    "causal_block_mask",
-    "compact_mask",
     "forced_block_mask",
     "forced_counts",
     "select_blocks",

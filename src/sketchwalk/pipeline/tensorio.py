@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sketchwalk.atomic import atomic_write
 
 __all__ = [
     "METADATA_KEY",
@@ -192,36 +193,17 @@ def save_tensor_file(
         validate_tensor_record({**record, "metadata": meta}, path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-    try:
+    record_with_meta = {**record, "metadata": meta}
+
+    def write(tmp: Path) -> None:
         if format == "pt":
-            with open(tmp, "wb") as fh:
-                torch.save({**record, "metadata": meta}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+            torch.save(record_with_meta, tmp)
         else:
             from safetensors.torch import save_file
 
             save_file(record, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            # A hard link fails if the name was taken meanwhile: no silent overwrite even in a race.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; refusing to overwrite it") from None
-            except OSError:
-                os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write, overwrite=overwrite)
     return path
 
 

@@ -1,7 +1,7 @@
 """Triton kernels for the block transition matrix of one layer, without per-head logits in memory.
 
 Given sketched pooled blocks ``qs`` (B, Hq, nq, r) and ``ks`` (B, Hkv, nk, r) (float32, from
-`sketchwalk.sketch.sketched_blocks`), the transition matrix of mask group g is
+`sketchwalk.selection.sketch.sketched_blocks`), the transition matrix of mask group g is
 
     A[b, g, i, j] = (1 / H_g) * sum_{h in group g} softmax_j(scale * qs[b, h, i] . ks[b, h // q, j])
 
@@ -276,7 +276,7 @@ def transition_triton(
 
     Returns:
         (B, G, nq, nk) float32; every row sums to 1 (up to rounding) and is exactly 0 on masked
-        future blocks. Apply `sketchwalk.walk.sharpen` afterwards as the PyTorch path does.
+        future blocks. Apply `sketchwalk.selection.walk.sharpen` afterwards as the PyTorch path does.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")

@@ -8,7 +8,7 @@ un-repeated ``key``/``value`` (B, Hkv, S_kv, D) and ``module.layer_idx``, and de
 
 - **Sparse prefill**: ``S == S_kv > block_size``, a causal module, no padding (the mask is None or
   equals the plain causal mask), ``dropout == 0`` and no score modifiers (``softcap``, sinks,
-  position bias). The layer's q/k go to one :class:`~sketchwalk.core.SketchWalk` per forward pass
+  position bias). The layer's q/k go to one :class:`~sketchwalk.selection.prefill.SketchWalk` per forward pass
   (fed in layer order, so the cross-layer walk runs; it is reset when a layer at or below the last
   one seen arrives, i.e. when a new forward pass starts), and the output is
   :func:`~sketchwalk.attention.sparse_attention` over the selected blocks with the configured
@@ -17,9 +17,9 @@ un-repeated ``key``/``value`` (B, Hkv, S_kv, D) and ``module.layer_idx``, and de
   runs instead: the result is the same attention, computed by the stock kernel, so a dense
   configuration reproduces the stock model's logits exactly.
 - **Sparse decode** (``decode="sketchwalk"``): a step with one new token (``S == 1``) on a layer
-  whose prefill ran through SketchWalk goes to a :class:`~sketchwalk.decode_selection.
+  whose prefill ran through SketchWalk goes to a :class:`~sketchwalk.selection.decode.
   SketchWalkDecoder` (incremental pooled keys, a window of recent queries, the prefill's
-  transition matrix) and :func:`~sketchwalk.decode.sparse_decode` over the kept blocks of the
+  transition matrix) and :func:`~sketchwalk.attention.sparse_decode` over the kept blocks of the
   cache. With the default ``decode="dense"`` decode steps run the inner implementation.
 - **Everything else runs the inner (dense) implementation unchanged**, with the reason recorded:
   chunked prefill and multi-token steps (``1 < S < S_kv``), padded or packed batches and
@@ -33,7 +33,7 @@ reason); :attr:`SketchWalkAttention.layers` holds each layer's latest call and
 Example::
 
     from sketchwalk import SketchWalkConfig
-    from sketchwalk.integration import enable_sketchwalk, disable_sketchwalk
+    from sketchwalk.hf.integration import enable_sketchwalk, disable_sketchwalk
 
     sw = enable_sketchwalk(model, SketchWalkConfig(density=0.2))
     logits = model(input_ids).logits          # sparse prefill
@@ -51,8 +51,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sketchwalk.attention import BACKENDS, resolve_backend, sparse_attention
-from sketchwalk.capture import (
+from sketchwalk.attention.api import BACKENDS, resolve_backend, sparse_attention, sparse_decode
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.hf.capture import (
     CAPTURE_PREFIX,
     attention_modules,
     choose_layers,
@@ -60,10 +61,8 @@ from sketchwalk.capture import (
     register_wrapper,
     set_attention_implementation,
 )
-from sketchwalk.config import SketchWalkConfig
-from sketchwalk.core import TRANSITION_BACKENDS, SketchWalk
-from sketchwalk.decode import sparse_decode
-from sketchwalk.decode_selection import SketchWalkDecoder
+from sketchwalk.selection.decode import SketchWalkDecoder
+from sketchwalk.selection.prefill import TRANSITION_BACKENDS, SketchWalk
 
 __all__ = [
     "SKETCHWALK_PREFIX",

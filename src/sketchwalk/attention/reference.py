@@ -1,4 +1,5 @@
-"""Exact dense and block-sparse attention: the plain PyTorch references, plus backend dispatch.
+"""Exact dense and block-sparse attention (prefill and decode): the plain PyTorch references
+every kernel is tested against. Imports no kernel.
 
 Both references process query rows in chunks, so memory is O(chunk x S), never O(T x S), and
 accumulate in float32. Queries are aligned to the END of the keys: with T queries and S keys,
@@ -11,25 +12,10 @@ import math
 
 import torch
 
-from sketchwalk.core import check_qk
-from sketchwalk.selection import BlockSelection
-from sketchwalk.sketch import num_blocks
+from sketchwalk.blocks import BlockSelection, check_qkv
 
 # Elements of the float32 score matrix of one chunk (about 64 MiB).
 _CHUNK_ELEMENTS = 1 << 24
-
-BACKENDS = ("reference", "triton", "flex", "auto")
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: str) -> None:
-    check_qk(q, k, where)
-    if not isinstance(v, torch.Tensor) or v.shape != k.shape:
-        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ValueError(f"{where}: v must have k's shape {tuple(k.shape)}, got {shape}")
-    if v.device != k.device or v.dtype != k.dtype:
-        raise ValueError(f"{where}: v is {v.dtype} on {v.device}, k is {k.dtype} on {k.device}")
-    if q.shape[2] > k.shape[2]:
-        raise ValueError(f"{where}: more queries ({q.shape[2]}) than keys ({k.shape[2]})")
 
 
 def _chunk_rows(num_heads: int, num_keys: int, chunk_size: int | None, multiple: int = 1) -> int:
@@ -88,7 +74,7 @@ def dense_attention(
     Returns:
         (B, Hq, T, D) in q's dtype, like ``F.scaled_dot_product_attention``.
     """
-    _check_qkv(q, k, v, "dense_attention")
+    check_qkv(q, k, v, "dense_attention")
     b, hq, t, d = q.shape
     s = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -109,40 +95,6 @@ def dense_attention(
             q.dtype
         )
     return out
-
-
-def check_selection(
-    selection: BlockSelection, q: torch.Tensor, k: torch.Tensor, where: str
-) -> None:
-    """The selection must cover q/k's sequence and have a mask group per layer, KV head or head."""
-    if not isinstance(selection, BlockSelection):
-        raise ValueError(
-            f"{where}: selection must be a BlockSelection, got {type(selection).__name__}"
-        )
-    b, hq, t, _ = q.shape
-    hkv = k.shape[1]
-    if k.shape[2] != t:
-        raise ValueError(
-            f"{where}: block-sparse prefill needs as many keys as queries; q has seq {t}, k has "
-            f"seq {k.shape[2]} (use sketchwalk.decode.sparse_decode for decode)"
-        )
-    nb = num_blocks(t, selection.block_size)
-    expected = (b, None, nb, nb)
-    got = tuple(selection.block_mask.shape)
-    if selection.seq_len != t or got[0] != b or got[2:] != (nb, nb):
-        raise ValueError(
-            f"{where}: selection is for seq_len={selection.seq_len} with mask {got}; q/k need "
-            f"seq_len={t} and a mask (batch={expected[0]}, groups, {nb}, {nb})"
-        )
-    if selection.num_groups not in (1, hkv, hq):
-        raise ValueError(
-            f"{where}: selection has {selection.num_groups} mask groups; expected 1, "
-            f"num_kv_heads={hkv} or num_heads={hq}"
-        )
-    if selection.block_mask.device != q.device:
-        raise ValueError(
-            f"{where}: selection is on {selection.block_mask.device} but q is on {q.device}"
-        )
 
 
 def sparse_attention_reference(
@@ -180,52 +132,71 @@ def sparse_attention_reference(
     return out
 
 
-def sparse_attention(
+def _group_of_head(head: int, num_q_heads: int, num_kv_heads: int, num_groups: int) -> int:
+    if num_groups == 1:
+        return 0
+    if num_groups == num_q_heads:
+        return head
+    return head // (num_q_heads // num_kv_heads)
+
+
+def sparse_decode_reference(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selection: BlockSelection,
-    backend: str = "reference",
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size: int,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Exact softmax attention restricted to the selected key blocks.
+    """Reference decode attention restricted to kept key blocks.
+
+    For every (batch b, query head h):
+      1. take the mask group g of h and its kept blocks ``kv_indices[b, g, :kv_num_blocks[b, g]]``;
+      2. expand them to key positions ``j * block_size + t`` (t < block_size), dropping those
+         ``>= S``;
+      3. scores = q[b, h] @ k[b, h // (Hq / Hkv), keys]^T * scale in fp32 (fp64 for fp64
+         input), with keys after the query's own position ``S - Tq + i`` masked out;
+      4. softmax over the kept keys, multiply by the matching values; a row with no visible key
+         is 0.
 
     Args:
-        q: (B, Hq, T, D); k, v: (B, Hkv, T, D); Hq a multiple of Hkv.
-        selection: `BlockSelection` for this T (mask groups 1, Hkv or Hq).
-        backend: ``"reference"`` (plain PyTorch, any device), ``"triton"``, ``"flex"`` or
-            ``"auto"``. An explicit backend that cannot run raises; only ``"auto"`` falls back.
-        scale: softmax scale, default 1 / sqrt(D).
+        q: (B, Hq, Tq, D). k_cache, v_cache: (B, Hkv, S, D).
+        kv_num_blocks: (B, G) int. kv_indices: (B, G, nk) int.
 
     Returns:
-        (B, Hq, T, D) in q's dtype.
+        (B, Hq, Tq, D) in q's dtype.
     """
-    _check_qkv(q, k, v, "sparse_attention")
-    check_selection(selection, q, k, "sparse_attention")
-    if backend not in BACKENDS:
-        raise ValueError(f"sparse_attention: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return sparse_attention_reference(q, k, v, selection, scale)
-    from sketchwalk.kernels import get_backend
-
-    _, fn = get_backend(backend, q)
-    return fn(q, k, v, selection, scale)
-
-
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend name ``sparse_attention`` would use for ``q`` ("auto" resolved)."""
-    if backend == "reference":
-        return backend
-    from sketchwalk.kernels import get_backend
-
-    name, _ = get_backend(backend, q)
-    return name
+    batch, num_q_heads, num_queries, head_dim = q.shape
+    num_kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
+    num_groups = kv_num_blocks.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    offsets = torch.arange(block_size, device=q.device)
+    query_pos = cache_len - num_queries + torch.arange(num_queries, device=q.device)
+    for b in range(batch):
+        for h in range(num_q_heads):
+            g = _group_of_head(h, num_q_heads, num_kv_heads, num_groups)
+            kv_head = h // (num_q_heads // num_kv_heads)
+            count = int(kv_num_blocks[b, g])
+            blocks = kv_indices[b, g, :count].long()
+            keys = (blocks[:, None] * block_size + offsets[None, :]).reshape(-1)
+            keys = keys[keys < cache_len]
+            if keys.numel() == 0:
+                continue
+            k_sel = k_cache[b, kv_head, keys].to(acc_dtype)
+            v_sel = v_cache[b, kv_head, keys].to(acc_dtype)
+            scores = q[b, h].to(acc_dtype) @ k_sel.T * scale
+            visible = keys[None, :] <= query_pos[:, None]
+            scores = scores.masked_fill(~visible, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            out[b, h] = probs @ v_sel
+    return out.to(q.dtype)
 
 
 __all__ = [
-    "BACKENDS",
     "dense_attention",
-    "resolve_backend",
-    "sparse_attention",
     "sparse_attention_reference",
+    "sparse_decode_reference",
 ]

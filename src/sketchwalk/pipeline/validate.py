@@ -19,133 +19,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sketchwalk import __version__, metrics
-from sketchwalk.attention import dense_attention, resolve_backend, sparse_attention
+from sketchwalk import metrics
+from sketchwalk._version import __version__
+from sketchwalk.atomic import atomic_write, write_json
+from sketchwalk.attention.api import resolve_backend, sparse_attention
+from sketchwalk.attention.reference import dense_attention
+from sketchwalk.blocks import BlockSelection
 from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
-from sketchwalk.core import SketchWalk
-from sketchwalk.selection import BlockSelection
-from sketchwalk.tensorio import group_tensor_files, load_tensor_file
-
-SEED_DEFAULTS = {
-    "preset": "seed",
-    "block_size": 64,
-    "sketch_dim": 64,
-    "top_k_blocks": 16,
-    "sparsity_exponent": 8,
-}
-
-
-# ---- small shared pieces (also used by compare) -------------------------------------------
-
-
-def timestamp() -> str:
-    return datetime.now().strftime("%Y%m%d_%H%M%S")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file in the same folder, then rename: a crash never
-    leaves a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but CUDA is not available; use --device cpu")
-    return dev
-
-
-def compute_dtype(name: str, device: torch.device, stored: torch.dtype) -> torch.dtype:
-    """``auto``: the stored dtype on GPU, float32 on CPU (CPU bf16 matmuls are slow)."""
-    if name == "auto":
-        return stored if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def iter_sequences(tensor_dir: Path) -> list[dict[str, Any]]:
-    """The sequences of a tensor folder, each with its files in layer order, its missing layers
-    (gaps between 0 and the highest layer collected) and a warning naming them (or None)."""
-    groups = group_tensor_files(tensor_dir)
-    out = []
-    for (seq_len, sample, ts), paths in groups.items():
-        from sketchwalk.tensorio import parse_tensor_filename
-
-        layers = [parse_tensor_filename(p.name)["layer_idx"] for p in paths]
-        missing = sorted(set(range(max(layers) + 1)) - set(layers))
-        warning = None
-        if missing:
-            warning = (
-                f"seq_len={seq_len} sample={sample} ts={ts}: missing layers {missing} "
-                "(the walk restarts after each gap)"
-            )
-        out.append(
-            {
-                "seq_len": seq_len,
-                "sample": sample,
-                "timestamp": ts,
-                "paths": paths,
-                "layers": layers,
-                "missing_layers": missing,
-                "warning": warning,
-            }
-        )
-    return out
-
-
-def file_record_header(path: Path, meta: dict[str, Any], sample: int) -> dict[str, Any]:
-    """The fields every per-file record starts with (the seed's identifiers)."""
-    return {
-        "sample_id": path.stem,
-        "file": str(path),
-        "layer_idx": int(meta["layer_idx"]),
-        "seq_len": int(meta["seq_len"]),
-        "sample": sample,
-        "num_heads": int(meta["num_heads"]),
-        "num_kv_heads": int(meta["num_kv_heads"]),
-    }
-
-
-def budget_target_density(config: SketchWalkConfig, nb: int) -> float:
-    """The density the budget asks for before forced blocks are added: ``density``;
-    ``kblocks_frac``; or ``top_k_blocks`` per row over the causal blocks of the rows."""
-    if config.budget == "density":
-        return float(config.density)
-    if config.budget == "kblocks_frac":
-        return float(config.kblocks_frac)
-    causal = nb * (nb + 1) / 2
-    return sum(min(i + 1, config.top_k_blocks) for i in range(nb)) / causal
-
+from sketchwalk.pipeline.runs import (
+    SEED_DEFAULTS,
+    budget_target_density,
+    compute_dtype,
+    file_record_header,
+    iter_sequences,
+    resolve_device,
+    timestamp,
+)
+from sketchwalk.pipeline.tensorio import load_tensor_file
+from sketchwalk.selection.prefill import SketchWalk
 
 # ---- timing ------------------------------------------------------------------------------
 
@@ -441,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
             records.append(record)
             if args.save_masks:
                 masks[path.stem] = selection.block_mask.cpu()
-            write_json_atomic(results_path, records)
+            write_json(results_path, records)
             bar.set_postfix(
                 recall=f"{result['attention_recall']:.3f}", density=f"{result['density']:.2f}"
             )
@@ -464,18 +363,19 @@ def run(args: argparse.Namespace) -> int:
         "warnings": warnings,
         **summarize(records),
     }
-    write_json_atomic(summary_path, summary)
+    write_json(summary_path, summary)
     if args.save_masks:
         from safetensors.torch import save_file
 
         mask_path = out_dir / f"validation_masks_{ts}.safetensors"
-        tmp = mask_path.with_name(f".{mask_path.name}.tmp")
-        save_file(
-            {k: m.contiguous() for k, m in masks.items()},
-            str(tmp),
-            metadata={"config": json.dumps(config.to_dict())},
+        atomic_write(
+            mask_path,
+            lambda tmp: save_file(
+                {k: m.contiguous() for k, m in masks.items()},
+                str(tmp),
+                metadata={"config": json.dumps(config.to_dict())},
+            ),
         )
-        os.replace(tmp, mask_path)
         print(f"block masks: {mask_path}")
     columns = [
         ("recall", "attention_recall"),

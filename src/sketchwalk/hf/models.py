@@ -294,11 +294,16 @@ def resolve_model(model_path: str | os.PathLike | None = None) -> ResolvedModel:
 
 
 def _resolve_seerattn(spec: str, gate_dir: Path, base: str, tried: list[str]) -> ResolvedModel:
-    candidates = [Path(base).expanduser(), gate_dir / base]
+    # A relative base_model is read against the checkpoint folder first, then the working
+    # directory; a candidate that exists but holds no model does not stop the search.
+    candidates = [gate_dir / base, Path(base).expanduser()]
     for cand in candidates:
         tried.append(str(cand))
         if cand.is_dir() or (cand.is_file() and cand.suffix == ".gguf"):
-            inner = resolve_model(cand)
+            try:
+                inner = resolve_model(cand)
+            except ModelNotFoundError:
+                continue
             inner.kind, inner.model_path, inner.gate_dir = "seerattn", spec, gate_dir
             inner.tried = tried + inner.tried
             return inner

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sketchwalk.kernels.triton_prefill import (
+from sketchwalk.attention.triton_prefill import (
     LOG2E,
     _attend_block,
     _mask_layout,

@@ -344,7 +344,7 @@ def sparse_prefill(
     if k.shape[2] != seq_len:
         raise RuntimeError(
             f"prefill kernel needs keys as long as queries, got T={seq_len}, "
-            f"S={k.shape[2]}; use sketchwalk.decode.sparse_decode for S > T"
+            f"S={k.shape[2]}; use sketchwalk.attention.sparse_decode for S > T"
         )
     num_groups = kv_num_blocks.shape[1]
     units, heads_per_unit = _mask_layout(num_groups, num_q_heads, num_kv_heads)

@@ -87,7 +87,7 @@ def transition_from_pooled(
     Args:
         q_blocks: (B, Hq, nq, D) pooled queries; k_blocks: (B, Hkv, nk, D) pooled keys.
     """
-    from sketchwalk.sketch import sketched_blocks
+    from sketchwalk.selection.sketch import sketched_blocks
 
     hq, nq = q_blocks.shape[1], q_blocks.shape[2]
     hkv, nk = k_blocks.shape[1], k_blocks.shape[2]

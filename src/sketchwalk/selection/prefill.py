@@ -24,39 +24,11 @@ from collections.abc import Callable
 
 import torch
 
+from sketchwalk.blocks import BlockSelection, check_qk, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.selection import BlockSelection, select_blocks
-from sketchwalk.sketch import block_pool, layer_projection, num_blocks, sketched_blocks
-from sketchwalk.walk import sharpen, transition_from_pooled, walk_step
-
-
-def check_qk(q: torch.Tensor, k: torch.Tensor, where: str = "SketchWalk.select") -> None:
-    """Shared input checks for (B, Hq, T, D) queries and (B, Hkv, S, D) keys."""
-    for name, x, heads in (("q", q, "num_heads"), ("k", k, "num_kv_heads")):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(
-                f"{where}: {name} must be (batch, {heads}, seq, head_dim), got shape "
-                f"{tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise ValueError(f"{where}: {name} must be a float tensor, got {x.dtype}")
-        if x.shape[2] == 0:
-            raise ValueError(f"{where}: {name} has an empty sequence (seq = 0)")
-    if q.device != k.device:
-        raise ValueError(f"{where}: q is on {q.device} but k is on {k.device}")
-    if q.dtype != k.dtype:
-        raise ValueError(f"{where}: q is {q.dtype} but k is {k.dtype}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"{where}: batch of q ({q.shape[0]}) != batch of k ({k.shape[0]})")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"{where}: head_dim of q ({q.shape[3]}) != head_dim of k ({k.shape[3]})")
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"{where}: num_heads of q ({q.shape[1]}) must be a multiple of num_kv_heads of k "
-            f"({k.shape[1]})"
-        )
+from sketchwalk.selection.select import select_blocks
+from sketchwalk.selection.sketch import block_pool, layer_projection, sketched_blocks
+from sketchwalk.selection.walk import sharpen, transition_from_pooled, walk_step
 
 
 class SketchWalk:
@@ -84,7 +56,7 @@ class SketchWalk:
         Args:
             config: the selection settings (default ``SketchWalkConfig()``).
             backend: how the block transition matrix is computed: ``"torch"`` (plain PyTorch,
-                any device: `sketchwalk.walk.transition_from_pooled`), ``"triton"`` (fused
+                any device: `sketchwalk.selection.walk.transition_from_pooled`), ``"triton"`` (fused
                 kernel, CUDA, granularity ``layer`` or ``kv_group``; raises where it cannot
                 run) or ``"auto"`` (Triton where it can run, else PyTorch; the choice of the
                 last layer is in ``transition_backend``).
@@ -279,7 +251,7 @@ def _fused_transition(
 ) -> torch.Tensor:
     """`transition_from_pooled` through the fused Triton kernel (sketch, block softmax, head
     sum, sharpening); ``projection`` overrides the layer's sketch matrix (graph input)."""
-    from sketchwalk.kernels.triton_transition import transition_triton
+    from sketchwalk.selection.triton_transition import transition_triton
 
     qs, ks, scale = sketched_blocks(qb, kb, cfg, layer_idx, projection=projection)
     a = transition_triton(
@@ -345,4 +317,4 @@ def _triton_transition_unavailable(qb: torch.Tensor, cfg: SketchWalkConfig) -> s
     return None
 
 
-__all__ = ["MAX_GRAPHS", "TRANSITION_BACKENDS", "SketchWalk", "check_qk"]
+__all__ = ["MAX_GRAPHS", "TRANSITION_BACKENDS", "SketchWalk"]

@@ -1,0 +1,244 @@
+"""What every layer of sketchwalk shares: block counts, the causal block mask, the
+`BlockSelection` a selector hands to an attention kernel, and the q/k/v input checks.
+
+Imports nothing from the rest of the package (only the configuration may sit beside it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    """Number of blocks covering ``seq_len`` tokens (the last one may be partial)."""
+    return -(-seq_len // block_size)
+
+
+@dataclass
+class BlockSelection:
+    """A causal block mask plus the index form kernels consume.
+
+    Attributes:
+        block_mask: bool (B, G, nq, nk); G = 1 (per layer), Hkv (per KV group) or Hq (per head).
+        block_size: tokens per block.
+        seq_len: T, the number of query (and key) tokens.
+        kv_num_blocks: int32 (B, G, nq), kept blocks per row.
+        kv_indices: int32 (B, G, nq, nk), each row's kept key blocks ascending, then 0-padding.
+        density_value: the density if already known (else computed on first access of
+            ``density``: kept causal blocks / causal blocks, over all batch rows and groups).
+        scores: optional float (B, G, nq, nk) walk matrix the selection ranked (diagnostics).
+    """
+
+    block_mask: torch.Tensor
+    block_size: int
+    seq_len: int
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    density_value: float | None = None
+    scores: torch.Tensor | None = None
+
+    @property
+    def density(self) -> float:
+        """Kept causal blocks / causal blocks, over all batch rows and groups (computed on first
+        use: reading it waits for the device)."""
+        if self.density_value is None:
+            b, g, nq, nk = self.block_mask.shape
+            total_causal = b * g * (nk * (nk + 1) // 2 - (nk - nq) * (nk - nq + 1) // 2)
+            kept = int(self.kv_num_blocks.sum(dtype=torch.int64))
+            self.density_value = kept / max(1, total_causal)
+        return self.density_value
+
+    @classmethod
+    def from_mask(
+        cls,
+        block_mask: torch.Tensor,
+        block_size: int,
+        seq_len: int,
+        scores: torch.Tensor | None = None,
+    ) -> BlockSelection:
+        """Build from a bool (B, G, nq, nk) mask; entries above the diagonal are dropped."""
+        if block_mask.dim() != 4 or block_mask.dtype != torch.bool:
+            raise ValueError(
+                "block_mask must be a bool tensor (batch, groups, q_blocks, kv_blocks), got "
+                f"{block_mask.dtype} of shape {tuple(block_mask.shape)}"
+            )
+        nb = num_blocks(seq_len, block_size)
+        if block_mask.shape[-2:] != (nb, nb):
+            raise ValueError(
+                f"block_mask must have {nb}x{nb} blocks for seq_len={seq_len}, "
+                f"block_size={block_size}; got {tuple(block_mask.shape[-2:])}"
+            )
+        mask = block_mask & causal_block_mask(nb, block_mask.device)
+        kv_num_blocks, kv_indices = compact_mask(mask)
+        return cls(mask, block_size, seq_len, kv_num_blocks, kv_indices, None, scores)
+
+    @classmethod
+    def full(
+        cls,
+        batch: int,
+        groups: int,
+        seq_len: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> BlockSelection:
+        """The full causal selection (dense attention)."""
+        nb = num_blocks(seq_len, block_size)
+        mask = causal_block_mask(nb, device).expand(batch, groups, nb, nb).contiguous()
+        return cls.from_mask(mask, block_size, seq_len)
+
+    @property
+    def num_groups(self) -> int:
+        return self.block_mask.shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_mask.shape[-1]
+
+    def group_of_head(self, head: int, num_q_heads: int, num_kv_heads: int) -> int:
+        """Mask group used by query head ``head``."""
+        g = self.num_groups
+        if g == 1:
+            return 0
+        if g == num_q_heads:
+            return head
+        if g == num_kv_heads:
+            return head // (num_q_heads // num_kv_heads)
+        raise ValueError(
+            f"selection has {g} mask groups; expected 1, num_kv_heads={num_kv_heads} or "
+            f"num_q_heads={num_q_heads}"
+        )
+
+    def head_mask(self, num_q_heads: int, num_kv_heads: int) -> torch.Tensor:
+        """The block mask expanded to one mask per query head: bool (B, Hq, nq, nk) (a view
+        where possible)."""
+        g = self.num_groups
+        b, _, nq, nk = self.block_mask.shape
+        if g == num_q_heads:
+            return self.block_mask
+        if g == 1:
+            return self.block_mask.expand(b, num_q_heads, nq, nk)
+        if g == num_kv_heads:
+            group = num_q_heads // num_kv_heads
+            return (
+                self.block_mask[:, :, None]
+                .expand(b, g, group, nq, nk)
+                .reshape(b, num_q_heads, nq, nk)
+            )
+        raise ValueError(
+            f"selection has {g} mask groups; expected 1, num_kv_heads={num_kv_heads} or "
+            f"num_q_heads={num_q_heads}"
+        )
+
+    def blocks_per_row(self) -> float:
+        """Mean number of kept key blocks per query-block row."""
+        return float(self.kv_num_blocks.float().mean().item())
+
+
+def compact_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index form of a bool block mask (..., nk): (kv_num_blocks int32 (...), kv_indices int32
+    (..., nk) with each row's kept blocks ascending, then 0-padding).
+
+    Kept block j goes to slot (number of kept blocks before j); the others go to a scratch
+    column nk that is dropped. No sort needed.
+    """
+    nk = mask.shape[-1]
+    slot = mask.cumsum(dim=-1, dtype=torch.int32)
+    kv_num_blocks = slot[..., -1].contiguous()
+    slot = torch.where(mask, slot - 1, nk).long()
+    cols = torch.arange(nk, device=mask.device, dtype=torch.int32).expand_as(mask)
+    buf = torch.zeros(*mask.shape[:-1], nk + 1, dtype=torch.int32, device=mask.device)
+    return kv_num_blocks, buf.scatter_(-1, slot, cols)[..., :nk]
+
+
+def causal_block_mask(nb: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool (nb, nb), True on and below the diagonal."""
+    ar = torch.arange(nb, device=device)
+    return ar[:, None] >= ar[None, :]  # (bool .tril() is very slow on some CPU builds)
+
+
+def check_qk(q: torch.Tensor, k: torch.Tensor, where: str = "SketchWalk.select") -> None:
+    """Shared input checks for (B, Hq, T, D) queries and (B, Hkv, S, D) keys."""
+    for name, x, heads in (("q", q, "num_heads"), ("k", k, "num_kv_heads")):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"{where}: {name} must be (batch, {heads}, seq, head_dim), got shape "
+                f"{tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"{where}: {name} must be a float tensor, got {x.dtype}")
+        if x.shape[2] == 0:
+            raise ValueError(f"{where}: {name} has an empty sequence (seq = 0)")
+    if q.device != k.device:
+        raise ValueError(f"{where}: q is on {q.device} but k is on {k.device}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"{where}: q is {q.dtype} but k is {k.dtype}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{where}: batch of q ({q.shape[0]}) != batch of k ({k.shape[0]})")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"{where}: head_dim of q ({q.shape[3]}) != head_dim of k ({k.shape[3]})")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"{where}: num_heads of q ({q.shape[1]}) must be a multiple of num_kv_heads of k "
+            f"({k.shape[1]})"
+        )
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: str) -> None:
+    """`check_qk` plus v: k's shape, device and dtype; no more queries than keys."""
+    check_qk(q, k, where)
+    if not isinstance(v, torch.Tensor) or v.shape != k.shape:
+        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"{where}: v must have k's shape {tuple(k.shape)}, got {shape}")
+    if v.device != k.device or v.dtype != k.dtype:
+        raise ValueError(f"{where}: v is {v.dtype} on {v.device}, k is {k.dtype} on {k.device}")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"{where}: more queries ({q.shape[2]}) than keys ({k.shape[2]})")
+
+
+def check_selection(
+    selection: BlockSelection, q: torch.Tensor, k: torch.Tensor, where: str
+) -> None:
+    """The selection must cover q/k's sequence and have a mask group per layer, KV head or head."""
+    if not isinstance(selection, BlockSelection):
+        raise ValueError(
+            f"{where}: selection must be a BlockSelection, got {type(selection).__name__}"
+        )
+    b, hq, t, _ = q.shape
+    hkv = k.shape[1]
+    if k.shape[2] != t:
+        raise ValueError(
+            f"{where}: block-sparse prefill needs as many keys as queries; q has seq {t}, k has "
+            f"seq {k.shape[2]} (use sketchwalk.attention.sparse_decode for decode)"
+        )
+    nb = num_blocks(t, selection.block_size)
+    expected = (b, None, nb, nb)
+    got = tuple(selection.block_mask.shape)
+    if selection.seq_len != t or got[0] != b or got[2:] != (nb, nb):
+        raise ValueError(
+            f"{where}: selection is for seq_len={selection.seq_len} with mask {got}; q/k need "
+            f"seq_len={t} and a mask (batch={expected[0]}, groups, {nb}, {nb})"
+        )
+    if selection.num_groups not in (1, hkv, hq):
+        raise ValueError(
+            f"{where}: selection has {selection.num_groups} mask groups; expected 1, "
+            f"num_kv_heads={hkv} or num_heads={hq}"
+        )
+    if selection.block_mask.device != q.device:
+        raise ValueError(
+            f"{where}: selection is on {selection.block_mask.device} but q is on {q.device}"
+        )
+
+
+__all__ = [
+    "BlockSelection",
+    "causal_block_mask",
+    "check_qk",
+    "check_qkv",
+    "check_selection",
+    "compact_mask",
+    "num_blocks",
+]

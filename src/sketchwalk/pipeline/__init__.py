@@ -1,0 +1,4 @@
+"""The pipeline commands: `collect`, `validate`, `compare` (with `seer`, its SeerAttention side,
+and `plots`), `demo`; tensor files (`tensorio`), text sources (`text`), and what runs share
+(`runs`).
+"""
