@@ -82,7 +82,7 @@ def density(mask: torch.Tensor) -> float:
 
 def heldout_passages(tokenizer, info: dict, seq_len: int, num_samples: int, seed_offset: int):
     """Passages after every passage the gate saw (same source and seed, skipping its tokens)."""
-    from sketchwalk.pipeline.text import make_passages
+    from sketchwalk.hf.text import make_passages
 
     tc = info.get("train_config", {})
     lengths = tc.get("seq_lengths", [2048])

@@ -1,6 +1,6 @@
 """Perplexity of a causal LM on real text: dense attention vs SketchWalk sparse prefill.
 
-Every passage (``sketchwalk.pipeline.text.make_passages``: distinct, non-overlapping real text) is run once
+Every passage (``sketchwalk.hf.text.make_passages``: distinct, non-overlapping real text) is run once
 with the model's own dense attention and once per SketchWalk configuration through
 ``sketchwalk.hf.integration.enable_sketchwalk`` (one full prefill pass; every position's next-token
 loss is scored, so the sparse selection affects the result through every layer and every row).
@@ -40,7 +40,7 @@ import torch
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.hf.integration import enable_sketchwalk
 from sketchwalk.hf.models import DEFAULT_MODEL, load_model
-from sketchwalk.pipeline.text import make_passages
+from sketchwalk.hf.text import make_passages
 
 
 def parse_variant(spec: str) -> dict[str, Any]:

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sketchwalk.pipeline import compare
-from sketchwalk.pipeline import seer as seer_side
 from sketchwalk.blocks import BlockSelection
 from sketchwalk.cli import main
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.metrics import attention_recall, block_mask_recall, true_block_attention
+from sketchwalk.pipeline import compare
+from sketchwalk.pipeline import seer as seer_side
 from sketchwalk.pipeline.tensorio import save_tensor_file, tensor_filename
 from sketchwalk.selection.prefill import SketchWalk
 from sketchwalk.testing import make_qkv

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from sketchwalk import SketchWalkConfig
@@ -68,3 +70,45 @@ def test_dict_round_trip():
     assert SketchWalkConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="unknown fields"):
         SketchWalkConfig.from_dict({**c.to_dict(), "bogus": 1})
+
+
+def test_config_is_frozen_and_hashable():
+    cfg = SketchWalkConfig(density=0.2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.density = 0.3  # type: ignore[misc]
+    assert hash(cfg) == hash(SketchWalkConfig(density=0.2))
+    assert cfg == SketchWalkConfig(density=0.2) and cfg != SketchWalkConfig(density=0.3)
+    assert len({cfg, SketchWalkConfig(density=0.2), SketchWalkConfig()}) == 2
+    assert isinstance(SketchWalkConfig(temperature=1).temperature, float)
+
+
+@pytest.mark.parametrize(
+    ("base", "given", "budget", "expected"),
+    [
+        (dict(top_k_blocks=16), dict(density=0.2), "density", dict(top_k_blocks=None)),
+        (dict(top_k_blocks=16), dict(kblocks_frac=0.3), "kblocks_frac", dict(top_k_blocks=None)),
+        (dict(density=0.2), dict(top_k_blocks=8), "top_k_blocks", dict(density=None)),
+        (dict(density=0.2), dict(kblocks_frac=0.1), "kblocks_frac", dict(density=None)),
+        (dict(density=0.2, top_k_blocks=4), dict(sink=0.01), "density", dict(top_k_blocks=4)),
+    ],
+)
+def test_with_overrides_explicit_budget_wins(base, given, budget, expected):
+    cfg = SketchWalkConfig(**base).with_overrides(**given)
+    assert cfg.budget == budget
+    for name, value in {**given, **expected}.items():
+        assert getattr(cfg, name) == value
+
+
+def test_cli_and_compare_resolve_budgets_the_same_way():
+    """config_from_args (validate) and compare's resolve_config share one rule."""
+    import argparse
+
+    from sketchwalk.config import add_config_arguments, config_from_args
+    from sketchwalk.pipeline.compare import resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    for flags in (["--kblocks_frac", "0.2"], ["--density", "0.3"], ["--top_k_blocks", "5"], []):
+        args = parser.parse_args(flags)
+        seed = SketchWalkConfig.preset("seed")
+        assert config_from_args(args) == resolve_config(args, seed.to_dict())

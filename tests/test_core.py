@@ -192,7 +192,7 @@ def test_transition_backend_choice_on_cpu():
     q, k, _ = make_qkv(1, 4, 2, 300, 16)
     sw = SketchWalk(SketchWalkConfig(dense_layers=0), backend="auto")
     sw.select(q, k, 0)
-    assert sw.transition_backend == "torch"
+    assert sw.transition_backend == "reference"
     with pytest.raises(RuntimeError, match="needs CUDA"):
         SketchWalk(SketchWalkConfig(dense_layers=0), backend="triton").select(q, k, 0)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -207,7 +207,7 @@ def test_triton_transition_selects_the_same_blocks_as_torch(granularity, parity,
         dense_layers=0, density=0.2, granularity=granularity, parity=parity, exact=exact
     )
     layers = [make_qkv(2, 8, 2, 4000, 64, seed=s, device="cuda") for s in range(3)]
-    fast, slow = SketchWalk(cfg, backend="triton"), SketchWalk(cfg, backend="torch")
+    fast, slow = SketchWalk(cfg, backend="triton"), SketchWalk(cfg, backend="reference")
     for i, (q, k, _) in enumerate(layers):
         a, b = fast.select(q, k, i), slow.select(q, k, i)
         assert fast.transition_backend == "triton"

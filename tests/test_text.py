@@ -1,4 +1,4 @@
-"""Real text sources give distinct passages of exact token length (sketchwalk.pipeline.text)."""
+"""Real text sources give distinct passages of exact token length (sketchwalk.hf.text)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sketchwalk.pipeline.text import (
+from sketchwalk.hf.text import (
     TextSourceError,
     austen_available,
     iter_documents,

@@ -21,9 +21,9 @@ GRANULARITIES: tuple[str, ...] = ("layer", "kv_group", "head")
 RELEASED_TEMPERATURE = 100.0 / 128.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class SketchWalkConfig:
-    """Configuration of Sketch&Walk block selection.
+    """Configuration of Sketch&Walk block selection (frozen and hashable: caches key on it).
 
     Budget precedence: ``density`` (if set) beats ``top_k_blocks`` (if set), which beats
     ``kblocks_frac``. Exactly one of them decides how many ranked blocks each query-block row
@@ -131,8 +131,8 @@ class SketchWalkConfig:
         )
         need(isinstance(self.parity, bool), "parity", "a bool")
         need(is_int(self.seed), "seed", "an int")
-        self.temperature = float(self.temperature)
-        self.sparsity_exponent = float(self.sparsity_exponent)
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "sparsity_exponent", float(self.sparsity_exponent))
 
     @property
     def budget(self) -> str:
@@ -155,14 +155,9 @@ class SketchWalkConfig:
         - ``"seed"``: the seed pipeline's CLI defaults (block 64, sketch 64, top_k_blocks 16,
           sparsity_exponent 8).
         """
-        presets: dict[str, dict[str, Any]] = {
-            "default": {},
-            "paper": dict(causal_sketch=False),
-            "seed": dict(sketch_dim=64, top_k_blocks=16, sparsity_exponent=8.0),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
-        return cls(**{**presets[name], **overrides})
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,6 +172,30 @@ class SketchWalkConfig:
 
     def replace(self, **changes: Any) -> SketchWalkConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, **given: Any) -> SketchWalkConfig:
+        """This config with the fields a user gave explicitly (flags) replacing its own.
+
+        The one place that decides which budget wins when a base config (a preset, or the config
+        of an earlier run) meets explicit flags: an explicitly given budget flag (``density``,
+        ``top_k_blocks`` or ``kblocks_frac``) clears every budget form the base set that was not
+        given too, so ``--kblocks_frac 0.2`` on top of the seed preset (which sets
+        ``top_k_blocks``) really selects by ``kblocks_frac``.
+        """
+        if any(name in given for name in BUDGET_FIELDS):
+            for name in ("density", "top_k_blocks"):
+                given.setdefault(name, None)
+        return dataclasses.replace(self, **given)
+
+
+# Named starting points (see SketchWalkConfig.preset).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": dict(causal_sketch=False),
+    "seed": dict(sketch_dim=64, top_k_blocks=16, sparsity_exponent=8.0),
+}
+# The three budget forms, highest precedence first.
+BUDGET_FIELDS = ("density", "top_k_blocks", "kblocks_frac")
 
 
 # ---- command-line flags (one per field) ---------------------------------------------------
@@ -238,29 +257,29 @@ def add_config_arguments(parser: Any, defaults: dict[str, Any] | None = None) ->
 
 
 def config_from_args(args: Any, default_preset: str = "seed") -> SketchWalkConfig:
-    """Resolve a `SketchWalkConfig` from parsed flags: the preset, then every flag given.
-
-    A budget flag given explicitly wins over a budget inherited from the preset: ``--density``
-    or ``--kblocks_frac`` on top of the seed preset (which sets ``top_k_blocks``) clears
-    ``top_k_blocks``.
-    """
+    """Resolve a `SketchWalkConfig` from parsed flags: the preset, then every flag given
+    (`SketchWalkConfig.with_overrides` decides which budget wins)."""
     preset = getattr(args, "preset", None) or default_preset
-    given = {
+    return SketchWalkConfig.preset(preset).with_overrides(**given_config_flags(args))
+
+
+def given_config_flags(args: Any) -> dict[str, Any]:
+    """The `SketchWalkConfig` fields a parsed command line set explicitly (flags default to
+    None, meaning "not given")."""
+    return {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(SketchWalkConfig)
         if getattr(args, f.name, None) is not None
     }
-    if ("density" in given or "kblocks_frac" in given) and "top_k_blocks" not in given:
-        given["top_k_blocks"] = None
-    if "kblocks_frac" in given and "density" not in given:
-        given["density"] = None
-    return SketchWalkConfig.preset(preset, **given)
 
 
 __all__ = [
+    "BUDGET_FIELDS",
     "GRANULARITIES",
+    "PRESETS",
     "RELEASED_TEMPERATURE",
     "SketchWalkConfig",
     "add_config_arguments",
     "config_from_args",
+    "given_config_flags",
 ]

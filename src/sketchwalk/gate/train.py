@@ -489,7 +489,7 @@ def load_model_and_samples(
         ``base_model`` is what config.json records (the alias, or the model folder's path).
     """
     from sketchwalk.hf.models import ALIASES, load_model
-    from sketchwalk.pipeline.text import make_passages
+    from sketchwalk.hf.text import make_passages
 
     model, tokenizer, _resolved = load_model(
         cfg.model_path, device=cfg.device, dtype=getattr(torch, cfg.dtype)

@@ -127,7 +127,7 @@ class SketchWalkAttention:
         layers: layer indices allowed to run sparse; None means every layer (the first
             ``config.dense_layers`` layers stay dense anyway).
         selection_backend: ``SketchWalk(backend=)`` for the transition matrix (``"auto"``,
-            ``"torch"``, ``"triton"``).
+            ``"reference"``, ``"triton"``).
         on_padding: ``"fallback"`` (padded / packed / sliding-window masks run the inner dense
             attention, recorded) or ``"raise"`` (ValueError).
         dense_when_full: run the inner implementation when the selection keeps every causal

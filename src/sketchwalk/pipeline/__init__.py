@@ -1,4 +1,3 @@
 """The pipeline commands: `collect`, `validate`, `compare` (with `seer`, its SeerAttention side,
-and `plots`), `demo`; tensor files (`tensorio`), text sources (`text`), and what runs share
-(`runs`).
+and `plots`), `demo`; tensor files (`tensorio`) and what runs share (`runs`).
 """

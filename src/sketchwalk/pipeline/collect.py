@@ -420,13 +420,13 @@ class TensorCollector:
             input_ids: (B, T) or (T,) the ids that were run.
             sample_idx: sample number in the file name.
             timestamp: ``YYYYmmdd_HHMMSS`` of the run.
-            passage_info: text source description (see :meth:`sketchwalk.pipeline.text.Passage.info`).
+            passage_info: text source description (see :meth:`sketchwalk.hf.text.Passage.info`).
 
         Returns:
             The paths written, in layer order.
         """
+        from sketchwalk.hf.text import token_sha256
         from sketchwalk.pipeline.tensorio import save_tensor_file, tensor_filename
-        from sketchwalk.pipeline.text import token_sha256
 
         ids = input_ids.detach().to("cpu", torch.int64)
         if ids.dim() == 1:
@@ -532,8 +532,8 @@ class TensorCollector:
         from tqdm.auto import tqdm
 
         from sketchwalk._version import __version__
+        from sketchwalk.hf.text import make_passages, resolve_source
         from sketchwalk.pipeline.tensorio import group_tensor_files
-        from sketchwalk.pipeline.text import make_passages, resolve_source
 
         if self.model is None:
             self.load_model()
@@ -716,8 +716,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``sketchwalk collect``: returns 0 on success, 1 with a message on a known failure."""
     from sketchwalk.hf.models import ModelNotFoundError
+    from sketchwalk.hf.text import TextSourceError
     from sketchwalk.pipeline.tensorio import TensorFileError
-    from sketchwalk.pipeline.text import TextSourceError
 
     t0 = time.perf_counter()
     try:

@@ -35,7 +35,6 @@ sequence length, by layer), a console table, and with ``--visualize`` PNG heatma
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -46,7 +45,12 @@ import torch
 from sketchwalk._version import __version__
 from sketchwalk.atomic import write_json
 from sketchwalk.blocks import BlockSelection, causal_block_mask
-from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
+from sketchwalk.config import (
+    SketchWalkConfig,
+    add_config_arguments,
+    config_from_args,
+    given_config_flags,
+)
 from sketchwalk.metrics import block_mask_recall, oracle_selection, true_block_attention
 from sketchwalk.pipeline.plots import plot_file, plot_summary
 from sketchwalk.pipeline.runs import (
@@ -300,24 +304,11 @@ def load_validation(validation_dir: str | None) -> dict[str, Any]:
 
 def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None) -> SketchWalkConfig:
     """SketchWalk's config: the validation run's config (when given and no ``--preset``) or the
-    seed preset, then every flag given explicitly.
-
-    A budget flag given explicitly clears the other budget forms inherited from the base
-    (``--top_k_blocks`` clears an inherited ``density``, which would otherwise take precedence).
-    """
+    seed preset, then every flag given explicitly (`SketchWalkConfig.with_overrides` decides
+    which budget wins)."""
     if base is None or getattr(args, "preset", None):
         return config_from_args(args, default_preset="seed")
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(SketchWalkConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    budget_flags = {"density", "top_k_blocks", "kblocks_frac"} & set(given)
-    if budget_flags:
-        for name in ("density", "top_k_blocks"):
-            if name not in given:
-                given[name] = None
-    return SketchWalkConfig.from_dict({**base, **given})
+    return SketchWalkConfig.from_dict(base).with_overrides(**given_config_flags(args))
 
 
 # ---- CLI ---------------------------------------------------------------------------------------

@@ -50,9 +50,17 @@ def _latest(folder: Path, pattern: str) -> Path:
     return found[-1]
 
 
-def run(args: argparse.Namespace) -> int:
-    from sketchwalk.cli import main as cli
+def _run_step(argv: list[str]) -> int:
+    """Run one pipeline command (``argv[0]`` names it) exactly as ``sketchwalk <argv>`` would."""
+    import importlib
 
+    module = importlib.import_module(f"sketchwalk.pipeline.{argv[0]}")
+    parser = argparse.ArgumentParser(prog=f"sketchwalk {argv[0]}")
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv[1:])) or 0)
+
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensor_dir, val_dir, cmp_dir = (
@@ -129,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     for i, (name, argv) in enumerate(steps, start=1):
         print(f"[{i}/4] {name}: sketchwalk {' '.join(argv[1:])}")
         t0 = time.time()
-        rc = cli(argv)
+        rc = _run_step(argv)
         timings[f"{name}_s"] = time.time() - t0
         if rc != 0:
             print(f"demo: step {name} failed with exit code {rc}")

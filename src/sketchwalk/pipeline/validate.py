@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sketchwalk import metrics
+import sketchwalk.metrics as metrics
 from sketchwalk._version import __version__
 from sketchwalk.atomic import atomic_write, write_json
 from sketchwalk.attention.api import resolve_backend, sparse_attention

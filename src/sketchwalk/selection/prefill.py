@@ -55,7 +55,8 @@ class SketchWalk:
         """
         Args:
             config: the selection settings (default ``SketchWalkConfig()``).
-            backend: how the block transition matrix is computed: ``"torch"`` (plain PyTorch,
+            backend: how the block transition matrix is computed: ``"reference"`` (plain PyTorch;
+                ``"torch"`` is accepted as its earlier name,
                 any device: `sketchwalk.selection.walk.transition_from_pooled`), ``"triton"`` (fused
                 kernel, CUDA, granularity ``layer`` or ``kv_group``; raises where it cannot
                 run) or ``"auto"`` (Triton where it can run, else PyTorch; the choice of the
@@ -69,6 +70,7 @@ class SketchWalk:
                 ``MAX_GRAPHS`` graphs are kept (oldest dropped first): each holds its own
                 memory pool (~0.1-0.2 GB at 128K tokens).
         """
+        backend = _TRANSITION_ALIASES.get(backend, backend)
         if backend not in TRANSITION_BACKENDS:
             raise ValueError(
                 f"SketchWalk: backend must be one of {TRANSITION_BACKENDS}, got {backend!r}"
@@ -168,7 +170,7 @@ class SketchWalk:
         cfg = self.config
         return (
             self.cuda_graphs
-            and self.backend != "torch"
+            and self.backend != "reference"
             and _triton_transition_unavailable(qb, cfg) is None
             and not (cfg.budget == "kblocks_frac" and cfg.parity)
             and not torch.cuda.is_current_stream_capturing()
@@ -235,8 +237,8 @@ class SketchWalk:
         reason = _triton_transition_unavailable(qb, cfg)
         if self.backend == "triton" and reason is not None:
             raise RuntimeError(f"SketchWalk backend 'triton' cannot run: {reason}")
-        if self.backend == "torch" or reason is not None:
-            self.transition_backend = "torch"
+        if self.backend == "reference" or reason is not None:
+            self.transition_backend = "reference"
             return transition_from_pooled(qb, kb, cfg, layer_idx)
         self.transition_backend = "triton"
         return _fused_transition(qb, kb, cfg, layer_idx)
@@ -265,7 +267,10 @@ def _fused_transition(
     return sharpen(a, cfg.sparsity_exponent, cfg.parity)
 
 
-TRANSITION_BACKENDS = ("auto", "torch", "triton")
+# The attention backends' names (sketchwalk.attention.api): "reference" is the plain PyTorch
+# transition; "torch", its earlier name, is still accepted.
+TRANSITION_BACKENDS = ("reference", "triton", "auto")
+_TRANSITION_ALIASES = {"torch": "reference"}
 # Captured selection graphs kept per SketchWalk (two per sequence length: with and without the
 # previous layer's walk state).
 MAX_GRAPHS = 8

@@ -90,26 +90,13 @@ def _density_row_budgets(
     return best.long()
 
 
+@lru_cache(maxsize=64)
 def _causal_and_candidates(
     nb: int, config: SketchWalkConfig, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _causal_and_candidates_cached(
-        nb,
-        config.sink,
-        config.window,
-        config.dense_last_rows,
-        config.parity,
-        torch.device(device),
-    )
-
-
-@lru_cache(maxsize=64)
-def _causal_and_candidates_cached(
-    nb: int, sink: float, window: float, dense_last_rows: int, parity: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = SketchWalkConfig(sink=sink, window=window, dense_last_rows=dense_last_rows, parity=parity)
+    """(causal, candidates) bool (nb, nb) on ``device``, cached per (nb, config, device)."""
     causal = causal_block_mask(nb, device)
-    return causal, causal & ~forced_block_mask(nb, cfg, device)
+    return causal, causal & ~forced_block_mask(nb, config, device)
 
 
 def ranked_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
@@ -118,43 +105,16 @@ def ranked_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
     Depends only on nb and the budget fields, so it is cached: no device work and no host-side
     bisection on the hot path after the first layer.
     """
-    return _ranked_per_row(nb, *_budget_key(config))
+    return _ranked_per_row(nb, config)
 
 
-def _budget_key(config: SketchWalkConfig) -> tuple:
-    """The config fields the per-row budget depends on (a cache key)."""
-    return (
+@lru_cache(maxsize=256)
+def _ranked_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
+    budget, density, top_k, frac = (
         config.budget,
         config.density,
         config.top_k_blocks,
         config.kblocks_frac,
-        config.sink,
-        config.window,
-        config.dense_last_rows,
-        config.parity,
-    )
-
-
-@lru_cache(maxsize=256)
-def _ranked_per_row(
-    nb: int,
-    budget: str,
-    density: float | None,
-    top_k: int | None,
-    frac: float,
-    sink: float,
-    window: float,
-    dense_last_rows: int,
-    parity: bool,
-) -> torch.Tensor:
-    config = SketchWalkConfig(
-        density=density,
-        top_k_blocks=top_k,
-        kblocks_frac=frac,
-        sink=sink,
-        window=window,
-        dense_last_rows=dense_last_rows,
-        parity=parity,
     )
     n_forced = forced_per_row(nb, config)
     n_causal = torch.arange(1, nb + 1, dtype=torch.int64)
@@ -188,7 +148,7 @@ def select_blocks(scores: torch.Tensor, seq_len: int, config: SketchWalkConfig) 
             f"{tuple(scores.shape)}"
         )
     device = scores.device
-    causal, candidates = _causal_and_candidates(nb, config, device)
+    causal, candidates = _causal_and_candidates(nb, config, torch.device(device))
     forced = causal & ~candidates
     if config.budget == "kblocks_frac" and config.parity:
         ranked = _quantile_threshold(scores, candidates, config.kblocks_frac)
@@ -221,8 +181,8 @@ def _top_k_rows(
 
 
 @lru_cache(maxsize=256)
-def _keep_table_cached(nb: int, key: tuple, device: torch.device) -> torch.Tensor:
-    k_row = _ranked_per_row(nb, *key)
+def _keep_table_cached(nb: int, config: SketchWalkConfig, device: torch.device) -> torch.Tensor:
+    k_row = _ranked_per_row(nb, config)
     kmax = int(k_row.max()) if k_row.numel() else 0
     return torch.arange(kmax, device=device) < k_row.to(device)[:, None]
 
@@ -230,7 +190,7 @@ def _keep_table_cached(nb: int, key: tuple, device: torch.device) -> torch.Tenso
 def _keep_table(nb: int, config: SketchWalkConfig, device: torch.device) -> torch.Tensor:
     """bool (nb, kmax) on ``device``: rank r of row i is kept iff r < ranked_per_row[i].
     Cached per (nb, budget, device), so later layers copy nothing from the host."""
-    return _keep_table_cached(nb, _budget_key(config), torch.device(device))
+    return _keep_table_cached(nb, config, torch.device(device))
 
 
 def _quantile_threshold(
