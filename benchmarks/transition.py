@@ -9,13 +9,16 @@ Usage (on a CUDA machine, from the repository root):
 For each shape (Llama-3.1-8B 32/8 heads D 128, SmolLM2 9/3 D 64), T and granularity (layer,
 kv_group), bf16 Q/K of batch 1, block 64, default `SketchWalkConfig`:
 
-- ``torch``: `sketchwalk.selection.walk.transition_from_pooled` (sketch + per-KV-group softmax loop);
-- ``triton_<precision>``: `sketchwalk.selection.sketch.sketched_blocks` + `transition_triton` (the same
-  inputs and result; precisions tf32x3 / ieee / tf32; a few tile configs);
+- ``torch``: `sketchwalk.selection.walk.transition_from_pooled` (sketch + per-KV-group softmax
+  loop);
+- ``triton_<precision>``: `sketchwalk.selection.sketch.sketched_blocks` + `transition_triton`
+  (the same inputs and result; precisions tf32x3 / ieee / tf32; a few tile configs);
 - ``select_torch`` / ``select_triton``: one full `SketchWalk.select` of a sparse layer (mean of
-  two consecutive layers, as in benchmarks/attention.py), the second with core's transition call
-  replaced by the Triton kernel for this process only (a preview of the wiring; core.py is
-  unchanged);
+  two consecutive layers, as in benchmarks/attention.py), the second with the PyTorch transition
+  of `sketchwalk.selection.prefill` replaced by the Triton kernel for this process only. Since
+  `SketchWalk(config)` picks the fused kernel itself on CUDA (``backend="auto"``), both columns
+  now time the fused kernel; the table they were written for is in
+  benchmarks/results/README.md;
 - the dense baseline, SDPA cuDNN causal attention, measured in the same process.
 
 ``--profile`` prints torch-profiler tables (CUDA time by kernel, and host time) of the selection

@@ -1,9 +1,10 @@
 """Perplexity of a causal LM on real text: dense attention vs SketchWalk sparse prefill.
 
-Every passage (``sketchwalk.hf.text.make_passages``: distinct, non-overlapping real text) is run once
-with the model's own dense attention and once per SketchWalk configuration through
-``sketchwalk.hf.integration.enable_sketchwalk`` (one full prefill pass; every position's next-token
-loss is scored, so the sparse selection affects the result through every layer and every row).
+Every passage (``sketchwalk.hf.text.make_passages``: distinct, non-overlapping real text)
+is run once with the model's own dense attention and once per SketchWalk configuration through
+``sketchwalk.hf.integration.enable_sketchwalk`` (one full prefill pass; every position's
+next-token loss is scored, so the sparse selection affects the result through every layer and
+every row).
 Perplexity = exp(total negative log-likelihood / scored tokens), pooled over passages.
 
 Configurations: the base config (``SketchWalkConfig.preset(--preset)``) at each of

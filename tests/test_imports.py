@@ -72,9 +72,9 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
 def _layer(module: str) -> int:
     best = None
     for prefix, layer in LAYERS.items():
-        if module == prefix or module.startswith(prefix + "."):
-            if best is None or len(prefix) > len(best[0]):
-                best = (prefix, layer)
+        inside = module == prefix or module.startswith(prefix + ".")
+        if inside and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, layer)
     if best is None:
         raise AssertionError(f"{module} is in no layer of the house; add it to LAYERS")
     return best[1]
@@ -100,7 +100,7 @@ def test_no_import_circle(graph):
             if nxt == node:
                 continue
             if state.get(nxt) == 1:
-                circle = stack[stack.index(nxt) :] + [nxt]
+                circle = [*stack[stack.index(nxt) :], nxt]
                 raise AssertionError("import circle: " + " -> ".join(circle))
             if nxt not in state:
                 visit(nxt)

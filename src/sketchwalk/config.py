@@ -17,7 +17,8 @@ GRANULARITIES: tuple[str, ...] = ("layer", "kv_group", "head")
 # The released code computes block logits as (unnormalised Hadamard sketch) / sqrt(r) / 100.
 # At head_dim = sketch_dim = 128 that equals (qb . kb) * sqrt(128) / 100, i.e. the true attention
 # scale 1/sqrt(128) divided by a temperature of 100 / 128. Our normalised sketch keeps
-# E[q~ . k~] = qb . kb, so this temperature reproduces the released logits at head_dim 128.
+# E[q~ . k~] = qb . kb, so this temperature reproduces the released logits at head_dim 128
+# (docs/algorithm.md §1.4 and §5.5).
 RELEASED_TEMPERATURE = 100.0 / 128.0
 
 

@@ -1,4 +1,4 @@
-"""SeerAttention's learned prefill gate (AttnGate) and its block selection.
+"""SeerAttention's learned prefill gate (AttnGate) and its block selection (docs/algorithm.md §4).
 
 The gate predicts, for every query head, a distribution over key blocks from PRE-RoPE q and k:
 

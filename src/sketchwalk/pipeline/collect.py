@@ -420,7 +420,8 @@ class TensorCollector:
             input_ids: (B, T) or (T,) the ids that were run.
             sample_idx: sample number in the file name.
             timestamp: ``YYYYmmdd_HHMMSS`` of the run.
-            passage_info: text source description (see :meth:`sketchwalk.hf.text.Passage.info`).
+            passage_info: text source description
+                (see :meth:`sketchwalk.hf.text.Passage.info`).
 
         Returns:
             The paths written, in layer order.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _link(out: Path, folder: Path, png: str) -> str:
+    """Link to ``png`` relative to the report's folder ``out``, so that it resolves wherever the
+    report is opened. compare records its plots as it was given its output folder (often
+    relative to the working directory of that run): the file is looked up in ``folder`` (the
+    comparison folder) by name first, then as recorded."""
+    path = folder / Path(png).name
+    if not path.exists():
+        path = Path(png)
+    return Path(os.path.relpath(path.resolve(), out.resolve())).as_posix()
+
+
 def _fmt(agg: dict[str, Any] | None, field: str, spec: str = ".4f") -> str:
     if not agg or field not in agg or agg[field] is None:
         return "-"
@@ -241,8 +253,7 @@ def write_report(
         if field in cs:
             lines.append(f"| {field} | {_fmt(cs, field)} |")
     for png in csum.get("plots", [])[-1:]:
-        rel = Path(png).resolve().relative_to(out.resolve()) if Path(png).is_absolute() else png
-        lines += ["", f"![comparison summary]({rel})"]
+        lines += ["", f"![comparison summary]({_link(out, cmp_dir, png)})"]
     lines += ["", "## Time", "", "| step | seconds |", "|---|---:|"]
     lines += [f"| {k[:-2]} | {v:.1f} |" for k, v in timings.items()]
     lines += [

@@ -86,6 +86,11 @@ def plot_file(
     plt.close(fig)
 
 
+def _legend_below(ax: Any) -> None:
+    """The legend under the axes, outside them, so that it covers no line."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+
+
 def plot_summary(path: Path, summary: dict[str, Any], method: str) -> None:
     """Recall and selection agreement by layer (means over sequences)."""
     plt = _pyplot()
@@ -95,7 +100,7 @@ def plot_summary(path: Path, summary: dict[str, Any], method: str) -> None:
     def series(field: str) -> list[float]:
         return [by_layer[str(layer)].get(field, {}).get("mean", math.nan) for layer in layers]
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), constrained_layout=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6.2), constrained_layout=True)
     for field, label, style in (
         ("sketchwalk_recall", "SketchWalk", "o-"),
         ("seerattn_recall", method, "s-"),
@@ -107,7 +112,7 @@ def plot_summary(path: Path, summary: dict[str, Any], method: str) -> None:
     left.set_title("attention recall by layer")
     left.set_xlabel("layer")
     left.set_ylabel("share of softmax mass kept")
-    left.legend(fontsize=8)
+    _legend_below(left)
     left.grid(alpha=0.3)
     for field, label, style in (
         ("block_overlap", "block overlap", "o-"),
@@ -120,7 +125,7 @@ def plot_summary(path: Path, summary: dict[str, Any], method: str) -> None:
         right.plot(layers, series(field), style, label=label, markersize=4)
     right.set_title("selection agreement by layer")
     right.set_xlabel("layer")
-    right.legend(fontsize=8)
+    _legend_below(right)
     right.grid(alpha=0.3)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -132,7 +137,7 @@ def plot_validation(summary: dict[str, Any], path: Path) -> None:
     by_layer = summary["by_layer_idx"]
     layers = sorted(by_layer, key=int)
     x = [int(layer) for layer in layers]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
     for field, label in (
         ("attention_recall", "attention recall"),
         ("density", "density"),
@@ -141,7 +146,7 @@ def plot_validation(summary: dict[str, Any], path: Path) -> None:
         ax[0].plot(x, [by_layer[la][field]["mean"] for la in layers], marker="o", ms=3, label=label)
     ax[0].set_xlabel("layer")
     ax[0].set_ylim(0, 1.02)
-    ax[0].legend(loc="lower right")
+    _legend_below(ax[0])
     ax[0].set_title("SketchWalk vs dense, per layer")
     ax[1].plot(
         x,
@@ -152,7 +157,6 @@ def plot_validation(summary: dict[str, Any], path: Path) -> None:
     )
     ax[1].set_xlabel("layer")
     ax[1].set_title("relative L2 error of the attention output")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

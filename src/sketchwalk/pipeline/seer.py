@@ -52,7 +52,7 @@ def _select_seerattn(
     keep_diagonal: bool,
 ) -> torch.Tensor:
     """SeerAttention's selection rule on a (B, H, nb, nb) score map: threshold or nz_ratio top-k
-    per row (:func:`sketchwalk.gate.select_blocks_from_scores`), then the last
+    per row (:func:`sketchwalk.gate.model.select_blocks_from_scores`), then the last
     ``dense_last_rows`` rows dense, optionally the diagonal, lower-triangular."""
     mask = select_blocks_from_scores(scores, threshold, nz_ratio, last_block_dense=False)
     nb = scores.shape[-1]

@@ -1,6 +1,6 @@
 """SketchWalk during decoding: one new query per step, block selection over a growing KV cache.
 
-Per layer (ALGORITHM.md section 2), the decoder keeps:
+Per layer (docs/algorithm.md §2), the decoder keeps:
 
 - the running block SUMS and token counts of the key cache, so a new token updates one pooled key
   in O(D) (the released code re-pools the whole cache every step, O(T));

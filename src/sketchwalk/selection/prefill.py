@@ -1,6 +1,6 @@
 """`SketchWalk`: block selection for one sequence, layer after layer.
 
-Per sparse layer l (see ALGORITHM.md section 1):
+Per sparse layer l (docs/algorithm.md §1):
 
 1. pool Q and K over blocks (true-count tail mean; the released full-block divisor under
    ``parity``);

@@ -1,4 +1,4 @@
-"""Step 3 of Sketch&Walk: which key blocks each query block keeps.
+"""Step 3 of Sketch&Walk: which key blocks each query block keeps (docs/algorithm.md §1.8-§1.9).
 
 Per query-block row i (only key blocks j <= i are causal):
 

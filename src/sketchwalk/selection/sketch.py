@@ -1,4 +1,5 @@
-"""Step 1 of Sketch&Walk: block pooling and the randomized Hadamard sketch, then block logits.
+"""Step 1 of Sketch&Walk: block pooling and the randomized Hadamard sketch, then block logits
+(docs/algorithm.md §1.2-§1.4; the released arithmetic under ``parity``: §5.3-§5.6).
 
 The sketch maps a pooled head vector x in R^D to R^r:
 

@@ -1,4 +1,5 @@
-"""Triton kernels for the block transition matrix of one layer, without per-head logits in memory.
+"""Triton kernels for the block transition matrix of one layer, without per-head logits in memory
+(docs/algorithm.md §1.10).
 
 Given sketched pooled blocks ``qs`` (B, Hq, nq, r) and ``ks`` (B, Hkv, nk, r) (float32, from
 `sketchwalk.selection.sketch.sketched_blocks`), the transition matrix of mask group g is
@@ -276,7 +277,8 @@ def transition_triton(
 
     Returns:
         (B, G, nq, nk) float32; every row sums to 1 (up to rounding) and is exactly 0 on masked
-        future blocks. Apply `sketchwalk.selection.walk.sharpen` afterwards as the PyTorch path does.
+        future blocks. Apply `sketchwalk.selection.walk.sharpen` afterwards as the PyTorch path
+        does.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")

@@ -1,4 +1,5 @@
-"""Step 2 of Sketch&Walk: the block transition matrix of a layer and the damped walk.
+"""Step 2 of Sketch&Walk: the block transition matrix of a layer and the damped walk
+(docs/algorithm.md §1.5-§1.7).
 
 For layer l the per-head block probabilities P_h = softmax(logits_h) (rows over key blocks) are
 summed over the heads that share a mask (all heads, a KV group, or one head) and row-normalised:
