@@ -195,19 +195,23 @@ def test_flex_never_falls_back_to_eager(monkeypatch):
 def test_prefill_tma_matches_pointer_loads_gpu(contiguous):
     """The D-128 default (TMA descriptor loads + warp specialisation) computes the same bits as
     plain pointer loads: same blocks, same math. Non-contiguous K/V take the pointer path."""
-    from sketchwalk.attention import triton_prefill as tp
+    from sketchwalk.attention.triton_prefill import PrefillTuning, sparse_prefill
 
     q, k, v = make_qkv(2, 32, 8, 1000, 128, dtype=torch.bfloat16, device="cuda", seed=13)
     if not contiguous:
         k = k.transpose(1, 2).contiguous().transpose(1, 2)
         v = v.transpose(1, 2).contiguous().transpose(1, 2)
     sel = random_selection(2, 8, 1000, 64, 0.3, seed=14, device="cuda")
-    default = tp.sparse_prefill(q, k, v, sel.kv_num_blocks, sel.kv_indices, 64)
-    try:
-        tp.variant.update(tma=False, warp_spec=False)
-        pointer = tp.sparse_prefill(q, k, v, sel.kv_num_blocks, sel.kv_indices, 64)
-    finally:
-        tp.variant.clear()
+    default = sparse_prefill(q, k, v, sel.kv_num_blocks, sel.kv_indices, 64)
+    pointer = sparse_prefill(
+        q,
+        k,
+        v,
+        sel.kv_num_blocks,
+        sel.kv_indices,
+        64,
+        tuning=PrefillTuning(tma=False, warp_spec=False),
+    )
     diff = (default.float() - pointer.float()).abs().max().item()
     print(f"contiguous={contiguous}: max |TMA - pointer| {diff:.3e}")
     assert diff == 0.0
@@ -217,17 +221,15 @@ def test_prefill_tma_matches_pointer_loads_gpu(contiguous):
 def test_key_tile_override():
     """The sweep hook for the key tile (benchmarks/key_tile.py): a smaller tile computes the same
     attention within the rule; a tile that does not divide the block raises."""
-    from sketchwalk.attention import triton_prefill as tp
+    from sketchwalk.attention.triton_prefill import PrefillTuning, sparse_prefill
 
     device = "cuda" if CUDA else "cpu"
     q, k, v = make_qkv(1, 4, 2, 150, 64, dtype=torch.bfloat16, device=device, seed=21)
     sel = random_selection(1, 2, 150, 64, 0.4, seed=22, device=device)
-    try:
-        tp.key_tile_override = 32
-        out = tp.sparse_prefill(q, k, v, sel.kv_num_blocks, sel.kv_indices, 64)
-        assert_within_rule(out, q, k, v, sel, label="key tile 32")
-        tp.key_tile_override = 48
-        with pytest.raises(RuntimeError, match="does not divide"):
-            tp.sparse_prefill(q, k, v, sel.kv_num_blocks, sel.kv_indices, 64)
-    finally:
-        tp.key_tile_override = 0
+    args = (q, k, v, sel.kv_num_blocks, sel.kv_indices, 64)
+    out = sparse_prefill(*args, tuning=PrefillTuning(key_tile=32))
+    assert_within_rule(out, q, k, v, sel, label="key tile 32")
+    with pytest.raises(RuntimeError, match="does not divide"):
+        sparse_prefill(*args, tuning=PrefillTuning(key_tile=48))
+    with pytest.raises(ValueError, match="key_tile"):
+        PrefillTuning(key_tile=-16)
