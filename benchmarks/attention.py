@@ -156,7 +156,7 @@ def sdpa(q, k, v, backend: SDPBackend, causal: bool):
 
 def sweep_prefill(args, env_rows: list) -> dict[int, tuple[int, int, int]]:
     """Try (BLOCK_M, warps, stages) for the prefill kernel at 32K, density 0.2."""
-    from sketchwalk.attention import triton_prefill as tp
+    from sketchwalk.attention.triton_prefill import PrefillTuning, sparse_prefill
 
     best: dict[int, tuple[int, int, int]] = {}
     for shape in args.shapes:
@@ -172,12 +172,12 @@ def sweep_prefill(args, env_rows: list) -> dict[int, tuple[int, int, int]]:
                 for stages in (2, 3, 4):
                     if bm == 256 and (warps == 4 or (d == 128 and stages > 2)):
                         continue
-                    tp.config_override[d] = (bm, warps, stages)
                     ms = bench(
-                        tp.sparse_prefill,
+                        sparse_prefill,
                         (q, k, v, sel.kv_num_blocks, sel.kv_indices, BLOCK),
                         10,
                         50,
+                        tuning=PrefillTuning(configs={d: (bm, warps, stages)}),
                     )
                     results.append((ms, bm, warps, stages))
                     print(
@@ -185,7 +185,6 @@ def sweep_prefill(args, env_rows: list) -> dict[int, tuple[int, int, int]]:
                         f"{ms:.3f} ms",
                         flush=True,
                     )
-        tp.config_override.pop(d, None)
         ok = [r for r in results if not math.isnan(r[0])]
         ms, bm, warps, stages = min(ok)
         best[d] = (bm, warps, stages)
@@ -225,15 +224,14 @@ def select_two_layers(sw: Any, q: torch.Tensor, k: torch.Tensor, first: int) -> 
     return sw.select(q, k, first + 1)
 
 
-def run_prefill(args: argparse.Namespace, records: list) -> None:
+def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> None:
+    """Prefill timings; ``tuning`` (a `PrefillTuning`, None: the defaults) is passed to every
+    Triton prefill call."""
     from sketchwalk import SketchWalkConfig
     from sketchwalk.attention.flex import build_block_mask, compiled_flex_attention, kernel_options
     from sketchwalk.attention.triton_prefill import sparse_prefill
+    from sketchwalk.selection.prefill import SketchWalk
 
-    try:
-        from sketchwalk.selection.prefill import SketchWalk
-    except ImportError:
-        SketchWalk = None
     flex = compiled_flex_attention()
     w, r = args.warmup, args.rep
 
@@ -281,7 +279,13 @@ def run_prefill(args: argparse.Namespace, records: list) -> None:
                 records,
                 base,
                 "triton_dense",
-                bench(sparse_prefill, (q, k, v, full.kv_num_blocks, full.kv_indices, BLOCK), w, r),
+                bench(
+                    sparse_prefill,
+                    (q, k, v, full.kv_num_blocks, full.kv_indices, BLOCK),
+                    w,
+                    r,
+                    tuning=tuning,
+                ),
                 flops=dense_flops,
             )
             full = None
@@ -293,7 +297,11 @@ def run_prefill(args: argparse.Namespace, records: list) -> None:
                     base,
                     "triton_sparse",
                     bench(
-                        sparse_prefill, (q, k, v, sel.kv_num_blocks, sel.kv_indices, BLOCK), w, r
+                        sparse_prefill,
+                        (q, k, v, sel.kv_num_blocks, sel.kv_indices, BLOCK),
+                        w,
+                        r,
+                        tuning=tuning,
                     ),
                     density=density,
                     actual_density=sel.density,
@@ -320,7 +328,7 @@ def run_prefill(args: argparse.Namespace, records: list) -> None:
                     )
                     mask = None
                 sel = None
-                if SketchWalk is None or args.no_select:
+                if args.no_select:
                     continue
                 cfg = SketchWalkConfig(density=density, block_size=BLOCK)
                 sw = SketchWalk(cfg)
@@ -348,7 +356,11 @@ def run_prefill(args: argparse.Namespace, records: list) -> None:
                     note="per layer, mean of two consecutive sparse layers",
                 )
                 attn_ms = bench(
-                    sparse_prefill, (q, k, v, real.kv_num_blocks, real.kv_indices, BLOCK), w, r
+                    sparse_prefill,
+                    (q, k, v, real.kv_num_blocks, real.kv_indices, BLOCK),
+                    w,
+                    r,
+                    tuning=tuning,
                 )
                 record(
                     records,
@@ -586,20 +598,19 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     sweeps: list[dict[str, Any]] = []
     start = time.time()
+    picked: dict[int, tuple[int, int, int]] = {}
     if args.sweep and args.mode in ("prefill", "all"):
-        from sketchwalk.attention import triton_prefill as tp
-
-        tp.config_override.update(sweep_prefill(args, sweeps))
-        print(f"sweep picked {tp.config_override}", flush=True)
+        picked = sweep_prefill(args, sweeps)
+        print(f"sweep picked {picked}", flush=True)
     if args.mode in ("prefill", "all"):
-        run_prefill(args, records)
+        from sketchwalk.attention.triton_prefill import PrefillTuning
+
+        run_prefill(args, records, PrefillTuning(configs=picked) if picked else None)
     if args.mode in ("decode", "all"):
         run_decode(args, records)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items()}
-    from sketchwalk.attention import triton_prefill as tp
-
     result = {
         "environment": env,
         "settings": settings,
@@ -610,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             "prefill": "triton.testing.do_bench",
             "decode": "triton.testing.do_bench_cudagraph",
         },
-        "prefill_config": {str(k): v for k, v in tp.config_override.items()} or "defaults",
+        "prefill_config": {str(k): v for k, v in picked.items()} or "defaults",
         "sweep": sweeps,
         "records": records,
         "wall_s": time.time() - start,

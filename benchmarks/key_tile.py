@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    from sketchwalk.attention import triton_prefill as tp
+    from sketchwalk.attention.triton_prefill import PrefillTuning, sparse_prefill
 
     hq, hkv, d = SHAPES["llama"]
     rows: list[dict] = []
@@ -89,14 +89,13 @@ def main() -> int:
             ("block128 tile128 8w2s", sel128, 128, 128, (128, 8, 2)),
             ("block128 tile128 8w3s", sel128, 128, 128, (128, 8, 3)),
         ]:
-            tp.key_tile_override = tile
-            tp.config_override.clear()
-            if cfg is not None:
-                tp.config_override[128] = cfg
+            tuning = PrefillTuning(configs={} if cfg is None else {128: cfg}, key_tile=tile)
             try:
 
-                def run(q=q, k=k, v=v, sel=sel, bs=bs):
-                    return tp.sparse_prefill(q, k, v, sel.kv_num_blocks, sel.kv_indices, bs)
+                def run(q=q, k=k, v=v, sel=sel, bs=bs, tuning=tuning):
+                    return sparse_prefill(
+                        q, k, v, sel.kv_num_blocks, sel.kv_indices, bs, tuning=tuning
+                    )
 
                 out = run()
                 ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
@@ -110,8 +109,6 @@ def main() -> int:
             except Exception as err:  # a variant that does not compile must not end the sweep
                 print(f"  {name:32s} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
                 rows.append({"t": t, "variant": name, "ms": float("nan"), "error": repr(err)})
-        tp.key_tile_override = 0
-        tp.config_override.clear()
         share = paired_share(q, k, args.density)
         print(f"  SketchWalk 20 % kept unmasked 64-blocks mergeable into pairs: {share:.3f}")
         rows.append({"t": t, "variant": "paired_share", "share": share})

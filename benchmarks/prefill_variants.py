@@ -38,7 +38,7 @@ from attention import SHAPES, environment, sdpa, synthetic_selection
 
 
 def run_prefill(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    from sketchwalk.attention import triton_prefill as tp
+    from sketchwalk.attention.triton_prefill import PrefillTuning, sparse_prefill
 
     # (BLOCK_M, warps, stages, tma, warp_spec); run 5's sweep also tried an index prefetch one
     # iteration ahead (slower everywhere: 0.75-0.84x), since removed from the kernel.
@@ -82,22 +82,25 @@ def run_prefill(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
                 ]
             )
             for bm, warps, stages, tma, ws in variants:
-                tp.config_override[d] = (bm, warps, stages)
-                tp.variant.clear()
-                tp.variant.update(tma=tma, warp_spec=ws)
+                tuning = PrefillTuning(configs={d: (bm, warps, stages)}, tma=tma, warp_spec=ws)
                 label = f"BM{bm} w{warps} s{stages} tma={tma} ws={ws}"
                 try:
-                    out = tp.sparse_prefill(q, k, v, sel.kv_num_blocks, sel.kv_indices, 64)
+                    run = partial(
+                        sparse_prefill,
+                        q,
+                        k,
+                        v,
+                        sel.kv_num_blocks,
+                        sel.kv_indices,
+                        64,
+                        tuning=tuning,
+                    )
+                    out = run()
                     torch.cuda.synchronize()
                     if ref is None:
                         ref = out
                     diff = (out.float() - ref.float()).abs().max().item()
-                    ms = triton.testing.do_bench(
-                        partial(tp.sparse_prefill, q, k, v, sel.kv_num_blocks, sel.kv_indices, 64),
-                        warmup=25,
-                        rep=100,
-                        return_mode="median",
-                    )
+                    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
                 except Exception as err:  # a variant that does not compile is reported, not fatal
                     print(f"  {label}: failed {type(err).__name__}: {str(err)[:300]}", flush=True)
                     continue
@@ -123,8 +126,6 @@ def run_prefill(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
                     f"{row['speedup']:.2f}x diff {diff:.1e}",
                     flush=True,
                 )
-            tp.config_override.clear()
-            tp.variant.clear()
             q = k = v = ref = out = fn = None
             torch.cuda.empty_cache()
 
@@ -132,7 +133,7 @@ def run_prefill(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
 def run_decode(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     from attention import decode_selection
 
-    from sketchwalk.attention import triton_decode as td
+    from sketchwalk.attention.triton_decode import DecodeTuning, sparse_decode_triton
 
     hq, hkv, d = SHAPES["llama"]
     for batch, ctx in itertools.product(args.batches, args.decode_contexts):
@@ -145,18 +146,14 @@ def run_decode(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         print(f"decode B={batch} S={ctx} cudnn {cudnn * 1e3:.1f} us", flush=True)
         ref = None
         for splits, warps, stages in itertools.product(args.splits, (4, 8), (2, 3)):
-            td.config_override.clear()
-            td.config_override.update(splits=splits, num_warps=warps, num_stages=stages)
+            tuning = DecodeTuning(splits=splits, num_warps=warps, num_stages=stages)
+            run = partial(sparse_decode_triton, q, k, v, num, idx, 64, tuning=tuning)
             try:
-                out = td.sparse_decode_triton(q, k, v, num, idx, 64)
+                out = run()
                 if ref is None:
                     ref = out
                 diff = (out.float() - ref.float()).abs().max().item()
-                ms = triton.testing.do_bench_cudagraph(
-                    partial(td.sparse_decode_triton, q, k, v, num, idx, 64),
-                    rep=100,
-                    return_mode="median",
-                )
+                ms = triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median")
             except Exception as err:
                 print(f"  splits {splits} w{warps} s{stages}: failed {err!r:.200}", flush=True)
                 continue
@@ -179,7 +176,6 @@ def run_decode(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
                 f"{cudnn / ms:.2f}x diff {diff:.1e}",
                 flush=True,
             )
-        td.config_override.clear()
         q = k = v = None
         torch.cuda.empty_cache()
 

@@ -9,16 +9,16 @@ Usage (on a CUDA machine, from the repository root):
 For each shape (Llama-3.1-8B 32/8 heads D 128, SmolLM2 9/3 D 64), T and granularity (layer,
 kv_group), bf16 Q/K of batch 1, block 64, default `SketchWalkConfig`:
 
-- ``torch``: `sketchwalk.selection.walk.transition_from_pooled` (sketch + per-KV-group softmax
-  loop);
-- ``triton_<precision>``: `sketchwalk.selection.sketch.sketched_blocks` + `transition_triton`
-  (the same inputs and result; precisions tf32x3 / ieee / tf32; a few tile configs);
-- ``select_torch`` / ``select_triton``: one full `SketchWalk.select` of a sparse layer (mean of
-  two consecutive layers, as in benchmarks/attention.py), the second with the PyTorch transition
-  of `sketchwalk.selection.prefill` replaced by the Triton kernel for this process only. Since
-  `SketchWalk(config)` picks the fused kernel itself on CUDA (``backend="auto"``), both columns
-  now time the fused kernel; the table they were written for is in
-  benchmarks/results/README.md;
+- ``torch``: `sketchwalk.selection.walk.transition_from_pooled` (sketch + per-KV-group
+  softmax loop);
+- ``triton_<precision>``: `sketchwalk.selection.triton_transition.fused_transition` (the same
+  inputs and result through `transition_triton`; precisions tf32x3 / ieee / tf32; a few tile
+  configs);
+- ``select_torch`` / ``select_triton`` / ``select_auto``: one full `SketchWalk.select` of a
+  sparse layer (mean of two consecutive layers, as in benchmarks/attention.py) with
+  ``SketchWalk(backend="reference")``, ``SketchWalk(backend="triton", cuda_graphs=False)`` (the
+  fused kernel at its default tiles, eager) and the default ``SketchWalk`` (fused kernel and CUDA
+  graphs);
 - the dense baseline, SDPA cuDNN causal attention, measured in the same process.
 
 ``--profile`` prints torch-profiler tables (CUDA time by kernel, and host time) of the selection
@@ -32,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,31 +44,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 SHAPES = {"llama": (32, 8, 128), "smollm2": (9, 3, 64)}
 BLOCK = 64
 CONFIGS = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 64, 4)]
+# The SketchWalk settings of each selection path (see the module docstring).
+SELECT_PATHS = {
+    "torch": {"backend": "reference"},
+    "triton": {"backend": "triton", "cuda_graphs": False},
+    "auto": {},
+}
 
 
 def triton_transition_fn(precision: str, block_m: int, block_n: int, warps: int):
-    """A drop-in for `transition_from_pooled` (granularity layer / kv_group) on the kernel."""
-    from sketchwalk.selection.sketch import sketched_blocks
-    from sketchwalk.selection.triton_transition import transition_triton
-    from sketchwalk.selection.walk import sharpen
+    """`fused_transition` at one kernel setting: a drop-in for `transition_from_pooled`."""
+    from sketchwalk.selection.triton_transition import fused_transition
 
-    def transition(q_blocks, k_blocks, config, layer_idx):
-        qs, ks, scale = sketched_blocks(q_blocks, k_blocks, config, layer_idx)
-        a = transition_triton(
-            qs,
-            ks,
-            scale,
-            config.causal_sketch and not config.parity,
-            config.granularity,
-            clamp=10.0 if (config.parity and config.exact) else None,
-            precision=precision,
-            block_m=block_m,
-            block_n=block_n,
-            num_warps=warps,
-        )
-        return sharpen(a, config.sparsity_exponent, config.parity)
-
-    return transition
+    return partial(
+        fused_transition, precision=precision, block_m=block_m, block_n=block_n, num_warps=warps
+    )
 
 
 def select_two(sw, q, k, first: int):
@@ -90,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/transition.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    import sketchwalk.selection.prefill as core
     from sketchwalk import SketchWalkConfig
+    from sketchwalk.selection.prefill import SketchWalk
     from sketchwalk.selection.sketch import block_pool
     from sketchwalk.selection.walk import transition_from_pooled
 
@@ -117,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(env), flush=True)
     records: list[dict[str, Any]] = []
-    original = core.transition_from_pooled
     for shape in args.shapes:
         hq, hkv, d = SHAPES[shape]
         for t in args.seq_lens:
@@ -158,34 +148,31 @@ def main(argv: list[str] | None = None) -> int:
                     if precision == "tf32x3" and (best is None or ms < best[0]):
                         best = (ms, bm, bn, warps)
                 row["best_tf32x3"] = list(best) if best else None
-                # Whole selection of a sparse layer, both transition paths.
-                sw = core.SketchWalk(cfg)
-                row["select_torch_ms"] = bench(select_two, sw, q, k, 2) / 2
-                if best:
-                    core.transition_from_pooled = triton_transition_fn("tf32x3", *best[1:])
-                    try:
-                        sel_t = select_two(sw, q, k, 2)
-                        core.transition_from_pooled = original
-                        sel_r = select_two(sw, q, k, 2)
-                        core.transition_from_pooled = triton_transition_fn("tf32x3", *best[1:])
-                        row["select_same_blocks"] = bool(
-                            torch.equal(sel_t.kv_num_blocks, sel_r.kv_num_blocks)
-                            and torch.equal(sel_t.kv_indices, sel_r.kv_indices)
-                        )
-                        row["select_triton_ms"] = bench(select_two, sw, q, k, 2) / 2
-                    finally:
-                        core.transition_from_pooled = original
+                # Whole selection of a sparse layer, each transition path.
+                selections = {}
+                for path, options in SELECT_PATHS.items():
+                    sw = SketchWalk(cfg, **options)
+                    selections[path] = select_two(sw, q, k, 2)
+                    row[f"select_{path}_ms"] = bench(select_two, sw, q, k, 2) / 2
+                reference = selections["torch"]
+                row["select_same_blocks"] = all(
+                    torch.equal(sel.kv_num_blocks, reference.kv_num_blocks)
+                    and torch.equal(sel.kv_indices, reference.kv_indices)
+                    for sel in selections.values()
+                )
                 print(
-                    f"  {gran:<8} select torch {row['select_torch_ms']:.3f} ms "
-                    f"({100 * row['select_torch_ms'] / dense:.1f}% of dense), triton "
-                    f"{row.get('select_triton_ms', float('nan')):.3f} ms "
-                    f"({100 * row.get('select_triton_ms', float('nan')) / dense:.1f}%), "
-                    f"same blocks {row.get('select_same_blocks')}",
+                    f"  {gran:<8} select "
+                    + ", ".join(
+                        f"{path} {row[f'select_{path}_ms']:.3f} ms "
+                        f"({100 * row[f'select_{path}_ms'] / dense:.1f}% of dense)"
+                        for path in SELECT_PATHS
+                    )
+                    + f", same blocks {row['select_same_blocks']}",
                     flush=True,
                 )
                 records.append(row)
                 if not args.no_profile and t == max(args.seq_lens) and gran == "layer":
-                    profile(core, cfg, q, k, shape, t, best, original)
+                    profile(cfg, q, k, shape, t)
             q = k = None
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,28 +208,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def profile(core, cfg, q, k, shape, t, best, original) -> None:
-    """Torch-profiler tables of two selections (two layers each), PyTorch and Triton paths."""
+def profile(cfg, q, k, shape, t) -> None:
+    """Torch-profiler tables of two selections (two layers each), per selection path."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    paths = [("torch", original)]
-    if best:
-        paths.append(("triton", triton_transition_fn("tf32x3", *best[1:])))
-    for name, fn in paths:
-        core.transition_from_pooled = fn
-        try:
-            sw = core.SketchWalk(cfg)
-            select_two(sw, q, k, 2)
+    from sketchwalk.selection.prefill import SketchWalk
+
+    for name, options in SELECT_PATHS.items():
+        sw = SketchWalk(cfg, **options)
+        select_two(sw, q, k, 2)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                select_two(sw, q, k, 2)
             torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(2):
-                    select_two(sw, q, k, 2)
-                torch.cuda.synchronize()
-            wall = (time.perf_counter() - start) / 4
-        finally:
-            core.transition_from_pooled = original
+        wall = (time.perf_counter() - start) / 4
         events = prof.key_averages()
         cuda_total = sum(e.self_device_time_total for e in events) / 4e3
         print(

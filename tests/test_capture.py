@@ -95,7 +95,9 @@ def test_layer_subset_dtype_and_hooks_removed():
     with torch.no_grad():
         model(ids)  # after the context nothing is recorded any more
     assert sorted(cap.layers) == [0, 2]
-    for module in attention_modules(model).values():
+    modules = attention_modules(model)
+    assert sorted(modules) == [0, 1, 2]
+    for module in modules.values():
         assert not module.q_proj._forward_hooks and not module.k_norm._forward_hooks
 
 
@@ -109,7 +111,6 @@ def test_bad_layers_and_double_capture():
         attention_modules(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 def test_capture_on_cuda_offloads():
     model = _model("llama").cuda()

@@ -357,6 +357,7 @@ def test_gate_scores_without_mask_use_threshold(tmp_path):
     tensor_dir = tmp_path / "t"
     write_files(tensor_dir, layers=(0, 1, 2), gate=True, gate_mask=False)
     results, _, _ = cli(tmp_path, tensor_dir)
+    assert [r["layer_idx"] for r in results] == [0, 1, 2]  # one result per file
     assert all(r["seerattn_method"] == "seerattention-gate" for r in results)
     assert all("score > 0.1" in r["seerattn_rule"] for r in results)
 

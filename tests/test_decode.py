@@ -1,24 +1,61 @@
-"""Decode attention over selected KV blocks: reference semantics and the Triton split-K kernel.
-
-Tolerance rule (docs/STYLE.md): |kernel - fp32 reference| <= 2 * |low-precision PyTorch
-same-math - fp32 reference| + the reference's own rounding. Without CUDA the Triton kernel runs
-under the CPU interpreter (``TRITON_INTERPRET=1`` set here before any kernel import).
+"""Decode attention over selected KV blocks: reference semantics and the Triton split-K kernel,
+under the tolerance rule of `sketchwalk.testing.assert_within_rule` (fp32 reference, bf16/fp16
+PyTorch same-math). Without CUDA the Triton kernel runs under the CPU interpreter
+(tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
+from typing import NamedTuple
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from sketchwalk.attention.api import sparse_decode
+from sketchwalk.attention.reference import dense_attention
+from sketchwalk.testing import assert_within_rule, mask_groups, masked_attention_low_precision
 
-from sketchwalk.attention.api import sparse_decode  # noqa: E402
-from sketchwalk.attention.reference import dense_attention  # noqa: E402
+CUDA = torch.cuda.is_available()
+
+
+class DecodeCase(NamedTuple):
+    batch: int
+    q_heads: int
+    kv_heads: int
+    queries: int
+    cache_len: int
+    head_dim: int
+    block_size: int
+    granularity: str
+    density: float
+    dtype: torch.dtype
+    note: str = ""
+
+    @property
+    def id(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"B{self.batch}-H{self.q_heads}/{self.kv_heads}-q{self.queries}-S{self.cache_len}"
+            f"-D{self.head_dim}-bs{self.block_size}-{self.granularity}-{dtype}-d{self.density}"
+        )
+
+    def inputs(self, device, seed=0):
+        """q, k, v, kv_num_blocks, kv_indices of this case (`make_decode_inputs`)."""
+        return make_decode_inputs(
+            self.batch,
+            self.q_heads,
+            self.kv_heads,
+            self.queries,
+            self.cache_len,
+            self.head_dim,
+            self.block_size,
+            mask_groups(self.granularity, self.q_heads, self.kv_heads),
+            self.density,
+            self.dtype,
+            device,
+            seed,
+        )
 
 
 def make_decode_inputs(
@@ -78,40 +115,21 @@ def token_mask(num, idx, hq, hkv, num_queries, cache_len, block_size):
     return kept[:, :, None, keys // block_size] & (keys[None, :] <= pos[:, None])
 
 
-def same_math_low_precision(q, k, v, mask, scale):
-    group = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = (q @ kk.transpose(-1, -2)).float() * scale
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
-    return probs.to(q.dtype) @ vv
+def check_decode(case: DecodeCase, device, seed=0, num_splits=None, tuning=None) -> None:
+    """The Triton decode kernel on ``case`` against the fp32 reference under the tolerance
+    rule; with the default launch settings the ``sparse_decode`` dispatch gives the same bits."""
+    from sketchwalk.attention.triton_decode import sparse_decode_triton
 
-
-def check_decode(case, backend, device, seed=0, num_splits=None):
-    b, hq, hkv, tq, s, d, bs, gran, density, dtype = case
-    groups = {"layer": 1, "kv_group": hkv, "head": hq}[gran]
-    q, k, v, num, idx = make_decode_inputs(
-        b, hq, hkv, tq, s, d, bs, groups, density, dtype, device, seed
-    )
-    scale = 1.0 / math.sqrt(d)
-    out = torch.full_like(q, float("nan"))
-    if num_splits is None:
-        out.copy_(sparse_decode(q, k, v, num, idx, bs, backend=backend))
-    else:
-        from sketchwalk.attention.triton_decode import sparse_decode_triton
-
-        out.copy_(sparse_decode_triton(q, k, v, num, idx, bs, num_splits=num_splits))
-    assert torch.isfinite(out).all(), "non-finite output (unwritten rows?)"
-    ref = sparse_decode(q.float(), k.float(), v.float(), num, idx, bs).double()
-    mask = token_mask(num, idx, hq, hkv, tq, s, bs)
-    low_err = (same_math_low_precision(q, k, v, mask, scale).double() - ref).abs().max().item()
-    rounding = (ref.to(dtype).double() - ref).abs().max().item()
-    err = (out.double() - ref).abs()
-    bound = 2 * low_err + rounding
-    print(
-        f"{backend} {case}: max {err.max().item():.3e} mean {err.mean().item():.3e}; "
-        f"same-math {low_err:.3e}; rounding {rounding:.3e}; bound {bound:.3e}"
-    )
-    assert err.max().item() <= bound, f"max error {err.max().item():.3e} > bound {bound:.3e}"
+    q, k, v, num, idx = case.inputs(device, seed)
+    bs = case.block_size
+    out = sparse_decode_triton(q, k, v, num, idx, bs, num_splits=num_splits, tuning=tuning)
+    assert out.dtype == q.dtype
+    reference = sparse_decode(q.float(), k.float(), v.float(), num, idx, bs)
+    mask = token_mask(num, idx, case.q_heads, case.kv_heads, case.queries, case.cache_len, bs)
+    same_math = masked_attention_low_precision(q, k, v, mask)
+    assert_within_rule(out, reference, same_math, f"triton {case.id} ({case.note})")
+    if num_splits is None and tuning is None:
+        assert torch.equal(sparse_decode(q, k, v, num, idx, bs, backend="triton"), out)
 
 
 def test_reference_full_selection_matches_dense():
@@ -128,11 +146,11 @@ def test_reference_full_selection_matches_dense():
 
 
 def test_reference_matches_token_mask():
-    case = (2, 8, 2, 2, 300, 32, 32, "kv_group", 0.4, torch.float64)
-    b, hq, hkv, tq, s, d, bs, _, density, dtype = case
-    q, k, v, num, idx = make_decode_inputs(b, hq, hkv, tq, s, d, bs, hkv, density, dtype, "cpu")
-    mask = token_mask(num, idx, hq, hkv, tq, s, bs)
-    expected = same_math_low_precision(q, k, v, mask, 1.0 / math.sqrt(d))
+    case = DecodeCase(2, 8, 2, 2, 300, 32, 32, "kv_group", 0.4, torch.float64)
+    q, k, v, num, idx = case.inputs("cpu")
+    bs = case.block_size
+    mask = token_mask(num, idx, case.q_heads, case.kv_heads, case.queries, case.cache_len, bs)
+    expected = masked_attention_low_precision(q, k, v, mask, 1.0 / math.sqrt(case.head_dim))
     # the helper's softmax runs in fp32
     torch.testing.assert_close(sparse_decode(q, k, v, num, idx, bs), expected, atol=1e-5, rtol=1e-5)
 
@@ -160,45 +178,56 @@ def test_decode_input_errors():
             sparse_decode(q, k, k, num, idx, 32, backend="triton")
 
 
-# (batch, Hq, Hkv, Tq, S, D, block, granularity, density, dtype)
 SMALL_CASES = [
-    (2, 6, 2, 1, 300, 64, 32, "kv_group", 0.5, torch.bfloat16),
-    (1, 9, 3, 3, 500, 64, 64, "layer", 0.4, torch.bfloat16),  # SmolLM2 heads, 3 queries
-    (2, 4, 4, 2, 130, 32, 16, "head", 0.5, torch.float16),
-    (1, 8, 2, 1, 200, 128, 64, "head", 0.5, torch.bfloat16),
-    (1, 32, 8, 1, 256, 128, 64, "layer", 0.3, torch.bfloat16),  # 4 heads per unit
+    DecodeCase(2, 6, 2, 1, 300, 64, 32, "kv_group", 0.5, torch.bfloat16, "batch 2"),
+    DecodeCase(1, 9, 3, 3, 500, 64, 64, "layer", 0.4, torch.bfloat16, "SmolLM2 heads"),
+    DecodeCase(2, 4, 4, 2, 130, 32, 16, "head", 0.5, torch.float16, "MHA, block 16"),
+    DecodeCase(1, 8, 2, 1, 200, 128, 64, "head", 0.5, torch.bfloat16, "head masks"),
+    DecodeCase(1, 32, 8, 1, 256, 128, 64, "layer", 0.3, torch.bfloat16, "4 heads per unit"),
 ]
 
 
-@pytest.mark.parametrize(
-    "case",
-    SMALL_CASES,
-    ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}-q{c[3]}-S{c[4]}-d{c[5]}-bs{c[6]}-{c[7]}",
-)
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.id)
 def test_triton_decode_small(case):
     """Small shapes: compiled on CUDA, the CPU interpreter otherwise (CI)."""
-    check_decode(case, "triton", "cuda" if CUDA else "cpu")
+    check_decode(case, "cuda" if CUDA else "cpu")
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 70])
 def test_triton_decode_split_counts(num_splits):
     """The combine merges 1 split, a few, and more than one SPLIT_CHUNK (64) of them, most
     empty (fewer kept blocks than splits)."""
-    case = (1, 8, 2, 2, 700, 64, 32, "kv_group", 0.5, torch.bfloat16)
-    check_decode(case, "triton", "cuda" if CUDA else "cpu", seed=3, num_splits=num_splits)
+    case = DecodeCase(1, 8, 2, 2, 700, 64, 32, "kv_group", 0.5, torch.bfloat16, "split counts")
+    check_decode(case, "cuda" if CUDA else "cpu", seed=3, num_splits=num_splits)
+
+
+def test_triton_decode_tuning():
+    """`DecodeTuning` (the benchmark sweep's hook): a split count and a row tile other than the
+    defaults compute the same attention within the rule; an explicit num_splits wins over the
+    tuning's split count, and a negative split count is refused."""
+    from sketchwalk.attention.triton_decode import DecodeTuning, sparse_decode_triton
+
+    device = "cuda" if CUDA else "cpu"
+    case = DecodeCase(1, 8, 2, 2, 700, 64, 32, "kv_group", 0.5, torch.bfloat16, "tuned")
+    tuning = DecodeTuning(splits=5, block_m=32, num_warps=8, num_stages=2)
+    check_decode(case, device, seed=4, tuning=tuning)
+    q, k, v, num, idx = case.inputs(device, seed=4)
+    explicit = sparse_decode_triton(q, k, v, num, idx, 32, num_splits=3)
+    both = sparse_decode_triton(q, k, v, num, idx, 32, num_splits=3, tuning=DecodeTuning(splits=9))
+    assert torch.equal(both, explicit)
+    with pytest.raises(ValueError, match="splits"):
+        DecodeTuning(splits=-1)
 
 
 GPU_CASES = [
-    (1, 32, 8, 1, 20000, 128, 64, "layer", 0.2, torch.bfloat16),
-    (8, 32, 8, 1, 9000, 128, 64, "kv_group", 0.2, torch.bfloat16),
-    (4, 9, 3, 4, 12345, 64, 64, "head", 0.3, torch.float16),
-    (2, 32, 8, 16, 4096, 128, 64, "kv_group", 0.3, torch.bfloat16),  # rows span 2 tiles
+    DecodeCase(1, 32, 8, 1, 20000, 128, 64, "layer", 0.2, torch.bfloat16, "Llama"),
+    DecodeCase(8, 32, 8, 1, 9000, 128, 64, "kv_group", 0.2, torch.bfloat16, "Llama, batch 8"),
+    DecodeCase(4, 9, 3, 4, 12345, 64, 64, "head", 0.3, torch.float16, "SmolLM2, 4 queries"),
+    DecodeCase(2, 32, 8, 16, 4096, 128, 64, "kv_group", 0.3, torch.bfloat16, "rows span 2 tiles"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}-q{c[3]}-S{c[4]}-{c[7]}"
-)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_triton_decode_gpu(case):
-    check_decode(case, "triton", "cuda", seed=5)
+    check_decode(case, "cuda", seed=5)

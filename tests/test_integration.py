@@ -41,6 +41,11 @@ def _ids(batch: int = 2, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def _calls(sw: SketchWalkAttention) -> list[tuple]:
+    """(layer, forward pass, mode, prefill, backend, reason) of every call SketchWalk saw."""
+    return [(c.layer_idx, c.forward_pass, c.mode, c.prefill, c.backend, c.reason) for c in sw.calls]
+
+
 def _report(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     err = (got.float() - want.float()).abs()
     print(f"{name}: max abs err {err.max().item():.3e}, mean {err.mean().item():.3e}")
@@ -54,21 +59,33 @@ def test_dense_equivalent_config_gives_identical_logits(arch, attn):
     ids = _ids()
     with torch.no_grad():
         stock = model(ids).logits
-        for cfg in (
-            SketchWalkConfig(block_size=16, dense_layers=999),
-            SketchWalkConfig(block_size=16, density=1.0, dense_layers=0),
+        for cfg, reason in (
+            (
+                SketchWalkConfig(block_size=16, dense_layers=999),
+                "dense layer (config.dense_layers)",
+            ),
+            (
+                SketchWalkConfig(block_size=16, density=1.0, dense_layers=0),
+                "selection keeps every causal block",
+            ),
         ):
             with enable_sketchwalk(model, cfg, backend="reference") as sw:
                 assert model.config._attn_implementation == f"sketchwalk+{attn}"
                 got = model(ids).logits
             _report(f"{arch}/{attn} {cfg.dense_layers=} {cfg.density=}", got, stock)
             assert torch.equal(got, stock)
+            # SketchWalk saw every layer's prefill once (one forward pass) and chose dense: the
+            # equality above is not a model that bypassed it.
+            inner = f"inner:{attn}"
+            assert _calls(sw) == [(i, 1, "dense", True, inner, reason) for i in range(3)]
             summary = sw.summary()
             assert summary["prefill_calls"] == 3 and summary["mean_density"] == 1.0
+            assert summary["forward_passes"] == 1
         # The same full selection through the sparse reference kernel: equal up to rounding.
         cfg = SketchWalkConfig(block_size=16, dense_layers=999)
         with enable_sketchwalk(model, cfg, backend="reference", dense_when_full=False) as sw:
             got = model(ids).logits
+        assert _calls(sw) == [(i, 1, "sparse", True, "reference", None) for i in range(3)]
         assert sw.summary()["backends"] == {"reference": 3}
         assert _report(f"{arch}/{attn} full selection, reference", got, stock) < 1e-4
 
@@ -184,7 +201,7 @@ def test_layers_subset_and_short_sequences_stay_dense():
         assert sw.layers[1].reason == "layer not selected for SketchWalk"
         sw.clear()
         model(_ids(seq=16))  # one block
-        assert all(c.mode == "dense" for c in sw.calls)
+        assert [c.mode for c in sw.calls] == ["dense"] * 3
         assert "one block" in sw.layers[2].reason
 
 
@@ -201,7 +218,7 @@ def test_padded_batch_runs_dense_or_raises(attn):
             unpadded = model(ids, attention_mask=torch.ones_like(ids)).logits
         assert torch.equal(got, stock)
         reasons = [c.reason for c in sw.calls[:3]]
-        assert all("not plain causal" in r for r in reasons), reasons
+        assert len(reasons) == 3 and all("not plain causal" in r for r in reasons), reasons
         # an all-ones mask is plain causal: it runs sparse, like no mask at all
         assert [c.mode for c in sw.calls[3:]] == ["dense", "sparse", "sparse"]
         assert not torch.equal(unpadded, model(ids).logits)
@@ -221,6 +238,7 @@ def test_sliding_window_layers_run_dense():
         with enable_sketchwalk(model, SPARSE, backend="reference") as sw:
             got = model(ids).logits
     assert torch.equal(got, stock)
+    assert len(sw.calls) == 3, "one call per layer"
     assert all("sliding-window" in c.reason for c in sw.calls)
 
 
@@ -286,9 +304,8 @@ def test_sketchwalk_decode_runs_sparse_steps_and_keeps_every_block_when_asked(ar
     sparse_steps = [c for c in decode_calls if c.mode == "sparse"]
     assert len(sparse_steps) == 2 * (steps - 1)  # layers 1 and 2, every step after the first
     assert all(c.density == 1.0 for c in sparse_steps)
-    assert all(
-        c.reason == "dense layer (config.dense_layers)" for c in decode_calls if c.layer_idx == 0
-    )
+    layer0 = [c.reason for c in decode_calls if c.layer_idx == 0]
+    assert layer0 == ["dense layer (config.dense_layers)"] * (steps - 1)
 
     sparse_out, sw_sparse = run(
         "sketchwalk",
@@ -300,6 +317,7 @@ def test_sketchwalk_decode_runs_sparse_steps_and_keeps_every_block_when_asked(ar
     assert len(steps_sparse) == 2 * (steps - 1)
     assert all(c.density < 1.0 for c in steps_sparse)
     assert sparse_out.sequences.shape == (2, 90 + steps)
+    assert len(sparse_out.logits) == steps
     assert all(torch.isfinite(x).all() for x in sparse_out.logits)
 
 

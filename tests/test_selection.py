@@ -109,7 +109,7 @@ def test_full_selection_density_is_one():
 def _released_selection(
     layers_qk, block_size=64, frac=0.125, sink=0.025, window=0.05, degree=3, beta=0.25, dense_last=4
 ):
-    """A direct transcription of the released exact-mode prefill as ALGORITHM.md states it,
+    """A direct transcription of the released exact-mode prefill as docs/algorithm.md §5 states it,
     with numpy loops: full-block tail divisor, clamp(qb.kb / sqrt(D), -10, 10) logits,
     non-causal softmax, head sum + row-normalise, damped walk carried across layers, per-row
     strictly-greater quantile over the non-forced causal blocks, window-sized sink, dense last

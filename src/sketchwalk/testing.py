@@ -1,6 +1,9 @@
-"""Seeded input factories shared by the test suite and the benchmarks."""
+"""Seeded input factories and the kernels' tolerance rule, shared by the test suite and the
+benchmarks."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -59,6 +62,68 @@ def random_selection(
     return BlockSelection.from_mask(mask.to(device), block_size, seq_len)
 
 
+def mask_groups(granularity: str, num_q_heads: int, num_kv_heads: int) -> int:
+    """Mask groups G of a granularity: 1 (``layer``), Hkv (``kv_group``) or Hq (``head``)."""
+    return {"layer": 1, "kv_group": num_kv_heads, "head": num_q_heads}[granularity]
+
+
+def masked_attention_low_precision(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The attention a plain low-precision PyTorch program computes: scores and P @ V as matmuls
+    in q's dtype, softmax in fp32; O(Tq * S) memory, small shapes only.
+
+    Args:
+        q: (B, Hq, Tq, D); k, v: (B, Hkv, S, D), Hq a multiple of Hkv.
+        allowed: bool, broadcastable to (B, Hq, Tq, S): the keys each query may see. A row
+            with none gives 0.
+        scale: softmax scale, default 1 / sqrt(D).
+    """
+    group = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ kk.transpose(-1, -2)).float() * scale
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    return probs.to(q.dtype) @ vv
+
+
+def assert_within_rule(
+    out: torch.Tensor,
+    reference: torch.Tensor,
+    same_math: torch.Tensor,
+    label: str = "",
+    allowance: float = 0.0,
+) -> None:
+    """The tolerance rule for a low-precision kernel: its error against a high-precision
+    reference is at most twice the error of a plain PyTorch program doing the same math at the
+    kernel's precision, plus the reference's own rounding to the kernel's output dtype:
+
+        max |out - reference| <= 2 * max |same_math - reference|
+                                 + max |reference.to(out.dtype) - reference| + allowance
+
+    ``allowance`` is for a documented, known precision loss the same-math program does not
+    share (e.g. TF32 dot products). Prints the kernel's max and mean error, the same-math error,
+    the rounding and the bound, then asserts (a non-finite output fails first).
+    """
+    assert out.shape == reference.shape, f"{label}: shape {out.shape} != {reference.shape}"
+    assert torch.isfinite(out).all(), f"{label}: non-finite output (unwritten rows?)"
+    ref = reference.double()
+    err = (out.double() - ref).abs()
+    same = (same_math.double() - ref).abs().max().item()
+    rounding = (ref.to(out.dtype).double() - ref).abs().max().item()
+    bound = 2 * same + rounding + allowance
+    worst = err.max().item()
+    print(
+        f"{label}: kernel max {worst:.3e} mean {err.mean().item():.3e}; same-math max "
+        f"{same:.3e}; rounding {rounding:.3e}; allowance {allowance:.3e}; bound {bound:.3e}"
+    )
+    assert worst <= bound, f"{label}: max error {worst:.3e} > bound {bound:.3e}"
+
+
 def write_tensor_dir(
     directory,
     seq_len: int = 300,
@@ -107,4 +172,11 @@ def write_tensor_dir(
     return paths
 
 
-__all__ = ["make_qkv", "random_selection", "write_tensor_dir"]
+__all__ = [
+    "assert_within_rule",
+    "make_qkv",
+    "mask_groups",
+    "masked_attention_low_precision",
+    "random_selection",
+    "write_tensor_dir",
+]

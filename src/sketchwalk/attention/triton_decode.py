@@ -20,6 +20,7 @@ Queries are aligned to the end of the cache: query ``i`` of ``Tq`` sits at posit
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -207,8 +208,32 @@ def _decode_combine_kernel(
 
 
 _SM_COUNT: dict[int, int] = {}
-# Overrides used by the benchmark's sweep: keys "splits", "block_m", "num_warps", "num_stages".
-config_override: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch settings of `sparse_decode_triton` other than the defaults, for benchmark sweeps
+    and tests; every field left at its default keeps the built-in choice.
+
+    Attributes:
+        splits: split-K factor when the call passes no ``num_splits`` (0: fill the GPU, about
+            2 programs per SM); clamped to [1, ceil(nk / 2)] like the default.
+        block_m: rows per program (None: the unit's heads x queries rounded up to a power of
+            two, 16..64).
+        num_warps, num_stages: launch options of the split kernel on CUDA.
+    """
+
+    splits: int = 0
+    block_m: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.splits < 0:
+            raise ValueError(f"splits must be >= 0 (0: default), got {self.splits}")
+
+
+DEFAULT_TUNING = DecodeTuning()
 
 
 def _sm_count(device: torch.device) -> int:
@@ -229,6 +254,7 @@ def sparse_decode_triton(
     block_size: int,
     scale: float | None = None,
     num_splits: int | None = None,
+    tuning: DecodeTuning | None = None,
 ) -> torch.Tensor:
     """Split-K block-sparse decode attention.
 
@@ -241,6 +267,7 @@ def sparse_decode_triton(
         block_size: tokens per key block (a multiple of 16).
         scale: softmax scale, default 1 / sqrt(D).
         num_splits: split-K factor; default fills the GPU (about 2 programs per SM).
+        tuning: launch settings for sweeps and tests (`DecodeTuning`); None: the defaults.
 
     Returns:
         (B, Hq, Tq, D) in q's dtype; a row that sees no kept key is 0.
@@ -258,14 +285,13 @@ def sparse_decode_triton(
     if kv_indices.stride(-1) != 1:
         kv_indices = kv_indices.contiguous()
 
+    tuning = DEFAULT_TUNING if tuning is None else tuning
     rows = heads_per_unit * num_queries
-    block_m = config_override.get("block_m", max(16, min(64, triton.next_power_of_2(rows))))
+    block_m = tuning.block_m or max(16, min(64, triton.next_power_of_2(rows)))
     tiles = triton.cdiv(rows, block_m)
     programs = batch * units * tiles
     if num_splits is None:
-        num_splits = config_override.get("splits", 0) or triton.cdiv(
-            2 * _sm_count(q.device), programs
-        )
+        num_splits = tuning.splits or triton.cdiv(2 * _sm_count(q.device), programs)
         num_splits = max(1, min(num_splits, triton.cdiv(kv_indices.shape[-1], 2)))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     part_o = torch.empty(
@@ -277,8 +303,8 @@ def sparse_decode_triton(
     launch = {}
     if q.is_cuda:
         launch = {
-            "num_warps": config_override.get("num_warps", 4),
-            "num_stages": config_override.get("num_stages", 3),
+            "num_warps": tuning.num_warps,
+            "num_stages": tuning.num_stages,
         }
     _decode_split_kernel[(num_splits, programs)](
         q,
@@ -336,4 +362,4 @@ def sparse_decode_triton(
     return out
 
 
-__all__ = ["sparse_decode_triton"]
+__all__ = ["DecodeTuning", "sparse_decode_triton"]

@@ -18,6 +18,9 @@ before and the output is bit-identical to the pointer-load kernel.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -249,21 +252,50 @@ _CONFIGS: dict[int, tuple[int, int, int]] = {
 # warp specialisation of the key loop. Both won at D 128 on an H100 (run 5: 1.17-1.24x over
 # pointer loads); at D 64 they were within noise or slower, so pointer loads stay.
 _VARIANTS: dict[int, dict[str, bool]] = {128: {"tma": True, "warp_spec": True}}
-# Overrides used by the benchmark sweeps: head_dim -> (BLOCK_M, warps, stages), and a variant
-# dict ("tma", "warp_spec" -> bool) that replaces _VARIANTS for every head_dim when non-empty.
-config_override: dict[int, tuple[int, int, int]] = {}
-variant: dict[str, bool] = {}
-# Key tile (BLOCK_N) override for the sweeps (0: `key_block_tile`); must divide the block size.
-key_tile_override: int = 0
 
 
-def _variant(head_dim: int) -> dict[str, bool]:
-    return variant if variant else _VARIANTS.get(head_dim, {})
+@dataclass(frozen=True)
+class PrefillTuning:
+    """Launch settings of `sparse_prefill` other than the defaults, for benchmark sweeps and
+    tests; every field left at its default keeps the built-in choice.
+
+    Attributes:
+        configs: head_dim -> (max BLOCK_M, num_warps, num_stages), replacing ``_CONFIGS`` for
+            those head dims.
+        key_tile: the key tile BLOCK_N (0: `key_block_tile`); must divide the block size.
+        tma, warp_spec: TMA descriptor loads of the unmasked K/V blocks and warp specialisation
+            of the key loop (None: the head_dim's default in ``_VARIANTS``).
+    """
+
+    configs: Mapping[int, tuple[int, int, int]] = field(default_factory=dict, hash=False)
+    key_tile: int = 0
+    tma: bool | None = None
+    warp_spec: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "configs", MappingProxyType(dict(self.configs)))
+        if self.key_tile < 0:
+            raise ValueError(f"key_tile must be >= 0 (0: default), got {self.key_tile}")
+
+    def config(self, head_dim: int) -> tuple[int, int, int]:
+        """(max BLOCK_M, num_warps, num_stages) for ``head_dim``."""
+        return self.configs.get(head_dim, _CONFIGS[head_dim])
+
+    def variant(self, head_dim: int) -> dict[str, bool]:
+        """{"tma": ..., "warp_spec": ...} for ``head_dim``."""
+        default = _VARIANTS.get(head_dim, {})
+        return {
+            name: default.get(name, False) if value is None else value
+            for name, value in (("tma", self.tma), ("warp_spec", self.warp_spec))
+        }
 
 
-def _use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+DEFAULT_TUNING = PrefillTuning()
+
+
+def _use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tuning: PrefillTuning) -> bool:
     """Bulk tensor copies (TMA) for the unmasked K/V blocks: Hopper or newer, contiguous K/V."""
-    if not q.is_cuda or not _variant(q.shape[-1]).get("tma", False):
+    if not q.is_cuda or not tuning.variant(q.shape[-1])["tma"]:
         return False
     if torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
@@ -322,6 +354,7 @@ def sparse_prefill(
     block_size: int,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    tuning: PrefillTuning | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention, queries and keys both covering positions 0..T-1.
 
@@ -334,6 +367,7 @@ def sparse_prefill(
         block_size: tokens per block (a multiple of 16).
         scale: softmax scale, default 1 / sqrt(D).
         out: optional (B, Hq, T, D) output buffer.
+        tuning: launch settings for sweeps and tests (`PrefillTuning`); None: the defaults.
 
     Returns:
         (B, Hq, T, D) in q's dtype. Rows whose selection is empty are 0.
@@ -361,7 +395,8 @@ def sparse_prefill(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    max_block_m, num_warps, num_stages = config_override.get(head_dim, _CONFIGS[head_dim])
+    tuning = DEFAULT_TUNING if tuning is None else tuning
+    max_block_m, num_warps, num_stages = tuning.config(head_dim)
     rows = heads_per_unit * block_size
     block_m = max(16, min(max_block_m, triton.next_power_of_2(rows)))
     tiles = triton.cdiv(rows, block_m)
@@ -371,10 +406,10 @@ def sparse_prefill(
     kwargs: dict[str, Any] = {}
     if q.is_cuda:
         kwargs = {"num_warps": num_warps, "num_stages": num_stages}
-    block_n = key_tile_override or key_block_tile(block_size)
+    block_n = tuning.key_tile or key_block_tile(block_size)
     if block_size % block_n:
         raise RuntimeError(f"key tile {block_n} does not divide block_size {block_size}")
-    use_tma = _use_tma(q, k, v)
+    use_tma = _use_tma(q, k, v, tuning)
     k_desc: Any = k
     v_desc: Any = v
     if use_tma:
@@ -422,10 +457,16 @@ def sparse_prefill(
         HEAD_DIM=head_dim,
         UPCAST_DOT=upcast_dot(q),
         USE_TMA=use_tma,
-        WARP_SPEC=q.is_cuda and _variant(head_dim).get("warp_spec", False),
+        WARP_SPEC=q.is_cuda and tuning.variant(head_dim)["warp_spec"],
         **kwargs,
     )
     return out
 
 
-__all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "check_inputs", "sparse_prefill"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "PrefillTuning",
+    "check_inputs",
+    "sparse_prefill",
+]

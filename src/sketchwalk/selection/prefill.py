@@ -27,8 +27,8 @@ import torch
 from sketchwalk.blocks import BlockSelection, check_qk, num_blocks
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.selection.select import select_blocks
-from sketchwalk.selection.sketch import block_pool, layer_projection, sketched_blocks
-from sketchwalk.selection.walk import sharpen, transition_from_pooled, walk_step
+from sketchwalk.selection.sketch import block_pool, layer_projection
+from sketchwalk.selection.walk import transition_from_pooled, walk_step
 
 
 class SketchWalk:
@@ -184,10 +184,12 @@ class SketchWalk:
     ]:
         """sketch -> fused transition -> walk -> selection, on given tensors (graph-capturable:
         no host syncs, no host-to-device copies once the per-(nb, config) caches are warm)."""
+        from sketchwalk.selection.triton_transition import fused_transition
+
         cfg = self.config
 
         def body(qb, kb, proj, previous):
-            a = _fused_transition(qb, kb, cfg, 0, projection=proj)
+            a = fused_transition(qb, kb, cfg, 0, projection=proj)
             r = walk_step(a, previous, cfg.degree, cfg.damping)
             sel = select_blocks(r, t, cfg)
             return r, sel.block_mask, sel.kv_num_blocks, sel.kv_indices
@@ -240,31 +242,10 @@ class SketchWalk:
         if self.backend == "reference" or reason is not None:
             self.transition_backend = "reference"
             return transition_from_pooled(qb, kb, cfg, layer_idx)
+        from sketchwalk.selection.triton_transition import fused_transition
+
         self.transition_backend = "triton"
-        return _fused_transition(qb, kb, cfg, layer_idx)
-
-
-def _fused_transition(
-    qb: torch.Tensor,
-    kb: torch.Tensor,
-    cfg: SketchWalkConfig,
-    layer_idx: int,
-    projection: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`transition_from_pooled` through the fused Triton kernel (sketch, block softmax, head
-    sum, sharpening); ``projection`` overrides the layer's sketch matrix (graph input)."""
-    from sketchwalk.selection.triton_transition import transition_triton
-
-    qs, ks, scale = sketched_blocks(qb, kb, cfg, layer_idx, projection=projection)
-    a = transition_triton(
-        qs,
-        ks,
-        scale,
-        cfg.causal_sketch and not cfg.parity,
-        cfg.granularity,
-        clamp=10.0 if (cfg.parity and cfg.exact) else None,
-    )
-    return sharpen(a, cfg.sparsity_exponent, cfg.parity)
+        return fused_transition(qb, kb, cfg, layer_idx)
 
 
 # The attention backends' names (sketchwalk.attention.api): "reference" is the plain PyTorch

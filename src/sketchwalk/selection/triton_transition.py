@@ -27,9 +27,15 @@ float32-level accuracy, unlike plain TF32's 10-bit mantissa, which can reorder c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
+
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.selection.sketch import sketched_blocks
+from sketchwalk.selection.walk import sharpen
 
 LOG2E = 1.4426950408889634
 GRANULARITIES = ("layer", "kv_group", "head")
@@ -278,7 +284,7 @@ def transition_triton(
     Returns:
         (B, G, nq, nk) float32; every row sums to 1 (up to rounding) and is exactly 0 on masked
         future blocks. Apply `sketchwalk.selection.walk.sharpen` afterwards as the PyTorch path
-        does.
+        does (`fused_transition` does both).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -362,6 +368,41 @@ def transition_triton(
     return a
 
 
+def fused_transition(
+    q_blocks: torch.Tensor,
+    k_blocks: torch.Tensor,
+    config: SketchWalkConfig,
+    layer_idx: int,
+    projection: torch.Tensor | None = None,
+    **kernel_options: Any,
+) -> torch.Tensor:
+    """`sketchwalk.selection.walk.transition_from_pooled` through the fused kernel: sketch,
+    block softmax and head sum (`transition_triton`), then sharpening.
+
+    Args:
+        q_blocks: (B, Hq, nq, D) pooled queries; k_blocks: (B, Hkv, nk, D) pooled keys.
+        config: the selection settings (granularity ``layer`` or ``kv_group`` to gain anything).
+        layer_idx: the layer, for its sketch matrix.
+        projection: overrides the layer's sketch matrix (a CUDA-graph input).
+        kernel_options: ``precision``, ``block_m``, ``block_n``, ``num_warps`` of
+            `transition_triton` (benchmark sweeps); none given: its defaults.
+
+    Returns:
+        (B, G, nq, nk) float32, the sharpened transition matrix A_l.
+    """
+    qs, ks, scale = sketched_blocks(q_blocks, k_blocks, config, layer_idx, projection=projection)
+    a = transition_triton(
+        qs,
+        ks,
+        scale,
+        config.causal_sketch and not config.parity,
+        config.granularity,
+        clamp=10.0 if (config.parity and config.exact) else None,
+        **kernel_options,
+    )
+    return sharpen(a, config.sparsity_exponent, config.parity)
+
+
 def transition_flops(qs: torch.Tensor, ks: torch.Tensor, causal: bool) -> float:
     """Multiply-adds x 2 of the two passes (each computes every visible head logit once)."""
     b, hq, nq, r = qs.shape
@@ -370,4 +411,4 @@ def transition_flops(qs: torch.Tensor, ks: torch.Tensor, causal: bool) -> float:
     return 2 * 2.0 * b * hq * pairs * r
 
 
-__all__ = ["GRANULARITIES", "transition_flops", "transition_triton"]
+__all__ = ["GRANULARITIES", "fused_transition", "transition_flops", "transition_triton"]
