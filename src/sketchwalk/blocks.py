@@ -152,10 +152,15 @@ def compact_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv_num_blocks, buf.scatter_(-1, slot, cols)[..., :nk]
 
 
-def causal_block_mask(nb: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """bool (nb, nb), True on and below the diagonal."""
-    ar = torch.arange(nb, device=device)
-    return ar[:, None] >= ar[None, :]  # (bool .tril() is very slow on some CPU builds)
+def causal_block_mask(
+    nb: int, device: torch.device | str = "cpu", num_key_blocks: int | None = None
+) -> torch.Tensor:
+    """bool (nb, nk), True where key block j may be attended by query block i: j <= i for a square
+    mask (prefill), j <= i + nk - nb when ``num_key_blocks`` (nk) is larger (the query blocks are
+    the last ``nb`` of ``nk``, as in decode or chunked prefill)."""
+    nk = nb if num_key_blocks is None else num_key_blocks
+    rows = torch.arange(nb, device=device)[:, None] + (nk - nb)
+    return torch.arange(nk, device=device)[None, :] <= rows  # (bool .tril() is slow on some CPUs)
 
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, where: str = "SketchWalk.select") -> None:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sketchwalk.blocks import causal_block_mask
+
 POOL_TYPES: tuple[str, ...] = ("max", "min", "avg")
 DEFAULT_GATE_TYPE = "Qavg_Kmaxminavg"
 LAST_DENSE_ROWS = 2  # rows kept dense when seerattn_last_block_dense is on
@@ -153,12 +155,6 @@ def apply_block_rope(
     return x * cos + rotated * sin
 
 
-def block_causal_mask(num_q_blocks: int, num_k_blocks: int, device: torch.device | str = "cpu"):
-    """Bool (nq, nk), True where key block j may be attended by query block i (j <= i + nk - nq)."""
-    rows = torch.arange(num_q_blocks, device=device)[:, None] + (num_k_blocks - num_q_blocks)
-    return torch.arange(num_k_blocks, device=device)[None, :] <= rows
-
-
 class HeadLinear(nn.Module):
     """Per-head linear map without bias: weight (heads, in_channels, out_channels).
 
@@ -276,7 +272,7 @@ class AttnGate(nn.Module):
         if k.shape[1] != q.shape[1]:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hidden_size)
-        allowed = block_causal_mask(nq, nk, logits.device)
+        allowed = causal_block_mask(nq, logits.device, nk)
         return logits.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
     def forward(
@@ -371,4 +367,4 @@ def select_blocks_from_scores(
         mask.scatter_(-1, idx, True)
     if last_block_dense:
         mask[..., -LAST_DENSE_ROWS:, :] = True
-    return mask & block_causal_mask(nq, nk, scores.device)
+    return mask & causal_block_mask(nq, scores.device, nk)
