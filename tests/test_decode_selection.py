@@ -433,3 +433,34 @@ def test_quest_rule_dense_layers_and_batch_rows_are_independent():
             alone = one[i].step(q[i : i + 1, :, s : s + 1], k[i : i + 1, :, s : s + 1], 1)
             assert torch.equal(sel.block_mask[i : i + 1], alone.block_mask)
     assert 0 < sel.density < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["quest", "walk"])
+@pytest.mark.parametrize(
+    "budget", [{"top_k_blocks": 4}, {"density": 0.3, "allocation": "global"}, {"mass": 0.8}]
+)
+def test_decode_on_cuda_matches_cpu_without_host_sync(rule, budget):
+    """Decode steps on CUDA select what the CPU selects, and after the first step of a layer
+    make no synchronising call (new blocks opening included)."""
+    cfg = SketchWalkConfig(
+        block_size=32, decode_rule=rule, granularity="kv_group", dense_layers=0, **budget
+    )
+    q, k, _ = make_qkv(2, 8, 2, 1000 + 80, 64, seed=5, structured=False)
+    cpu, gpu = SketchWalkDecoder(cfg), SketchWalkDecoder(cfg)
+    cpu.prefill(q[:, :, :1000], k[:, :, :1000], 0)
+    qc, kc = q.cuda(), k.cuda()
+    gpu.prefill(qc[:, :, :1000], kc[:, :, :1000], 0)
+    differ = total = 0
+    for s in range(1000, 1080):
+        a = cpu.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        if s > 1000:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            b = gpu.step(qc[:, :, s : s + 1], kc[:, :, s : s + 1], 0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        differ += int((a.block_mask != b.block_mask.cpu()).sum())
+        total += a.block_mask.numel()
+    print(f"{rule} {budget}: {differ} of {total} blocks differ CPU vs CUDA")
+    assert differ <= total * 2e-3
