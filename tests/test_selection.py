@@ -395,3 +395,17 @@ def test_new_budgets_through_sketchwalk(budget):
     assert torch.equal(sel.block_mask, again.block_mask)
     assert sel.block_mask.shape == (2, 2, 21, 21)
     assert 0 < sel.density < 1
+
+
+@pytest.mark.parametrize("nb", [1, 2, 9, 130])
+@pytest.mark.parametrize("sink_blocks, window_blocks", [(0, 1), (0, 5), (3, 1), (4, 4), (200, 7)])
+@pytest.mark.parametrize("last", [0, 3])
+def test_forced_per_row_counts_the_forced_mask_sized_in_blocks(
+    nb, sink_blocks, window_blocks, last
+):
+    from sketchwalk.selection.select import forced_per_row
+
+    cfg = SketchWalkConfig(
+        sink_blocks=sink_blocks, window_blocks=window_blocks, dense_last_rows=last
+    )
+    assert torch.equal(forced_per_row(nb, cfg), forced_block_mask(nb, cfg, "cpu").sum(-1))

@@ -277,11 +277,11 @@ def mass_keep(
     shape = torch.broadcast_shapes(scores.shape, candidates.shape)
     if mass >= 1.0:
         return candidates.expand(shape).clone()
-    share = normalised_rows(scores, causal).double()
-    have = torch.where(forced, share, 0.0).sum(dim=-1, keepdim=True)
+    share = normalised_rows(scores, causal)
+    have = torch.where(forced, share, 0.0).sum(dim=-1, keepdim=True, dtype=torch.float64)
     ranked = torch.where(candidates, share, -1.0)  # below every share: sorted last
-    ranked, order = ranked.sort(dim=-1, descending=True)
-    gained = ranked.clamp_min(0.0).cumsum(dim=-1)
+    ranked, order = ranked.sort(dim=-1, descending=True)  # float32 sort, float64 sums
+    gained = ranked.clamp_min(0.0).cumsum(dim=-1, dtype=torch.float64)
     before = have + torch.nn.functional.pad(gained[..., :-1], (1, 0))
     keep = (before < mass) & (ranked >= 0.0)
     out = torch.zeros(shape, dtype=torch.bool, device=scores.device)
