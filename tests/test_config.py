@@ -13,6 +13,8 @@ def test_defaults_match_the_documented_api():
     assert (c.sink, c.window, c.dense_layers, c.dense_last_rows) == (0.025, 0.05, 2, 4)
     assert (c.parity, c.seed, c.sparsity_exponent) == (False, 0, 1.0)
     assert c.budget == "kblocks_frac"
+    assert (c.mass, c.allocation, c.sink_blocks, c.window_blocks) == (None, "row", None, None)
+    assert c.decode_rule == "walk"
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,16 @@ def test_defaults_match_the_documented_api():
         ("dense_last_rows", 1.5),
         ("parity", "yes"),
         ("walk", 1),
+        ("mass", 0.0),
+        ("mass", 1.5),
+        ("mass", float("inf")),
+        ("allocation", "layer"),
+        ("allocation", "global"),  # needs a density budget
+        ("sink_blocks", -1),
+        ("sink_blocks", 1.0),
+        ("window_blocks", 0),
+        ("window_blocks", True),
+        ("decode_rule", "seer"),
     ],
 )
 def test_invalid_fields_raise_naming_the_field(field, value):
@@ -48,6 +60,12 @@ def test_budget_precedence():
     assert SketchWalkConfig(top_k_blocks=4).budget == "top_k_blocks"
     assert SketchWalkConfig(top_k_blocks=4, density=0.2).budget == "density"
     assert SketchWalkConfig(density=0.2).budget == "density"
+    assert SketchWalkConfig(mass=0.9).budget == "mass"
+    assert SketchWalkConfig(mass=0.9, top_k_blocks=4).budget == "mass"
+    assert SketchWalkConfig(mass=0.9, density=0.2).budget == "density"
+    assert SketchWalkConfig(density=0.2, allocation="global").allocation == "global"
+    with pytest.raises(ValueError, match=r"allocation must be 'row' unless .*budget here: mass"):
+        SketchWalkConfig(mass=0.9, allocation="global")
 
 
 def test_presets():
@@ -90,6 +108,24 @@ def test_config_is_frozen_and_hashable():
         (dict(density=0.2), dict(top_k_blocks=8), "top_k_blocks", dict(density=None)),
         (dict(density=0.2), dict(kblocks_frac=0.1), "kblocks_frac", dict(density=None)),
         (dict(density=0.2, top_k_blocks=4), dict(sink=0.01), "density", dict(top_k_blocks=4)),
+        (dict(density=0.2), dict(mass=0.9), "mass", dict(density=None)),
+        (dict(top_k_blocks=16), dict(mass=0.9), "mass", dict(top_k_blocks=None)),
+        (dict(mass=0.9), dict(density=0.2), "density", dict(mass=None)),
+        (dict(mass=0.9), dict(top_k_blocks=3), "top_k_blocks", dict(mass=None)),
+        (dict(mass=0.9), dict(sink_blocks=2), "mass", dict(mass=0.9)),
+        (
+            dict(density=0.2, allocation="global"),
+            dict(mass=0.9),
+            "mass",
+            dict(density=None, allocation="row"),
+        ),
+        (
+            dict(density=0.2, allocation="global"),
+            dict(density=0.3),
+            "density",
+            dict(allocation="global"),
+        ),
+        (dict(top_k_blocks=4), dict(density=0.3, allocation="global"), "density", {}),
     ],
 )
 def test_with_overrides_explicit_budget_wins(base, given, budget, expected):
@@ -97,6 +133,28 @@ def test_with_overrides_explicit_budget_wins(base, given, budget, expected):
     assert cfg.budget == budget
     for name, value in {**given, **expected}.items():
         assert getattr(cfg, name) == value
+
+
+def test_cli_has_a_flag_per_new_field():
+    import argparse
+
+    from sketchwalk.config import BUDGET_FIELDS, add_config_arguments, config_from_args
+
+    assert BUDGET_FIELDS == ("density", "mass", "top_k_blocks", "kblocks_frac")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(
+        ["--mass", "0.9", "--sink_blocks", "0", "--window_blocks", "2", "--decode_rule", "quest"]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.budget, cfg.mass, cfg.top_k_blocks) == ("mass", 0.9, None)
+    assert (cfg.sink_blocks, cfg.window_blocks, cfg.decode_rule) == (0, 2, "quest")
+    cfg = config_from_args(parser.parse_args(["--density", "0.2", "--allocation", "global"]))
+    assert (cfg.budget, cfg.allocation) == ("density", "global")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--allocation", "layer"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--decode_rule", "seer"])
 
 
 def test_cli_and_compare_resolve_budgets_the_same_way():
@@ -108,7 +166,14 @@ def test_cli_and_compare_resolve_budgets_the_same_way():
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    for flags in (["--kblocks_frac", "0.2"], ["--density", "0.3"], ["--top_k_blocks", "5"], []):
+    for flags in (
+        ["--kblocks_frac", "0.2"],
+        ["--density", "0.3"],
+        ["--top_k_blocks", "5"],
+        ["--mass", "0.95"],
+        ["--density", "0.2", "--allocation", "global"],
+        [],
+    ):
         args = parser.parse_args(flags)
         seed = SketchWalkConfig.preset("seed")
         assert config_from_args(args) == resolve_config(args, seed.to_dict())

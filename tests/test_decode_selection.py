@@ -6,14 +6,26 @@ import torch
 from sketchwalk import SketchWalkConfig
 from sketchwalk.attention.api import sparse_decode
 from sketchwalk.selection.decode import SketchWalkDecoder
-from sketchwalk.selection.select import forced_counts
+from sketchwalk.selection.select import forced_counts, select_blocks, select_last_row
 from sketchwalk.selection.sketch import block_pool, sketched_blocks
 from sketchwalk.selection.walk import aggregate_heads
 from sketchwalk.testing import make_qkv
 
 
-def _run(cfg, t_prefill=300, steps=40, b=2, hq=6, hkv=2, d=32, layer=2, seed=0, window=8):
-    q, k, v = make_qkv(b, hq, hkv, t_prefill + steps, d, seed=seed)
+def _run(
+    cfg,
+    t_prefill=300,
+    steps=40,
+    b=2,
+    hq=6,
+    hkv=2,
+    d=32,
+    layer=2,
+    seed=0,
+    window=8,
+    structured=True,
+):
+    q, k, v = make_qkv(b, hq, hkv, t_prefill + steps, d, seed=seed, structured=structured)
     dec = SketchWalkDecoder(cfg, window_queries=window)
     dec.prefill(q[:, :, :t_prefill], k[:, :, :t_prefill], layer)
     sels = []
@@ -140,3 +152,315 @@ def test_errors():
         dec.step(q[:, :, :2], k[:, :, :2], 5)
     with pytest.raises(ValueError, match="window_queries"):
         SketchWalkDecoder(window_queries=0)
+
+
+# ---- decode_rule "quest": per-block key bounds of the current query ------------------------
+
+
+def _needle_inputs(b, hq, hkv, t, d=64, bs=64, seed=0, strength=30.0):
+    """Random keys and queries (no structure); for every (batch, KV head) one key in a middle
+    block is ``strength`` times a random unit direction, and one query head of that KV group is
+    8 times the same direction at the last position (the decode query). Returns q, k (B, H, t+1,
+    D) and needles[(b, g)] = (needle block, aligned query head)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, t + 1, d, generator=gen)
+    k = torch.randn(b, hkv, t + 1, d, generator=gen)
+    group = hq // hkv
+    nb = t // bs
+    needles = {}
+    for i in range(b):
+        for g in range(hkv):
+            block = 3 + (7 * i + 5 * g) % (nb - 8)  # away from the sink and the window
+            pos = block * bs + int(torch.randint(bs, (1,), generator=gen))
+            u = torch.randn(d, generator=gen)
+            u /= u.norm()
+            k[i, g, pos] = strength * u
+            head = g * group + i % group
+            q[i, head, t] = 8.0 * u
+            needles[(i, g)] = (block, head)
+    return q, k, needles
+
+
+def _group_of(head, g, granularity):
+    return {"layer": 0, "kv_group": g, "head": head}[granularity]
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2), (8, 2)])  # GQA groups 1, 3, 4
+@pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
+def test_quest_always_keeps_a_planted_needle_the_walk_can_miss(hq, hkv, granularity):
+    t = 64 * 40 + 17
+    q, k, needles = _needle_inputs(2, hq, hkv, t, seed=hq + hkv)
+    kept = {}
+    top_k = max(2, hkv)  # with one mask per layer, every KV head's needle shares it
+    for rule in ("quest", "walk"):
+        cfg = SketchWalkConfig(
+            decode_rule=rule,
+            granularity=granularity,
+            top_k_blocks=top_k,
+            sink_blocks=1,
+            window_blocks=2,
+            dense_layers=0,
+        )
+        dec = SketchWalkDecoder(cfg)
+        dec.prefill(q[:, :, :t], k[:, :, :t], 0)
+        sel = dec.step(q[:, :, t:], k[:, :, t:], 0)
+        assert sel.kv_num_blocks.unique().tolist() == [1 + 2 + top_k]
+        kept[rule] = [
+            bool(sel.block_mask[i, _group_of(head, g, granularity), block])
+            for (i, g), (block, head) in needles.items()
+        ]
+    print(f"needles kept: quest {kept['quest']}, walk {kept['walk']}")
+    assert all(kept["quest"])
+    assert not all(kept["walk"])  # the mean-pooled walk row does not see the needle
+
+
+def test_quest_keeps_a_needle_that_arrived_during_decode():
+    """The needle key comes through step() (incremental bounds), in a block that later leaves
+    the window; the last query looks for it."""
+    b, hq, hkv, d, bs = 2, 8, 2, 64, 64
+    t0, steps = 64 * 10 + 5, 250  # 14 blocks at the end, the last one partial
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(b, hq, t0 + steps, d, generator=gen)
+    k = torch.randn(b, hkv, t0 + steps, d, generator=gen)
+    u = torch.randn(d, generator=gen)
+    u /= u.norm()
+    pos = t0 + 100  # block 11 (a block opened during decode)
+    k[:, 1, pos] = 30.0 * u
+    q[:, 5, -1] = 8.0 * u  # head 5 belongs to KV group 1
+    cfg = SketchWalkConfig(
+        decode_rule="quest",
+        granularity="kv_group",
+        top_k_blocks=1,
+        sink_blocks=1,
+        window_blocks=2,
+        dense_layers=0,
+    )
+    dec = SketchWalkDecoder(cfg)
+    dec.prefill(q[:, :, :t0], k[:, :, :t0], 3)
+    for s in range(t0, t0 + steps):
+        sel = dec.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 3)
+    assert sel.block_mask.shape == (b, hkv, 14)
+    assert sel.block_mask[:, 1, pos // bs].all()
+    assert sel.kv_num_blocks.unique().tolist() == [1 + 2 + 1]
+
+
+@pytest.mark.parametrize("t_prefill, bs", [(300, 16), (64, 16), (5, 16), (130, 64)])
+def test_incremental_key_bounds_equal_recomputed_bounds(t_prefill, bs):
+    from sketchwalk.selection.quest import block_key_bounds
+
+    cfg = SketchWalkConfig(decode_rule="quest", block_size=bs, top_k_blocks=2, dense_layers=0)
+    steps = 90
+    q, k, _ = make_qkv(2, 6, 3, t_prefill + steps, 8, seed=t_prefill)
+    dec = SketchWalkDecoder(cfg)
+    dec.prefill(q[:, :, :t_prefill], k[:, :, :t_prefill], 0)
+    for s in range(t_prefill, t_prefill + steps):
+        dec.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        st = dec._layers[0]
+        if s % 7 and s != t_prefill + steps - 1:
+            continue
+        t = s + 1
+        nb = math.ceil(t / bs)
+        want_min = torch.stack(
+            [k[:, :, j * bs : min(t, (j + 1) * bs)].amin(2) for j in range(nb)], dim=2
+        )
+        want_max = torch.stack(
+            [k[:, :, j * bs : min(t, (j + 1) * bs)].amax(2) for j in range(nb)], dim=2
+        )
+        assert torch.equal(st.key_min, want_min) and torch.equal(st.key_max, want_max)
+        one_pass = block_key_bounds(k[:, :, :t], bs)
+        assert torch.equal(one_pass[0], want_min) and torch.equal(one_pass[1], want_max)
+    assert st.seq_len == t_prefill + steps
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
+@pytest.mark.parametrize("hq, hkv", [(3, 3), (6, 2), (8, 2)])
+def test_quest_scores_equal_brute_force_bound(granularity, hq, hkv):
+    bs, d, t = 16, 8, 16 * 9 + 3
+    cfg = SketchWalkConfig(
+        decode_rule="quest",
+        block_size=bs,
+        granularity=granularity,
+        top_k_blocks=2,
+        dense_layers=0,
+    )
+    q, k, _ = make_qkv(2, hq, hkv, t + 1, d, seed=hq)
+    dec = SketchWalkDecoder(cfg)
+    dec.prefill(q[:, :, :t], k[:, :, :t], 0)
+    sel = dec.step(q[:, :, t:], k[:, :, t:], 0)
+    nb, group = math.ceil((t + 1) / bs), hq // hkv
+    probs = torch.zeros(2, hq, nb, dtype=torch.float64)
+    for i in range(2):
+        for h in range(hq):
+            qh = q[i, h, t].double()
+            bound, top = [], []
+            for j in range(nb):
+                keys = k[i, h // group, j * bs : min(t + 1, (j + 1) * bs)].double()
+                lo, hi = keys.min(0).values, keys.max(0).values
+                bound.append(sum(max(qh[c] * lo[c], qh[c] * hi[c]) for c in range(d)))
+                top.append(float((keys @ qh).max()))
+                assert bound[-1] >= top[-1] - 1e-9  # an upper bound of the block's logits
+            n = torch.tensor([min(t + 1, (j + 1) * bs) - j * bs for j in range(nb)])
+            logits = torch.tensor(bound) / math.sqrt(d) + n.double().log()
+            probs[i, h] = torch.softmax(logits, -1)
+    if granularity == "layer":
+        want = probs.amax(1, keepdim=True)
+    elif granularity == "kv_group":
+        want = probs.view(2, hkv, group, nb).amax(2)
+    else:
+        want = probs
+    err = (sel.scores.double() - want).abs().max().item()
+    print(f"max abs error of the quest scores: {err:.2e}")
+    torch.testing.assert_close(sel.scores.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def _last_row_reference(scores, cfg):
+    """Brute force of the decode budgets, written from their definitions: sink and window
+    forced; ranked blocks by the last row of an nk-block prefill without dense last rows."""
+    b, g, nk = scores.shape
+    sink, window = forced_counts(nk, cfg)
+    forced = [j < sink or j >= nk - window for j in range(nk)]
+    cands = [j for j in range(nk) if not forced[j]]
+    mask = torch.tensor(forced).expand(b, g, nk).clone()
+    s = scores.double()
+    if cfg.budget == "mass":
+        for i in range(b):
+            for gg in range(g):
+                share = s[i, gg] / s[i, gg].sum()
+                have = float(share[torch.tensor(forced)].sum())
+                for j in sorted(cands, key=lambda j: -float(share[j])):
+                    if have >= cfg.mass:
+                        break
+                    mask[i, gg, j] = True
+                    have += float(share[j])
+        return mask
+    prefill = cfg.replace(dense_last_rows=0, allocation="row")
+    if cfg.budget == "top_k_blocks":
+        k_last = min(cfg.top_k_blocks, len(cands))
+    elif cfg.budget == "kblocks_frac":
+        k_last = math.floor(cfg.kblocks_frac * len(cands) + 0.5)
+    else:  # density: the per-row rate that meets the prefill's total
+        from sketchwalk.selection.select import ranked_per_row
+
+        k_last = int(ranked_per_row(nk, prefill)[-1])
+    if cfg.budget == "density" and cfg.allocation == "global":
+        for i in range(b):
+            ranked = [
+                (-float(s[i, gg, j] / s[i, gg].sum()), gg, j) for gg in range(g) for j in cands
+            ]
+            for _, gg, j in sorted(ranked)[: g * k_last]:
+                mask[i, gg, j] = True
+        return mask
+    for i in range(b):
+        for gg in range(g):
+            for j in sorted(cands, key=lambda j: -float(s[i, gg, j]))[:k_last]:
+                mask[i, gg, j] = True
+    return mask
+
+
+DECODE_BUDGETS = [
+    {"top_k_blocks": 3},
+    {"top_k_blocks": 0},
+    {"kblocks_frac": 0.3},
+    {"density": 0.6},
+    {"density": 0.6, "allocation": "global"},
+    {"mass": 0.3},
+    {"mass": 0.6},
+    {"mass": 1.0},
+]
+
+
+@pytest.mark.parametrize("budget", DECODE_BUDGETS)
+@pytest.mark.parametrize("rule", ["quest", "walk"])
+@pytest.mark.parametrize("granularity", ["kv_group", "head"])
+def test_decode_budgets_equal_brute_force(budget, rule, granularity):
+    cfg = SketchWalkConfig(
+        block_size=16,
+        decode_rule=rule,
+        granularity=granularity,
+        sink_blocks=1,
+        window_blocks=2,
+        **budget,
+    )
+    # unstructured inputs: spread-out scores, so every budget ranks more than the forced blocks
+    _, _, _, _, sels = _run(cfg, t_prefill=200, steps=35, hq=6, hkv=2, structured=False)
+    for sel in sels[::5] + sels[-1:]:
+        want = _last_row_reference(sel.scores, cfg)
+        diff = int((sel.block_mask != want).sum())
+        assert diff == 0, f"seq {sel.seq_len}: {diff} blocks differ"
+        assert torch.equal(sel.kv_num_blocks, want.sum(-1, dtype=torch.int32))
+    nk = sels[-1].block_mask.shape[-1]
+    n = sels[-1].kv_num_blocks
+    print(f"{rule} {budget}: kept per (batch, group) at {nk} blocks: {n.tolist()}")
+    if "top_k_blocks" in budget:
+        assert (n == 3 + budget["top_k_blocks"]).all()
+    elif budget.get("mass") == 1.0:
+        assert (n == nk).all()
+    else:
+        assert (n > 3).all() and (n < nk).all()  # the budget ranked some blocks, not all
+    if budget.get("allocation") == "global":
+        row = select_last_row(sels[-1].scores, cfg.replace(allocation="row"))
+        assert torch.equal(n.sum(-1), row.sum((-1, -2), dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    "budget", [{"top_k_blocks": 3}, {"kblocks_frac": 0.3}, {"density": 0.3}, {"mass": 0.8}]
+)
+def test_last_row_selection_is_the_prefill_rule_on_its_last_row(budget):
+    """select_last_row on a row equals select_blocks' last row of an nk-block prefill (no
+    dense last rows) whose last row holds those scores."""
+    nk = 37
+    cfg = SketchWalkConfig(dense_last_rows=0, sink_blocks=2, window_blocks=3, **budget)
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(2, 3, nk, nk, generator=gen) ** 3
+    prefill = select_blocks(scores, nk * 64, cfg).block_mask[:, :, -1]
+    assert torch.equal(select_last_row(scores[:, :, -1], cfg), prefill)
+
+
+def test_quest_rule_dense_layers_and_batch_rows_are_independent():
+    cfg = SketchWalkConfig(decode_rule="quest", block_size=16, dense_layers=1, mass=0.7)
+    q, k, _ = make_qkv(3, 8, 2, 150, 16, seed=9)
+    both, one = SketchWalkDecoder(cfg), [SketchWalkDecoder(cfg) for _ in range(3)]
+    for layer in (0, 1):
+        both.prefill(q[:, :, :140], k[:, :, :140], layer)
+        for i in range(3):
+            one[i].prefill(q[i : i + 1, :, :140], k[i : i + 1, :, :140], layer)
+    for s in range(140, 150):
+        dense = both.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        assert dense.block_mask.all() and dense.scores is None
+        sel = both.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 1)
+        for i in range(3):
+            one[i].step(q[i : i + 1, :, s : s + 1], k[i : i + 1, :, s : s + 1], 0)
+            alone = one[i].step(q[i : i + 1, :, s : s + 1], k[i : i + 1, :, s : s + 1], 1)
+            assert torch.equal(sel.block_mask[i : i + 1], alone.block_mask)
+    assert 0 < sel.density < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["quest", "walk"])
+@pytest.mark.parametrize(
+    "budget", [{"top_k_blocks": 4}, {"density": 0.3, "allocation": "global"}, {"mass": 0.8}]
+)
+def test_decode_on_cuda_matches_cpu_without_host_sync(rule, budget):
+    """Decode steps on CUDA select what the CPU selects, and after the first step of a layer
+    make no synchronising call (new blocks opening included)."""
+    cfg = SketchWalkConfig(
+        block_size=32, decode_rule=rule, granularity="kv_group", dense_layers=0, **budget
+    )
+    q, k, _ = make_qkv(2, 8, 2, 1000 + 80, 64, seed=5, structured=False)
+    cpu, gpu = SketchWalkDecoder(cfg), SketchWalkDecoder(cfg)
+    cpu.prefill(q[:, :, :1000], k[:, :, :1000], 0)
+    qc, kc = q.cuda(), k.cuda()
+    gpu.prefill(qc[:, :, :1000], kc[:, :, :1000], 0)
+    differ = total = 0
+    for s in range(1000, 1080):
+        a = cpu.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        if s > 1000:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            b = gpu.step(qc[:, :, s : s + 1], kc[:, :, s : s + 1], 0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        differ += int((a.block_mask != b.block_mask.cpu()).sum())
+        total += a.block_mask.numel()
+    print(f"{rule} {budget}: {differ} of {total} blocks differ CPU vs CUDA")
+    assert differ <= total * 2e-3

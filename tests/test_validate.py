@@ -156,3 +156,23 @@ def test_seed_script_runs_verbatim(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((tmp_path / "validation_results").glob("validation_summary_*.json"))
+
+
+def test_validate_with_the_mass_budget(tmp_path):
+    """The cumulative-mass budget has no target density before the scores are seen: validate
+    records None there and still measures the realized density."""
+    tensors = tmp_path / "t"
+    write_tensor_dir(tensors, seq_len=256, num_layers=3, seed=3)
+    out = tmp_path / "v"
+    rc = main(
+        ["validate", "--tensor_dir", str(tensors), "--output_dir", str(out), "--device", "cpu",
+         "--no_timing", "--preset", "default", "--mass", "0.9", "--dense_layers", "1"]
+    )  # fmt: skip
+    assert rc == 0
+    (results,) = out.glob("validation_results_*.json")
+    records = json.loads(results.read_text())
+    records = records["results"] if isinstance(records, dict) else records
+    sparse = [r for r in records if r["layer_idx"] >= 1]
+    assert len(sparse) == 2
+    for r in sparse:
+        assert r["target_sparsity"] is None and 0.0 < r["density"] <= 1.0

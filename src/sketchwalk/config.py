@@ -13,6 +13,10 @@ from typing import Any, Literal
 
 Granularity = Literal["layer", "kv_group", "head"]
 GRANULARITIES: tuple[str, ...] = ("layer", "kv_group", "head")
+# How a density budget is spread: the same share per row, or one threshold over the layer.
+ALLOCATIONS: tuple[str, ...] = ("row", "global")
+# Decode-time ranking: the released-style walk over a query window, or the query-aware bound.
+DECODE_RULES: tuple[str, ...] = ("walk", "quest")
 
 # The released code computes block logits as (unnormalised Hadamard sketch) / sqrt(r) / 100.
 # At head_dim = sketch_dim = 128 that equals (qb . kb) * sqrt(128) / 100, i.e. the true attention
@@ -26,10 +30,13 @@ RELEASED_TEMPERATURE = 100.0 / 128.0
 class SketchWalkConfig:
     """Configuration of Sketch&Walk block selection (frozen and hashable: caches key on it).
 
-    Budget precedence: ``density`` (if set) beats ``top_k_blocks`` (if set), which beats
-    ``kblocks_frac``. Exactly one of them decides how many ranked blocks each query-block row
-    keeps; sink, window and diagonal blocks are forced on top of (``kblocks_frac``,
-    ``top_k_blocks``) or inside (``density``) that budget.
+    Budget precedence (the one rule; ``budget`` names the winner): ``density`` (if set) beats
+    ``mass`` (if set), which beats ``top_k_blocks`` (if set), which beats ``kblocks_frac``.
+    Exactly one of them decides how many ranked blocks each query-block row keeps; sink,
+    window and diagonal blocks are forced on top of (``kblocks_frac``, ``top_k_blocks``,
+    ``mass``) or inside (``density``) that budget. ``density`` comes first so that
+    ``config.replace(density=d)`` re-selects at a matched density whatever the config's own
+    budget was. `with_overrides` clears the budgets a user did not give when they give one.
 
     Args:
         block_size: tokens per query/key block (the selection granularity).
@@ -50,10 +57,25 @@ class SketchWalkConfig:
         kblocks_frac: keep this fraction of each row's non-forced causal blocks.
         top_k_blocks: keep this many ranked blocks per row (besides the forced ones).
         density: target share of causal blocks kept overall, forced blocks included.
+        mass: cumulative-mass budget: per row and mask group, the row's scores are normalised
+            over its causal blocks; the forced blocks' share counts first, then the best-ranked
+            other blocks are added, highest first, until the kept share reaches ``mass``
+            (``mass`` = 1 keeps every causal block).
+        allocation: how a ``density`` target is spread: ``"row"`` solves one share per
+            query-block row (the same for every mask group); ``"global"`` ranks the
+            row-normalised scores of all rows and mask groups of the layer (per sequence) and
+            keeps the best until the total, forced blocks included, is
+            round(density x causal blocks x groups). Only valid with a ``density`` budget.
         sink: fraction of the context forced as attention-sink blocks (at least one block).
         window: fraction of the context forced as local window before each row's diagonal.
+        sink_blocks: sink size in blocks (0 allowed: no sink); overrides ``sink`` when set.
+        window_blocks: window size in blocks, diagonal included (>= 1); overrides ``window``
+            when set.
         dense_layers: the first ``dense_layers`` layers use full causal attention.
         dense_last_rows: the last query-block rows that stay dense.
+        decode_rule: decode-time ranking of key blocks: ``"walk"`` (the released-style walk
+            over a window of recent queries) or ``"quest"`` (per-block key min/max bound of
+            the current query's logits; `sketchwalk.selection.decode`).
         parity: reproduce the released arithmetic exactly (unnormalised transform and /100,
             tail mean over the full block, non-causal block softmax, strictly-greater per-row
             quantile threshold, window-sized sink).
@@ -73,10 +95,15 @@ class SketchWalkConfig:
     kblocks_frac: float = 0.125
     top_k_blocks: int | None = None
     density: float | None = None
+    mass: float | None = None
+    allocation: str = "row"
     sink: float = 0.025
     window: float = 0.05
+    sink_blocks: int | None = None
+    window_blocks: int | None = None
     dense_layers: int = 2
     dense_last_rows: int = 4
+    decode_rule: str = "walk"
     parity: bool = False
     seed: int = 0
 
@@ -122,14 +149,36 @@ class SketchWalkConfig:
             "density",
             "None or in (0, 1]",
         )
+        need(
+            self.mass is None or (is_num(self.mass) and 0.0 < self.mass <= 1.0),
+            "mass",
+            "None or in (0, 1]",
+        )
+        need(self.allocation in ALLOCATIONS, "allocation", f"one of {ALLOCATIONS}")
+        need(
+            self.allocation == "row" or self.budget == "density",
+            "allocation",
+            f"'row' unless the budget is density (budget here: {self.budget})",
+        )
         need(is_num(self.sink) and 0.0 <= self.sink <= 1.0, "sink", "in [0, 1]")
         need(is_num(self.window) and 0.0 <= self.window <= 1.0, "window", "in [0, 1]")
+        need(
+            self.sink_blocks is None or (is_int(self.sink_blocks) and self.sink_blocks >= 0),
+            "sink_blocks",
+            "None or an int >= 0",
+        )
+        need(
+            self.window_blocks is None or (is_int(self.window_blocks) and self.window_blocks >= 1),
+            "window_blocks",
+            "None or an int >= 1 (the diagonal block is always kept)",
+        )
         need(is_int(self.dense_layers) and self.dense_layers >= 0, "dense_layers", "an int >= 0")
         need(
             is_int(self.dense_last_rows) and self.dense_last_rows >= 0,
             "dense_last_rows",
             "an int >= 0",
         )
+        need(self.decode_rule in DECODE_RULES, "decode_rule", f"one of {DECODE_RULES}")
         need(isinstance(self.parity, bool), "parity", "a bool")
         need(is_int(self.seed), "seed", "an int")
         object.__setattr__(self, "temperature", float(self.temperature))
@@ -137,10 +186,12 @@ class SketchWalkConfig:
 
     @property
     def budget(self) -> str:
-        """Which budget form decides the ranked blocks: 'density', 'top_k_blocks' or
+        """Which budget form decides the ranked blocks: 'density', 'mass', 'top_k_blocks' or
         'kblocks_frac' (precedence in that order)."""
         if self.density is not None:
             return "density"
+        if self.mass is not None:
+            return "mass"
         if self.top_k_blocks is not None:
             return "top_k_blocks"
         return "kblocks_frac"
@@ -179,13 +230,17 @@ class SketchWalkConfig:
 
         The one place that decides which budget wins when a base config (a preset, or the config
         of an earlier run) meets explicit flags: an explicitly given budget flag (``density``,
-        ``top_k_blocks`` or ``kblocks_frac``) clears every budget form the base set that was not
-        given too, so ``--kblocks_frac 0.2`` on top of the seed preset (which sets
-        ``top_k_blocks``) really selects by ``kblocks_frac``.
+        ``mass``, ``top_k_blocks`` or ``kblocks_frac``) clears every budget form the base set
+        that was not given too, so ``--kblocks_frac 0.2`` on top of the seed preset (which sets
+        ``top_k_blocks``) really selects by ``kblocks_frac``. A base ``allocation="global"``
+        (which needs a density budget) goes back to ``"row"`` when the budget given is not a
+        density and ``allocation`` was not given either.
         """
         if any(name in given for name in BUDGET_FIELDS):
-            for name in ("density", "top_k_blocks"):
+            for name in BUDGET_FIELDS[:-1]:  # kblocks_frac always has a value
                 given.setdefault(name, None)
+            if given.get("density") is None:
+                given.setdefault("allocation", "row")
         return dataclasses.replace(self, **given)
 
 
@@ -195,8 +250,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(causal_sketch=False),
     "seed": dict(sketch_dim=64, top_k_blocks=16, sparsity_exponent=8.0),
 }
-# The three budget forms, highest precedence first.
-BUDGET_FIELDS = ("density", "top_k_blocks", "kblocks_frac")
+# The four budget forms, highest precedence first (SketchWalkConfig.budget).
+BUDGET_FIELDS = ("density", "mass", "top_k_blocks", "kblocks_frac")
 
 
 # ---- command-line flags (one per field) ---------------------------------------------------
@@ -215,12 +270,26 @@ _FLAG_HELP = {
     "kblocks_frac": "keep this fraction of each row's non-forced causal blocks",
     "top_k_blocks": "keep this many ranked blocks per row besides the forced ones",
     "density": "target share of causal blocks kept, forced ones included",
+    "mass": "keep blocks until their share of each row's normalised score reaches this "
+    "(forced blocks counted first)",
+    "allocation": "spread a density target per row, or by one threshold over the layer's rows "
+    "and mask groups",
     "sink": "fraction of the context forced as sink blocks",
     "window": "fraction of the context forced as local window",
+    "sink_blocks": "sink size in blocks (overrides --sink)",
+    "window_blocks": "window size in blocks, diagonal included (overrides --window)",
     "dense_layers": "number of leading layers kept dense",
     "dense_last_rows": "number of trailing query-block rows kept dense",
+    "decode_rule": "decode-time ranking: walk over recent queries, or the quest key bound",
     "parity": "reproduce the released arithmetic exactly",
     "seed": "seed of the sketch's random draws",
+}
+
+
+_FLAG_CHOICES = {
+    "granularity": GRANULARITIES,
+    "allocation": ALLOCATIONS,
+    "decode_rule": DECODE_RULES,
 }
 
 
@@ -249,8 +318,8 @@ def add_config_arguments(parser: Any, defaults: dict[str, Any] | None = None) ->
             group.add_argument(
                 f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=text
             )
-        elif name == "granularity":
-            group.add_argument(f"--{name}", choices=GRANULARITIES, default=None, help=text)
+        elif name in _FLAG_CHOICES:
+            group.add_argument(f"--{name}", choices=_FLAG_CHOICES[name], default=None, help=text)
         elif f.type in ("int", "int | None"):
             group.add_argument(f"--{name}", type=int, default=None, help=text)
         else:
@@ -275,7 +344,9 @@ def given_config_flags(args: Any) -> dict[str, Any]:
 
 
 __all__ = [
+    "ALLOCATIONS",
     "BUDGET_FIELDS",
+    "DECODE_RULES",
     "GRANULARITIES",
     "PRESETS",
     "RELEASED_TEMPERATURE",

@@ -83,9 +83,12 @@ def file_record_header(path: Path, meta: dict[str, Any], sample: int) -> dict[st
     }
 
 
-def budget_target_density(config: SketchWalkConfig, nb: int) -> float:
+def budget_target_density(config: SketchWalkConfig, nb: int) -> float | None:
     """The density the budget asks for before forced blocks are added: ``density``;
-    ``kblocks_frac``; or ``top_k_blocks`` per row over the causal blocks of the rows."""
+    ``kblocks_frac``; or ``top_k_blocks`` per row over the causal blocks of the rows. None for
+    the ``mass`` budget, whose density depends on the scores."""
+    if config.budget == "mass":
+        return None
     if config.budget == "density":
         return float(config.density)
     if config.budget == "kblocks_frac":

@@ -141,9 +141,10 @@ def validate_layer(
     kept_all = float(selection.kv_num_blocks.float().sum()) / (
         selection.block_mask.shape[0] * selection.num_groups
     )
+    target = budget_target_density(config, nb)
     record: dict[str, Any] = {
         "actual_sparsity": 1.0 - density,
-        "target_sparsity": 1.0 - budget_target_density(config, nb),
+        "target_sparsity": None if target is None else 1.0 - target,
         "block_sparsity": 1.0 - kept_all / (nb * nb),
         "cosine_similarity": metrics.cosine_similarity(sparse, dense),
         "mse": metrics.mse(sparse, dense),

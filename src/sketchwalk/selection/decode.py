@@ -1,14 +1,13 @@
 """SketchWalk during decoding: one new query per step, block selection over a growing KV cache.
 
-Per layer (docs/algorithm.md §2), the decoder keeps:
+Per layer, the decoder keeps the running block SUMS and token counts of the key cache (a new token
+updates one pooled key in O(D); the released code re-pools the whole cache every step, O(T)) and
+what its ``decode_rule`` needs.
 
-- the running block SUMS and token counts of the key cache, so a new token updates one pooled key
-  in O(D) (the released code re-pools the whole cache every step, O(T));
-- the last ``window_queries`` (W = 32) queries;
-- the block transition matrix A of the layer, from the prefill, grown by one row and column
-  whenever the cache opens a new block.
-
-Each step, for a new query q_t and key k_t:
+``decode_rule="walk"`` (docs/algorithm.md §2, the released-style rule) also keeps the last
+``window_queries`` (W = 32) queries and the layer's block transition matrix A from the prefill,
+grown by one row and column whenever the cache opens a new block. Each step, for a new query q_t
+and key k_t:
 
 1. add k_t to its block's sum (opening a block if needed) and q_t to the query window;
 2. score the window's queries against the pooled keys with the layer's sketch (the same draws,
@@ -17,13 +16,22 @@ Each step, for a new query q_t and key k_t:
 3. update A's row of the current block with a running average, alpha = 1 / (tokens of that block
    seen so far), so the row is the mean of the rows of its tokens;
 4. walk within the layer: ``state = a_t``, then ``degree`` times
-   ``state = (1 - beta) * a_t + beta * state @ A`` (the released decode has no cross-layer term);
-5. keep the sink blocks and the local window (both counted on the current context) and the best
-   ranked other blocks under the config's budget, computed as for the last row of a prefill of
-   nk blocks without dense last rows.
+   ``state = (1 - beta) * a_t + beta * state @ A`` (the released decode has no cross-layer term).
+
+``decode_rule="quest"`` keeps per-block, per-channel key minima and maxima instead
+(`sketchwalk.selection.quest`: built from the prefill's keys in one pass, O(D) per new key) and
+scores every block by the bound of the CURRENT query's largest logit in it, so a single needed
+key is not averaged away; no query window and no transition matrix.
+
+Either way the step ends with `sketchwalk.selection.select.select_last_row`: the sink blocks and
+the local window (both counted on the current context) are kept, plus the best ranked other blocks
+under the config's budget, computed as for the last row of a prefill of nk blocks without dense
+last rows (``kblocks_frac``, ``top_k_blocks``, ``density`` per row or allocated globally over the
+mask groups, ``mass`` on the row's normalised scores).
 
 The result is the (kv_num_blocks (B, G), kv_indices (B, G, nk)) pair that
 `sketchwalk.attention.sparse_decode` consumes. Layers below ``dense_layers`` keep every block.
+A step makes no host sync: budgets come from CPU-side cached tables.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ import torch
 
 from sketchwalk.blocks import check_qk, compact_mask, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.selection.select import forced_counts, ranked_per_row
+from sketchwalk.selection.quest import block_key_bounds, quest_block_scores, update_key_bounds
+from sketchwalk.selection.select import select_last_row
 from sketchwalk.selection.sketch import block_pool, sketched_blocks
 from sketchwalk.selection.walk import aggregate_heads, sharpen, transition_from_pooled
 
@@ -47,7 +56,8 @@ class DecodeSelection:
         kv_num_blocks: int32 (B, G).
         kv_indices: int32 (B, G, nk), kept blocks ascending, then 0-padding.
         block_mask: bool (B, G, nk).
-        scores: float (B, G, nk) walk row (None for dense layers).
+        scores: float (B, G, nk) the ranked scores: the walk row, or the quest block
+            probabilities (None for dense layers).
         seq_len: tokens in the cache after this step.
     """
 
@@ -66,10 +76,14 @@ class DecodeSelection:
 class _LayerState:
     key_sums: torch.Tensor  # (B, Hkv, nk, D) float32
     key_counts: torch.Tensor  # (nk,) float32 tokens per block
-    query_window: torch.Tensor  # (B, Hq, <=W, D)
-    transition: torch.Tensor  # (B, G, nk, nk)
     row_tokens: int  # tokens of the current (last) block already averaged into its row
     seq_len: int
+    # decode_rule "walk" (None otherwise)
+    query_window: torch.Tensor | None = None  # (B, Hq, <=W, D)
+    transition: torch.Tensor | None = None  # (B, G, nk, nk)
+    # decode_rule "quest" (None otherwise)
+    key_min: torch.Tensor | None = None  # (B, Hkv, nk, D) float32
+    key_max: torch.Tensor | None = None  # (B, Hkv, nk, D) float32
 
 
 class SketchWalkDecoder:
@@ -109,18 +123,20 @@ class SketchWalkDecoder:
         pooled_k = block_pool(k, bs)  # true-count means
         counts = torch.full((nb,), float(bs), device=k.device)
         counts[-1] = t - (nb - 1) * bs
-        if layer_idx >= cfg.dense_layers:
-            transition = transition_from_pooled(block_pool(q, bs), pooled_k, cfg, layer_idx)
-        else:
-            transition = torch.zeros(0, device=k.device)
-        self._layers[layer_idx] = _LayerState(
+        st = _LayerState(
             key_sums=pooled_k * counts[:, None],
             key_counts=counts,
-            query_window=q[:, :, -self.window_queries :].float(),
-            transition=transition,
-            row_tokens=int(counts[-1]),
+            row_tokens=t - (nb - 1) * bs,
             seq_len=t,
         )
+        if layer_idx < cfg.dense_layers:
+            pass  # dense layers keep every block: nothing to rank
+        elif cfg.decode_rule == "quest":
+            st.key_min, st.key_max = block_key_bounds(k, bs)
+        else:
+            st.transition = transition_from_pooled(block_pool(q, bs), pooled_k, cfg, layer_idx)
+            st.query_window = q[:, :, -self.window_queries :].float()
+        self._layers[layer_idx] = st
 
     def step(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int) -> DecodeSelection:
         """One new token: q (B, Hq, 1, D), k (B, Hkv, 1, D). Returns the kept blocks of the cache
@@ -149,9 +165,6 @@ class SketchWalkDecoder:
         st.key_sums[:, :, -1] += k[:, :, 0].float()
         st.key_counts[-1] += 1
         st.seq_len = pos + 1
-        st.query_window = torch.cat([st.query_window, q.float()], dim=2)[
-            :, :, -self.window_queries :
-        ]
         nk = st.key_counts.numel()
         b, hq = q.shape[:2]
         hkv = k.shape[1]
@@ -159,7 +172,18 @@ class SketchWalkDecoder:
         if layer_idx < cfg.dense_layers:
             mask = torch.ones(b, groups, nk, dtype=torch.bool, device=q.device)
             return _pack(mask, None, st.seq_len)
+        if cfg.decode_rule == "quest":
+            st.key_min, st.key_max = update_key_bounds(
+                st.key_min, st.key_max, k[:, :, 0], new_block
+            )
+            scores = quest_block_scores(
+                q[:, :, 0], st.key_min, st.key_max, st.key_counts, cfg.granularity
+            )
+            return _pack(select_last_row(scores, cfg), scores, st.seq_len)
 
+        st.query_window = torch.cat([st.query_window, q.float()], dim=2)[
+            :, :, -self.window_queries :
+        ]
         a_t = self._window_row(st, layer_idx, hkv)  # (B, G, nk)
         if new_block:
             st.transition = torch.nn.functional.pad(st.transition, (0, 1, 0, 1))
@@ -171,7 +195,7 @@ class SketchWalkDecoder:
             state = (1 - cfg.damping) * a_t + cfg.damping * (
                 state[:, :, None, :] @ st.transition
             ).squeeze(2)
-        return _pack(self._select(state, nk), state, st.seq_len)
+        return _pack(select_last_row(state, cfg), state, st.seq_len)
 
     def _window_row(self, st: _LayerState, layer_idx: int, hkv: int) -> torch.Tensor:
         cfg = self.config
@@ -186,19 +210,6 @@ class SketchWalkDecoder:
         probs = torch.softmax(logits, dim=-1).sum(dim=2, keepdim=True)  # over the window
         row = aggregate_heads(probs, hkv, cfg.granularity)[:, :, 0]  # (B, G, nk)
         return sharpen(row, cfg.sparsity_exponent, cfg.parity)
-
-    def _select(self, scores: torch.Tensor, nk: int) -> torch.Tensor:
-        cfg = self.config
-        sink, window = forced_counts(nk, cfg)
-        j = torch.arange(nk, device=scores.device)
-        forced = (j < sink) | (j >= nk - window)
-        # The budget of the last row of an nk-block prefill, without dense last rows.
-        k_last = int(ranked_per_row(nk, cfg.replace(dense_last_rows=0))[-1])
-        mask = forced.expand_as(scores).clone()
-        if k_last > 0:
-            ranked = scores.masked_fill(forced, float("-inf")).topk(k_last, dim=-1).indices
-            mask.scatter_(-1, ranked, True)
-        return mask
 
 
 def _pack(mask: torch.Tensor, scores: torch.Tensor | None, seq_len: int) -> DecodeSelection:

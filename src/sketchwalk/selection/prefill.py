@@ -64,9 +64,13 @@ class SketchWalk:
             cuda_graphs: on CUDA with the Triton transition, replay everything after pooling
                 (sketch, transition, walk, top-k, index compaction) from a CUDA graph captured
                 once per (batch, seq, heads, previous-walk-state present); same results as
-                the eager path, ~70 fewer launches per layer. Ignored on the CPU, with the
-                PyTorch transition, for the parity quantile budget and while the current stream
-                is already being captured. ``False`` always runs eagerly. At most
+                the eager path, ~70 fewer launches per layer. Every budget is graph-safe
+                (static shapes, no host sync: ``mass`` is a device sort + cumsum, global
+                ``density`` allocation a top-k of a count fixed by (nb, groups, config)) except
+                the parity quantile (``kblocks_frac`` with ``parity``), which runs eagerly.
+                Ignored on the CPU, with the PyTorch transition, for the parity quantile budget
+                and while the current stream is already being captured. ``False`` always runs
+                eagerly. At most
                 ``MAX_GRAPHS`` graphs are kept (oldest dropped first): each holds its own
                 memory pool (~0.1-0.2 GB at 128K tokens).
         """

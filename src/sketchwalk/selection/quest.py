@@ -1,0 +1,106 @@
+"""Query-aware decode-time block scores from per-block key bounds (``decode_rule="quest"``).
+
+The walk's decode row (`sketchwalk.selection.decode`) scores key blocks by their MEAN key against
+a window of recent queries: a single key that the current query needs ("a needle") barely moves
+its block's mean and is easily dropped. Here every block keeps the per-channel minimum and maximum
+of its keys, and the current query q scores block j by an upper bound of its largest logit:
+
+    u_j = sum_c max(q_c * min_jc, q_c * max_jc)  >=  max_{t in block j} q . k_t
+
+(each term bounds q_c * k_tc for every token t of the block). The idea is Quest's (Tang et al.,
+2024, "Query-aware sparsity for efficient long-context LLM inference"); this is our own code.
+``max(q_c * lo, q_c * hi)`` is ``q_c * hi`` for q_c >= 0 and ``q_c * lo`` otherwise, so
+``u = relu(q) . max + min(q, 0) . min``: two matrix products, no (heads, blocks, channels)
+intermediate.
+
+Per query head the bounds become block probabilities, ``softmax_j(u_j / sqrt(D) + log n_j)``
+(n_j tokens in block j: the bound on the block's softmax mass, up to the shared normaliser), and
+a mask group takes the MAX over its heads: the group's mask serves every head in it, and a block
+one head needs must stay competitive even if the other heads ignore it (a sum would dilute one
+head's needle by the group size against blocks that are mildly useful to all heads).
+
+State per layer and KV head: ``key_min``, ``key_max`` (B, Hkv, nk, D) float32, built from the
+prefill's keys in one pass (`block_key_bounds`) and updated in O(D) per new key
+(`update_key_bounds`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def block_key_bounds(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block, per-channel min and max of the keys, in one pass.
+
+    Args:
+        k: (B, Hkv, T, D) keys.
+        block_size: tokens per block; a partial tail block is padded with copies of its last
+            key, which leaves its min and max unchanged.
+
+    Returns:
+        (key_min, key_max), float32 (B, Hkv, nb, D) each, nb = ceil(T / block_size).
+    """
+    b, h, t, d = k.shape
+    nb = -(-t // block_size)
+    pad = nb * block_size - t
+    kf = k.float()
+    if pad:
+        kf = torch.cat([kf, kf[:, :, -1:].expand(b, h, pad, d)], dim=2)
+    key_min, key_max = torch.aminmax(kf.view(b, h, nb, block_size, d), dim=3)
+    return key_min, key_max
+
+
+def update_key_bounds(
+    key_min: torch.Tensor, key_max: torch.Tensor, k_new: torch.Tensor, opens_block: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one key per KV head: (B, Hkv, D). Opens a block (its bounds are the key itself) or
+    folds the key into the last block's bounds in place: O(D) per head."""
+    k_new = k_new.float()
+    if opens_block:
+        return torch.cat([key_min, k_new[:, :, None]], 2), torch.cat(
+            [key_max, k_new[:, :, None]], 2
+        )
+    key_min[:, :, -1] = torch.minimum(key_min[:, :, -1], k_new)
+    key_max[:, :, -1] = torch.maximum(key_max[:, :, -1], k_new)
+    return key_min, key_max
+
+
+def quest_block_scores(
+    q: torch.Tensor,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+    block_counts: torch.Tensor,
+    granularity: str,
+) -> torch.Tensor:
+    """Block scores of one query per mask group.
+
+    Args:
+        q: (B, Hq, D) the current query (one token).
+        key_min, key_max: (B, Hkv, nk, D) per-block key bounds; Hq a multiple of Hkv.
+        block_counts: (nk,) tokens per block (float).
+        granularity: ``layer`` (G = 1), ``kv_group`` (G = Hkv) or ``head`` (G = Hq).
+
+    Returns:
+        float32 (B, G, nk): per head ``softmax(u / sqrt(D) + log n)`` over the blocks, maximum
+        over the heads of each mask group.
+    """
+    b, hq, d = q.shape
+    hkv, nk = key_min.shape[1], key_min.shape[2]
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    bound = qg.clamp_min(0.0) @ key_max.transpose(-1, -2) + qg.clamp_max(0.0) @ key_min.transpose(
+        -1, -2
+    )  # (B, Hkv, group, nk)
+    logits = bound / math.sqrt(d) + block_counts.float().log()
+    probs = torch.softmax(logits, dim=-1)
+    if granularity == "layer":
+        return probs.amax(dim=(1, 2))[:, None]
+    if granularity == "kv_group":
+        return probs.amax(dim=2)
+    if granularity == "head":
+        return probs.reshape(b, hq, nk)
+    raise ValueError(f"granularity must be 'layer', 'kv_group' or 'head', got {granularity!r}")
+
+
+__all__ = ["block_key_bounds", "quest_block_scores", "update_key_bounds"]
