@@ -115,8 +115,8 @@ def _released_selection(
     with numpy loops: full-block tail divisor, clamp(qb.kb / sqrt(D), -10, 10) logits,
     non-causal softmax, head sum + row-normalise, damped walk carried across layers, per-row
     strictly-greater quantile over the causal blocks outside the `sink`-fraction sink and the
-    window band (docs/algorithm.md §1.9, §5.9), then a window-sized sink forced in the final mask, dense
-    last rows."""
+    window band (docs/algorithm.md §1.9, §5.9), then a window-sized sink forced in the final
+    mask, dense last rows."""
     masks, state = [], None
     for q, k in layers_qk:
         q, k = q[0].double().numpy(), k[0].double().numpy()  # batch 1: (H, T, D)

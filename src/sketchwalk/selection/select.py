@@ -155,9 +155,9 @@ def _causal_and_candidates(
 
 
 def _quantile_candidates(nb: int, config: SketchWalkConfig, device: torch.device) -> torch.Tensor:
-    """bool (nb, nb): the released quantile's candidates (docs/algorithm.md §1.9, §5.9): causal blocks
-    outside the configured sink (not parity's window-sized one: that is forced only in the final
-    mask) and the window band; rows of the dense last rows have none."""
+    """bool (nb, nb): the released quantile's candidates (docs/algorithm.md §1.9, §5.9): causal
+    blocks outside the configured sink (not parity's window-sized one: that is forced only in the
+    final mask) and the window band; rows of the dense last rows have none."""
     causal = causal_block_mask(nb, device)
     i = torch.arange(nb, device=device)[:, None]
     j = torch.arange(nb, device=device)[None, :]
