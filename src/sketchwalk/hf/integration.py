@@ -9,8 +9,8 @@ un-repeated ``key``/``value`` (B, Hkv, S_kv, D) and ``module.layer_idx``, and de
 - **Sparse prefill**: ``S == S_kv > block_size``, a causal module, no padding (the mask is None or
   equals the plain causal mask), ``dropout == 0`` and no score modifiers (``softcap``, sinks,
   position bias). The layer's q/k go to one :class:`~sketchwalk.selection.prefill.SketchWalk`
-  per forward pass (fed in layer order, so the cross-layer walk runs; it is reset when a layer at or below the last
-  one seen arrives, i.e. when a new forward pass starts), and the output is
+  per forward pass (fed in layer order, so the cross-layer walk runs; it is reset when a layer at
+  or below the last one seen arrives, i.e. when a new forward pass starts), and the output is
   :func:`~sketchwalk.attention.sparse_attention` over the selected blocks with the configured
   backend and the module's ``scaling``. When the selection keeps every causal block (the first
   ``dense_layers`` layers, a density-1 budget, a sequence of one block) the inner implementation
