@@ -1080,22 +1080,32 @@ def niah_markdown(data: dict[str, Any]) -> str:
 # ---- timing ---------------------------------------------------------------------------------
 
 
+def _cache_argument(model: Any) -> str:
+    """The name under which this transformers version takes the KV cache (``cache`` in recent
+    5.x, ``past_key_values`` before)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _time_generation(
     model: Any, ids: torch.Tensor, decode_tokens: int, device: torch.device
 ) -> tuple[float, float]:
     """(seconds to the first token, decode tokens per second) of one greedy generation."""
+    name = _cache_argument(model)
     _sync(device)
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     ttft = time.perf_counter() - t0
-    cache = out.past_key_values
+    cache = getattr(out, name)
     t1 = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **{name: cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        cache = out.past_key_values
+        cache = getattr(out, name)
     _sync(device)
     seconds = time.perf_counter() - t1
     return ttft, decode_tokens / seconds if seconds > 0 else float("nan")

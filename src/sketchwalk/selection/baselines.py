@@ -260,12 +260,24 @@ class GateSelector(_BudgetSelector):
         self._hooks = []
         self._pre = {}
 
+    def feed(
+        self, layer_idx: int, q_pre: torch.Tensor | None = None, k_pre: torch.Tensor | None = None
+    ) -> None:
+        """Hand over layer ``layer_idx``'s pre-RoPE q (B, Hq, T, D) and/or k (B, Hkv, T, D) for
+        its next :meth:`select` (the hooks of :meth:`attach` call this). Tensors of other layers
+        are dropped: one layer is held at a time."""
+        if layer_idx not in self._pre:
+            self._pre.clear()
+        entry = self._pre.setdefault(layer_idx, {})
+        if q_pre is not None:
+            entry["q"] = q_pre.detach()
+        if k_pre is not None:
+            entry["k"] = k_pre.detach()
+
     def _hook(self, layer_idx: int, side: str, head_dim: int, per_head: bool):
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
             x = output if per_head else output.view(*output.shape[:-1], -1, head_dim)
-            if layer_idx not in self._pre:
-                self._pre.clear()  # hold one layer at a time
-            self._pre.setdefault(layer_idx, {})[side] = x.detach().transpose(1, 2)
+            self.feed(layer_idx, **{f"{side}_pre": x.transpose(1, 2)})
 
         return hook
 
@@ -282,7 +294,8 @@ class GateSelector(_BudgetSelector):
         pre = self._pre.get(layer_idx, {})
         if "q" not in pre or "k" not in pre:
             raise RuntimeError(
-                f"GateSelector: no pre-RoPE q/k for layer {layer_idx}; call attach(modules) first"
+                f"GateSelector: no pre-RoPE q/k for layer {layer_idx}; call attach(modules) or "
+                "feed() first"
             )
         q_pre, k_pre = pre["q"], pre["k"]
         if q_pre.shape[2] != q.shape[2]:
