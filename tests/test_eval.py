@@ -212,6 +212,9 @@ def test_niah_end_to_end_saves_answers_and_resume_skips_finished(tiny, tmp_path,
 
     with pytest.raises(EvalInputError, match="--resume"):
         evaluate_niah(densities=[0.3], **kwargs)
+    changed = {**kwargs, "base_config": BASE.replace(walk=False), "timing": False}
+    with pytest.raises(EvalInputError, match="saved with another configuration"):
+        evaluate_niah(densities=[0.3], resume=True, **changed)
 
     calls = []
     real_generate = model.generate

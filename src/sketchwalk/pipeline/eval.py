@@ -112,6 +112,18 @@ class RunSpec:
     config: SketchWalkConfig | None
     decode: str = "dense"
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        cfg = data.get("config")
+        return cls(
+            data["name"],
+            data["kind"],
+            data["family"],
+            data["target_density"],
+            SketchWalkConfig.from_dict(cfg) if cfg is not None else None,
+            data.get("decode", "dense"),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -458,6 +470,21 @@ class _Results:
             )
         self.data["settings"] = settings
 
+    def set_runs(self, runs: list[RunSpec]) -> list[RunSpec]:
+        """Record ``runs``; a resumed file keeps its earlier runs too. Returns every run the
+        file knows, earlier ones first. A run whose config changed since it was saved raises."""
+        saved = self.data.get("runs", {})
+        for run in runs:
+            old = saved.get(run.name)
+            if old is not None and old != run.to_dict():
+                raise EvalInputError(
+                    f"{self.path}: run {run.name!r} was saved with another configuration; "
+                    "use the same flags or another --output_dir"
+                )
+        merged = {**saved, **{r.name: r.to_dict() for r in runs}}
+        self.data["runs"] = merged
+        return [RunSpec.from_dict(d) for d in merged.values()]
+
     def done(self, key: str) -> bool:
         return key in self.data["items"]
 
@@ -577,7 +604,7 @@ def evaluate_ppl(
     data = results.data
     data["environment"] = environment(session.model, session.device)
     data["passages"] = [p.info() for p in passages]
-    data["runs"] = {r.name: r.to_dict() for r in runs}
+    all_runs = results.set_runs(runs)
     todo = [(r, i) for r in runs for i in range(num_samples)]
     with _progress(len(todo), f"ppl T={seq_len}", progress) as bar, torch.no_grad():
         for run in runs:
@@ -618,7 +645,7 @@ def evaluate_ppl(
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix_str(f"{run.name} ppl {item['perplexity']:.3f}")
-    data["results"] = _aggregate_ppl(runs, data["items"])
+    data["results"] = _aggregate_ppl(all_runs, data["items"])
     if timing:
         data["timing"] = measure_timing(
             session, runs, passages[0].input_ids, timing_decode_tokens, backend, selection_backend
@@ -938,7 +965,7 @@ def evaluate_niah(
     data = results.data
     data["environment"] = environment(session.model, session.device)
     data["fillers"] = {str(length): [p.info() for p in ps] for length, ps in fillers.items()}
-    data["runs"] = {r.name: r.to_dict() for r in runs}
+    all_runs = results.set_runs(runs)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def item_key(run: RunSpec, length: int, depth: float, s: int) -> str:
@@ -999,7 +1026,7 @@ def evaluate_niah(
                     results.add(key, item)
                     if bar is not None:
                         bar.update(1)
-    data["results"] = _aggregate_niah(runs, data["items"])
+    data["results"] = _aggregate_niah(all_runs, data["items"])
     if timing:
         longest = max(lengths)
         data["timing"] = measure_timing(
