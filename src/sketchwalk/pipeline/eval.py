@@ -1148,12 +1148,23 @@ def measure_timing(
     repeats: int = 2,
 ) -> dict[str, Any]:
     """Time to first token and decode tokens/s at ``input_ids``' length, dense and with every
-    SketchWalk run (prefill-only and prefill + decode), in this process. Each is measured once
-    as warm-up (kernel compilation, CUDA graph capture) and then ``repeats`` times (median)."""
+    SketchWalk run, each both prefill-only and with SketchWalk decode, in this process. Each is
+    measured once as warm-up (kernel compilation, CUDA graph capture) and then ``repeats`` times
+    (median)."""
     ids = input_ids[None].to(session.device)
-    chosen = [RunSpec("dense", "dense", "dense", None, None)] + [
-        r for r in runs if r.kind in SKETCHWALK_KINDS
-    ]
+    chosen = [RunSpec("dense", "dense", "dense", None, None)]
+    names = {r.name for r in runs}
+    for r in runs:
+        if r.kind not in SKETCHWALK_KINDS:
+            continue
+        chosen.append(r)
+        # prefill-only runs (ppl) are also timed with SketchWalk decode
+        if r.decode == "dense" and f"{r.name}+decode" not in names:
+            chosen.append(
+                dataclasses.replace(
+                    r, name=f"{r.name}+decode", family=f"{r.family}+decode", decode="sketchwalk"
+                )
+            )
     out: dict[str, Any] = {"seq_len": int(ids.shape[1]), "decode_tokens": decode_tokens,
                            "repeats": repeats, "runs": {}}  # fmt: skip
     with torch.no_grad():
