@@ -24,6 +24,8 @@ from sketchwalk.pipeline.eval import (
     build_runs,
     evaluate_niah,
     evaluate_ppl,
+    forced_density,
+    forced_warnings,
     parse_variant,
 )
 from sketchwalk.pipeline.text import make_passages
@@ -267,6 +269,11 @@ def test_runs_and_variants():
     ):
         with pytest.raises(EvalInputError, match=match):
             parse_variant(bad)
+    # at 1024 tokens the default forced blocks alone keep 0.596 of the blocks: a warning
+    assert forced_density(SketchWalkConfig(), 1024) == pytest.approx(81 / 136)
+    default_runs = build_runs(["sketchwalk"], [0.3], SketchWalkConfig())
+    warnings = forced_warnings(default_runs, [1024, 16384])
+    assert len(warnings) == 1 and "sketchwalk@0.3 at 1024 tokens" in warnings[0]
     with pytest.raises(EvalInputError, match="unknown selector"):
         build_runs(["dense", "magic"], [0.2])
     with pytest.raises(EvalInputError, match=r"in \(0, 1\]"):

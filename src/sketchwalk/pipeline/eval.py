@@ -63,6 +63,8 @@ __all__ = [
     "build_runs",
     "evaluate_niah",
     "evaluate_ppl",
+    "forced_density",
+    "forced_warnings",
     "parse_variant",
 ]
 
@@ -410,6 +412,36 @@ def _activate(
             selector.detach()
 
 
+def forced_density(config: SketchWalkConfig, seq_len: int) -> float:
+    """Share of the causal blocks that the forced blocks alone take at ``seq_len`` tokens."""
+    from sketchwalk.blocks import num_blocks
+    from sketchwalk.selection.select import forced_block_mask
+
+    nb = num_blocks(seq_len, config.block_size)
+    return int(forced_block_mask(nb, config, "cpu").sum()) / (nb * (nb + 1) // 2)
+
+
+def forced_warnings(runs: Sequence[RunSpec], lengths: Sequence[int]) -> list[str]:
+    """Warnings (printed and returned) for runs whose forced blocks alone exceed the target
+    density: there every ranked selector keeps the same blocks and the comparison says nothing."""
+    out = []
+    for run in runs:
+        if run.config is None or run.density is None:
+            continue
+        for length in lengths:
+            floor = forced_density(run.config, length)
+            if floor > run.density:
+                out.append(
+                    f"warning: {run.name} at {length} tokens: the forced blocks alone keep "
+                    f"{floor:.3f} of the causal blocks (> {run.density:g}); no block is ranked, "
+                    "so all selectors coincide (use longer sequences or smaller --sink, "
+                    "--window, --dense_last_rows)"
+                )
+    for line in out:
+        print(line, file=sys.stderr)
+    return out
+
+
 def _layer_densities(sw: Any, num_layers: int, seq_len: int) -> list[float]:
     """Prefill density of every layer in the last recorded pass of ``seq_len`` tokens."""
     if sw is None:
@@ -605,6 +637,7 @@ def evaluate_ppl(
     data["environment"] = environment(session.model, session.device)
     data["passages"] = [p.info() for p in passages]
     all_runs = results.set_runs(runs)
+    data["warnings"] = forced_warnings(runs, [seq_len])
     todo = [(r, i) for r in runs for i in range(num_samples)]
     with _progress(len(todo), f"ppl T={seq_len}", progress) as bar, torch.no_grad():
         for run in runs:
@@ -726,7 +759,7 @@ def ppl_markdown(data: dict[str, Any]) -> str:
             f" | {r['perplexity']:.4f} | {_fmt(r['delta_vs_dense'], '+.4f')} | "
             f"{_fmt(r['delta_vs_dense_pct'], '+.2f')} | {r['wall_s']:.1f} |"
         )
-    return "\n".join(lines + _timing_markdown(data)) + "\n"
+    return "\n".join(lines + _layer_markdown(data) + _timing_markdown(data)) + "\n"
 
 
 # ---- needle in a haystack -------------------------------------------------------------------
@@ -966,6 +999,7 @@ def evaluate_niah(
     data["environment"] = environment(session.model, session.device)
     data["fillers"] = {str(length): [p.info() for p in ps] for length, ps in fillers.items()}
     all_runs = results.set_runs(runs)
+    data["warnings"] = forced_warnings(runs, lengths)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def item_key(run: RunSpec, length: int, depth: float, s: int) -> str:
@@ -1101,7 +1135,7 @@ def niah_markdown(data: dict[str, Any]) -> str:
             )
             lines.append(f"| {x} | {cells} |")
         lines.append("")
-    return "\n".join(lines + _timing_markdown(data)) + "\n"
+    return "\n".join(lines + _layer_markdown(data) + _timing_markdown(data)) + "\n"
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -1191,6 +1225,24 @@ def measure_timing(
         r["ttft_speedup_vs_dense"] = dense["ttft_s"] / r["ttft_s"]
         r["decode_speedup_vs_dense"] = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
     return out
+
+
+def _layer_markdown(data: dict[str, Any]) -> list[str]:
+    """Realized prefill density of every layer (mean over items), one row per sparse run."""
+    rows = [(n, r) for n, r in data.get("results", {}).items() if r["kind"] != "dense"]
+    if not rows:
+        return []
+    layers = len(rows[0][1]["layer_density"])
+    lines = [
+        "",
+        "## Realized density per layer (prefill)",
+        "",
+        "| run | " + " | ".join(str(i) for i in range(layers)) + " |",
+        "|---|" + "---:|" * layers,
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | " + " | ".join(_fmt(v, ".3f") for v in r["layer_density"]) + " |")
+    return lines
 
 
 def _timing_markdown(data: dict[str, Any]) -> list[str]:
