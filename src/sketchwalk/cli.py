@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "collect -> validate -> compare -> report on the embedded model",
     ),
     "train-gate": ("sketchwalk.gate.train", "train SeerAttention gates by self-distillation"),
+    "eval": (
+        "sketchwalk.pipeline.eval",
+        "perplexity and needle retrieval of selectors at matched density",
+    ),
+    "models": ("sketchwalk.hf.models", "list the model aliases; fetch and verify a model"),
 }
 
 

