@@ -17,6 +17,7 @@ from sketchwalk.config import SketchWalkConfig
 from sketchwalk.gate.checkpoint import GateConfig, GateSet
 from sketchwalk.hf.capture import attention_modules, capture_attention
 from sketchwalk.hf.integration import enable_selector
+from sketchwalk.hf.text import make_passages
 from sketchwalk.metrics import attention_recall
 from sketchwalk.pipeline.eval import (
     EvalInputError,
@@ -28,7 +29,6 @@ from sketchwalk.pipeline.eval import (
     forced_warnings,
     parse_variant,
 )
-from sketchwalk.pipeline.text import make_passages
 from sketchwalk.selection.baselines import (
     ForcedOnlySelector,
     GateSelector,

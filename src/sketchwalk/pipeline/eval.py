@@ -4,7 +4,7 @@ Two tasks (``sketchwalk eval ppl`` and ``sketchwalk eval niah``; Python API
 :func:`evaluate_ppl` and :func:`evaluate_niah`):
 
 - ``ppl``: perplexity of the SECOND HALF of ``--num_samples`` real passages of ``--seq_len``
-  tokens (``sketchwalk.pipeline.text.make_passages``: fixed by ``--seed``, recorded by the SHA-256
+  tokens (``sketchwalk.hf.text.make_passages``: fixed by ``--seed``, recorded by the SHA-256
   of their token ids). One forward pass per passage and selector; the loss is computed from the
   final hidden states in slices of ``--loss_chunk`` positions, so no (T, vocab) float32 tensor
   is ever built.
@@ -607,7 +607,7 @@ def evaluate_ppl(
         delta vs dense, realized density overall / sparse layers / per layer, wall time) and
         ``timing`` when asked.
     """
-    from sketchwalk.pipeline.text import make_passages
+    from sketchwalk.hf.text import make_passages
 
     if not isinstance(seq_len, int) or seq_len < 4:
         raise EvalInputError(f"--seq_len must be an int >= 4, got {seq_len!r}")
@@ -891,7 +891,7 @@ def _niah_fillers(
     seed: int,
 ) -> dict[int, list[Any]]:
     """Real-text filler passages per length (each at least as long as that prompt)."""
-    from sketchwalk.pipeline.text import make_passages
+    from sketchwalk.hf.text import make_passages
 
     return {
         length: make_passages(tokenizer, length, num_samples, text_source, text_file, seed=seed)
@@ -978,7 +978,7 @@ def evaluate_niah(
                 prompts[(length, depth, s)] = build_niah_prompt(
                     tok, filler, length, depth, rng, needles
                 )
-    from sketchwalk.pipeline.text import token_sha256
+    from sketchwalk.hf.text import token_sha256
 
     settings = {
         "model": session.model_id,
@@ -1406,7 +1406,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sketchwalk.gate.checkpoint import GateCheckpointError
     from sketchwalk.hf.models import ModelNotFoundError
-    from sketchwalk.pipeline.text import TextSourceError
+    from sketchwalk.hf.text import TextSourceError
 
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32,
              "float16": torch.float16}[args.dtype]  # fmt: skip
