@@ -333,3 +333,12 @@ def test_sketchwalk_decode_without_sparse_prefill_stays_dense():
     assert any("no SketchWalk prefill state" in (c.reason or "") for c in decode)
     with pytest.raises(ValueError, match="decode must be one of"):
         enable_sketchwalk(model, SPARSE, decode="always")
+
+
+def test_flex_backend_with_sparse_decode_is_refused():
+    model = _model("llama")
+    with pytest.raises(ValueError, match="no decode kernel"):
+        enable_sketchwalk(model, SPARSE, backend="flex", decode="sketchwalk")
+    sw = enable_sketchwalk(model, SPARSE, selection_backend="torch")  # the earlier name
+    assert sw.selection_backend == "reference"
+    disable_sketchwalk(model)

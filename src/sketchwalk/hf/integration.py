@@ -69,7 +69,7 @@ from sketchwalk.hf.capture import (
     set_attention_implementation,
 )
 from sketchwalk.selection.decode import SketchWalkDecoder
-from sketchwalk.selection.prefill import TRANSITION_BACKENDS, SketchWalk
+from sketchwalk.selection.prefill import TRANSITION_ALIASES, TRANSITION_BACKENDS, SketchWalk
 
 __all__ = [
     "SKETCHWALK_PREFIX",
@@ -182,6 +182,7 @@ class SketchWalkAttention:
             raise ValueError(
                 f"enable_sketchwalk: backend must be one of {BACKENDS}, got {backend!r}"
             )
+        selection_backend = TRANSITION_ALIASES.get(selection_backend, selection_backend)
         if selection_backend not in TRANSITION_BACKENDS:
             raise ValueError(
                 f"enable_sketchwalk: selection_backend must be one of {TRANSITION_BACKENDS}, got "
@@ -190,6 +191,11 @@ class SketchWalkAttention:
         if decode not in DECODE_MODES:
             raise ValueError(
                 f"enable_sketchwalk: decode must be one of {DECODE_MODES}, got {decode!r}"
+            )
+        if decode == "sketchwalk" and backend == "flex":
+            raise ValueError(
+                "enable_sketchwalk: backend 'flex' has no decode kernel; with "
+                "decode='sketchwalk' use backend 'triton', 'reference' or 'auto'"
             )
         if on_padding not in PADDING_POLICIES:
             raise ValueError(
@@ -471,8 +477,7 @@ class SketchWalkAttention:
             scaling = getattr(module, "scaling", None)
         if q_len < kv_len:  # SketchWalk decode step (checked by _dense_reason)
             step = self.decoder.step(query, key[:, :, -1:], layer_idx)
-            resolved = resolve_backend(self.backend, query)
-            decode_backend = "triton" if resolved == "triton" else "reference"
+            decode_backend = resolve_backend(self.backend, query, mode="decode")
             out = sparse_decode(
                 query,
                 key,

@@ -1372,7 +1372,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_samples", type=int, default=None)
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "flex"],
                    help="sparse attention backend")  # fmt: skip
-    p.add_argument("--selection_backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument(
+        "--selection_backend", default="auto", choices=["auto", "reference", "triton"]
+    )
     p.add_argument("--output_dir", default="eval_results")
     p.add_argument("--resume", action="store_true", help="skip items already in the JSON")
     p.add_argument("--timing", action="store_true",

@@ -74,7 +74,7 @@ class SketchWalk:
                 ``MAX_GRAPHS`` graphs are kept (oldest dropped first): each holds its own
                 memory pool (~0.1-0.2 GB at 128K tokens).
         """
-        backend = _TRANSITION_ALIASES.get(backend, backend)
+        backend = TRANSITION_ALIASES.get(backend, backend)
         if backend not in TRANSITION_BACKENDS:
             raise ValueError(
                 f"SketchWalk: backend must be one of {TRANSITION_BACKENDS}, got {backend!r}"
@@ -255,7 +255,7 @@ class SketchWalk:
 # The attention backends' names (sketchwalk.attention.api): "reference" is the plain PyTorch
 # transition; "torch", its earlier name, is still accepted.
 TRANSITION_BACKENDS = ("reference", "triton", "auto")
-_TRANSITION_ALIASES = {"torch": "reference"}
+TRANSITION_ALIASES = {"torch": "reference"}
 # Captured selection graphs kept per SketchWalk (two per sequence length: with and without the
 # previous layer's walk state).
 MAX_GRAPHS = 8
