@@ -259,6 +259,11 @@ def test_runs_and_variants():
     paper = next(r for r in runs if r.name == "paper@0.2")
     assert paper.config.causal_sketch is False and paper.config.walk is False
     assert paper.config.density == 0.2 and paper.config.top_k_blocks is None
+    # a cumulative-mass variant keeps its budget: one run (per decode mode), not one per density
+    mass_runs = [r for r in build_runs(["sketchwalk"], [0.1, 0.2], BASE, ["m:mass=0.9"]) if
+                 r.kind == "variant"]  # fmt: skip
+    assert [r.name for r in mass_runs] == ["m@mass0.9"]
+    assert mass_runs[0].config.mass == 0.9 and mass_runs[0].config.budget == "mass"
     assert parse_variant("x:top_k_blocks=none,degree=2") == ("x", {"top_k_blocks": None,
                                                                    "degree": 2})  # fmt: skip
     for bad, match in (

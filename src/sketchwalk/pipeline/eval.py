@@ -200,7 +200,8 @@ def build_runs(
     """Every (selector, density[, decode]) run, ``dense`` first.
 
     Every sparse run's config is ``base_config`` (or the variant's) with ``density`` set to the
-    swept value, so all selectors at one density share forced blocks and per-row budgets.
+    swept value, so all selectors at one density share forced blocks and per-row budgets. A
+    variant that sets ``mass`` (the cumulative-mass budget) runs once, with that budget.
     """
     unknown = [s for s in selectors if s not in SELECTORS]
     if unknown:
@@ -249,12 +250,26 @@ def build_runs(
             else:
                 runs.append(RunSpec(f"{sel}{tag}", sel, sel, d, at(base, d)))
         for name, cfg in variant_configs:
+            if cfg.mass is not None:
+                continue  # a mass budget is not swept (below)
             for mode in decode_modes:
                 suffix = "+decode" if mode == "sketchwalk" else ""
                 runs.append(
                     RunSpec(f"{name}{tag}{suffix}", "variant", f"{name}{suffix}", d, at(cfg, d),
                             mode)
                 )  # fmt: skip
+    # A variant that sets the cumulative-mass budget keeps it: its density follows the scores
+    # (reported as realized density), so it runs once, not once per swept density.
+    for name, cfg in variant_configs:
+        if cfg.mass is None:
+            continue
+        cfg = cfg.replace(density=None, top_k_blocks=None)
+        for mode in decode_modes:
+            suffix = "+decode" if mode == "sketchwalk" else ""
+            runs.append(
+                RunSpec(f"{name}@mass{cfg.mass:g}{suffix}", "variant", f"{name}{suffix}", None,
+                        cfg, mode)
+            )  # fmt: skip
     if not runs:
         raise EvalInputError("no runs: give --selectors and/or --variant")
     return runs
@@ -415,10 +430,9 @@ def _activate(
 def forced_density(config: SketchWalkConfig, seq_len: int) -> float:
     """Share of the causal blocks that the forced blocks alone take at ``seq_len`` tokens."""
     from sketchwalk.blocks import num_blocks
-    from sketchwalk.selection.select import forced_block_mask
+    from sketchwalk.selection.select import forced_density as forced_block_density
 
-    nb = num_blocks(seq_len, config.block_size)
-    return int(forced_block_mask(nb, config, "cpu").sum()) / (nb * (nb + 1) // 2)
+    return forced_block_density(num_blocks(seq_len, config.block_size), config)
 
 
 def forced_warnings(runs: Sequence[RunSpec], lengths: Sequence[int]) -> list[str]:
@@ -1372,9 +1386,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_samples", type=int, default=None)
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "flex"],
                    help="sparse attention backend")  # fmt: skip
-    p.add_argument(
-        "--selection_backend", default="auto", choices=["auto", "reference", "triton"]
-    )
+    p.add_argument("--selection_backend", default="auto", choices=["auto", "reference", "triton"])
     p.add_argument("--output_dir", default="eval_results")
     p.add_argument("--resume", action="store_true", help="skip items already in the JSON")
     p.add_argument("--timing", action="store_true",
