@@ -264,6 +264,9 @@ def test_runs_and_variants():
                  r.kind == "variant"]  # fmt: skip
     assert [r.name for r in mass_runs] == ["m@mass0.9"]
     assert mass_runs[0].config.mass == 0.9 and mass_runs[0].config.budget == "mass"
+    # a variant valid only with a density budget is built at each swept density
+    (glob,) = build_runs([], [0.2], SketchWalkConfig(), ["g:allocation=global"])
+    assert glob.config.allocation == "global" and glob.config.density == 0.2
     assert parse_variant("x:top_k_blocks=none,degree=2") == ("x", {"top_k_blocks": None,
                                                                    "degree": 2})  # fmt: skip
     for bad, match in (

@@ -219,18 +219,26 @@ def build_runs(
     def at(config: SketchWalkConfig, d: float) -> SketchWalkConfig:
         return config.replace(density=d, top_k_blocks=None)
 
-    variant_configs = []
-    for name, overrides in parsed:
+    def variant_at(name: str, overrides: dict[str, Any], d: float | None) -> SketchWalkConfig:
+        """The variant's config at density ``d`` (None: its own budget, for ``mass``)."""
         overrides = dict(overrides)
         preset = overrides.pop("preset", None)
+        start = base if preset is None else SketchWalkConfig.preset(preset)
+        budget = {"density": d, "top_k_blocks": None}
+        if d is None:
+            budget["kblocks_frac"] = start.kblocks_frac
         try:
-            if preset is None:
-                cfg = base.replace(**overrides)
-            else:
-                cfg = SketchWalkConfig.preset(preset, **overrides)
+            return start.replace(**{**budget, **overrides})
         except (TypeError, ValueError) as exc:
             raise EvalInputError(f"--variant {name}: {exc}") from None
-        variant_configs.append((name, cfg))
+
+    variant_configs = []
+    for name, overrides in parsed:
+        is_mass = overrides.get("mass") is not None
+        if is_mass:
+            overrides = {**overrides, "density": None}
+        cfg = variant_at(name, overrides, None if is_mass else densities[0])  # checked early
+        variant_configs.append((name, overrides, cfg))
 
     runs: list[RunSpec] = []
     if "dense" in selectors:
@@ -249,21 +257,20 @@ def build_runs(
                     )  # fmt: skip
             else:
                 runs.append(RunSpec(f"{sel}{tag}", sel, sel, d, at(base, d)))
-        for name, cfg in variant_configs:
+        for name, overrides, cfg in variant_configs:
             if cfg.mass is not None:
                 continue  # a mass budget is not swept (below)
+            cfg_d = variant_at(name, overrides, d)
             for mode in decode_modes:
                 suffix = "+decode" if mode == "sketchwalk" else ""
                 runs.append(
-                    RunSpec(f"{name}{tag}{suffix}", "variant", f"{name}{suffix}", d, at(cfg, d),
-                            mode)
-                )  # fmt: skip
+                    RunSpec(f"{name}{tag}{suffix}", "variant", f"{name}{suffix}", d, cfg_d, mode)
+                )
     # A variant that sets the cumulative-mass budget keeps it: its density follows the scores
     # (reported as realized density), so it runs once, not once per swept density.
-    for name, cfg in variant_configs:
+    for name, _, cfg in variant_configs:
         if cfg.mass is None:
             continue
-        cfg = cfg.replace(density=None, top_k_blocks=None)
         for mode in decode_modes:
             suffix = "+decode" if mode == "sketchwalk" else ""
             runs.append(

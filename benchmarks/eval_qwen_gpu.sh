@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The long-context evaluation of sketchwalk on a GPU: Qwen2.5-Coder-1.5B-Instruct (32K context),
+# real Jane Austen text, perplexity and needle retrieval for every selector at matched density,
+# the learned SeerAttention gate, time to first token and decode speed.
+#
+#   bash benchmarks/eval_qwen_gpu.sh STAGE [OUT]
+#
+# STAGE: setup | gate | ppl32 | ppl16 | small32 | niah | decode | timing (each fits in 10
+# minutes on an H200 and resumes where it stopped). OUT (default results/eval_qwen) receives
+# the JSON, markdown tables and plots. The model must have been fetched first:
+#   sketchwalk models fetch qwen2.5-coder-1.5b        (or --from_file PATH)
+# Text: Jane Austen's novels (Debian's r-cran-janeaustenr, or SKETCHWALK_JANEAUSTENR_DIR).
+set -euo pipefail
+stage=${1:?stage}
+out=${2:-results/eval_qwen}
+mkdir -p "$out"
+sw() { python3 -m sketchwalk "$@"; }
+model=(--model_path qwen2.5-coder-1.5b --device cuda --text_source austen --no_progress --resume)
+gate="$out/gate_qwen2.5-coder-1.5b"
+# The variants the defaults are chosen from (docs/eval.md, README "Evidence for the defaults").
+small="sink_blocks=1,window_blocks=2,dense_last_rows=0"
+variants=(
+  --variant "paper:preset=paper"
+  --variant "kv_small:granularity=kv_group,$small"
+  --variant "kv_small_global:granularity=kv_group,$small,allocation=global"
+  --variant "head_small:granularity=head,$small"
+  --variant "kv_mass90:granularity=kv_group,$small,mass=0.9"
+  --variant "kv_mass95:granularity=kv_group,$small,mass=0.95"
+)
+case "$stage" in
+  setup)
+    python3 -c "from sketchwalk.hf.models import load_model; load_model('qwen2.5-coder-1.5b', device='cuda')"
+    ;;
+  gate)
+    sw train-gate --model_path qwen2.5-coder-1.5b --device cuda --dtype bfloat16 \
+      --seq_lengths 8192 16384 --num_samples 4 --heldout_samples 1 --steps 300 --seed 100 \
+      --output_dir "$gate" --no_progress
+    ;;
+  ppl32 | ppl16)
+    T=$([ "$stage" = ppl32 ] && echo 32000 || echo 16000)
+    sw eval ppl "${model[@]}" --seq_len "$T" --num_samples 2 --densities 0.1 0.2 0.3 \
+      --selectors dense sketchwalk oracle streaming forced gate --gate_path "$gate" \
+      "${variants[@]}" --output_dir "$out/ppl_$T"
+    ;;
+  small32)
+    # every baseline again at the budget of the small-forced per-KV-group configuration
+    sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 2 --densities 0.1 0.2 0.3 \
+      --granularity kv_group --sink_blocks 1 --window_blocks 2 --dense_last_rows 0 \
+      --selectors sketchwalk oracle streaming forced gate --gate_path "$gate" \
+      --output_dir "$out/ppl_32000_kv_small"
+    ;;
+  niah)
+    sw eval niah "${model[@]}" --seq_lens 16000 32000 --depths 10 30 50 70 90 \
+      --num_samples 1 --densities 0.1 0.2 --selectors dense sketchwalk oracle streaming gate \
+      --gate_path "$gate" --variant "paper:preset=paper" \
+      --variant "kv_small:granularity=kv_group,$small" --decode dense \
+      --output_dir "$out/niah"
+    ;;
+  decode)
+    # prefill + decode both sparse: the released-style decode rule against the query-aware one
+    sw eval niah "${model[@]}" --seq_lens 16000 32000 --depths 10 30 50 70 90 \
+      --num_samples 1 --densities 0.1 0.2 --selectors dense \
+      --variant "walk:granularity=kv_group,$small,decode_rule=walk" \
+      --variant "quest:granularity=kv_group,$small,decode_rule=quest" \
+      --variant "default_walk:decode_rule=walk" --decode sketchwalk \
+      --output_dir "$out/niah_decode"
+    ;;
+  timing)
+    sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 1 --densities 0.1 0.2 \
+      --selectors dense sketchwalk --variant "quest:granularity=kv_group,$small,decode_rule=quest" \
+      --timing --timing_decode_tokens 64 --output_dir "$out/timing_32000"
+    ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
