@@ -423,6 +423,38 @@ def decode_selection(
     return num, idx
 
 
+RULES = ("walk", "quest")  # decode-time selection rules timed (SketchWalkConfig.decode_rule)
+
+
+def time_decode_selection(
+    args: argparse.Namespace,
+    records: list,
+    base: dict,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    density: float,
+) -> None:
+    """One decode step of `SketchWalkDecoder` per rule (eager: what generation runs), after a
+    prefill of the whole cache: the step adds the new key and selects the blocks."""
+    from sketchwalk.config import SketchWalkConfig
+    from sketchwalk.selection.decode import SketchWalkDecoder
+
+    batch, hq, ctx, d = q.shape[0], q.shape[1], k.shape[2], q.shape[3]
+    for rule in RULES:
+        cfg = SketchWalkConfig(
+            density=density, block_size=BLOCK, dense_layers=0, decode_rule=rule,
+            granularity="kv_group", sink_blocks=1, window_blocks=2, dense_last_rows=0,
+        )  # fmt: skip
+        decoder = SketchWalkDecoder(cfg)
+        # The prefill query only feeds the walk rule's transition matrix: pooled random queries
+        # of the cache's length are as costly as real ones.
+        decoder.prefill(torch.randn(batch, hq, ctx, d, device="cuda", dtype=q.dtype), k, 0)
+        k_new = torch.randn(batch, k.shape[1], 1, d, device="cuda", dtype=k.dtype)
+        ms = bench(decoder.step, (q, k_new, 0), args.warmup, args.rep, graph=False)
+        record(records, base, f"select_decode_{rule}", ms, density=density)
+        decoder = None
+
+
 def run_decode(args: argparse.Namespace, records: list) -> None:
     from sketchwalk.attention.triton_decode import sparse_decode_triton
 
@@ -497,6 +529,8 @@ def run_decode(args: argparse.Namespace, records: list) -> None:
                         actual_density=kept,
                         bytes=dense_bytes * kept,
                     )
+                    if not args.no_select:
+                        time_decode_selection(args, records, base, q, k, density)
                 q = k = v = None
                 torch.cuda.empty_cache()
 
@@ -541,9 +575,10 @@ def ratio_tables(records: list) -> str:
         out.append("### Decode (1 query, bf16, block 64): speedup vs the fastest SDPA dense\n")
         out.append(
             "| shape | batch | context | best SDPA | SDPA us | triton dense us | density "
-            "| triton sparse us | speedup vs SDPA | vs triton dense |"
+            "| triton sparse us | speedup vs SDPA | vs triton dense "
+            "| select walk us (% of sparse) | select quest us (% of sparse) |"
         )
-        out.append("|" + "---|" * 10)
+        out.append("|" + "---|" * 12)
         keys = sorted({(r["shape"], r["batch"], r["context"]) for r in dec})
         for shape, b, ctx in keys:
             rows = [r for r in dec if (r["shape"], r["batch"], r["context"]) == (shape, b, ctx)]
@@ -556,10 +591,14 @@ def ratio_tables(records: list) -> str:
             td = ms_of(rows, "triton_dense")
             for dens in sorted({r["density"] for r in rows if "density" in r}):
                 ts = ms_of(rows, "triton_sparse", density=dens)
+                sel = [ms_of(rows, f"select_decode_{rule}", density=dens) for rule in RULES]
+                sel_text = " | ".join(
+                    "-" if m != m else f"{m * 1e3:.1f} ({100 * m / ts:.0f}%)" for m in sel
+                )
                 out.append(
                     f"| {shape} | {b} | {ctx} | {best} | {best_ms * 1e3:.1f} | "
                     f"{td * 1e3:.1f} | {dens:.0%} | {ts * 1e3:.1f} | "
-                    f"{best_ms / ts:.2f}x | {td / ts:.2f}x |"
+                    f"{best_ms / ts:.2f}x | {td / ts:.2f}x | {sel_text} |"
                 )
         out.append("")
     return "\n".join(out)
