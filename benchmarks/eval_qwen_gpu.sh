@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/eval_qwen_gpu.sh STAGE [OUT]
 #
-# STAGE: setup | gate | ppl32 | ppl16 | small32 | niah | decode | timing (each fits in 10
+# STAGE: setup | gate | ppl32 | ppl16 | small32 | niah | decode | needles | timing (each fits in 10
 # minutes on an H200 and resumes where it stopped). OUT (default results/eval_qwen) receives
 # the JSON, markdown tables and plots. The model must have been fetched first:
 #   sketchwalk models fetch qwen2.5-coder-1.5b        (or --from_file PATH)
@@ -64,6 +64,14 @@ case "$stage" in
       --variant "quest:granularity=kv_group,$small,decode_rule=quest" \
       --variant "default_walk:decode_rule=walk" --decode sketchwalk \
       --output_dir "$out/niah_decode"
+    ;;
+  needles)
+    # needles with prefill-only and prefill+decode sparse, both decode rules, in one run
+    sw eval niah "${model[@]}" --seq_lens 16000 32000 --depths 10 50 90 \
+      --num_samples 1 --densities 0.1 0.2 --selectors dense sketchwalk oracle streaming \
+      --variant "kv_small:granularity=kv_group,$small,decode_rule=walk" \
+      --variant "kv_quest:granularity=kv_group,$small,decode_rule=quest" \
+      --decode dense sketchwalk --output_dir "$out/needles"
     ;;
   timing)
     sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 1 --densities 0.1 0.2 \
