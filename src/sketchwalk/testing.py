@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from sketchwalk.blocks import BlockSelection, causal_block_mask, num_blocks
@@ -107,4 +109,13 @@ def write_tensor_dir(
     return paths
 
 
-__all__ = ["make_qkv", "random_selection", "write_tensor_dir"]
+_PROGRESS_BAR = re.compile(r"^\s*[\w\- ]*:?\s*\d+%\|")
+
+
+def stderr_lines(err: str) -> list[str]:
+    """The lines of a command's stderr that are not tqdm progress-bar updates."""
+    parts = re.split(r"[\r\n]", err)
+    return [p for p in parts if p.strip() and not _PROGRESS_BAR.match(p)]
+
+
+__all__ = ["make_qkv", "random_selection", "stderr_lines", "write_tensor_dir"]

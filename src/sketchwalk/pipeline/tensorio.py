@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -246,17 +246,49 @@ def load_tensor_file(
         except json.JSONDecodeError as exc:
             raise TensorFileError(path, f"metadata is not valid JSON: {exc}") from None
     else:
-        try:
-            record = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # zip, pickle and EOF errors
-            raise TensorFileError(
-                path, f"cannot read .pt file (corrupt, truncated or not a plain dict?): {exc}"
-            ) from None
+        record = load_weights_only(path, map_location, TensorFileError, ".pt file")
         if not isinstance(record, dict):
             raise TensorFileError(path, f"expected a dict, found {type(record).__name__}")
     if validate:
         validate_tensor_record(record, path)
     return record
+
+
+def load_weights_only(
+    path: str | os.PathLike,
+    map_location: str | torch.device,
+    error: Callable[[str | os.PathLike, str], Exception],
+    what: str,
+) -> Any:
+    """``torch.load(weights_only=True)`` of an untrusted file: a pickle that would build other
+    objects than tensors and plain containers (and could run code) is refused, like a corrupt or
+    truncated file, with ``error(path, problem)``."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        blocked = next((line for line in lines if "GLOBAL" in line), None)
+        if blocked is not None:
+            return _raise(
+                error(
+                    path,
+                    f"cannot read {what}: it holds Python objects besides tensors and plain "
+                    f"values, refused because loading them could run code ({blocked[:200]})",
+                )
+            )
+        first = lines[-1] if lines else "unreadable pickle"
+        return _raise(error(path, f"cannot read {what} (corrupt or truncated?): {first[:200]}"))
+    except IsADirectoryError:
+        return _raise(error(path, "is a folder, expected a file"))
+    except Exception as exc:  # zip, EOF and storage errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _raise(error(path, f"cannot read {what} (corrupt or truncated?): {first[:200]}"))
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc from None
 
 
 def _shape(t: torch.Tensor) -> str:
