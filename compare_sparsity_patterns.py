@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sketchwalk.errors import UserErrorParser, add_debug_flag, run_main, wants_debug
+from sketchwalk.cli import UserErrorParser, add_debug_flag, run_main, wants_debug
 from sketchwalk.pipeline.compare import __doc__ as _help
 from sketchwalk.pipeline.compare import add_arguments, run
 

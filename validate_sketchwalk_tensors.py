@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from sketchwalk.errors import UserErrorParser, add_debug_flag, run_main, wants_debug
+from sketchwalk.cli import UserErrorParser, add_debug_flag, run_main, wants_debug
 from sketchwalk.pipeline.validate import add_arguments, run
 
 __all__ = ["main"]

@@ -1,5 +1,7 @@
 """What every layer of sketchwalk shares: block counts, the causal block mask, the
-`BlockSelection` a selector hands to an attention kernel, and the q/k/v input checks.
+`BlockSelection` a selector hands to an attention kernel, the q/k/v input checks, and the two
+kinds of user error every command raises (`UsageError`: a flag value, exit code 2; `DataError`:
+an input file or request, exit code 1; `sketchwalk.cli.main` turns them into one stderr line).
 
 Imports nothing from the rest of the package (only the configuration may sit beside it).
 """
@@ -9,6 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+EXIT_DATA = 1
+EXIT_USAGE = 2
+
+
+class SketchwalkError(Exception):
+    """Base of the errors a user can fix; ``exit_code`` is what the CLI returns."""
+
+    exit_code = EXIT_DATA
+
+
+class UsageError(SketchwalkError, ValueError):
+    """A flag value or combination that cannot work (exit 2); the message names the flag."""
+
+    exit_code = EXIT_USAGE
+
+
+class DataError(SketchwalkError, ValueError):
+    """An input file or request that cannot be used (exit 1); the message names the file."""
+
+    exit_code = EXIT_DATA
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -234,7 +257,12 @@ def check_selection(
 
 
 __all__ = [
+    "EXIT_DATA",
+    "EXIT_USAGE",
     "BlockSelection",
+    "DataError",
+    "SketchwalkError",
+    "UsageError",
     "causal_block_mask",
     "check_qk",
     "check_qkv",

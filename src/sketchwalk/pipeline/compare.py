@@ -44,22 +44,20 @@ import torch
 
 from sketchwalk._version import __version__
 from sketchwalk.atomic import write_json
-from sketchwalk.blocks import BlockSelection, causal_block_mask
+from sketchwalk.blocks import BlockSelection, DataError, UsageError, causal_block_mask
 from sketchwalk.config import (
     SketchWalkConfig,
     add_config_arguments,
     given_config_flags,
 )
-from sketchwalk.errors import (
-    DataError,
-    UsageError,
+from sketchwalk.metrics import block_mask_recall, oracle_selection, true_block_attention
+from sketchwalk.pipeline.flags import (
     check_output_dir,
     device_arg,
     flag_error,
     float_in,
     int_at_least,
 )
-from sketchwalk.metrics import block_mask_recall, oracle_selection, true_block_attention
 from sketchwalk.pipeline.plots import plot_file, plot_summary
 from sketchwalk.pipeline.runs import (
     SEED_DEFAULTS,

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from sketchwalk.blocks import DataError, UsageError
 from sketchwalk.config import SketchWalkConfig, config_from_args
-from sketchwalk.errors import DataError, UsageError, flag_error, int_at_least
+from sketchwalk.pipeline.flags import flag_error, int_at_least
 from sketchwalk.pipeline.tensorio import group_tensor_files, parse_tensor_filename
 
 # Longest sequence validate / compare accept unless --max_seq_len says otherwise: exact dense

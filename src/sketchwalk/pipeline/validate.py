@@ -31,9 +31,9 @@ from sketchwalk._version import __version__
 from sketchwalk.atomic import atomic_write, write_json
 from sketchwalk.attention.api import resolve_backend, sparse_attention
 from sketchwalk.attention.reference import dense_attention
-from sketchwalk.blocks import BlockSelection
+from sketchwalk.blocks import BlockSelection, DataError
 from sketchwalk.config import SketchWalkConfig, add_config_arguments
-from sketchwalk.errors import DataError, check_output_dir, device_arg, int_at_least
+from sketchwalk.pipeline.flags import check_output_dir, device_arg, int_at_least
 from sketchwalk.pipeline.runs import (
     SEED_DEFAULTS,
     add_run_arguments,
@@ -304,9 +304,7 @@ def run(args: argparse.Namespace) -> int:
         check_seq_len(seq["seq_len"], args.max_seq_len, str(seq["paths"][0]))
     out_dir = check_output_dir(args.output_dir)
     remove_stale_tmp(out_dir)
-    ts, finished, resumed_from = resume_results(
-        out_dir, "validation", args.resume, config
-    )
+    ts, finished, resumed_from = resume_results(out_dir, "validation", args.resume, config)
     if resumed_from is not None:
         print(f"resuming {resumed_from}: {len(finished)} files already done")
     results_path = out_dir / f"validation_results_{ts}.json"
