@@ -254,6 +254,59 @@ def check_selection(
         raise ValueError(
             f"{where}: selection is on {selection.block_mask.device} but q is on {q.device}"
         )
+    check_index_form(selection, where)
+
+
+def check_index_form(selection: BlockSelection, where: str) -> None:
+    """The index form (what kernels read) must describe the mask (what the reference reads):
+    a selection mutated after construction would make the two silently disagree.
+
+    Costs one pass over the (B, G, nq, nk) mask and, on CUDA, one host sync.
+    """
+    mask, num, idx = selection.block_mask, selection.kv_num_blocks, selection.kv_indices
+    if mask.dtype != torch.bool or mask.dim() != 4:
+        raise ValueError(f"{where}: selection.block_mask must be a bool (B, G, nq, nk) tensor")
+    if tuple(num.shape) != tuple(mask.shape[:3]) or tuple(idx.shape) != tuple(mask.shape):
+        raise ValueError(
+            f"{where}: selection index form kv_num_blocks {tuple(num.shape)} / kv_indices "
+            f"{tuple(idx.shape)} does not match its mask {tuple(mask.shape)}"
+        )
+    if num.is_floating_point() or idx.is_floating_point() or num.dtype == torch.bool:
+        raise ValueError(f"{where}: kv_num_blocks and kv_indices must be integer tensors")
+    if num.device != mask.device or idx.device != mask.device:
+        raise ValueError(f"{where}: selection tensors are on different devices")
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return  # no host sync while a CUDA graph is being captured
+    causal = causal_block_mask(mask.shape[-1], mask.device)
+    want_num, want_idx = compact_mask(mask & causal[-mask.shape[-2] :])
+    same = (num == want_num).all() & (idx.to(want_idx.dtype) == want_idx).all()
+    same &= ~(mask & ~causal[-mask.shape[-2] :]).any()
+    if not bool(same):
+        raise ValueError(
+            f"{where}: selection is inconsistent: its kv_num_blocks / kv_indices do not describe "
+            "its causal block_mask (was the mask changed after construction? build a new one "
+            "with BlockSelection.from_mask)"
+        )
+
+
+def check_finite(where: str, **tensors: torch.Tensor) -> None:
+    """Raise ValueError naming the first tensor holding NaN or Inf.
+
+    One float32 sum per tensor (no tensor-sized temporary) and one host sync on CUDA; only a
+    non-finite sum (NaN/Inf present, or finite values overflowing float32) triggers the exact
+    element check. Skipped while a CUDA graph is being captured (no sync possible).
+    """
+    if not tensors:
+        return
+    first = next(iter(tensors.values()))
+    if first.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {name} contains NaN or Inf")
 
 
 __all__ = [
@@ -264,6 +317,8 @@ __all__ = [
     "SketchwalkError",
     "UsageError",
     "causal_block_mask",
+    "check_finite",
+    "check_index_form",
     "check_qk",
     "check_qkv",
     "check_selection",
