@@ -15,6 +15,7 @@ from sketchwalk.blocks import UsageError
 
 __all__ = [
     "check_output_dir",
+    "config_value",
     "device_arg",
     "finite_float",
     "flag_error",
@@ -101,6 +102,27 @@ def device_arg(text: str) -> str:
                 f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) here"
             )
     return text
+
+
+def config_value(name: str, kind: Callable[[str], object] = float) -> Callable[[str], object]:
+    """A flag for `SketchWalkConfig` field ``name``, checked by the config's own validation."""
+    from sketchwalk.config import SketchWalkConfig
+
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            SketchWalkConfig(**{name: value})
+        except ValueError as exc:
+            message = str(exc).replace(f"SketchWalkConfig.{name} ", "")
+            message = message.replace("must be None or ", "must be ")
+            raise argparse.ArgumentTypeError(message) from None
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
 def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
