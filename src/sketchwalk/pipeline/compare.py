@@ -62,6 +62,7 @@ from sketchwalk.pipeline.plots import plot_file, plot_summary
 from sketchwalk.pipeline.runs import (
     SEED_DEFAULTS,
     add_run_arguments,
+    check_work,
     check_seq_len,
     compute_dtype,
     dense_cost_text,
@@ -319,7 +320,9 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None) -> Ske
     which budget wins)."""
     if base is None or getattr(args, "preset", None):
         return run_config(args, default_preset="seed")
-    return SketchWalkConfig.from_dict(base).with_overrides(**given_config_flags(args))
+    config = SketchWalkConfig.from_dict(base).with_overrides(**given_config_flags(args))
+    check_work(config)
+    return config
 
 
 # ---- CLI ---------------------------------------------------------------------------------------

@@ -48,12 +48,28 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
+# The damped walk converges geometrically; more steps than this only burn time (each is an
+# (nb x nb) matrix product per mask group and layer, run from Python).
+MAX_WALK_DEGREE = 1000
+
+
 def run_config(args: argparse.Namespace, default_preset: str = "seed") -> SketchWalkConfig:
     """`config_from_args` with a bad value reported as the flag's error (exit 2)."""
     try:
-        return config_from_args(args, default_preset=default_preset)
+        config = config_from_args(args, default_preset=default_preset)
     except ValueError as exc:
         raise flag_error(exc) from None
+    check_work(config)
+    return config
+
+
+def check_work(config: SketchWalkConfig) -> None:
+    """Refuse settings whose selection work has no useful bound."""
+    if config.walk and config.degree > MAX_WALK_DEGREE:
+        raise UsageError(
+            f"--degree {config.degree}: the walk would run {config.degree} matrix products per "
+            f"layer (it converges within tens of steps); use at most {MAX_WALK_DEGREE}"
+        )
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, results: str) -> None:
