@@ -62,8 +62,8 @@ from sketchwalk.pipeline.plots import plot_file, plot_summary
 from sketchwalk.pipeline.runs import (
     SEED_DEFAULTS,
     add_run_arguments,
-    check_work,
     check_seq_len,
+    check_work,
     compute_dtype,
     dense_cost_text,
     file_record_header,
