@@ -781,6 +781,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise UsageError(f"--text_file {args.text_file}: file not found")
+    if args.text_source == "file" and args.text_file is None:
+        raise UsageError("--text_source file needs --text_file")
     device = None if args.device in (None, "auto") else args.device
     collector = TensorCollector(
         model_path=args.model_path,
