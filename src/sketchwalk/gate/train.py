@@ -805,6 +805,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=d.threshold)
     parser.add_argument("--nz_ratio", type=float, default=d.nz_ratio)
     parser.add_argument("--checkpoint_every", type=int, default=d.checkpoint_every)
+    parser.add_argument(
+        "--text_source",
+        default=d.text_source,
+        choices=["auto", "austen", "stdlib", "file"],
+        help="real text, as collect takes it (default: %(default)s)",
+    )
+    parser.add_argument("--text_file", default=None, help="plain text or .jsonl file of text")
     parser.add_argument("--init_std", type=float, default=d.init_std)
     parser.add_argument(
         "--resume",
@@ -852,6 +859,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--device {cfg.device}: CUDA is not available here; use cpu")
     if cfg.text_file is not None and not Path(cfg.text_file).is_file():
         raise UsageError(f"--text_file {cfg.text_file}: file not found")
+    if cfg.text_source == "file" and cfg.text_file is None:
+        raise UsageError("--text_source file needs --text_file")
     if not args.cached:
         _check_output_dir(cfg.output_dir)
         remove_stale_tmp(cfg.output_dir)
