@@ -140,7 +140,6 @@ class GateTrainConfig:
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
-
     def capture_key(self) -> str:
         """Hash of the settings that decide the captured features (model, text, sizes)."""
         keys = (
@@ -588,8 +587,11 @@ def _load_untrusted(path: Path) -> Any:
 
 def run_training(cfg: GateTrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Capture (or reuse the cached capture), then train and save the gates in cfg.output_dir."""
+    from sketchwalk.atomic import remove_stale_tmp
+
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(output_dir)  # what a killed earlier run was writing
     torch.manual_seed(cfg.seed)
     seconds: dict[str, float] = {}
     feats_path = output_dir / FEATURES_NAME
@@ -852,8 +854,6 @@ def _check_output_dir(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sketchwalk.atomic import remove_stale_tmp
-
     cfg = config_from_args(args)
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {cfg.device}: CUDA is not available here; use cpu")
@@ -863,7 +863,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--text_source file needs --text_file")
     if not args.cached:
         _check_output_dir(cfg.output_dir)
-        remove_stale_tmp(cfg.output_dir)
     if args.cached:
         folder = ensure_default_gate(cfg=cfg, progress=not args.no_progress)
         info = json.loads((folder / INFO_NAME).read_text())

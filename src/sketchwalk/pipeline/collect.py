@@ -572,8 +572,11 @@ class TensorCollector:
         self.check_lengths(sequence_lengths)
         if num_samples < 1:
             raise CollectError(f"--num_samples must be >= 1, got {num_samples}")
+        from sketchwalk.atomic import remove_stale_tmp
+
         timestamp = datetime.now().strftime("%Y%m%d_%H%M%S")
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(self.output_dir)  # what a killed earlier run was writing
         earlier = sum(len(v) for v in group_tensor_files(self.output_dir).values())
         if earlier and not self.resume:
             print(
@@ -776,8 +779,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``sketchwalk collect``: returns 0 on success; raises a user error (`sketchwalk.cli.main`
     turns it into one stderr line and exit code 1 or 2)."""
-    from sketchwalk.atomic import remove_stale_tmp
-
     t0 = time.perf_counter()
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise UsageError(f"--text_file {args.text_file}: file not found")
@@ -802,7 +803,6 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     check_output_dir(args.output_dir)
-    remove_stale_tmp(args.output_dir)
     collector.load_model()
     collector.check_lengths(args.sequence_lengths)
     summaries = collector.collect(args.sequence_lengths, args.num_samples)

@@ -30,6 +30,9 @@ atomically after each), ``comparison_summary_{ts}.json`` (overall, sparse layers
 sequence length, by layer), a console table, and with ``--visualize`` PNG heatmaps
 ``comparison_{sample_id}.png`` for up to ``--max_plots`` files plus
 ``comparison_summary_{ts}.png`` (recall and overlap by layer).
+
+As in ``validate``: ``--max_seq_len`` refuses longer files up front, half-written samples are
+skipped, and ``--resume`` continues the latest ``comparison_results_*.json``.
 """
 
 from __future__ import annotations

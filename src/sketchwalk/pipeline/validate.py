@@ -12,6 +12,11 @@ dense baseline is the fastest SDPA backend available (cuDNN, flash, memory-effic
 sparse side uses ``--backend`` (``auto`` picks the fastest sparse kernel). On the CPU both sides
 are the plain PyTorch references (``reference-vs-reference``): they do the same O(T^2) work, so
 CPU speedups are about 1x by construction and say nothing about GPU kernels.
+
+Bounds and restarts: files longer than ``--max_seq_len`` tokens (default 32768) are refused
+before any work; a sample that a killed ``collect`` left half-written is skipped with a warning;
+``--resume`` continues the latest ``validation_results_*.json`` in ``--output_dir`` (finished
+files are kept as they are, their selections rerun only to carry the walk to later layers).
 """
 
 from __future__ import annotations
