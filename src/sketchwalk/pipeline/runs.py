@@ -1,6 +1,7 @@
 """What validate, compare and eval share about a run: the device and compute dtype, result
-file names, the sequences of a tensor folder in layer order (complete samples only), the work
-limit (``--max_seq_len``), resuming a killed run (``--resume``), and per-file record headers."""
+file names, the sequences of a tensor folder in layer order (and which are half-written
+samples), the work limit (``--max_seq_len``), resuming a killed run (``--resume``), and per-file
+record headers."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from sketchwalk.config import SketchWalkConfig, config_from_args
 from sketchwalk.pipeline.flags import flag_error, int_at_least
 from sketchwalk.pipeline.tensorio import group_tensor_files, parse_tensor_filename
 
-# Longest sequence validate / compare accept unless --max_seq_len says otherwise: exact dense
-# attention is O(T^2) (32K tokens: ~1 min per layer of a 135M model on one CPU core).
+# Longest sequence validate / compare accept unless --max_seq_len says otherwise: their exact
+# dense attention (and the true block attention) is O(T^2) work per layer.
 DEFAULT_MAX_SEQ_LEN = 32768
 
 # The seed CLI's defaults, shown in --help (the values come from the "seed" preset).
