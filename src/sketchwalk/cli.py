@@ -64,8 +64,8 @@ def exit_code_of(exc: BaseException) -> int | None:
         return exc.exit_code
     if isinstance(exc, _known_data_errors()):
         return EXIT_DATA
-    if isinstance(exc, OSError) and (exc.filename is not None or exc.errno is not None):
-        return EXIT_DATA  # unreadable / unwritable file, full disk, ...
+    if isinstance(exc, OSError):
+        return EXIT_DATA  # unreadable / unwritable / existing file, full disk, ...
     if isinstance(exc, MemoryError):
         return EXIT_DATA
     return None
