@@ -118,6 +118,37 @@ def test_no_traceback_in_a_real_process(corpus):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
+def test_handler_maps_each_error_to_one_line(capsys):
+    from sketchwalk.blocks import DataError, UsageError
+    from sketchwalk.cli import run_main
+    from sketchwalk.gate.checkpoint import GateCheckpointError
+    from sketchwalk.pipeline.tensorio import TensorFileError
+
+    def raising(exc):
+        def body():
+            raise exc
+
+        return body
+
+    for exc, code in (
+        (UsageError("--x must be >= 1, got 0"), 2),
+        (DataError("f.pt: bad"), 1),
+        (TensorFileError("f.pt", "truncated"), 1),
+        (GateCheckpointError("g: missing config.json"), 1),
+        (FileExistsError("out.json exists; refusing to overwrite it"), 1),
+        (PermissionError(13, "Permission denied", "/root/x"), 1),
+        (KeyError("a bug"), 3),
+    ):
+        assert run_main(raising(exc), "prog") == code
+        lines = stderr_lines(capsys.readouterr().err)
+        print(lines)
+        assert len(lines) == 1 and lines[0].startswith("prog: ")
+        assert ("internal error" in lines[0]) == (code == 3)
+    assert run_main(lambda: 0, "prog") == 0
+    with pytest.raises(KeyError):
+        run_main(raising(KeyError("a bug")), "prog", debug=True)
+
+
 def test_partial_sample_is_not_counted(tmp_path, capsys):
     """A sample whose files list layers that were never written (what a killed collect leaves)
     is skipped with a warning, not averaged in."""
