@@ -7,22 +7,28 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from sketchwalk.cli import UserErrorParser, add_debug_flag, run_main, wants_debug
 from sketchwalk.pipeline.validate import add_arguments, run
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = UserErrorParser(
         prog="validate_sketchwalk_tensors.py",
         description="Validate SketchWalk sparse attention against dense attention on collected "
         "tensors (same as `sketchwalk validate`).",
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    add_debug_flag(parser)
+    # one stderr line and exit code 2 (usage) / 1 (data) on a user error; --debug: traceback
+    return run_main(
+        lambda: run(parser.parse_args(argv)),
+        "validate_sketchwalk_tensors.py",
+        debug=wants_debug(argv),
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from sketchwalk.pipeline import compare
 from sketchwalk.pipeline import seer as seer_side
 from sketchwalk.pipeline.tensorio import save_tensor_file, tensor_filename
 from sketchwalk.selection.prefill import SketchWalk
-from sketchwalk.testing import make_qkv
+from sketchwalk.testing import make_qkv, stderr_lines
 
 REPO = Path(__file__).resolve().parents[1]
 TS = "20240219_120000"
@@ -373,19 +373,25 @@ def test_missing_layer_is_reported(tmp_path, capsys):
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
+    # user errors end with one stderr line naming the problem: exit 1 (data) or 2 (usage)
+    def fails(argv, code, pattern):
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        assert re.search(pattern, err), err
+        assert len(stderr_lines(err)) == 1 and "Traceback" not in err
+
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match=r"no tensor files .* in .*empty"):
-        main(_args(empty, tmp_path / "o"))
-    with pytest.raises(SystemExit, match=r"tensor folder not found: .*nowhere"):
-        main(_args(tmp_path / "nowhere", tmp_path / "o"))
+    fails(_args(empty, tmp_path / "o"), 1, r"no tensor files .* in .*empty")
+    fails(_args(tmp_path / "nowhere", tmp_path / "o"), 1, r"nowhere: tensor folder not found")
 
     bad = tmp_path / "bad"
     (good,) = write_files(bad, layers=(0,))
     corrupt = bad / tensor_filename(96, 1, 0, TS)
     corrupt.write_bytes(b"not a tensor file")
-    with pytest.raises(SystemExit, match=re.escape(corrupt.name) + ".*cannot read"):
-        main(_args(bad, tmp_path / "o", "--device", "cpu"))
+    fails(
+        _args(bad, tmp_path / "o", "--device", "cpu"), 1, re.escape(corrupt.name) + ".*cannot read"
+    )
 
     meta_dir = tmp_path / "meta"
     q, k, v = make_qkv(1, 2, 2, 32, 8)
@@ -393,25 +399,31 @@ def test_errors_name_the_problem(tmp_path, capsys):
     path = meta_dir / tensor_filename(32, 0, 0, TS)
     path.parent.mkdir()
     torch.save({"Q": q, "K": k, "V": v, "input_ids": ids, "metadata": {"seq_len": 32}}, path)
-    with pytest.raises(SystemExit, match=re.escape(path.name) + ".*metadata is missing"):
-        main(_args(meta_dir, tmp_path / "o", "--device", "cpu"))
+    fails(
+        _args(meta_dir, tmp_path / "o", "--device", "cpu"),
+        1,
+        re.escape(path.name) + ".*metadata is missing",
+    )
 
     gate_dir = tmp_path / "gate"
     write_files(gate_dir, layers=(0,), gate=True)
-    with pytest.raises(SystemExit, match="seerattn_scores has 6x6 blocks but --block_size 32"):
-        main(_args(gate_dir, tmp_path / "o", "--device", "cpu", "--block_size", "32"))
-
-    with pytest.raises(SystemExit, match="at most one of --seerattn_threshold"):
-        main(
-            _args(
-                good.parent,
-                tmp_path / "o",
-                "--seerattn_threshold",
-                "0.1",
-                "--seerattn_nz_ratio",
-                "0.5",
-            )
-        )
+    fails(
+        _args(gate_dir, tmp_path / "o", "--device", "cpu", "--block_size", "32"),
+        1,
+        "seerattn_scores has 6x6 blocks but --block_size 32",
+    )
+    fails(
+        _args(
+            good.parent,
+            tmp_path / "o",
+            "--seerattn_threshold",
+            "0.1",
+            "--seerattn_nz_ratio",
+            "0.5",
+        ),
+        2,
+        "at most one of --seerattn_threshold",
+    )
 
 
 def test_validation_dir_absent_or_empty_or_corrupt(tmp_path, capsys):

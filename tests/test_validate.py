@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from sketchwalk.cli import main
-from sketchwalk.testing import write_tensor_dir
+from sketchwalk.testing import stderr_lines, write_tensor_dir
 
 SEED_FIELDS = {
     "sample_id",
@@ -124,14 +124,23 @@ def test_save_masks(tmp_path):
     assert m.shape == (1, 1, 5, 5) and m.dtype.is_floating_point is False
 
 
-def test_errors_name_the_problem(tmp_path):
+def _run_rc(tmp_path, capsys):
+    argv = ["validate", "--tensor_dir", str(tmp_path / "t"), "--output_dir", str(tmp_path / "o")]
+    rc = main([*argv, "--device", "cpu"])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    # user errors end with one stderr line and exit code 1 (data), no traceback
     (tmp_path / "t").mkdir()
-    with pytest.raises(SystemExit, match="no tensor files"):
-        _run(tmp_path)
+    rc, err = _run_rc(tmp_path, capsys)
+    assert rc == 1 and "no tensor files" in err and len(stderr_lines(err)) == 1
     bad = tmp_path / "t" / "tensors_seq64_layer0_sample0_20260101_000000.pt"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match=str(bad.name)):
-        _run(tmp_path)
+    rc, err = _run_rc(tmp_path, capsys)
+    assert rc == 1 and bad.name in err and "Traceback" not in err
+    assert len(stderr_lines(err)) == 1
 
 
 def test_seed_script_runs_verbatim(tmp_path):

@@ -4,14 +4,18 @@ not at all, so a run killed halfway never leaves a half-written result behind.
 The content goes to a hidden temporary file in the destination folder (same filesystem), is
 flushed to disk, and is then renamed over the final name (or hard-linked to it when overwriting
 is refused, which fails if the name was taken meanwhile). The temporary file is removed on any
-error. Imports nothing from the rest of the package.
+error; a temporary file left by a killed process (its name carries the writer's process id) is
+removed by `remove_stale_tmp`, which every command runs on its output folder first. Imports
+nothing from the rest of the package.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,9 @@ def atomic_write(
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
@@ -62,6 +68,55 @@ def atomic_write(
     return path
 
 
+# .<final name>.<pid>.<random>.tmp (the random part from mkstemp has no dots)
+_TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
+_LEGACY_TMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# temporary files without a process id (older versions) count as stale after this long
+_LEGACY_TMP_AGE_S = 3600.0
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporary files that killed writers left in ``folder``.
+
+    A file ``.<name>.<pid>.<random>.tmp`` is removed when process ``pid`` no longer runs (a
+    writer that is still running keeps its file); one without a process id when it is over an
+    hour old. Returns the paths removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for entry in folder.iterdir():
+        name = entry.name
+        if _LEGACY_TMP_RE.match(name) is None or not entry.is_file():
+            continue
+        match = _TMP_RE.match(name)
+        try:
+            if match is not None:
+                stale = not _alive(int(match["pid"]))
+            else:
+                stale = now - entry.stat().st_mtime > _LEGACY_TMP_AGE_S
+            if stale:
+                entry.unlink()
+                removed.append(entry)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+    return removed
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # tensors and numpy values
         return obj.tolist()
@@ -80,4 +135,4 @@ def write_json(path: str | os.PathLike, data: Any, overwrite: bool = True) -> Pa
     return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n", overwrite)
 
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "write_json", "write_text"]
+__all__ = ["TMP_SUFFIX", "atomic_write", "remove_stale_tmp", "write_json", "write_text"]

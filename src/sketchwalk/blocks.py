@@ -1,5 +1,7 @@
 """What every layer of sketchwalk shares: block counts, the causal block mask, the
-`BlockSelection` a selector hands to an attention kernel, and the q/k/v input checks.
+`BlockSelection` a selector hands to an attention kernel, the q/k/v input checks, and the two
+kinds of user error every command raises (`UsageError`: a flag value, exit code 2; `DataError`:
+an input file or request, exit code 1; `sketchwalk.cli.main` turns them into one stderr line).
 
 Imports nothing from the rest of the package (only the configuration may sit beside it).
 """
@@ -9,6 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+EXIT_DATA = 1
+EXIT_USAGE = 2
+
+
+class SketchwalkError(Exception):
+    """Base of the errors a user can fix; ``exit_code`` is what the CLI returns."""
+
+    exit_code = EXIT_DATA
+
+
+class UsageError(SketchwalkError, ValueError):
+    """A flag value or combination that cannot work (exit 2); the message names the flag."""
+
+    exit_code = EXIT_USAGE
+
+
+class DataError(SketchwalkError, ValueError):
+    """An input file or request that cannot be used (exit 1); the message names the file."""
+
+    exit_code = EXIT_DATA
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -205,9 +228,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: str) -> 
 
 
 def check_selection(
-    selection: BlockSelection, q: torch.Tensor, k: torch.Tensor, where: str
+    selection: BlockSelection,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    where: str,
+    finite: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """The selection must cover q/k's sequence and have a mask group per layer, KV head or head."""
+    """The selection must cover q/k's sequence, have a mask group per layer, KV head or head, and
+    an index form that describes its mask (`check_index_form`). ``finite`` tensors are checked
+    for NaN/Inf in the same pass (`check_finite`), so on CUDA all of it costs one host sync."""
     if not isinstance(selection, BlockSelection):
         raise ValueError(
             f"{where}: selection must be a BlockSelection, got {type(selection).__name__}"
@@ -236,11 +265,102 @@ def check_selection(
         raise ValueError(
             f"{where}: selection is on {selection.block_mask.device} but q is on {q.device}"
         )
+    _check_index_shapes(selection, where)
+    if _capturing(q):
+        return  # no host sync while a CUDA graph is being captured
+    ok = _index_form_ok(selection)
+    finite_ok = _finite_sums(finite or {})
+    if bool(ok & finite_ok):  # the one host sync
+        return
+    if not bool(ok):
+        raise ValueError(_INCONSISTENT.format(where=where))
+    _raise_non_finite(where, finite or {})
+
+
+_INCONSISTENT = (
+    "{where}: selection is inconsistent: its kv_num_blocks / kv_indices do not describe its "
+    "causal block_mask (was the mask changed after construction? build a new one with "
+    "BlockSelection.from_mask)"
+)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_index_shapes(selection: BlockSelection, where: str) -> None:
+    mask, num, idx = selection.block_mask, selection.kv_num_blocks, selection.kv_indices
+    if mask.dtype != torch.bool or mask.dim() != 4:
+        raise ValueError(f"{where}: selection.block_mask must be a bool (B, G, nq, nk) tensor")
+    if tuple(num.shape) != tuple(mask.shape[:3]) or tuple(idx.shape) != tuple(mask.shape):
+        raise ValueError(
+            f"{where}: selection index form kv_num_blocks {tuple(num.shape)} / kv_indices "
+            f"{tuple(idx.shape)} does not match its mask {tuple(mask.shape)}"
+        )
+    if num.is_floating_point() or idx.is_floating_point() or num.dtype == torch.bool:
+        raise ValueError(f"{where}: kv_num_blocks and kv_indices must be integer tensors")
+    if num.device != mask.device or idx.device != mask.device:
+        raise ValueError(f"{where}: selection tensors are on different devices")
+
+
+def _index_form_ok(selection: BlockSelection) -> torch.Tensor:
+    """0-d bool tensor: the index form equals the compacted causal mask, nothing above the
+    diagonal (one pass over the (B, G, nq, nk) mask, no host sync)."""
+    mask = selection.block_mask
+    causal = causal_block_mask(mask.shape[-1], mask.device)[-mask.shape[-2] :]
+    want_num, want_idx = compact_mask(mask & causal)
+    ok = (selection.kv_num_blocks == want_num).all()
+    ok &= (selection.kv_indices.to(want_idx.dtype) == want_idx).all()
+    return ok & ~(mask & ~causal).any()
+
+
+def check_index_form(selection: BlockSelection, where: str) -> None:
+    """The index form (what kernels read) must describe the mask (what the reference reads): a
+    selection mutated after construction would make the two silently disagree. Empty rows are
+    allowed (they attend to nothing and give 0)."""
+    _check_index_shapes(selection, where)
+    if not _capturing(selection.block_mask) and not bool(_index_form_ok(selection)):
+        raise ValueError(_INCONSISTENT.format(where=where))
+
+
+def _finite_sums(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor: every tensor's float32 sum is finite (true when each tensor is finite,
+    unless finite values overflow float32; `_raise_non_finite` then looks at the elements)."""
+    if not tensors:
+        return torch.tensor(True)
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])
+    return torch.isfinite(sums).all()
+
+
+def _raise_non_finite(where: str, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {name} contains NaN or Inf")
+
+
+def check_finite(where: str, **tensors: torch.Tensor) -> None:
+    """Raise ValueError naming the first tensor holding NaN or Inf.
+
+    One float32 sum per tensor (no tensor-sized temporary) and one host sync on CUDA; only a
+    non-finite sum triggers the exact element check. Skipped while a CUDA graph is being
+    captured (no sync possible).
+    """
+    if not tensors or _capturing(next(iter(tensors.values()))):
+        return
+    if not bool(_finite_sums(tensors)):
+        _raise_non_finite(where, tensors)
 
 
 __all__ = [
+    "EXIT_DATA",
+    "EXIT_USAGE",
     "BlockSelection",
+    "DataError",
+    "SketchwalkError",
+    "UsageError",
     "causal_block_mask",
+    "check_finite",
+    "check_index_form",
     "check_qk",
     "check_qkv",
     "check_selection",

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from sketchwalk.blocks import BlockSelection, causal_block_mask, num_blocks
+from sketchwalk.blocks import BlockSelection, causal_block_mask, check_finite, num_blocks
 
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -60,11 +60,34 @@ def density(selection: BlockSelection) -> float:
 
 
 def _query_chunks(t: int, heads: int, block_size: int, chunk_size: int | None):
+    """Row ranges of about ``chunk_size`` query rows (by default ~2^24 probabilities each, with
+    ``heads`` = batch x query heads), whole query blocks where a block fits in the budget. Callers
+    accumulate per block, so a block larger than the budget (even block_size >= T) is split
+    rather than held at once."""
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // max(1, heads * t))
-    rows = max(block_size, (chunk_size // block_size) * block_size)
+    rows = (chunk_size // block_size) * block_size if chunk_size >= block_size else chunk_size
+    rows = max(1, rows)
     for start in range(0, t, rows):
         yield start, min(t, start + rows)
+
+
+def _reduce_key_blocks(p: torch.Tensor, block_size: int, nb: int, reduce: str) -> torch.Tensor:
+    """(..., S) probabilities -> (..., nb) per key block (``"sum"`` or ``"max"``); blocks past
+    S are 0. No padding to nb * block_size (which is huge when block_size >> S)."""
+    s = p.shape[-1]
+    full = s // block_size
+    parts = []
+    if full:
+        body = p[..., : full * block_size].unflatten(-1, (full, block_size))
+        parts.append(body.sum(-1) if reduce == "sum" else body.amax(-1))
+    if s > full * block_size:
+        tail = p[..., full * block_size :]
+        parts.append(tail.sum(-1, keepdim=True) if reduce == "sum" else tail.amax(-1, keepdim=True))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    if out.shape[-1] < nb:
+        out = torch.nn.functional.pad(out, (0, nb - out.shape[-1]))
+    return out
 
 
 def _causal_probs(
@@ -107,6 +130,7 @@ def attention_recall(
     vector averaged over batch and rows instead). 1.0 means the selection loses nothing.
     """
     _check_qk_pair(q, k, "attention_recall")
+    check_finite("attention_recall", q=q, k=k)
     b, hq, t, d = q.shape
     bs = selection.block_size
     if selection.seq_len != t:
@@ -115,10 +139,10 @@ def attention_recall(
     head_mask = selection.head_mask(hq, k.shape[1])
     nb = num_blocks(t, bs)
     total = torch.zeros(hq, dtype=torch.float64, device=q.device)
-    for start, stop in _query_chunks(t, hq, bs, chunk_size):
+    for start, stop in _query_chunks(t, b * hq, bs, chunk_size):
         p = _causal_probs(q, k, start, stop, scale)
-        p = torch.nn.functional.pad(p, (0, nb * bs - stop))
-        p_blocks = p.view(b, hq, stop - start, nb, bs).sum(-1)
+        p_blocks = _reduce_key_blocks(p, bs, nb, "sum")
+        del p
         rows_mask = head_mask[:, :, torch.arange(start, stop, device=q.device) // bs]
         kept = (p_blocks * rows_mask).sum(-1)  # (B, Hq, C)
         total += kept.double().sum(dim=(0, 2))
@@ -149,27 +173,26 @@ def true_block_attention(
     if reduce not in ("sum", "max"):
         raise ValueError(f"true_block_attention: reduce must be 'sum' or 'max', got {reduce!r}")
     _check_qk_pair(q, k, "true_block_attention")
+    check_finite("true_block_attention", q=q, k=k)
     b, hq, t, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     nb = num_blocks(t, block_size)
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
-    for start, stop in _query_chunks(t, hq, block_size, chunk_size):
-        c = stop - start
+    for start, stop in _query_chunks(t, b * hq, block_size, chunk_size):
         p = _causal_probs(q, k, start, stop, scale)
-        p = torch.nn.functional.pad(p, (0, nb * block_size - stop)).view(b, hq, c, nb, block_size)
-        p = p.sum(-1) if reduce == "sum" else p.amax(-1)  # (B, Hq, C, nb)
-        qpad = (-c) % block_size
-        rows = c + qpad
-        fill = 0.0
-        p = torch.nn.functional.pad(p, (0, 0, 0, qpad), value=fill)
-        p = p.view(b, hq, rows // block_size, block_size, nb)
-        i0 = start // block_size
+        per_row = _reduce_key_blocks(p, block_size, nb, reduce)  # (B, Hq, C, nb)
+        del p
+        # rows -> query blocks; a chunk may hold part of a block (accumulated across chunks)
+        row_block = torch.arange(start, stop, device=q.device) // block_size
         if reduce == "sum":
-            counts = torch.full((rows // block_size,), float(block_size), device=q.device)
-            counts[-1] = block_size - qpad
-            out[:, :, i0 : i0 + rows // block_size] = p.sum(3) / counts[:, None]
+            out.index_add_(2, row_block, per_row)
         else:
-            out[:, :, i0 : i0 + rows // block_size] = p.amax(3)
+            index = row_block[None, None, :, None].expand_as(per_row)
+            out.scatter_reduce_(2, index, per_row, "amax", include_self=True)
+    if reduce == "sum":  # mean over each block's rows (the tail block has fewer)
+        counts = torch.full((nb,), float(block_size), device=q.device)
+        counts[-1] = t - (nb - 1) * block_size
+        out /= counts[:, None]
     return out
 
 

@@ -4,6 +4,7 @@ benchmarks."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -172,11 +173,21 @@ def write_tensor_dir(
     return paths
 
 
+_PROGRESS_BAR = re.compile(r"^\s*[\w\- ]*:?\s*\d+%\|")
+
+
+def stderr_lines(err: str) -> list[str]:
+    """The lines of a command's stderr that are not tqdm progress-bar updates."""
+    parts = re.split(r"[\r\n]", err)
+    return [p for p in parts if p.strip() and not _PROGRESS_BAR.match(p)]
+
+
 __all__ = [
     "assert_within_rule",
     "make_qkv",
     "mask_groups",
     "masked_attention_low_precision",
     "random_selection",
+    "stderr_lines",
     "write_tensor_dir",
 ]

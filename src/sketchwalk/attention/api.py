@@ -155,7 +155,8 @@ def sparse_attention(
         (B, Hq, T, D) in q's dtype.
     """
     check_qkv(q, k, v, "sparse_attention")
-    check_selection(selection, q, k, "sparse_attention")
+    # shapes, the selection's consistency and NaN/Inf in q/k/v: one host sync on CUDA
+    check_selection(selection, q, k, "sparse_attention", finite={"q": q, "k": k, "v": v})
     name = resolve_backend(backend, q, "prefill")
     if name == "reference":
         return sparse_attention_reference(q, k, v, selection, scale)

@@ -12,17 +12,18 @@ import math
 
 import torch
 
-from sketchwalk.blocks import BlockSelection, check_qkv
+from sketchwalk.blocks import BlockSelection, check_finite, check_qkv
 
 # Elements of the float32 score matrix of one chunk (about 64 MiB).
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _chunk_rows(num_heads: int, num_keys: int, chunk_size: int | None, multiple: int = 1) -> int:
+def _chunk_rows(num_heads: int, num_keys: int, chunk_size: int | None) -> int:
+    """Query rows per chunk: ``chunk_size``, or about 2^24 scores with ``num_heads`` = batch x
+    query heads."""
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // max(1, num_heads * num_keys))
-    chunk_size = max(multiple, (chunk_size // multiple) * multiple)
-    return chunk_size
+        chunk_size = _CHUNK_ELEMENTS // max(1, num_heads * num_keys)
+    return max(1, chunk_size)
 
 
 def _attend_chunk(
@@ -75,10 +76,11 @@ def dense_attention(
         (B, Hq, T, D) in q's dtype, like ``F.scaled_dot_product_attention``.
     """
     check_qkv(q, k, v, "dense_attention")
+    check_finite("dense_attention", q=q, k=k, v=v)
     b, hq, t, d = q.shape
     s = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    rows = _chunk_rows(hq, s, chunk_size)
+    rows = _chunk_rows(b * hq, s, chunk_size)
     out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
     key_pos = torch.arange(s, device=q.device)
     for start in range(0, t, rows):
@@ -107,7 +109,7 @@ def sparse_attention_reference(
 ) -> torch.Tensor:
     """Plain PyTorch block-sparse attention (the reference every fast path is tested against).
 
-    Algorithm: for each chunk of whole query blocks, expand the chunk's rows of the block mask to
+    Algorithm: for each chunk of query rows, expand the chunk's rows of the block mask to
     token level (query token i may see key token j iff block (i // bs, j // bs) is kept and
     j <= i), then run exact masked softmax attention in float32. Rows with no visible key give 0.
     """
@@ -116,7 +118,9 @@ def sparse_attention_reference(
     bs = selection.block_size
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     head_mask = selection.head_mask(hq, hkv)  # (B, Hq, nb, nb)
-    rows = _chunk_rows(hq, t, chunk_size, multiple=bs)
+    # Chunks need not be whole blocks (each row reads its own block's mask row): a block larger
+    # than the chunk budget (block_size >= T, say) must not turn into one T x T chunk.
+    rows = _chunk_rows(b * hq, t, chunk_size)
     out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
     key_pos = torch.arange(t, device=q.device)
     key_block = key_pos // bs

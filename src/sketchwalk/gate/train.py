@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -38,9 +39,11 @@ from typing import Any
 import torch
 
 from sketchwalk.atomic import atomic_write
+from sketchwalk.blocks import UsageError
 from sketchwalk.gate.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    GateCheckpointError,
     GateConfig,
     GateSet,
     load_gate_checkpoint,
@@ -105,7 +108,10 @@ class GateTrainConfig:
 
     def __post_init__(self) -> None:
         self.seq_lengths = tuple(int(t) for t in self.seq_lengths)
-        parse_gate_type(self.gate_type)
+        try:
+            parse_gate_type(self.gate_type)
+        except ValueError as exc:
+            raise ValueError(f"gate_type: {exc}") from None
         if not self.seq_lengths or min(self.seq_lengths) < 2 * self.block_size:
             raise ValueError(
                 f"seq_lengths must be >= 2 * block_size ({2 * self.block_size}), got "
@@ -114,8 +120,25 @@ class GateTrainConfig:
         for name in ("num_samples", "steps", "checkpoint_every", "block_size", "hidden_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.heldout_samples < 0 or self.lr <= 0:
-            raise ValueError("heldout_samples must be >= 0 and lr > 0")
+        if self.heldout_samples < 0:
+            raise ValueError(f"heldout_samples must be >= 0, got {self.heldout_samples}")
+        for name, low, low_open in (("lr", 0.0, True), ("weight_decay", 0.0, False)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (low_open and value == low):
+                raise ValueError(f"{name} must be {'>' if low_open else '>='} 0, got {value}")
+        if not math.isfinite(self.init_std) or self.init_std <= 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        # gate scores are softmax probabilities: a threshold >= 1 keeps no block at all
+        if not (math.isfinite(self.threshold) and 0.0 <= self.threshold < 1.0):
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if not (math.isfinite(self.nz_ratio) and 0.0 < self.nz_ratio <= 1.0):
+            raise ValueError(f"nz_ratio must be in (0, 1], got {self.nz_ratio}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
     def capture_key(self) -> str:
         """Hash of the settings that decide the captured features (model, text, sizes)."""
@@ -468,6 +491,7 @@ def _save_run(
         "step": step,
         "optimizer": opt.state_dict(),
         "history": torch.tensor(history, dtype=torch.float64),
+        "gates": {k: v.detach().cpu().clone() for k, v in gates.state_dict().items()},
     }
     atomic_write(output_dir / TRAIN_STATE_NAME, lambda tmp: torch.save(state, tmp))
     gates.to(cfg.device)
@@ -488,12 +512,23 @@ def load_model_and_samples(
         (model, train ids, held-out ids, base_model), ids of shape (1, T) on ``cfg.device``;
         ``base_model`` is what config.json records (the alias, or the model folder's path).
     """
-    from sketchwalk.hf.models import ALIASES, load_model
+    from sketchwalk.hf.models import ALIASES, ModelNotFoundError, load_model
     from sketchwalk.hf.text import make_passages
 
-    model, tokenizer, _resolved = load_model(
-        cfg.model_path, device=cfg.device, dtype=getattr(torch, cfg.dtype)
-    )
+    try:
+        model, tokenizer, _resolved = load_model(
+            cfg.model_path, device=cfg.device, dtype=getattr(torch, cfg.dtype)
+        )
+    except (ModelNotFoundError, MemoryError):
+        raise
+    except Exception as exc:  # transformers raises many types for a broken model folder
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        why = next((x for x in lines if "GLOBAL" in x), lines[0] if lines else "")
+        raise GateCheckpointError(
+            f"--model_path {cfg.model_path}: cannot load the model ({type(exc).__name__}: "
+            f"{why[:300]})"
+        ) from None
+    check_context(cfg, getattr(model.config, "max_position_embeddings", None))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -517,10 +552,46 @@ def load_model_and_samples(
     return model, train, heldout, base
 
 
+def check_context(cfg: GateTrainConfig, max_positions: int | None) -> None:
+    """Refuse training lengths beyond the model's positions before any capture, with the cost.
+
+    Raises:
+        UsageError: a ``--seq_lengths`` value exceeds ``max_positions``.
+    """
+    if max_positions is None:
+        return
+    too_long = [t for t in cfg.seq_lengths if t > max_positions]
+    if too_long:
+        worst = max(too_long)
+        raise UsageError(
+            f"--seq_lengths {too_long} exceed the model's {max_positions} positions "
+            f"(max_position_embeddings): its attention there is out of distribution, and the "
+            f"targets' exact attention would cost {(worst / max_positions) ** 2:.3g}x that of "
+            f"{max_positions} tokens per sample; use lengths <= {max_positions}"
+        )
+
+
+def _load_untrusted(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a file this package wrote; a corrupt, truncated or
+    code-carrying file is one GateCheckpointError (nothing in it ever runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling, zip and EOF errors
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        why = next((x for x in lines if "GLOBAL" in x), lines[-1] if lines else "")
+        raise GateCheckpointError(
+            f"{path}: cannot be read as plain tensors ({type(exc).__name__}: {why[:200]}); "
+            "delete it to start over"
+        ) from None
+
+
 def run_training(cfg: GateTrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Capture (or reuse the cached capture), then train and save the gates in cfg.output_dir."""
+    from sketchwalk.atomic import remove_stale_tmp
+
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(output_dir)  # what a killed earlier run was writing
     torch.manual_seed(cfg.seed)
     seconds: dict[str, float] = {}
     feats_path = output_dir / FEATURES_NAME
@@ -562,21 +633,51 @@ def train_from_features(
     state_path = output_dir / TRAIN_STATE_NAME
     start, opt_state, history, info = 0, None, None, {"seconds": dict(seconds or {})}
     if resume and state_path.is_file():
-        gates = load_gate_checkpoint(output_dir)
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        start, opt_state = int(state["step"]), state["optimizer"]
-        history = [float(x) for x in state["history"]]
-        old = json.loads((output_dir / INFO_NAME).read_text())
-        info = {
-            "heldout_kl_before": old.get("heldout_kl_before"),
-            "seconds": {**old.get("seconds", {}), **(seconds or {})},
-        }
+        gates, start, opt_state, history, info = _resume_state(
+            state_path, output_dir, gate_cfg, seconds
+        )
     else:
         torch.manual_seed(cfg.seed)
         gates = GateSet(gate_cfg, init_std=cfg.init_std)
     return train_gates(
         gates, train, heldout, cfg, output_dir, start, opt_state, history, info, progress
     )
+
+
+def _resume_state(
+    state_path: Path, output_dir: Path, gate_cfg: GateConfig, seconds: dict[str, float] | None
+) -> tuple[GateSet, int, dict, list[float], dict[str, Any]]:
+    """The gates, step, optimizer state, loss history and info of a checkpointed run.
+
+    The gate weights come from train_state.pt itself (saved with the optimizer state it belongs
+    to), so a run killed between writing the weights file and the state resumes consistently.
+    """
+    state = _load_untrusted(state_path)
+    try:
+        start = int(state["step"])
+        opt_state = state["optimizer"]
+        history = [float(x) for x in state["history"]]
+        if "gates" in state:
+            gates = GateSet(gate_cfg)
+            gates.load_state_dict(state["gates"])
+        else:  # written by an earlier version: the weights file beside it
+            gates = load_gate_checkpoint(output_dir)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise GateCheckpointError(
+            f"{state_path}: not a training state of these gates ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); delete it to start over"
+        ) from None
+    try:
+        old = json.loads((output_dir / INFO_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    old_seconds = old.get("seconds") if isinstance(old.get("seconds"), dict) else {}
+    info = {
+        "heldout_kl_before": old.get("heldout_kl_before"),
+        "seconds": {**old_seconds, **(seconds or {})},
+    }
+    return gates, start, opt_state, history, info
 
 
 def _save_features(
@@ -595,17 +696,23 @@ def _load_features(
 ) -> tuple[GateFeatures, GateFeatures | None, GateConfig] | None:
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    meta = json.loads(bytes(state.pop("meta").tolist()).decode())
-    if meta.get("key") != key:
-        return None
-    train = {k[6:]: v for k, v in state.items() if k.startswith("train.")}
-    held = {k[8:]: v for k, v in state.items() if k.startswith("heldout.")}
-    return (
-        GateFeatures.from_state(train),
-        GateFeatures.from_state(held) if held else None,
-        GateConfig(**meta["gate_config"]),
-    )
+    state = _load_untrusted(path)
+    try:
+        meta = json.loads(bytes(state.pop("meta").tolist()).decode())
+        if meta.get("key") != key:
+            return None
+        train = {k[6:]: v for k, v in state.items() if k.startswith("train.")}
+        held = {k[8:]: v for k, v in state.items() if k.startswith("heldout.")}
+        return (
+            GateFeatures.from_state(train),
+            GateFeatures.from_state(held) if held else None,
+            GateConfig(**meta["gate_config"]),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        raise GateCheckpointError(
+            f"{path}: not a feature cache of train-gate ({type(exc).__name__}); delete it to "
+            "capture again"
+        ) from None
 
 
 # --- default gate for the embedded model -------------------------------------------------------
@@ -700,6 +807,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=d.threshold)
     parser.add_argument("--nz_ratio", type=float, default=d.nz_ratio)
     parser.add_argument("--checkpoint_every", type=int, default=d.checkpoint_every)
+    parser.add_argument(
+        "--text_source",
+        default=d.text_source,
+        choices=["auto", "austen", "stdlib", "file"],
+        help="real text, as collect takes it (default: %(default)s)",
+    )
+    parser.add_argument("--text_file", default=None, help="plain text or .jsonl file of text")
     parser.add_argument("--init_std", type=float, default=d.init_std)
     parser.add_argument(
         "--resume",
@@ -716,16 +830,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GateTrainConfig:
+    """The training settings of parsed flags; a bad value is a `UsageError` naming the flag."""
     names = {f.name for f in dataclasses.fields(GateTrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if args.output_dir is None:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(args.model_path).name)
         values["output_dir"] = str(Path("gates") / safe)
-    return GateTrainConfig(**values)
+    try:
+        return GateTrainConfig(**values)
+    except ValueError as exc:  # messages start with the field name, which is the flag's
+        raise UsageError(f"--{exc}") from None
+
+
+def _check_output_dir(path: str) -> None:
+    folder = Path(path)
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--output_dir {folder}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UsageError(f"--output_dir {folder}: {parent} is not writable")
+            return
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: CUDA is not available here; use cpu")
+    if cfg.text_file is not None and not Path(cfg.text_file).is_file():
+        raise UsageError(f"--text_file {cfg.text_file}: file not found")
+    if cfg.text_source == "file" and cfg.text_file is None:
+        raise UsageError("--text_source file needs --text_file")
+    if not args.cached:
+        _check_output_dir(cfg.output_dir)
     if args.cached:
         folder = ensure_default_gate(cfg=cfg, progress=not args.no_progress)
         info = json.loads((folder / INFO_NAME).read_text())

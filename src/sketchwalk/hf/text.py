@@ -160,7 +160,7 @@ def _file_documents(path: Path) -> Iterator[tuple[str, str]]:
     if not path.is_file():
         raise TextSourceError(f"--text_file {path} not found")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8", errors="replace") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -171,6 +171,11 @@ def _file_documents(path: Path) -> Iterator[tuple[str, str]]:
                 if isinstance(obj, str):
                     yield f"line {lineno}", obj
                     continue
+                if not isinstance(obj, dict):
+                    raise TextSourceError(
+                        f"{path}:{lineno}: expected a JSON string or object, found "
+                        f"{type(obj).__name__}"
+                    )
                 field = next((f for f in JSONL_FIELDS if isinstance(obj.get(f), str)), None)
                 if field is None:
                     raise TextSourceError(

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from sketchwalk.atomic import write_json
+from sketchwalk.blocks import UsageError
+from sketchwalk.pipeline.flags import check_output_dir, device_arg, int_at_least
 
 __all__ = [
     "CollectError",
@@ -208,6 +210,26 @@ def seerattn_gate_tensors(
 # --------------------------------------------------------------------------- collector
 
 
+def load_model_checked(load: Any, model_path: Any, **kwargs: Any) -> Any:
+    """``load(model_path, **kwargs)`` (`sketchwalk.hf.models.load_model`) with any failure of
+    transformers on a broken model folder (bad config, truncated or refused weights, missing
+    tokenizer) reported as one `CollectError` naming the folder. Remote code never runs:
+    ``trust_remote_code`` is never passed."""
+    from sketchwalk.hf.models import ModelNotFoundError
+
+    try:
+        return load(model_path, **kwargs)
+    except (ModelNotFoundError, MemoryError):
+        raise
+    except Exception as exc:  # transformers raises many types for a broken folder
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        blocked = next((line for line in lines if "GLOBAL" in line), None)
+        why = blocked or (lines[0] if lines else type(exc).__name__)
+        raise CollectError(
+            f"--model_path {model_path}: cannot load the model ({type(exc).__name__}: {why[:300]})"
+        ) from None
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -318,19 +340,26 @@ class TensorCollector:
             )
         t0 = time.perf_counter()
         model_dtype = None if self.model_dtype_name == "auto" else DTYPES[self.model_dtype_name]
-        self.model, self.tokenizer, self.resolved = load_model(
-            self.model_path, device=self.device, dtype=model_dtype
+        self.model, self.tokenizer, self.resolved = load_model_checked(
+            load_model, self.model_path, device=self.device, dtype=model_dtype
         )
         self.timings["load_model_s"] = time.perf_counter() - t0
         self.gate = load_seerattn_gate(self.resolved.gate_dir, self.device)
         store = None if self.dtype_name == "auto" else DTYPES[self.dtype_name]
-        self.capture = AttentionCapture(
-            self.model,
-            layers=self.layers,
-            dtype=store,
-            offload=True,
-            pre_rope=self.save_pre_rope or self.gate is not None,
-        )
+        n_layers = int(getattr(self.model.config, "num_hidden_layers", 0) or 0)
+        bad = [i for i in self.layers or () if n_layers and i >= n_layers]
+        if bad:
+            raise UsageError(f"--layers {bad}: the model has {n_layers} layers (0..{n_layers - 1})")
+        try:
+            self.capture = AttentionCapture(
+                self.model,
+                layers=self.layers,
+                dtype=store,
+                offload=True,
+                pre_rope=self.save_pre_rope or self.gate is not None,
+            )
+        except ValueError as exc:
+            raise CollectError(f"--model_path {self.model_path}: {exc}") from None
         self.capture.__enter__()
         return self.model, self.tokenizer
 
@@ -458,6 +487,9 @@ class TensorCollector:
                 "batch_size": b,
                 "timestamp": timestamp,
                 "sample": sample_idx,
+                # every layer of this sample: a reader can tell a sample that a killed run left
+                # half-written from a complete one
+                "sample_layers": sorted(self.capture.layers),
                 "dtype": str(q.dtype).replace("torch.", ""),
                 **base,
                 **info,
@@ -541,8 +573,11 @@ class TensorCollector:
         self.check_lengths(sequence_lengths)
         if num_samples < 1:
             raise CollectError(f"--num_samples must be >= 1, got {num_samples}")
+        from sketchwalk.atomic import remove_stale_tmp
+
         timestamp = datetime.now().strftime("%Y%m%d_%H%M%S")
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(self.output_dir)  # what a killed earlier run was writing
         earlier = sum(len(v) for v in group_tensor_files(self.output_dir).values())
         if earlier and not self.resume:
             print(
@@ -630,21 +665,43 @@ class TensorCollector:
 # --------------------------------------------------------------------------- CLI
 
 
-def _parse_layers(values: Sequence[str] | None) -> list[int] | None:
+def _layer_spec(text: str) -> list[int]:
+    """One ``--layers`` value: ``all``, ``5``, ``0-3`` or ``0-3,8`` (indices >= 0, ranges low-high
+    with low <= high); argparse ``type=`` so a bad value is refused before the model loads."""
+    if text == "all":
+        return []
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo_text, hi_text = part.split("-", 1)
+                lo, hi = int(lo_text), int(hi_text)
+                if lo > hi:
+                    raise argparse.ArgumentTypeError(
+                        f"range {part!r} is empty (low > high); write {hi}-{lo}"
+                    )
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not a layer index or range (e.g. 0 5 10, 0-3,8 or all)"
+            ) from None
+    if any(i < 0 for i in out):
+        raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {text!r}")
+    return out
+
+
+def _parse_layers(values: Sequence[str | list[int]] | None) -> list[int] | None:
     if not values or values == ["all"]:
         return None
     out: list[int] = []
     for value in values:
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
-    return out
+        out.extend(value if isinstance(value, list) else _layer_spec(str(value)))
+    return out or None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -658,17 +715,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="./tensor_data", help="where files are written")
     parser.add_argument(
         "--sequence_lengths",
-        type=int,
+        type=int_at_least(2),
         nargs="+",
         default=[4096, 8192, 16384],
         help="sequence lengths in tokens (default: 4096 8192 16384)",
     )
-    parser.add_argument("--num_samples", type=int, default=5, help="samples per length")
+    parser.add_argument("--num_samples", type=int_at_least(1), default=5, help="samples per length")
     parser.add_argument(
-        "--device", default=None, help="cuda / cpu / cuda:1 (default: cuda when available)"
+        "--device",
+        type=device_arg,
+        default=None,
+        help="cuda / cpu / cuda:1 (default: cuda when available)",
     )
     parser.add_argument(
         "--layers",
+        type=_layer_spec,
         nargs="+",
         default=None,
         help="layers to capture, e.g. '0 5 10' or '0-3,8' (default: all)",
@@ -709,49 +770,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also store pre-RoPE Q_pre/K_pre (always stored for a SeerAttention checkpoint)",
     )
-    parser.add_argument("--block_size", type=int, default=64, help="block size of the statistics")
+    parser.add_argument(
+        "--block_size", type=int_at_least(1), default=64, help="block size of the statistics"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the text document order")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    """``sketchwalk collect``: returns 0 on success, 1 with a message on a known failure."""
-    from sketchwalk.hf.models import ModelNotFoundError
-    from sketchwalk.hf.text import TextSourceError
-    from sketchwalk.pipeline.tensorio import TensorFileError
-
+    """``sketchwalk collect``: returns 0 on success; raises a user error (`sketchwalk.cli.main`
+    turns it into one stderr line and exit code 1 or 2)."""
     t0 = time.perf_counter()
-    try:
-        collector = TensorCollector(
-            model_path=args.model_path,
-            output_dir=args.output_dir,
-            device=args.device,
-            layers=_parse_layers(args.layers),
-            dtype=args.dtype,
-            model_dtype=args.model_dtype,
-            text_source=args.text_source,
-            text_file=args.text_file,
-            file_format=args.format,
-            save_pre_rope=args.save_pre_rope,
-            block_size=args.block_size,
-            allow_long=args.allow_long,
-            resume=args.resume,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-        collector.load_model()
-        collector.check_lengths(args.sequence_lengths)
-        summaries = collector.collect(args.sequence_lengths, args.num_samples)
-    except (
-        CollectError,
-        ModelNotFoundError,
-        TextSourceError,
-        TensorFileError,
-        FileExistsError,
-        ValueError,
-    ) as exc:
-        print(f"sketchwalk collect: error: {exc}", file=sys.stderr)
-        return 1
+    if args.text_file is not None and not Path(args.text_file).is_file():
+        raise UsageError(f"--text_file {args.text_file}: file not found")
+    if args.text_source == "file" and args.text_file is None:
+        raise UsageError("--text_source file needs --text_file")
+    device = None if args.device in (None, "auto") else args.device
+    collector = TensorCollector(
+        model_path=args.model_path,
+        output_dir=args.output_dir,
+        device=device,
+        layers=_parse_layers(args.layers),
+        dtype=args.dtype,
+        model_dtype=args.model_dtype,
+        text_source=args.text_source,
+        text_file=args.text_file,
+        file_format=args.format,
+        save_pre_rope=args.save_pre_rope,
+        block_size=args.block_size,
+        allow_long=args.allow_long,
+        resume=args.resume,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    check_output_dir(args.output_dir)
+    collector.load_model()
+    collector.check_lengths(args.sequence_lengths)
+    summaries = collector.collect(args.sequence_lengths, args.num_samples)
     for path in summaries:
         summary = json.loads(path.read_text())
         print(f"wrote {path} ({len(summary['samples'])} samples x {len(summary['layers'])} layers)")

@@ -30,6 +30,9 @@ atomically after each), ``comparison_summary_{ts}.json`` (overall, sparse layers
 sequence length, by layer), a console table, and with ``--visualize`` PNG heatmaps
 ``comparison_{sample_id}.png`` for up to ``--max_plots`` files plus
 ``comparison_summary_{ts}.png`` (recall and overlap by layer).
+
+As in ``validate``: ``--max_seq_len`` refuses longer files up front, half-written samples are
+skipped, and ``--resume`` continues the latest ``comparison_results_*.json``.
 """
 
 from __future__ import annotations
@@ -44,31 +47,43 @@ import torch
 
 from sketchwalk._version import __version__
 from sketchwalk.atomic import write_json
-from sketchwalk.blocks import BlockSelection, causal_block_mask
+from sketchwalk.blocks import BlockSelection, DataError, UsageError, causal_block_mask
 from sketchwalk.config import (
     SketchWalkConfig,
     add_config_arguments,
-    config_from_args,
     given_config_flags,
 )
 from sketchwalk.metrics import block_mask_recall, oracle_selection, true_block_attention
+from sketchwalk.pipeline.flags import (
+    check_output_dir,
+    device_arg,
+    flag_error,
+    float_in,
+    int_at_least,
+)
 from sketchwalk.pipeline.plots import plot_file, plot_summary
 from sketchwalk.pipeline.runs import (
     SEED_DEFAULTS,
+    add_run_arguments,
+    check_seq_len,
+    check_work,
     compute_dtype,
+    dense_cost_text,
     file_record_header,
+    incomplete_sample,
     iter_sequences,
     resolve_device,
-    timestamp,
+    resume_results,
+    run_config,
+    tensor_folder,
 )
 from sketchwalk.pipeline.seer import (
     DEFAULT_SEERATTN_THRESHOLD,
-    CompareInputError,
     SeerSide,
     gate_side,
     oracle_threshold_side,
 )
-from sketchwalk.pipeline.tensorio import TensorFileError, load_tensor_file
+from sketchwalk.pipeline.tensorio import load_tensor_file
 from sketchwalk.pipeline.validate import print_table, summarize
 from sketchwalk.selection.prefill import SketchWalk
 from sketchwalk.selection.select import select_blocks
@@ -307,8 +322,10 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None) -> Ske
     seed preset, then every flag given explicitly (`SketchWalkConfig.with_overrides` decides
     which budget wins)."""
     if base is None or getattr(args, "preset", None):
-        return config_from_args(args, default_preset="seed")
-    return SketchWalkConfig.from_dict(base).with_overrides(**given_config_flags(args))
+        return run_config(args, default_preset="seed")
+    config = SketchWalkConfig.from_dict(base).with_overrides(**given_config_flags(args))
+    check_work(config)
+    return config
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
@@ -325,7 +342,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="./comparison_results", help="results folder")
     parser.add_argument(
         "--seerattn_threshold",
-        type=float,
+        type=float_in(0.0, 1.0),
         default=None,
         help="SeerAttention threshold (default: 0.1). oracle-threshold: on the true block "
         "attention; gate files: given explicitly, re-selects the gate scores instead of using "
@@ -333,17 +350,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seerattn_nz_ratio",
-        type=float,
+        type=float_in(0.0, 1.0, low_open=True),
         default=None,
         help="SeerAttention nz_ratio (top-k per row) instead of a threshold",
     )
     parser.add_argument(
         "--seerattn_dense_last_rows",
-        type=int,
+        type=int_at_least(0),
         default=2,
         help="last query-block rows the SeerAttention side keeps dense (default: 2)",
     )
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
+    parser.add_argument(
+        "--device", type=device_arg, default="auto", help="cuda, cpu or auto (default: auto)"
+    )
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -352,20 +371,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--visualize", action="store_true", help="write PNG heatmaps")
     parser.add_argument(
-        "--max_plots", type=int, default=6, help="files to draw with --visualize (default: 6)"
+        "--max_plots",
+        type=int_at_least(0),
+        default=6,
+        help="files to draw with --visualize (default: 6)",
     )
+    add_run_arguments(parser, "comparison_results")
     add_config_arguments(parser, SEED_DEFAULTS)
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.seerattn_threshold is not None and args.seerattn_nz_ratio is not None:
-        raise SystemExit("give at most one of --seerattn_threshold and --seerattn_nz_ratio")
-    if args.seerattn_nz_ratio is not None and not 0.0 <= args.seerattn_nz_ratio <= 1.0:
-        raise SystemExit(f"--seerattn_nz_ratio must be in [0, 1], got {args.seerattn_nz_ratio}")
-    if args.seerattn_dense_last_rows < 0:
-        raise SystemExit("--seerattn_dense_last_rows must be >= 0")
-    if args.max_plots < 0:
-        raise SystemExit("--max_plots must be >= 0")
+        raise UsageError("give at most one of --seerattn_threshold and --seerattn_nz_ratio")
 
 
 def _plot_indices(total: int, max_plots: int) -> set[int]:
@@ -381,16 +398,18 @@ def _plot_indices(total: int, max_plots: int) -> set[int]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from sketchwalk.atomic import remove_stale_tmp
+
     _check_args(args)
-    tensor_dir = Path(args.tensor_dir)
-    if not tensor_dir.is_dir():
-        raise SystemExit(f"error: tensor folder not found: {tensor_dir}")
+    device = resolve_device(args.device)
+    tensor_dir = tensor_folder(args.tensor_dir)
     sequences = iter_sequences(tensor_dir)
     if not sequences:
-        raise SystemExit(
-            f"error: no tensor files (tensors_seq*_layer*_sample*_*.pt|.safetensors) in "
-            f"{tensor_dir}"
+        raise DataError(
+            f"no tensor files (tensors_seq*_layer*_sample*_*.pt|.safetensors) in {tensor_dir}"
         )
+    for seq in sequences:  # from the file names, before any work
+        check_seq_len(seq["seq_len"], args.max_seq_len, str(seq["paths"][0]))
     validation = load_validation(args.validation_dir)
     for note in validation["notes"]:
         print(f"note: {note}")
@@ -398,17 +417,19 @@ def run(args: argparse.Namespace) -> int:
         config = resolve_config(args, validation["config"])
     except ValueError as exc:
         if validation["config"] is None:
-            raise SystemExit(f"error: {exc}") from None
+            raise flag_error(exc) from None
         print(f"note: validation config unusable ({exc}); using the flags and the seed preset")
-        config = config_from_args(args, default_preset="seed")
+        config = run_config(args, default_preset="seed")
     config_source = (
         f"validation run {validation['summary_file'] or validation['results_file']} + flags"
         if validation["config"] is not None and not args.preset
         else f"preset {args.preset or 'seed'} + flags"
     )
-    device = resolve_device(args.device)
-    out_dir = Path(args.output_dir)
-    ts = timestamp()
+    out_dir = check_output_dir(args.output_dir)
+    remove_stale_tmp(out_dir)
+    ts, finished, resumed_from = resume_results(out_dir, "comparison", args.resume, config)
+    if resumed_from is not None:
+        print(f"resuming {resumed_from}: {len(finished)} files already done")
     results_path = out_dir / f"comparison_results_{ts}.json"
     summary_path = out_dir / f"comparison_summary_{ts}.json"
     total = sum(len(s["paths"]) for s in sequences)
@@ -419,51 +440,71 @@ def run(args: argparse.Namespace) -> int:
     methods: set[str] = set()
     t_start = time.perf_counter()
     bar = tqdm(total=total, desc="compare", unit="file")
-    position = 0
+    position = -1
     for seq in sequences:
         if seq["warning"]:
             warnings.append(seq["warning"])
             tqdm.write(f"warning: {seq['warning']}")
         walker = SketchWalk(config)
-        for path in seq["paths"]:
+        for index, path in enumerate(seq["paths"]):
+            position += 1
+            png = out_dir / f"comparison_{path.stem}.png"
+            done = finished.get(path.stem)
+            if done is not None and position in to_plot and not png.is_file():
+                done = None  # its heatmap is missing: compute the file again
+            if done is not None and all(p.stem in finished for p in seq["paths"][index:]):
+                records.append(done)  # the rest of this sequence is done: no selection needed
+                methods.add(done["seerattn_method"])
+                if position in to_plot:
+                    plots.append(str(png))
+                bar.update(1)
+                continue
             t0 = time.perf_counter()
-            try:
-                rec = load_tensor_file(path)
-            except TensorFileError as exc:
-                bar.close()
-                raise SystemExit(f"error: {exc}") from None
+            rec = load_tensor_file(path)
             meta = rec["metadata"]
+            if index == 0 and (why := incomplete_sample(seq, meta)) is not None:
+                warnings.append(why)
+                tqdm.write(f"warning: {why}")
+                bar.update(len(seq["paths"]))
+                position += len(seq["paths"]) - 1
+                break
+            b, hq, t, d = rec["Q"].shape
+            check_seq_len(t, args.max_seq_len, str(path), dense_cost_text(b, hq, t, d))
             dtype = compute_dtype(args.dtype, device, rec["Q"].dtype)
             q = rec["Q"].to(device=device, dtype=dtype)
             k = rec["K"].to(device=device, dtype=dtype)
             layer = int(meta["layer_idx"])
+            # finished files still run the selection: the walk carries state to later layers
+            selection = walker.select(q, k, layer)
+            if done is not None:
+                records.append(done)
+                methods.add(done["seerattn_method"])
+                if position in to_plot:
+                    plots.append(str(png))
+                bar.update(1)
+                continue
             scale = meta.get("attention_scaling")
             block_attention = true_block_attention(
                 q, k, config.block_size, reduce="sum", scale=scale
             )
-            selection = walker.select(q, k, layer)
             threshold = args.seerattn_threshold
-            try:
-                if "seerattn_scores" in rec:
-                    seer = gate_side(
-                        rec,
-                        path,
-                        config.block_size,
-                        threshold,
-                        args.seerattn_nz_ratio,
-                        args.seerattn_dense_last_rows,
-                        device=device,
-                    )
-                else:
-                    seer = oracle_threshold_side(
-                        block_attention,
-                        DEFAULT_SEERATTN_THRESHOLD if threshold is None else threshold,
-                        args.seerattn_nz_ratio,
-                        args.seerattn_dense_last_rows,
-                    )
-            except CompareInputError as exc:
-                bar.close()
-                raise SystemExit(f"error: {exc}") from None
+            if "seerattn_scores" in rec:
+                seer = gate_side(
+                    rec,
+                    path,
+                    config.block_size,
+                    threshold,
+                    args.seerattn_nz_ratio,
+                    args.seerattn_dense_last_rows,
+                    device=device,
+                )
+            else:
+                seer = oracle_threshold_side(
+                    block_attention,
+                    DEFAULT_SEERATTN_THRESHOLD if threshold is None else threshold,
+                    args.seerattn_nz_ratio,
+                    args.seerattn_dense_last_rows,
+                )
             methods.add(seer.method)
             result = compare_layer(selection, seer, block_attention, config, k.shape[1])
             val_recall, val_config = validation["recall"].get(path.stem, (None, None))
@@ -482,7 +523,6 @@ def run(args: argparse.Namespace) -> int:
             records.append(record)
             write_json(results_path, records)
             if position in to_plot:
-                png = out_dir / f"comparison_{path.stem}.png"
                 plot_file(
                     png,
                     block_attention.cpu(),
@@ -491,12 +531,12 @@ def run(args: argparse.Namespace) -> int:
                     record,
                 )
                 plots.append(str(png))
-            position += 1
             bar.set_postfix(
                 overlap=f"{record['block_overlap'] or 0:.2f}",
                 sw_recall=f"{record['sketchwalk_recall']:.3f}",
             )
             bar.update(1)
+    write_json(results_path, records)
     bar.close()
     method = "/".join(sorted(methods))
     sparse = [r for r in records if not r["sketchwalk_dense_layer"]]

@@ -26,22 +26,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sketchwalk.pipeline.flags import check_output_dir, config_value, device_arg, int_at_least
 from sketchwalk.pipeline.plots import plot_validation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="sketchwalk_demo", help="where everything goes")
     parser.add_argument("--model_path", default="smollm2-135m", help="model (default: embedded)")
-    parser.add_argument("--sequence_lengths", type=int, nargs="+", default=[4096])
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    # every value is checked here, before the gate, collect or anything else runs
+    parser.add_argument("--sequence_lengths", type=int_at_least(2), nargs="+", default=[4096])
+    parser.add_argument("--num_samples", type=int_at_least(1), default=1)
     parser.add_argument(
-        "--density", type=float, default=0.2, help="SketchWalk's share of causal blocks"
+        "--device", type=device_arg, default="cpu", help="cpu (default), cuda or auto"
+    )
+    parser.add_argument(
+        "--density",
+        type=config_value("density"),
+        default=0.2,
+        help="SketchWalk's share of causal blocks",
     )
     parser.add_argument(
         "--no_gate", action="store_true", help="skip the learned gate (oracle-threshold stand-in)"
     )
-    parser.add_argument("--max_plots", type=int, default=4, help="heatmaps to draw")
+    parser.add_argument("--max_plots", type=int_at_least(0), default=4, help="heatmaps to draw")
 
 
 def _latest(folder: Path, pattern: str) -> Path:
@@ -62,8 +69,7 @@ def _run_step(argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.output_dir)
     tensor_dir, val_dir, cmp_dir = (
         out / "tensor_data",
         out / "validation_results",

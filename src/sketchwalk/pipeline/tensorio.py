@@ -16,9 +16,10 @@ existing file unless asked to.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,8 @@ def load_tensor_file(
             or the file name.
     """
     path = Path(path)
+    if path.is_dir():
+        raise TensorFileError(path, "is a folder, expected a tensor file")
     if not path.is_file():
         raise TensorFileError(path, "file not found")
     if path.suffix == ".safetensors":
@@ -246,17 +249,49 @@ def load_tensor_file(
         except json.JSONDecodeError as exc:
             raise TensorFileError(path, f"metadata is not valid JSON: {exc}") from None
     else:
-        try:
-            record = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # zip, pickle and EOF errors
-            raise TensorFileError(
-                path, f"cannot read .pt file (corrupt, truncated or not a plain dict?): {exc}"
-            ) from None
+        record = load_weights_only(path, map_location, TensorFileError, ".pt file")
         if not isinstance(record, dict):
             raise TensorFileError(path, f"expected a dict, found {type(record).__name__}")
     if validate:
         validate_tensor_record(record, path)
     return record
+
+
+def load_weights_only(
+    path: str | os.PathLike,
+    map_location: str | torch.device,
+    error: Callable[[str | os.PathLike, str], Exception],
+    what: str,
+) -> Any:
+    """``torch.load(weights_only=True)`` of an untrusted file: a pickle that would build other
+    objects than tensors and plain containers (and could run code) is refused, like a corrupt or
+    truncated file, with ``error(path, problem)``."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        blocked = next((line for line in lines if "GLOBAL" in line), None)
+        if blocked is not None:
+            return _raise(
+                error(
+                    path,
+                    f"cannot read {what}: it holds Python objects besides tensors and plain "
+                    f"values, refused because loading them could run code ({blocked[:200]})",
+                )
+            )
+        first = lines[-1] if lines else "unreadable pickle"
+        return _raise(error(path, f"cannot read {what} (corrupt or truncated?): {first[:200]}"))
+    except IsADirectoryError:
+        return _raise(error(path, "is a folder, expected a file"))
+    except Exception as exc:  # zip, EOF and storage errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _raise(error(path, f"cannot read {what} (corrupt or truncated?): {first[:200]}"))
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc from None
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -277,6 +312,19 @@ def validate_tensor_record(record: Mapping[str, Any], path: str | os.PathLike = 
     for key, value in record.items():
         if key != "metadata" and not isinstance(value, torch.Tensor):
             raise TensorFileError(path, f"{key!r} must be a tensor, found {type(value).__name__}")
+    for key, value in record.items():
+        if key == "metadata":
+            continue
+        # A broadcast view (stride 0) saves a few bytes yet loads as a huge tensor: a small file
+        # could declare a length whose O(T^2) attention never ends. Real data fills its storage.
+        need = value.numel() * value.element_size()
+        have = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+        if value.numel() and have < need:
+            raise TensorFileError(
+                path,
+                f"{key} has shape {_shape(value)} ({need} bytes) but stores only {have} bytes "
+                "(a broadcast view, not real data)",
+            )
     q, k, v, ids = record["Q"], record["K"], record["V"], record["input_ids"]
     for name, t in (("Q", q), ("K", k), ("V", v)):
         if t.dim() != 4:
@@ -285,6 +333,8 @@ def validate_tensor_record(record: Mapping[str, Any], path: str | os.PathLike = 
             )
         if not t.is_floating_point():
             raise TensorFileError(path, f"{name} must be floating point, got {t.dtype}")
+        if 0 in t.shape:
+            raise TensorFileError(path, f"{name} is empty: shape {_shape(t)}")
     if k.shape != v.shape:
         raise TensorFileError(path, f"K {_shape(k)} and V {_shape(v)} shapes differ")
     b, hq, t_len, d = q.shape
@@ -306,6 +356,20 @@ def validate_tensor_record(record: Mapping[str, Any], path: str | os.PathLike = 
         "head_dim": d,
         "batch_size": b,
     }
+    for key in ("layer_idx", *expected):
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TensorFileError(path, f"metadata {key} must be an integer >= 0, got {value!r}")
+    scaling = meta.get("attention_scaling")
+    if scaling is not None and (
+        isinstance(scaling, bool)
+        or not isinstance(scaling, (int, float))
+        or not math.isfinite(scaling)
+        or scaling <= 0
+    ):
+        raise TensorFileError(
+            path, f"metadata attention_scaling must be a number > 0, got {scaling!r}"
+        )
     for key, value in expected.items():
         if meta[key] != value:
             raise TensorFileError(

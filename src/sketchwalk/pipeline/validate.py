@@ -12,6 +12,11 @@ dense baseline is the fastest SDPA backend available (cuDNN, flash, memory-effic
 sparse side uses ``--backend`` (``auto`` picks the fastest sparse kernel). On the CPU both sides
 are the plain PyTorch references (``reference-vs-reference``): they do the same O(T^2) work, so
 CPU speedups are about 1x by construction and say nothing about GPU kernels.
+
+Bounds and restarts: files longer than ``--max_seq_len`` tokens (default 32768) are refused
+before any work; a sample that a killed ``collect`` left half-written is skipped with a warning;
+``--resume`` continues the latest ``validation_results_*.json`` in ``--output_dir`` (finished
+files are kept as they are, their selections rerun only to carry the walk to later layers).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,16 +36,23 @@ from sketchwalk._version import __version__
 from sketchwalk.atomic import atomic_write, write_json
 from sketchwalk.attention.api import resolve_backend, sparse_attention
 from sketchwalk.attention.reference import dense_attention
-from sketchwalk.blocks import BlockSelection
-from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
+from sketchwalk.blocks import BlockSelection, DataError
+from sketchwalk.config import SketchWalkConfig, add_config_arguments
+from sketchwalk.pipeline.flags import check_output_dir, device_arg, int_at_least
 from sketchwalk.pipeline.runs import (
     SEED_DEFAULTS,
+    add_run_arguments,
     budget_target_density,
+    check_seq_len,
     compute_dtype,
+    dense_cost_text,
     file_record_header,
+    incomplete_sample,
     iter_sequences,
     resolve_device,
-    timestamp,
+    resume_results,
+    run_config,
+    tensor_folder,
 )
 from sketchwalk.pipeline.tensorio import load_tensor_file
 from sketchwalk.selection.prefill import SketchWalk
@@ -256,7 +267,9 @@ def print_table(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor_dir", required=True, help="folder of collected tensor files")
     parser.add_argument("--output_dir", default="./validation_results", help="results folder")
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
+    parser.add_argument(
+        "--device", type=device_arg, default="auto", help="cuda, cpu or auto (default: auto)"
+    )
     parser.add_argument(
         "--backend",
         default="auto",
@@ -269,27 +282,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype (auto: stored dtype on GPU, float32 on CPU)",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument(
+        "--repeats", type=int_at_least(1), default=5, help="timed runs per measurement"
+    )
     parser.add_argument("--no_timing", action="store_true", help="skip timing (accuracy only)")
     parser.add_argument(
         "--save_masks", action="store_true", help="write the selected block masks (safetensors)"
     )
+    add_run_arguments(parser, "validation_results")
     add_config_arguments(parser, SEED_DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    config = config_from_args(args, default_preset="seed")
-    tensor_dir = Path(args.tensor_dir)
-    out_dir = Path(args.output_dir)
+    from sketchwalk.atomic import remove_stale_tmp
+
+    config = run_config(args, default_preset="seed")
     device = resolve_device(args.device)
+    tensor_dir = tensor_folder(args.tensor_dir)
     sequences = iter_sequences(tensor_dir)
     if not sequences:
-        raise SystemExit(
+        raise DataError(
             f"no tensor files (tensors_seq*_layer*_sample*_*.pt|.safetensors) in {tensor_dir}"
         )
-    ts = timestamp()
+    for seq in sequences:  # from the file names, before any work
+        check_seq_len(seq["seq_len"], args.max_seq_len, str(seq["paths"][0]))
+    out_dir = check_output_dir(args.output_dir)
+    remove_stale_tmp(out_dir)
+    ts, finished, resumed_from = resume_results(out_dir, "validation", args.resume, config)
+    if resumed_from is not None:
+        print(f"resuming {resumed_from}: {len(finished)} files already done")
     results_path = out_dir / f"validation_results_{ts}.json"
     summary_path = out_dir / f"validation_summary_{ts}.json"
     masks: dict[str, torch.Tensor] = {}
@@ -302,20 +325,40 @@ def run(args: argparse.Namespace) -> int:
         if seq["warning"]:
             warnings.append(seq["warning"])
             tqdm.write(f"warning: {seq['warning']}")
+        todo = [p for p in seq["paths"] if p.stem not in finished]
+        if not todo and not args.save_masks:  # every file done: no selection needed either
+            records.extend(finished[p.stem] for p in seq["paths"])
+            bar.update(len(seq["paths"]))
+            continue
         walker = SketchWalk(config)
-        for path in seq["paths"]:
+        for position, path in enumerate(seq["paths"]):
             rec = load_tensor_file(path)
             meta = rec["metadata"]
+            if position == 0 and (why := incomplete_sample(seq, meta)) is not None:
+                warnings.append(why)
+                tqdm.write(f"warning: {why}")
+                bar.update(len(seq["paths"]))
+                break
+            b, hq, t, d = rec["Q"].shape
+            check_seq_len(t, args.max_seq_len, str(path), dense_cost_text(b, hq, t, d))
             dtype = compute_dtype(args.dtype, device, rec["Q"].dtype)
             q, k, v = (rec[n].to(device=device, dtype=dtype) for n in ("Q", "K", "V"))
             layer = int(meta["layer_idx"])
+            done = finished.get(path.stem)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
+            # finished files still run the selection: the walk carries state to later layers
             selection = walker.select(q, k, layer)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             selection_ms = (time.perf_counter() - t0) * 1e3
+            if args.save_masks:
+                masks[path.stem] = selection.block_mask.cpu()
+            if done is not None:
+                records.append(done)
+                bar.update(1)
+                continue
             if backend_used is None:
                 backend_used = resolve_backend(args.backend, q)
             result = validate_layer(
@@ -339,14 +382,15 @@ def run(args: argparse.Namespace) -> int:
                 "config": config.to_dict(),
             }
             records.append(record)
-            if args.save_masks:
-                masks[path.stem] = selection.block_mask.cpu()
             write_json(results_path, records)
             bar.set_postfix(
                 recall=f"{result['attention_recall']:.3f}", density=f"{result['density']:.2f}"
             )
             bar.update(1)
+    write_json(results_path, records)
     bar.close()
+    if backend_used is None and records:
+        backend_used = records[0].get("backend")
     summary = {
         "timestamp": ts,
         "tensor_dir": str(tensor_dir),

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import operator
 from collections.abc import Callable
 
 import torch
 
-from sketchwalk.blocks import BlockSelection, check_qk, num_blocks
+from sketchwalk.blocks import BlockSelection, check_finite, check_qk, num_blocks
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.selection.select import select_blocks
 from sketchwalk.selection.sketch import block_pool, layer_projection
@@ -120,7 +121,11 @@ class SketchWalk:
                 f"SketchWalk.select: prefill needs as many keys as queries; q has seq "
                 f"{q.shape[2]}, k has seq {k.shape[2]}"
             )
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+        # any integer type (numpy and 0-d tensor ints too), not bools or floats
+        if isinstance(layer_idx, bool) or not hasattr(type(layer_idx), "__index__"):
+            raise ValueError(f"SketchWalk.select: layer_idx must be an int >= 0, got {layer_idx!r}")
+        layer_idx = operator.index(layer_idx)
+        if layer_idx < 0:
             raise ValueError(f"SketchWalk.select: layer_idx must be an int >= 0, got {layer_idx!r}")
         if self._last_layer is not None and layer_idx <= self._last_layer:
             raise ValueError(
@@ -139,6 +144,7 @@ class SketchWalk:
         self._last_layer = layer_idx
 
         if layer_idx < cfg.dense_layers:
+            check_finite(f"SketchWalk.select: layer {layer_idx}", q=q, k=k)  # one sync on CUDA
             return BlockSelection.full(b, groups, t, cfg.block_size, q.device)
 
         qb = block_pool(q, cfg.block_size, cfg.parity)
