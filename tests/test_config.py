@@ -177,3 +177,19 @@ def test_cli_and_compare_resolve_budgets_the_same_way():
         args = parser.parse_args(flags)
         seed = SketchWalkConfig.preset("seed")
         assert config_from_args(args) == resolve_config(args, seed.to_dict())
+
+
+def test_default_preset_is_the_evidence_chosen_configuration():
+    """The `default` preset (README, "Evidence for the defaults"): per-KV-group masks, forced
+    blocks sized in blocks, no dense last rows, query-aware decode selection; everything else as
+    `SketchWalkConfig()`. The paper preset keeps the released fractions."""
+    d = SketchWalkConfig.preset("default")
+    assert (d.granularity, d.sink_blocks, d.window_blocks) == ("kv_group", 1, 2)
+    assert (d.dense_last_rows, d.decode_rule) == (0, "quest")
+    changed = {"granularity", "sink_blocks", "window_blocks", "dense_last_rows", "decode_rule"}
+    base = SketchWalkConfig()
+    for f in dataclasses.fields(SketchWalkConfig):
+        if f.name not in changed:
+            assert getattr(d, f.name) == getattr(base, f.name), f.name
+    paper = SketchWalkConfig.preset("paper")
+    assert (paper.sink_blocks, paper.window_blocks, paper.granularity) == (None, None, "layer")

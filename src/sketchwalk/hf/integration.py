@@ -128,7 +128,7 @@ class SketchWalkAttention:
     Args:
         model: a transformers causal LM whose attention modules have ``layer_idx`` and dispatch
             through ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Qwen3, Mistral, ...).
-        config: the selection settings (default ``SketchWalkConfig()``).
+        config: the selection settings (default ``SketchWalkConfig.preset("default")``).
         backend: sparse attention backend for :func:`sparse_attention` (``"auto"``,
             ``"reference"``, ``"triton"``, ``"flex"``). An explicit backend that cannot run on the
             layer's tensors raises during the forward pass; ``"auto"`` resolves per call.
@@ -173,7 +173,7 @@ class SketchWalkAttention:
             if config is None:
                 config = getattr(selector, "config", None)
         if config is None:
-            config = SketchWalkConfig()
+            config = SketchWalkConfig.preset("default")
         if not isinstance(config, SketchWalkConfig):
             raise TypeError(
                 f"enable_sketchwalk: config must be a SketchWalkConfig, got {type(config).__name__}"
@@ -546,7 +546,7 @@ def enable_sketchwalk(
 
     Args:
         model: a transformers causal LM (see :class:`SketchWalkAttention`).
-        config: selection settings (default ``SketchWalkConfig()``).
+        config: selection settings (default ``SketchWalkConfig.preset("default")``).
         backend: sparse attention backend (``"auto"``, ``"reference"``, ``"triton"``, ``"flex"``).
         layers: layers allowed to run sparse (None: all).
         **options: ``selection_backend``, ``on_padding``, ``dense_when_full``, ``decode``.

@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from sketchwalk.blocks import DataError
+
 __all__ = [
     "ALIASES",
     "DEFAULT_MODEL",
@@ -145,7 +147,7 @@ class ModelNotFoundError(FileNotFoundError):
     """No loadable model at ``model_path``; the message lists every path tried."""
 
 
-class FetchError(RuntimeError):
+class FetchError(DataError):
     """``models fetch`` failed; the message names what was wrong (nothing corrupt is kept)."""
 
 
@@ -635,10 +637,8 @@ def run(args: Any) -> int:
             print(f"{name}: {fspec.model_id}; {state}; sha256 {fspec.sha256}")
             print(f"    {fspec.provenance}")
         return 0
-    try:
-        path = fetch_model(args.alias, args.find_links, args.from_file, args.force)
-    except FetchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    path = fetch_model(
+        args.alias, args.find_links, args.from_file, args.force
+    )  # FetchError: exit 1
     print(f"{args.alias}: verified {path} (sha256 {FETCHED[args.alias].sha256})")
     return 0

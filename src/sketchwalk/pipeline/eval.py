@@ -51,7 +51,9 @@ from typing import Any
 
 import torch
 
+from sketchwalk._version import __version__
 from sketchwalk.atomic import write_json, write_text
+from sketchwalk.blocks import UsageError
 from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
 
 __all__ = [
@@ -86,8 +88,8 @@ _KEY_WORDS_B = (
 )  # fmt: skip
 
 
-class EvalInputError(ValueError):
-    """A bad evaluation input; the message says which and what was expected."""
+class EvalInputError(UsageError):
+    """A bad evaluation input (exit 2); the message says which and what was expected."""
 
 
 # ---- what runs ------------------------------------------------------------------------------
@@ -333,7 +335,7 @@ def environment(model: Any, device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "triton": version("triton"),
-        "sketchwalk": version("sketchwalk"),
+        "sketchwalk": __version__,  # also right when run from a source tree
         "cuda": cuda,
         "device": str(device),
         "device_name": device_name,
@@ -1474,12 +1476,12 @@ def run(args: argparse.Namespace) -> int:
                 **common,
             )
             table = niah_markdown(data)
-    except (EvalInputError, ModelNotFoundError, TextSourceError, GateCheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # config validation (SketchWalkConfig) and the like
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ModelNotFoundError, TextSourceError, GateCheckpointError):
+        raise  # data errors: one line and exit 1 (sketchwalk.cli.run_main)
+    except UsageError:
+        raise
+    except ValueError as exc:  # config validation (SketchWalkConfig): a bad flag value
+        raise UsageError(str(exc)) from None
     print(table)
     out = Path(args.output_dir) / f"eval_{args.eval_task}.json"
     print(f"wrote {out} and its .md/.png ({time.perf_counter() - start:.1f} s)")
