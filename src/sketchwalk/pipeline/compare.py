@@ -47,7 +47,7 @@ import torch
 
 from sketchwalk._version import __version__
 from sketchwalk.atomic import write_json
-from sketchwalk.blocks import BlockSelection, DataError, UsageError, causal_block_mask
+from sketchwalk.blocks import BlockSelection, UsageError, causal_block_mask
 from sketchwalk.config import (
     SketchWalkConfig,
     add_config_arguments,
@@ -71,11 +71,10 @@ from sketchwalk.pipeline.runs import (
     dense_cost_text,
     file_record_header,
     incomplete_sample,
-    iter_sequences,
     resolve_device,
     resume_results,
     run_config,
-    tensor_folder,
+    tensor_sequences,
 )
 from sketchwalk.pipeline.seer import (
     DEFAULT_SEERATTN_THRESHOLD,
@@ -402,14 +401,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     device = resolve_device(args.device)
-    tensor_dir = tensor_folder(args.tensor_dir)
-    sequences = iter_sequences(tensor_dir)
-    if not sequences:
-        raise DataError(
-            f"no tensor files (tensors_seq*_layer*_sample*_*.pt|.safetensors) in {tensor_dir}"
-        )
-    for seq in sequences:  # from the file names, before any work
-        check_seq_len(seq["seq_len"], args.max_seq_len, str(seq["paths"][0]))
+    tensor_dir, sequences = tensor_sequences(args.tensor_dir, args.max_seq_len)
     validation = load_validation(args.validation_dir)
     for note in validation["notes"]:
         print(f"note: {note}")

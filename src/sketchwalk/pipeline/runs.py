@@ -239,3 +239,18 @@ def resume_results(
             )
     ts = _STAMP.match(path.name)["ts"]
     return ts, {r["sample_id"]: r for r in records}, path
+
+
+def tensor_sequences(tensor_dir: str | Path, max_seq_len: int) -> tuple[Path, list[dict[str, Any]]]:
+    """The sequences of a ``--tensor_dir`` (`iter_sequences`), refused up front when the folder
+    holds no tensor file or a sequence is longer than ``--max_seq_len`` (from the file names,
+    before any work)."""
+    folder = tensor_folder(tensor_dir)
+    sequences = iter_sequences(folder)
+    if not sequences:
+        raise DataError(
+            f"no tensor files (tensors_seq*_layer*_sample*_*.pt|.safetensors) in {folder}"
+        )
+    for seq in sequences:
+        check_seq_len(seq["seq_len"], max_seq_len, str(seq["paths"][0]))
+    return folder, sequences

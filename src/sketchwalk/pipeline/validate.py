@@ -36,7 +36,7 @@ from sketchwalk._version import __version__
 from sketchwalk.atomic import atomic_write, write_json
 from sketchwalk.attention.api import resolve_backend, sparse_attention
 from sketchwalk.attention.reference import dense_attention
-from sketchwalk.blocks import BlockSelection, DataError
+from sketchwalk.blocks import BlockSelection
 from sketchwalk.config import SketchWalkConfig, add_config_arguments
 from sketchwalk.pipeline.flags import check_output_dir, device_arg, int_at_least
 from sketchwalk.pipeline.runs import (
@@ -48,11 +48,10 @@ from sketchwalk.pipeline.runs import (
     dense_cost_text,
     file_record_header,
     incomplete_sample,
-    iter_sequences,
     resolve_device,
     resume_results,
     run_config,
-    tensor_folder,
+    tensor_sequences,
 )
 from sketchwalk.pipeline.tensorio import load_tensor_file
 from sketchwalk.selection.prefill import SketchWalk
@@ -300,14 +299,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = run_config(args, default_preset="seed")
     device = resolve_device(args.device)
-    tensor_dir = tensor_folder(args.tensor_dir)
-    sequences = iter_sequences(tensor_dir)
-    if not sequences:
-        raise DataError(
-            f"no tensor files (tensors_seq*_layer*_sample*_*.pt|.safetensors) in {tensor_dir}"
-        )
-    for seq in sequences:  # from the file names, before any work
-        check_seq_len(seq["seq_len"], args.max_seq_len, str(seq["paths"][0]))
+    tensor_dir, sequences = tensor_sequences(args.tensor_dir, args.max_seq_len)
     out_dir = check_output_dir(args.output_dir)
     remove_stale_tmp(out_dir)
     ts, finished, resumed_from = resume_results(out_dir, "validation", args.resume, config)
