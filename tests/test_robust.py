@@ -510,3 +510,64 @@ def test_fuzz_tensor_files_and_flags(tmp_path_factory):
     run()
     print(f"fuzz exit codes: {codes}")
     assert len(codes) == 3  # the inputs reach accepted runs and both kinds of refusal
+
+
+def _eval_argv(task: str, model: Path, out: Path) -> list[str]:
+    argv = [
+        "eval", task, "--model_path", str(model), "--output_dir", str(out), "--device", "cpu",
+        "--dtype", "float32", "--backend", "reference", "--selection_backend", "reference",
+        "--block_size", "16", "--dense_layers", "1", "--sink", "0.03", "--window", "0.03",
+        "--text_source", "stdlib", "--no_progress",
+        "--selectors", "dense", "sketchwalk", "oracle", "streaming", "--densities", "0.4", "0.7",
+    ]  # fmt: skip
+    if task == "ppl":
+        return [*argv, "--seq_len", "256", "--num_samples", "2"]
+    return [*argv, "--seq_lens", "448", "--depths", "0", "100", "--max_new_tokens", "2",
+            "--decode", "dense", "sketchwalk"]  # fmt: skip
+
+
+def _without_times(data: dict) -> dict:
+    return {k: {f: v for f, v in r.items() if f != "wall_s"} for k, r in data.items()}
+
+
+@pytest.mark.parametrize("task", ["ppl", "niah"])
+def test_kill_eval_then_resume(tmp_path_factory, tmp_path, task):
+    """kill -9 as soon as eval_<task>.json exists (one finished item), then --resume: only final
+    names are ever visible, the finished items are kept as they were, and the results equal an
+    uninterrupted run's (metrics and densities exactly, wall times aside)."""
+    model = tmp_path_factory.getbasetemp() / "tiny_eval_1024"
+    if not (model / "config.json").is_file():
+        tiny_model_dir(model, "llama", max_position_embeddings=1024)
+    name = f"eval_{task}.json"
+    finals = {name, f"eval_{task}.md", f"eval_{task}.png"}
+    if task == "niah":
+        finals.add("eval_niah_heatmap.png")
+    out = tmp_path / "killed"
+    proc = _spawn(_eval_argv(task, model, out), tmp_path)
+    was_running = _kill_when(proc, out, name)
+    visible = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert visible <= finals, visible
+    assert not any(p.suffix == ".tmp" for p in out.iterdir() if not p.name.startswith("."))
+    _assert_nothing_partial(out)
+    killed = json.loads((out / name).read_text())
+    total = {"ppl": (1 + 3 * 2) * 2, "niah": (1 + 4 * 2) * 2}[task]
+    print(f"killed with {len(killed['items'])} of {total} items: running = {was_running}")
+    assert was_running and 1 <= len(killed["items"]) < total
+    stale = _plant_stale_tmp(out, proc.pid)
+    assert main([*_eval_argv(task, model, out), "--resume"]) == 0
+    assert not stale.exists() and not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+    assert {p.name for p in out.iterdir()} == finals
+    resumed = json.loads((out / name).read_text())
+    for key, item in killed["items"].items():  # kept as they were, wall time included
+        assert resumed["items"][key] == item, key
+    ref = tmp_path / "ref"
+    assert main(_eval_argv(task, model, ref)) == 0
+    want = json.loads((ref / name).read_text())
+    assert len(resumed["items"]) == len(want["items"]) == total
+    assert _without_times(resumed["items"]) == _without_times(want["items"])
+    assert _without_times(resumed["results"]) == _without_times(want["results"])
+    assert resumed["settings"] == want["settings"] and resumed["runs"] == want["runs"]
+    # a second --resume has nothing left to do and changes no result
+    assert main([*_eval_argv(task, model, out), "--resume"]) == 0
+    again = json.loads((out / name).read_text())
+    assert again["items"] == resumed["items"]
