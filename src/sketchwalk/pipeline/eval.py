@@ -370,6 +370,10 @@ def _open_session(
 
     dev = _resolve_device(device)
     gate_dir = gate_path
+    if need_gate and gate_dir is None and (model is not None or _gate_dir_of(model_path) is None):
+        raise EvalInputError(
+            "selector 'gate' needs --gate_path (a SeerAttention gate checkpoint folder)"
+        )  # refused before the model loads
     if model is None:
         model, tokenizer, resolved = load_model(model_path, device=dev, dtype=dtype)
         model_id = resolved.model_id
@@ -390,6 +394,13 @@ def _open_session(
 
         session.gates = load_gate_checkpoint(gate_dir, device=dev)
     return session
+
+
+def _gate_dir_of(model_path: str | None) -> Any:
+    """The gate folder of a SeerAttention checkpoint given as --model_path (None otherwise)."""
+    from sketchwalk.hf.models import resolve_model
+
+    return resolve_model(model_path).gate_dir
 
 
 def _make_selector(run: RunSpec, session: _Session, selection_backend: str) -> Any:
@@ -1581,7 +1592,9 @@ def run(args: argparse.Namespace) -> int:
     except UsageError:
         raise
     except ValueError as exc:  # config validation (SketchWalkConfig): a bad flag value
-        raise UsageError(str(exc)) from None
+        from sketchwalk.pipeline.flags import flag_error
+
+        raise flag_error(exc) from None
     print(table)
     out = Path(args.output_dir) / f"eval_{args.eval_task}.json"
     print(f"wrote {out} and its .md/.png ({time.perf_counter() - start:.1f} s)")
