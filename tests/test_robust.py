@@ -95,10 +95,19 @@ def test_corpus_errors_name_the_flag_or_file(corpus):
         ("train_gate_threshold_2", r"--threshold"),
         ("validate_zero_byte_pt", r"tensors_seq96_layer0_sample0_20260101_000000.pt"),
         ("validate_broadcast_262144", r"262144"),
+        ("eval_ppl_json_corrupt_resume", r"corrupt/eval_ppl.json: not a readable eval_ppl"),
+        ("eval_ppl_seq_len_below_block", r"--seq_len 8 is shorter than one block"),
+        ("models_fetch_from_file_wrong_hash", r"zeros.gguf: sha256 "),
     ):
         result = make_corpus.run_case(by_name[name], root)
         assert result["kind"] == "clean", result
         assert re.search(pattern, result["stderr"][-1]), result
+    # a case whose command changes a file it must leave alone is not counted as clean
+    good = dict(by_name["eval_ppl_good"])
+    out = "{root}/out/ev_changed"
+    good["argv"] = [*good["argv"], "--output_dir", out]
+    good["unchanged"] = [f"{out}/eval_ppl.json"]
+    assert make_corpus.run_case(good, root)["kind"] == "wrong"
 
 
 def test_no_traceback_in_a_real_process(corpus):

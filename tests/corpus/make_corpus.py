@@ -6,7 +6,9 @@
 Every input is generated here (no binary blobs in the repository): corrupt, truncated, mislabelled
 and code-carrying tensor files, broken model folders and gate checkpoints, bad flag values. Each
 case is a command line (paths relative to OUT_DIR as ``{root}``), the exit code it must end with
-(0 ok, 1 data error, 2 usage error) and a regex the one stderr error line must match.
+(0 ok, 1 data error, 2 usage error) and a regex the one stderr error line must match; optionally
+``env`` (variables set for the case, an empty value unsets one), ``unchanged`` (files the case must
+leave byte for byte as they were) and ``marker`` (a file that exists only if planted code ran).
 
 ``--run`` classifies each case the way the robustness issue counted them: ``clean`` (expected code,
 one error line matching the regex, no traceback), ``traceback`` (an exception escaped, or the
