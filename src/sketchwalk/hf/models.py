@@ -573,7 +573,10 @@ def fetch_model(
     spec = FETCHED[alias]
     final = fetched_gguf_path(alias)
     if final.is_file() and not force:
-        _check_file(final, spec, f"cached {final}")
+        try:
+            _check_file(final, spec, f"cached {final}")
+        except FetchError as exc:
+            raise FetchError(f"{exc}; fetch it again with --force") from None
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
