@@ -218,7 +218,9 @@ def test_fetch_wrong_hash_leaves_nothing(fake_qwen, monkeypatch, capsys):
     monkeypatch.setenv("SKETCHWALK_WHEELS_DIR", str(wheels))  # the env var form
     assert main(["models", "fetch", "qwen2.5-coder-1.5b"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("sketchwalk models: error: joined 3-part file: sha256 ") and err.endswith("0" * 64)
+    assert err.startswith("sketchwalk models: error: joined 3-part file: sha256 ") and err.endswith(
+        "0" * 64
+    )
     assert _cache_leftovers(models) == []
     monkeypatch.setitem(
         models.FETCHED, "qwen2.5-coder-1.5b", dataclasses.replace(spec, size=spec.size + 1)

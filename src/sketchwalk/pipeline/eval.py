@@ -53,7 +53,7 @@ import torch
 
 from sketchwalk._version import __version__
 from sketchwalk.atomic import write_json, write_text
-from sketchwalk.blocks import UsageError
+from sketchwalk.blocks import DataError, UsageError
 from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
 
 __all__ = [
@@ -370,6 +370,10 @@ def _open_session(
 
     dev = _resolve_device(device)
     gate_dir = gate_path
+    if need_gate and gate_dir is None and (model is not None or _gate_dir_of(model_path) is None):
+        raise EvalInputError(
+            "selector 'gate' needs --gate_path (a SeerAttention gate checkpoint folder)"
+        )  # refused before the model loads
     if model is None:
         model, tokenizer, resolved = load_model(model_path, device=dev, dtype=dtype)
         model_id = resolved.model_id
@@ -390,6 +394,13 @@ def _open_session(
 
         session.gates = load_gate_checkpoint(gate_dir, device=dev)
     return session
+
+
+def _gate_dir_of(model_path: str | None) -> Any:
+    """The gate folder of a SeerAttention checkpoint given as --model_path (None otherwise)."""
+    from sketchwalk.hf.models import resolve_model
+
+    return resolve_model(model_path).gate_dir
 
 
 def _make_selector(run: RunSpec, session: _Session, selection_backend: str) -> Any:
@@ -501,19 +512,37 @@ class _Results:
         self.path = Path(output_dir) / f"eval_{task}.json" if output_dir is not None else None
         self.task = task
         self.data: dict[str, Any] = {"version": RESULT_VERSION, "task": task, "items": {}}
-        if self.path is not None and self.path.is_file():
-            import json
+        if output_dir is not None:
+            from sketchwalk.atomic import remove_stale_tmp
+            from sketchwalk.pipeline.flags import check_output_dir
 
-            try:
-                old = json.loads(self.path.read_text())
-            except (OSError, ValueError) as exc:
-                raise EvalInputError(f"{self.path}: cannot be read for --resume ({exc})") from None
+            check_output_dir(output_dir)
+            remove_stale_tmp(output_dir)  # what a killed earlier run was writing
+        if self.path is not None and self.path.exists():
+            old = self._read()
             if not resume:
                 raise EvalInputError(
                     f"{self.path} exists; pass --resume to continue it or choose another "
                     "--output_dir"
                 )
             self.data = old
+
+    def _read(self) -> dict[str, Any]:
+        """The existing result file, checked; DataError (naming the file, which is left as it
+        is) when it cannot be read or is not an eval result of this task."""
+        import json
+
+        assert self.path is not None
+        try:
+            old = json.loads(self.path.read_text(encoding="utf-8"))
+            _check_result_file(old, self.task)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise DataError(
+                f"{self.path}: not a readable eval_{self.task} result ({reason}); it is left as "
+                "it is: move it away or choose another --output_dir"
+            ) from None
+        return old
 
     def start(self, settings: dict[str, Any]) -> None:
         old = self.data.get("settings")
@@ -538,7 +567,16 @@ class _Results:
                 )
         merged = {**saved, **{r.name: r.to_dict() for r in runs}}
         self.data["runs"] = merged
-        return [RunSpec.from_dict(d) for d in merged.values()]
+        out = []
+        for name, d in merged.items():
+            try:
+                out.append(RunSpec.from_dict(d))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataError(
+                    f"{self.path}: run {name!r} has an unreadable configuration ({exc}); move "
+                    "the file away or choose another --output_dir"
+                ) from None
+        return out
 
     def done(self, key: str) -> bool:
         return key in self.data["items"]
@@ -550,6 +588,62 @@ class _Results:
     def save(self) -> None:
         if self.path is not None:
             write_json(self.path, self.data)
+
+
+_ITEM_FIELDS = {
+    "ppl": {"run": str, "nll_sum": (int, float), "tokens": int, "perplexity": (int, float),
+            "layer_density": list, "wall_s": (int, float)},
+    "niah": {"run": str, "length": int, "depth": (int, float), "correct": bool,
+             "layer_density": list, "wall_s": (int, float)},
+}  # fmt: skip
+
+
+def _check_result_file(data: Any, task: str) -> None:
+    """Raise ValueError unless ``data`` has the layout of an ``eval_<task>.json`` this version
+    writes (what --resume reads back)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+    if data.get("version") != RESULT_VERSION or data.get("task") != task:
+        raise ValueError(
+            f"version {data.get('version')!r} task {data.get('task')!r}, expected version "
+            f"{RESULT_VERSION} task {task!r}"
+        )
+    for key in ("items", "runs", "settings"):
+        if key in data and not isinstance(data[key], dict):
+            raise ValueError(f"{key!r} must be a JSON object")
+    if not isinstance(data.get("items"), dict):
+        raise ValueError("no 'items'")
+    for name, run in data.get("runs", {}).items():
+        if not isinstance(run, dict):
+            raise ValueError(f"run {name!r} must be a JSON object")
+    for key, item in data["items"].items():
+        if not isinstance(item, dict):
+            raise ValueError(f"item {key!r} must be a JSON object")
+        for field, kind in _ITEM_FIELDS[task].items():
+            value = item.get(field)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"item {key!r}: bad or missing {field!r}")
+        if task == "ppl" and item["tokens"] < 1:
+            raise ValueError(f"item {key!r}: bad or missing 'tokens'")
+
+
+def _check_block_lengths(runs: Sequence[RunSpec], lengths: Sequence[int], flag: str) -> None:
+    """Every sequence must hold at least one block of every run's block size."""
+    for run in runs:
+        if run.config is None:
+            continue
+        short = [x for x in lengths if x < run.config.block_size]
+        if short:
+            raise EvalInputError(
+                f"{flag} {short[0]} is shorter than one block of {run.config.block_size} tokens "
+                f"({run.name}); use {flag} >= {run.config.block_size} or a smaller --block_size"
+            )
+
+
+def _check_positive(**values: Any) -> None:
+    for flag, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EvalInputError(f"--{flag} must be an int >= 1, got {value!r}")
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -636,7 +730,9 @@ def evaluate_ppl(
         raise EvalInputError(f"--seq_len must be an int >= 4, got {seq_len!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise EvalInputError(f"--num_samples must be an int >= 1, got {num_samples!r}")
+    _check_positive(loss_chunk=loss_chunk, timing_decode_tokens=timing_decode_tokens)
     runs = build_runs(selectors, densities, base_config, variants)
+    _check_block_lengths(runs, [seq_len], "--seq_len")
     results = _Results(output_dir, "ppl", resume)
     session = _open_session(
         model_path, model, tokenizer, device, dtype, gate_path, any(r.kind == "gate" for r in runs)
@@ -972,18 +1068,21 @@ def evaluate_niah(
     """
     if task not in TASKS:
         raise EvalInputError(f"--task must be one of {TASKS}, got {task!r}")
-    lengths = [int(x) for x in seq_lens]
-    if not lengths or any(x < 8 for x in lengths):
+    lengths = list(seq_lens)
+    if not lengths or any(isinstance(x, bool) or not isinstance(x, int) or x < 8 for x in lengths):
         raise EvalInputError(f"--seq_lens must be ints >= 8, got {list(seq_lens)}")
-    depth_list = [float(d) for d in depths]
+    depth_list = [float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else math.nan
+                  for d in depths]  # fmt: skip
     if not depth_list or any(not 0.0 <= d <= 100.0 for d in depth_list):
         raise EvalInputError(f"--depths must be percentages in [0, 100], got {list(depths)}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise EvalInputError(f"--num_samples must be an int >= 1, got {num_samples!r}")
     needles = num_needles if task == "multikey" else 1
-    if needles < 1:
+    if isinstance(needles, bool) or not isinstance(needles, int) or needles < 1:
         raise EvalInputError(f"--num_needles must be >= 1, got {num_needles}")
+    _check_positive(max_new_tokens=max_new_tokens, timing_decode_tokens=timing_decode_tokens)
     runs = build_runs(selectors, densities, base_config, variants, decode)
+    _check_block_lengths(runs, lengths, "--seq_lens")
     results = _Results(output_dir, "niah", resume)
     session = _open_session(
         model_path, model, tokenizer, device, dtype, gate_path, any(r.kind == "gate" for r in runs)
@@ -1368,6 +1467,8 @@ def _plot_heatmaps(data: dict[str, Any], path: Path) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from sketchwalk.pipeline.flags import int_at_least
+
     # The config's flags first: this parser resolves conflicts, so the passage --seed below
     # replaces the config's --seed, which moves to --sketch_seed.
     add_config_arguments(p, {"preset": "default"})
@@ -1392,7 +1493,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text_file", default=None)
     p.add_argument("--seed", dest="text_seed", type=int, default=0,
                    help="seed of the passages and needles")  # fmt: skip
-    p.add_argument("--num_samples", type=int, default=None)
+    p.add_argument("--num_samples", type=int_at_least(1), default=None)
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "flex"],
                    help="sparse attention backend")  # fmt: skip
     p.add_argument("--selection_backend", default="auto", choices=["auto", "reference", "triton"])
@@ -1400,18 +1501,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="skip items already in the JSON")
     p.add_argument("--timing", action="store_true",
                    help="also time TTFT and decode tokens/s, dense vs SketchWalk")  # fmt: skip
-    p.add_argument("--timing_decode_tokens", type=int, default=32)
+    p.add_argument("--timing_decode_tokens", type=int_at_least(1), default=32)
     p.add_argument("--no_plots", action="store_true")
     p.add_argument("--no_progress", action="store_true")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sketchwalk.pipeline.flags import int_at_least
+
     sub = parser.add_subparsers(dest="eval_task", metavar="TASK", required=True)
     ppl = sub.add_parser("ppl", help="perplexity of the second half of real passages",
                          description=evaluate_ppl.__doc__, conflict_handler="resolve")  # fmt: skip
     _add_common(ppl)
     ppl.add_argument("--seq_len", type=int, default=4096)
-    ppl.add_argument("--loss_chunk", type=int, default=1024, help="positions per logits slice")
+    ppl.add_argument(
+        "--loss_chunk", type=int_at_least(1), default=1024, help="positions per logits slice"
+    )
     niah = sub.add_parser("niah", help="needle-in-a-haystack retrieval (RULER-style)",
                           description=evaluate_niah.__doc__,
                           conflict_handler="resolve")  # fmt: skip
@@ -1419,8 +1524,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     niah.add_argument("--seq_lens", type=int, nargs="+", default=[4096])
     niah.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
     niah.add_argument("--task", default="single", choices=TASKS)
-    niah.add_argument("--num_needles", type=int, default=4, help="needles for --task multikey")
-    niah.add_argument("--max_new_tokens", type=int, default=12)
+    niah.add_argument(
+        "--num_needles", type=int_at_least(1), default=4, help="needles for --task multikey"
+    )
+    niah.add_argument("--max_new_tokens", type=int_at_least(1), default=12)
     niah.add_argument("--decode", nargs="+", default=["dense", "sketchwalk"],
                       choices=DECODE_MODES,
                       help="decode modes of SketchWalk runs: dense = prefill-only")  # fmt: skip
@@ -1453,13 +1560,17 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         plots=not args.no_plots,
     )
+    if args.text_file is not None and not Path(args.text_file).is_file():
+        raise UsageError(f"--text_file {args.text_file}: file not found")
+    if args.text_source == "file" and args.text_file is None:
+        raise UsageError("--text_source file needs --text_file")
     start = time.perf_counter()
     try:
         common["base_config"] = config_from_args(args, default_preset="default")
         if args.eval_task == "ppl":
             data = evaluate_ppl(
                 seq_len=args.seq_len,
-                num_samples=args.num_samples or 2,
+                num_samples=2 if args.num_samples is None else args.num_samples,
                 loss_chunk=args.loss_chunk,
                 **common,
             )
@@ -1468,7 +1579,7 @@ def run(args: argparse.Namespace) -> int:
             data = evaluate_niah(
                 seq_lens=args.seq_lens,
                 depths=args.depths,
-                num_samples=args.num_samples or 1,
+                num_samples=1 if args.num_samples is None else args.num_samples,
                 task=args.task,
                 num_needles=args.num_needles,
                 max_new_tokens=args.max_new_tokens,
@@ -1476,12 +1587,14 @@ def run(args: argparse.Namespace) -> int:
                 **common,
             )
             table = niah_markdown(data)
-    except (ModelNotFoundError, TextSourceError, GateCheckpointError):
+    except (ModelNotFoundError, TextSourceError, GateCheckpointError, DataError):
         raise  # data errors: one line and exit 1 (sketchwalk.cli.run_main)
     except UsageError:
         raise
     except ValueError as exc:  # config validation (SketchWalkConfig): a bad flag value
-        raise UsageError(str(exc)) from None
+        from sketchwalk.pipeline.flags import flag_error
+
+        raise flag_error(exc) from None
     print(table)
     out = Path(args.output_dir) / f"eval_{args.eval_task}.json"
     print(f"wrote {out} and its .md/.png ({time.perf_counter() - start:.1f} s)")
