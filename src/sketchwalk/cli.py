@@ -169,7 +169,7 @@ def _available() -> dict[str, tuple[str, str]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = UserErrorParser(
         prog="sketchwalk",
-        description="Sketch&Walk block-sparse attention: collect, validate, compare.",
+        description="Sketch&Walk block-sparse attention: collect, validate, compare, evaluate.",
     )
     from sketchwalk._version import __version__
 
