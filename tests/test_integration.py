@@ -205,12 +205,48 @@ def test_layers_subset_and_short_sequences_stay_dense():
         assert "one block" in sw.layers[2].reason
 
 
+def _left_padded(lengths: list[int], seq: int = SEQ) -> tuple[torch.Tensor, ...]:
+    """ids, attention mask and position ids of a left-padded batch with the given lengths (what
+    generate() builds for prompts of different lengths)."""
+    ids = _ids(len(lengths), seq)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, seq - n :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padded_batch_runs_dense_or_raises(attn):
+def test_left_padded_batch_runs_sparse_like_each_sequence_alone(arch, attn):
+    model = _model(arch, attn)
+    lengths = [SEQ - 9, SEQ, 40, 12]  # partial last blocks, an unpadded row, a one-block row
+    ids, mask, positions = _left_padded(lengths)
+    with torch.no_grad():
+        with enable_sketchwalk(model, SPARSE, backend="reference") as sw:
+            got = model(ids, attention_mask=mask, position_ids=positions).logits
+        summary = sw.summary()
+        # layer 0 is a dense layer; the others run sparse, with no padding fallback
+        assert [c.mode for c in sw.calls] == ["dense", "sparse", "sparse"], _calls(sw)
+        assert summary["dense_reasons"] == {"dense layer (config.dense_layers)": 1}
+        assert 0.0 < summary["mean_sparse_density"] < 1.0
+        stock = model(ids, attention_mask=mask, position_ids=positions).logits
+        for row, n in enumerate(lengths):
+            with enable_sketchwalk(model, SPARSE, backend="reference") as alone:
+                want = model(ids[row : row + 1, SEQ - n :]).logits[0]
+            sparse_alone = alone.calls[-1].mode == "sparse"
+            assert sparse_alone == (n >= SEQ - 9)  # short rows keep every block (forced ones)
+            err = _report(f"{arch}/{attn} row {row} (length {n})", got[row, SEQ - n :], want)
+            assert err <= 1e-4
+            if sparse_alone:  # the sparse result is not the dense one
+                assert _report("vs dense", got[row, SEQ - n :], stock[row, SEQ - n :]) > 1e-3
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_other_than_left_runs_dense_or_raises(attn):
     model = _model("llama", attn)
     ids = _ids()
     mask = torch.ones_like(ids)
-    mask[0, :9] = 0  # left padding in the first row
+    mask[0, -9:] = 0  # right padding in the first row: not what generate() builds
     with torch.no_grad():
         stock = model(ids, attention_mask=mask).logits
         with enable_sketchwalk(model, SPARSE, backend="reference") as sw:
@@ -342,3 +378,31 @@ def test_flex_backend_with_sparse_decode_is_refused():
     sw = enable_sketchwalk(model, SPARSE, selection_backend="torch")  # the earlier name
     assert sw.selection_backend == "reference"
     disable_sketchwalk(model)
+
+
+def test_left_padding_recognises_only_left_padded_causal_masks():
+    from sketchwalk.hf.integration import left_padding
+
+    s = 6
+    pos = torch.arange(s)
+    causal = pos[None, :] <= pos[:, None]
+    pads = torch.tensor([0, 2, 5])
+    allowed = causal[None] & (pos[None, None, :] >= pads[:, None, None])
+    assert left_padding(allowed[:, None]) == [0, 2, 5]
+    # rows of padding queries may hold anything (transformers may unmask them)
+    loose = allowed.clone()
+    loose[1, :2] = True
+    assert left_padding(loose[:, None]) == [0, 2, 5]
+    partial = allowed.clone()
+    partial[1, 1, 0] = True  # a padding query that sees some keys only: not padding
+    assert left_padding(partial[:, None]) is None
+    packed = allowed.clone()
+    packed[0, 3:, :3] = False  # two documents packed in row 0
+    assert left_padding(packed[:, None]) is None
+    right = causal[None].clone()
+    right[0, :, 4:] = False  # right padding
+    assert left_padding(right[:, None]) is None
+    empty = allowed.clone()
+    empty[2] = False  # a row with no real token
+    assert left_padding(empty[:, None]) is None
+    assert left_padding(allowed[:, None].expand(3, 2, s, s)) is None  # per-head masks

@@ -21,8 +21,14 @@ un-repeated ``key``/``value`` (B, Hkv, S_kv, D) and ``module.layer_idx``, and de
   SketchWalkDecoder` (incremental pooled keys, a window of recent queries, the prefill's
   transition matrix) and :func:`~sketchwalk.attention.sparse_decode` over the kept blocks of the
   cache. With the default ``decode="dense"`` decode steps run the inner implementation.
+- **Left-padded prefill** (what ``generate()`` builds for prompts of different lengths: a causal
+  mask whose row b hides its first ``pads[b]`` keys, :func:`left_padding`): each sequence runs
+  sparse on its own tokens, with its own selector and walk state (one per batch row and forward
+  pass), so no padding token is selected or attended and every real token's output equals the
+  sequence run alone. Cost: B selector calls and B attention calls per layer, in a Python loop;
+  padding outputs are zeros.
 - **Everything else runs the inner (dense) implementation unchanged**, with the reason recorded:
-  chunked prefill and multi-token steps (``1 < S < S_kv``), padded or packed batches and
+  chunked prefill and multi-token steps (``1 < S < S_kv``), packed or right-padded batches and
   sliding-window masks (the mask is not plain causal; ``on_padding="raise"`` raises instead),
   short sequences, dropout, non-causal modules, layers outside ``layers``.
 
@@ -50,6 +56,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -78,6 +85,7 @@ __all__ = [
     "disable_sketchwalk",
     "enable_selector",
     "enable_sketchwalk",
+    "left_padding",
     "sketchwalk_attention",
 ]
 
@@ -136,8 +144,9 @@ class SketchWalkAttention:
             ``config.dense_layers`` layers stay dense anyway).
         selection_backend: ``SketchWalk(backend=)`` for the transition matrix (``"auto"``,
             ``"reference"``, ``"triton"``).
-        on_padding: ``"fallback"`` (padded / packed / sliding-window masks run the inner dense
-            attention, recorded) or ``"raise"`` (ValueError).
+        on_padding: ``"fallback"`` (masks other than plain causal or left padding: packed,
+            right-padded, sliding-window, run the inner dense attention, recorded) or
+            ``"raise"`` (ValueError). Left-padded batches run sparse either way.
         dense_when_full: run the inner implementation when the selection keeps every causal
             block (exactly the same attention); False sends such calls through
             ``sparse_attention`` too (useful to test the sparse path).
@@ -224,7 +233,8 @@ class SketchWalkAttention:
         self.layers: dict[int, LayerCall] = {}
         self.forward_passes = 0
         self._last_layer: int | None = None
-        self._mask_verdicts: dict[int, tuple[weakref.ref, str | None]] = {}
+        self._row_selectors: dict[int, Any] = {}
+        self._mask_verdicts: dict[int, tuple[weakref.ref, str | None, list[int] | None]] = {}
 
     @property
     def sketchwalk(self) -> Any:
@@ -363,9 +373,18 @@ class SketchWalkAttention:
             if plain
             else "attention mask is not plain causal (padding, packing or sliding window)"
         )
+        pads = None if plain else left_padding(allowed)
         self._mask_verdicts = {k: v for k, v in self._mask_verdicts.items() if v[0]() is not None}
-        self._mask_verdicts[id(mask)] = (weakref.ref(mask), verdict)
+        self._mask_verdicts[id(mask)] = (weakref.ref(mask), verdict, pads)
         return verdict
+
+    def _left_pads(self, mask: Any) -> list[int] | None:
+        """Per-row left-padding lengths of the mask `_mask_problem` just inspected, or None when
+        it is not a left-padded causal mask."""
+        seen = self._mask_verdicts.get(id(mask))
+        if mask is None or seen is None or seen[0]() is not mask:
+            return None
+        return seen[2]
 
     def _dense_reason(
         self,
@@ -402,11 +421,13 @@ class SketchWalkAttention:
         if isinstance(window, int) and not isinstance(window, bool) and 0 < window < kv_len:
             return f"sliding-window layer (window {window} < {kv_len} keys)"
         problem = self._mask_problem(attention_mask, q_len, kv_len)
+        if problem is not None and self._left_pads(attention_mask) is not None:
+            return None  # left padding: each sequence runs sparse on its own tokens
         if problem is not None and self.on_padding == "raise":
             raise ValueError(
                 f"SketchWalk (layer {layer_idx}): {problem}; padded batches are not supported "
-                "by sparse prefill (use on_padding='fallback' to run them dense, or unpadded "
-                "batches)"
+                "by sparse prefill, only left padding is (use on_padding='fallback' to run them "
+                "dense, or left-padded or unpadded batches)"
             )
         return problem
 
@@ -438,8 +459,79 @@ class SketchWalkAttention:
         if self._last_layer is None or layer_idx <= self._last_layer:
             self.selector.reset()
             self.decoder.reset()
+            self._row_selectors = {}
             self.forward_passes += 1
         self._last_layer = layer_idx
+
+    def _row_selector(self, row: int) -> Any:
+        """The selector of batch row ``row`` of a left-padded batch (one per row and forward
+        pass, so each sequence carries its own walk state across the layers)."""
+        selector = self._row_selectors.get(row)
+        if selector is None:
+            if isinstance(self.selector, SketchWalk):
+                selector = SketchWalk(
+                    self.selector.config,
+                    backend=self.selector.backend,
+                    cuda_graphs=self.selector.cuda_graphs,
+                )
+            else:
+                selector = copy.deepcopy(self.selector)
+                selector.reset()
+            self._row_selectors[row] = selector
+        return selector
+
+    def _padded_prefill(
+        self,
+        inner_fn: Callable[..., Any],
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        pads: list[int],
+        scaling: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, Any]:
+        """Sparse prefill of a left-padded batch, one sequence at a time.
+
+        Row b's real tokens are positions ``pads[b]:``; its selection and sparse attention run
+        on that slice alone (batch 1, its own length and walk state), so no padding position is
+        selected or attended, and the result equals running the sequence unpadded. Padding
+        positions get zeros (the model masks them out of every real token's attention). Cost:
+        B selector calls and B attention calls per layer instead of one batched call.
+        """
+        layer_idx = int(module.layer_idx)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        self._start_pass_if_new(layer_idx)
+        selections = []
+        for row, pad in enumerate(pads):
+            q_row = query[row : row + 1, :, pad:]
+            k_row = key[row : row + 1, :, pad:]
+            selections.append(self._row_selector(row).select(q_row, k_row, layer_idx))
+        kept = sum(int(s.kv_num_blocks.sum(dtype=torch.int64)) for s in selections)
+        density = kept / sum(_causal_blocks(s) for s in selections)
+        if self.dense_when_full and density >= 1.0:
+            why = (
+                "dense layer (config.dense_layers)"
+                if layer_idx < self.config.dense_layers
+                else "selection keeps every causal block"
+            )
+            self._record(layer_idx, "dense", q_len, kv_len, 1.0, f"inner:{self.inner}", why)
+            return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
+        resolved = resolve_backend(self.backend, query)
+        out = torch.zeros_like(query)
+        for row, (pad, selection) in enumerate(zip(pads, selections, strict=True)):
+            out[row : row + 1, :, pad:] = sparse_attention(
+                query[row : row + 1, :, pad:],
+                key[row : row + 1, :, pad:],
+                value[row : row + 1, :, pad:],
+                selection,
+                backend=resolved,
+                scale=scaling,
+            )
+        self._record(layer_idx, "sparse", q_len, kv_len, density, resolved, None)
+        return out.transpose(1, 2).contiguous(), None
 
     def __call__(
         self,
@@ -491,6 +583,11 @@ class SketchWalkAttention:
             self._record(layer_idx, "sparse", q_len, kv_len, step.density, decode_backend, None)
             return out.transpose(1, 2).contiguous(), None
 
+        pads = self._left_pads(attention_mask)
+        if pads is not None:
+            return self._padded_prefill(
+                inner_fn, module, query, key, value, attention_mask, pads, scaling, args, kwargs
+            )
         self._start_pass_if_new(layer_idx)
         selection = self.selector.select(query, key, layer_idx)
         if self.decode == "sketchwalk":
@@ -508,6 +605,44 @@ class SketchWalkAttention:
         out = sparse_attention(query, key, value, selection, backend=resolved, scale=scaling)
         self._record(layer_idx, "sparse", q_len, kv_len, selection.density, resolved, None)
         return out.transpose(1, 2).contiguous(), None
+
+
+def left_padding(allowed: torch.Tensor) -> list[int] | None:
+    """Per-row padding lengths when ``allowed`` is a left-padded causal mask, else None.
+
+    Args:
+        allowed: bool (B, 1, S, S), True where query i may see key j.
+
+    Returns:
+        ``pads`` with row b's query rows ``i >= pads[b]`` seeing exactly keys ``pads[b] <= j <=
+        i``, its padding queries ``i < pads[b]`` seeing no key or every key (their outputs are
+        never used), and at least one real token per row; None for any other mask (packing,
+        holes, right padding, sliding windows, a fully padded row).
+    """
+    if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[2] != allowed.shape[3]:
+        return None
+    s = allowed.shape[-1]
+    last = allowed[:, 0, -1]  # the last query sees every real key
+    pads = (~last).cumprod(dim=-1).sum(dim=-1)  # leading keys it cannot see
+    if bool((pads >= s).any()):
+        return None
+    pos = torch.arange(s, device=allowed.device)
+    want = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] >= pads[:, None, None])
+    real_rows = (pos[None, :] >= pads[:, None])[..., None]
+    if not bool(((allowed[:, 0] == want) | ~real_rows).all()):
+        return None
+    # A padding query's row sees nothing (or, where transformers unmasks fully masked rows,
+    # everything); a row that sees some keys only is a token of another packed document.
+    pad_rows = allowed[:, 0].all(dim=-1) | ~allowed[:, 0].any(dim=-1)
+    if not bool((pad_rows | real_rows[..., 0]).all()):
+        return None
+    return [int(p) for p in pads]
+
+
+def _causal_blocks(selection: Any) -> int:
+    """Causal blocks of a square selection, over its batch rows and mask groups."""
+    b, g, _, nk = selection.block_mask.shape
+    return b * g * nk * (nk + 1) // 2
 
 
 def _make_attention_fn(inner: str) -> Callable[..., Any]:
