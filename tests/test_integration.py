@@ -406,3 +406,148 @@ def test_left_padding_recognises_only_left_padded_causal_masks():
     empty[2] = False  # a row with no real token
     assert left_padding(empty[:, None]) is None
     assert left_padding(allowed[:, None].expand(3, 2, s, s)) is None  # per-head masks
+
+
+# Row budgets that do not depend on the sequence length (a fixed number of ranked blocks, sink
+# and window in blocks, no dense last rows): a query block's row is the same whether the prompt
+# ends there or later, so chunked and one-shot prefill keep the same blocks.
+ROWWISE = SketchWalkConfig(
+    block_size=16,
+    top_k_blocks=1,
+    sink_blocks=1,
+    window_blocks=1,
+    dense_last_rows=0,
+    dense_layers=1,
+)
+
+
+def _chunked_logits(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    logits, pos = [], 0
+    for size in chunks:
+        out = model(ids[:, pos : pos + size], past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        pos += size
+    assert pos == ids.shape[1]
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("chunks", [[32, 48, 20], [37, 30, 33], [10, 5, 85], [16, 16, 68]])
+def test_chunked_prefill_runs_sparse(arch, chunks):
+    model = _model(arch)
+    ids = _ids(batch=2)
+    with torch.no_grad():
+        with enable_sketchwalk(model, ROWWISE, backend="auto") as sw:
+            one_shot = model(ids).logits
+            assert [c.mode for c in sw.calls] == ["dense", "sparse", "sparse"]
+            sw.clear()
+            got = _chunked_logits(model, ids, chunks)
+        dense = model(ids).logits
+    summary = sw.summary()
+    print(summary)
+    # every chunk after the first runs sparse over the whole cache; only layer 0 (a dense layer)
+    # runs the inner implementation
+    later = [c for c in sw.calls if c.q_len < c.kv_len and c.layer_idx > 0]
+    assert len(later) == 2 * (len(chunks) - 1)
+    assert all(
+        (c.mode, c.backend) == ("sparse", "reference")
+        or c.reason == "selection keeps every causal block"
+        for c in later
+    ), _calls(sw)
+    assert [c.mode for c in later[-2:]] == ["sparse", "sparse"]  # the last chunk drops blocks
+    # no fallback: the dense calls are the dense layer and a first chunk too short to drop a
+    # block, which the one-shot prefill of those tokens would run dense too
+    first_short = chunks[0] <= ROWWISE.block_size  # its record says so, every layer
+    dense_layer = summary["dense_reasons"]["dense layer (config.dense_layers)"]
+    assert dense_layer == len(chunks) - first_short
+    assert set(summary["dense_reasons"]) <= {
+        "dense layer (config.dense_layers)",
+        "selection keeps every causal block",
+        "sequence of 10 tokens fits in one block of 16",
+        "sequence of 16 tokens fits in one block of 16",
+    }
+    assert summary["forward_passes"] == 1 + len(chunks)
+    err = _report(f"{arch} chunks {chunks} vs one-shot sparse", got, one_shot)
+    # Chunk edges on block edges: every block row is the one-shot row. A chunk ending inside a
+    # block selects that block's row from its first tokens only; on these inputs the row keeps
+    # the one-shot blocks too (test_select_chunk_rows_equal_one_shot_rows covers the rows in
+    # general).
+    assert err <= 1e-4
+    assert _report("dense vs one-shot sparse", dense, one_shot) > 1e-2  # not the dense model
+
+
+def test_chunked_prefill_dense_when_the_cache_was_not_seen_or_a_kernel_is_named():
+    model = _model("llama")
+    ids = _ids(batch=1)
+    with torch.no_grad():
+        # the prefix was cached with SketchWalk off: no pooled queries to continue from
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :48], past_key_values=cache, use_cache=True)
+        with enable_sketchwalk(model, ROWWISE, backend="reference") as sw:
+            model(ids[:, 48:], past_key_values=cache, use_cache=True)
+        reasons = [c.reason for c in sw.calls if c.layer_idx > 0]
+        assert all("saw 0 of the 48 cached positions" in r for r in reasons), reasons
+        with enable_sketchwalk(model, ROWWISE, backend="flex") as sw:
+            _chunked_logits(model, ids, [48, 52])
+        reasons = [c.reason for c in sw.calls if c.q_len < c.kv_len and c.layer_idx > 0]
+        assert reasons == ["chunked prefill: backend 'flex' has no query offset: dense"] * 2
+
+
+@pytest.mark.parametrize("chunks", [[32, 48, 20], [37, 30, 33], [5, 90, 5], [100]])
+@pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
+def test_select_chunk_rows_equal_one_shot_rows(chunks, granularity):
+    """Per layer on fixed q/k: the rows select_chunk returns for the last chunk (whose cache is
+    the whole sequence) are the one-shot rows, and so is the sparse attention of the chunk; each
+    earlier chunk equals a one-shot prefill of the prefix on its rows."""
+    cfg = SketchWalkConfig(
+        block_size=16, density=0.3, dense_layers=1, dense_last_rows=1, granularity=granularity
+    )
+    g = torch.Generator().manual_seed(0)
+    layers, t = 3, SEQ
+    qs = [torch.randn(2, 4, t, 16, generator=g) for _ in range(layers)]
+    ks = [torch.randn(2, 2, t, 16, generator=g) for _ in range(layers)]
+    vs = [torch.randn(2, 2, t, 16, generator=g) for _ in range(layers)]
+    chunked = SketchWalk(cfg)
+    pos = 0
+    for size in chunks:
+        end = pos + size
+        prefix = SketchWalk(cfg)  # one-shot prefill of the tokens so far
+        for layer in range(layers):
+            q, k, v = qs[layer][:, :, pos:end], ks[layer][:, :, :end], vs[layer][:, :, :end]
+            sel = chunked.select_chunk(q, k, layer)
+            want = prefix.select(qs[layer][:, :, :end], k, layer)
+            nq = sel.block_mask.shape[2]
+            assert nq == want.block_mask.shape[2] - pos // cfg.block_size
+            assert torch.equal(sel.block_mask, want.block_mask[:, :, -nq:])
+            assert torch.equal(sel.kv_indices, want.kv_indices[:, :, -nq:])
+            got = sparse_attention(q, k, v, sel)
+            full = sparse_attention(qs[layer][:, :, :end], k, v, want)[:, :, pos:]
+            assert _report(f"layer {layer} chunk {pos}:{end}", got, full) <= 1e-6
+        pos = end
+
+
+def test_sparse_attention_of_a_query_chunk_names_its_backends():
+    cfg = SketchWalkConfig(block_size=16, density=0.3, dense_layers=0)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 30, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, 70, 16, generator=g)
+    sw = SketchWalk(cfg)
+    sw.keep_queries = True
+    sw.select(torch.randn(1, 4, 40, 16, generator=g), k[:, :, :40], 0)
+    assert sw.kept_length(0) == 40
+    sel = sw.select_chunk(q, k, 0)  # 30 queries at the end of 70 keys, from inside block 2
+    assert sel.block_mask.shape[2:] == (5 - 2, 5) and sel.seq_len == 70
+    out = sparse_attention(q, k, v, sel, backend="auto")
+    assert out.shape == q.shape
+    for backend in ("triton", "flex"):
+        with pytest.raises(RuntimeError):
+            sparse_attention(q, k, v, sel, backend=backend)
+    with pytest.raises(ValueError, match="needs the pooled queries of the 40 cached"):
+        SketchWalk(cfg).select_chunk(q, k, 0)
+    with pytest.raises(ValueError, match="mask"):  # a selection for other positions
+        sparse_attention(q[:, :, :20], k, v, sel)

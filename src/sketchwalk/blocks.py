@@ -45,8 +45,11 @@ class BlockSelection:
 
     Attributes:
         block_mask: bool (B, G, nq, nk); G = 1 (per layer), Hkv (per KV group) or Hq (per head).
+            nq == nk for a prefill; nq < nk for a query chunk at the end of the keys (chunked
+            prefill: the rows are the last nq of the nk key blocks, the first one possibly
+            partial, `SketchWalk.select_chunk`).
         block_size: tokens per block.
-        seq_len: T, the number of query (and key) tokens.
+        seq_len: the number of key tokens (= query tokens for a prefill).
         kv_num_blocks: int32 (B, G, nq), kept blocks per row.
         kv_indices: int32 (B, G, nq, nk), each row's kept key blocks ascending, then 0-padding.
         density_value: the density if already known (else computed on first access of
@@ -242,19 +245,17 @@ def check_selection(
             f"{where}: selection must be a BlockSelection, got {type(selection).__name__}"
         )
     b, hq, t, _ = q.shape
-    hkv = k.shape[1]
-    if k.shape[2] != t:
-        raise ValueError(
-            f"{where}: block-sparse prefill needs as many keys as queries; q has seq {t}, k has "
-            f"seq {k.shape[2]} (use sketchwalk.attention.sparse_decode for decode)"
-        )
-    nb = num_blocks(t, selection.block_size)
-    expected = (b, None, nb, nb)
+    hkv, s = k.shape[1], k.shape[2]
+    if s < t:
+        raise ValueError(f"{where}: more queries ({t}) than keys ({s})")
+    nk = num_blocks(s, selection.block_size)
+    nq = nk - (s - t) // selection.block_size  # the query chunk's blocks, the first maybe partial
     got = tuple(selection.block_mask.shape)
-    if selection.seq_len != t or got[0] != b or got[2:] != (nb, nb):
+    if selection.seq_len != s or got[0] != b or got[2:] != (nq, nk):
         raise ValueError(
             f"{where}: selection is for seq_len={selection.seq_len} with mask {got}; q/k need "
-            f"seq_len={t} and a mask (batch={expected[0]}, groups, {nb}, {nb})"
+            f"seq_len={s} and a mask (batch={b}, groups, {nq}, {nk}) ({t} queries at the end "
+            f"of {s} keys)"
         )
     if selection.num_groups not in (1, hkv, hq):
         raise ValueError(

@@ -109,27 +109,32 @@ def sparse_attention_reference(
 ) -> torch.Tensor:
     """Plain PyTorch block-sparse attention (the reference every fast path is tested against).
 
-    Algorithm: for each chunk of query rows, expand the chunk's rows of the block mask to
-    token level (query token i may see key token j iff block (i // bs, j // bs) is kept and
-    j <= i), then run exact masked softmax attention in float32. Rows with no visible key give 0.
+    Algorithm: the T queries sit at key positions S - T .. S - 1 (T == S for a prefill; T < S
+    for a query chunk, whose selection rows are the last nq of the nk key blocks). For each
+    chunk of query rows, expand the rows of the block mask to token level (the query at
+    position p may see key j iff block (p // bs, j // bs) is kept and j <= p), then run exact
+    masked softmax attention in float32. Rows with no visible key give 0.
     """
     b, hq, t, d = q.shape
-    hkv = k.shape[1]
+    hkv, s = k.shape[1], k.shape[2]
+    offset = s - t
     bs = selection.block_size
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    head_mask = selection.head_mask(hq, hkv)  # (B, Hq, nb, nb)
+    head_mask = selection.head_mask(hq, hkv)  # (B, Hq, nq, nk)
+    first_row = offset // bs  # the block of the first query: row 0 of the mask
     # Chunks need not be whole blocks (each row reads its own block's mask row): a block larger
     # than the chunk budget (block_size >= T, say) must not turn into one T x T chunk.
-    rows = _chunk_rows(b * hq, t, chunk_size)
+    rows = _chunk_rows(b * hq, s, chunk_size)
     out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
-    key_pos = torch.arange(t, device=q.device)
+    key_pos = torch.arange(s, device=q.device)
     key_block = key_pos // bs
     for start in range(0, t, rows):
         stop = min(t, start + rows)
-        q_pos = torch.arange(start, stop, device=q.device)
-        rows_mask = head_mask[:, :, q_pos // bs]  # (B, Hq, C, nb)
-        allowed = rows_mask[..., key_block[:stop]] & (key_pos[None, :stop] <= q_pos[:, None])
-        kc, vc = k[:, :, :stop], v[:, :, :stop]
+        q_pos = torch.arange(start, stop, device=q.device) + offset
+        horizon = offset + stop  # keys after the chunk's last query are masked anyway
+        rows_mask = head_mask[:, :, q_pos // bs - first_row]  # (B, Hq, C, nk)
+        allowed = rows_mask[..., key_block[:horizon]] & (key_pos[None, :horizon] <= q_pos[:, None])
+        kc, vc = k[:, :, :horizon], v[:, :, :horizon]
         out[:, :, start:stop] = _attend_chunk(q[:, :, start:stop], kc, vc, allowed, scale).to(
             q.dtype
         )

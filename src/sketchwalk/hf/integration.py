@@ -227,6 +227,10 @@ class SketchWalkAttention:
         self.selector = (
             selector if selector is not None else SketchWalk(config, backend=selection_backend)
         )
+        if isinstance(self.selector, SketchWalk):
+            # chunked prefill continues from each layer's pooled queries (B x Hq x nb x D
+            # float32 per layer, 1 / block_size of one layer's queries)
+            self.selector.keep_queries = True
         self.decode = decode
         self.decoder = SketchWalkDecoder(config)
         self.calls: list[LayerCall] = []
@@ -366,7 +370,10 @@ class SketchWalkAttention:
             return seen[1]
         # Bool masks mark allowed positions; additive float masks hold 0 where allowed.
         allowed = mask if mask.dtype == torch.bool else mask == 0
-        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
+        # queries aligned to the end of the keys (a chunk of q_len < kv_len new tokens)
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(
+            kv_len - q_len
+        )
         plain = bool(torch.equal(allowed, causal.expand_as(allowed)))
         verdict = (
             None
@@ -400,9 +407,11 @@ class SketchWalkAttention:
         q_len, kv_len = query.shape[2], key.shape[2]
         if layer_idx not in self.sparse_layers:
             return "layer not selected for SketchWalk"
+        if 1 < q_len < kv_len:
+            return self._chunk_problem(module, layer_idx, q_len, kv_len, attention_mask, kwargs)
         if q_len < kv_len:
             if self.decode == "dense":
-                return "decode step or chunked prefill (query shorter than keys): dense"
+                return "decode step (one new token): dense"
             return self._decode_problem(layer_idx, q_len, kv_len, attention_mask, kwargs)
         if q_len != kv_len:
             return f"query length {q_len} > key length {kv_len}"
@@ -430,6 +439,42 @@ class SketchWalkAttention:
                 "dense, or left-padded or unpadded batches)"
             )
         return problem
+
+    def _chunk_problem(
+        self,
+        module: nn.Module,
+        layer_idx: int,
+        q_len: int,
+        kv_len: int,
+        attention_mask: Any,
+        kwargs: dict,
+    ) -> str | None:
+        """Why a query chunk (``1 < q_len < kv_len``: chunked prefill, or new tokens after a
+        cached prefix) cannot run sparse, or None."""
+        if not callable(getattr(self.selector, "select_chunk", None)):
+            return "chunked prefill: the selector has no select_chunk: dense"
+        seen = self.selector.kept_length(layer_idx)
+        if seen != kv_len - q_len:
+            return (
+                f"chunked prefill: SketchWalk saw {seen or 0} of the {kv_len - q_len} cached "
+                "positions (the cache was not filled through it): dense"
+            )
+        if self.backend not in ("auto", "reference"):
+            return f"chunked prefill: backend {self.backend!r} has no query offset: dense"
+        if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+            return "non-causal attention module"
+        if float(kwargs.get("dropout", 0.0) or 0.0) != 0.0:
+            return "attention dropout > 0"
+        for name in _UNSUPPORTED_KWARGS:
+            if kwargs.get(name) is not None:
+                return f"unsupported attention argument {name!r}"
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        if isinstance(window, int) and not isinstance(window, bool) and 0 < window < kv_len:
+            return f"sliding-window layer (window {window} < {kv_len} keys)"
+        problem = self._mask_problem(attention_mask, q_len, kv_len)
+        if problem is not None:
+            return f"chunked prefill: {problem}: dense"
+        return None
 
     def _decode_problem(
         self, layer_idx: int, q_len: int, kv_len: int, attention_mask: Any, kwargs: dict
@@ -462,6 +507,45 @@ class SketchWalkAttention:
             self._row_selectors = {}
             self.forward_passes += 1
         self._last_layer = layer_idx
+
+    def _chunk(
+        self,
+        inner_fn: Callable[..., Any],
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        scaling: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, Any]:
+        """Sparse attention of a query chunk at the end of the cache (chunked prefill).
+
+        The selector continues the sequence from the pooled queries it kept for the cached
+        positions (`SketchWalk.select_chunk`): the selection is that of a one-shot prefill of
+        the whole cache, restricted to the chunk's query blocks. A chunk is a new pass over the
+        layers, but not a new sequence: the selector is not reset. The attention runs on the
+        reference backend (the prefill kernels take no query offset).
+        """
+        layer_idx = int(module.layer_idx)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if self._last_layer is None or layer_idx <= self._last_layer:
+            self.decoder.reset()  # its state was for the cache before this chunk
+            self.forward_passes += 1
+        self._last_layer = layer_idx
+        selection = self.selector.select_chunk(query, key, layer_idx)
+        if self.dense_when_full and selection.density >= 1.0:
+            why = (
+                "dense layer (config.dense_layers)"
+                if layer_idx < self.config.dense_layers
+                else "selection keeps every causal block"
+            )
+            self._record(layer_idx, "dense", q_len, kv_len, 1.0, f"inner:{self.inner}", why)
+            return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
+        out = sparse_attention(query, key, value, selection, backend="reference", scale=scaling)
+        self._record(layer_idx, "sparse", q_len, kv_len, selection.density, "reference", None)
+        return out.transpose(1, 2).contiguous(), None
 
     def _row_selector(self, row: int) -> Any:
         """The selector of batch row ``row`` of a left-padded batch (one per row and forward
@@ -561,12 +645,26 @@ class SketchWalkAttention:
         inner_label = f"inner:{self.inner}"
         reason = self._dense_reason(module, query, key, attention_mask, args, kwargs)
         if reason is not None:
+            if (
+                q_len == kv_len <= self.config.block_size
+                and layer_idx in self.sparse_layers
+                and getattr(self.selector, "keep_queries", False)
+                and self._mask_problem(attention_mask, q_len, kv_len) is None
+            ):
+                # a first chunk of one block: dense, but the selector keeps its pooled queries
+                # so that the next chunks can run sparse
+                self._start_pass_if_new(layer_idx)
+                self.selector.select(query, key, layer_idx)
             self._record(layer_idx, "dense", q_len, kv_len, 1.0, inner_label, reason)
             return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
 
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", None)
+        if 1 < q_len < kv_len:  # a query chunk (checked by _dense_reason)
+            return self._chunk(
+                inner_fn, module, query, key, value, attention_mask, scaling, args, kwargs
+            )
         if q_len < kv_len:  # SketchWalk decode step (checked by _dense_reason)
             step = self.decoder.step(query, key[:, :, -1:], layer_idx)
             decode_backend = resolve_backend(self.backend, query, mode="decode")

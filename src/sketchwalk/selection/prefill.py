@@ -85,6 +85,9 @@ class SketchWalk:
         self.cuda_graphs = bool(cuda_graphs)
         self.transition_backend: str | None = None
         self._graphs: dict[tuple, _SelectGraph] = {}
+        # Keep each layer's pooled queries so that a later query chunk can continue the
+        # sequence (`select_chunk`); costs B x Hq x nb x D float32 per layer.
+        self.keep_queries = False
         self.reset()
 
     def clear_graphs(self) -> None:
@@ -92,7 +95,13 @@ class SketchWalk:
         self._graphs.clear()
 
     def reset(self) -> None:
-        """Forget the walk state: the next call starts a new sequence."""
+        """Forget the walk state and the pooled queries: the next call starts a new sequence."""
+        self._restart_layers()
+        # layer -> (pooled queries (B, Hq, nb, D) float32, tokens they cover): what a later
+        # query chunk of the same sequence needs (`select_chunk`); kept only if keep_queries.
+        self._queries: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def _restart_layers(self) -> None:
         self._last_layer: int | None = None
         self._walk_state: torch.Tensor | None = None
         self._walk_layer: int | None = None
@@ -145,10 +154,22 @@ class SketchWalk:
 
         if layer_idx < cfg.dense_layers:
             check_finite(f"SketchWalk.select: layer {layer_idx}", q=q, k=k)  # one sync on CUDA
+            if self.keep_queries:
+                self._queries[layer_idx] = (block_pool(q, cfg.block_size, cfg.parity), t)
             return BlockSelection.full(b, groups, t, cfg.block_size, q.device)
 
         qb = block_pool(q, cfg.block_size, cfg.parity)
         kb = block_pool(k, cfg.block_size, cfg.parity)
+        return self._select_pooled(qb, kb, t, layer_idx)
+
+    def _select_pooled(
+        self, qb: torch.Tensor, kb: torch.Tensor, t: int, layer_idx: int
+    ) -> BlockSelection:
+        """Steps 2-5 on pooled (B, Hq, nb, D) queries and (B, Hkv, nb, D) keys of t tokens."""
+        cfg = self.config
+        b, groups = qb.shape[0], self._groups(qb.shape[1], kb.shape[1])
+        if self.keep_queries:
+            self._queries[layer_idx] = (qb, t)
         # A non-finite value anywhere in a block makes its pooled mean non-finite: checking the
         # pooled tensors costs one small reduction and one host sync per layer.
         if not bool(torch.isfinite(qb.sum() + kb.sum())):
@@ -175,6 +196,95 @@ class SketchWalk:
         self._walk_state, self._walk_layer = selection.scores, layer_idx
         assert selection.scores.shape == (b, groups, nb, nb)
         return selection
+
+    def select_chunk(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int) -> BlockSelection:
+        """Select key blocks for a query chunk at the end of the keys (chunked prefill).
+
+        The T queries sit at positions S - T .. S - 1 of the S keys; the positions before them
+        were fed earlier to this SketchWalk (by `select` or `select_chunk`, with
+        ``keep_queries`` set), which kept each layer's pooled queries. That is the state carried
+        across the chunks of one sequence: the chunk's queries are pooled into the blocks they
+        fall in (a partial first block is merged with the pooled queries already kept for it),
+        appended to the kept ones, and steps 2-5 run on all S tokens exactly as a one-shot
+        prefill of S tokens would (same transition, walk from the previous layer of this chunk,
+        same budgets); the rows of the chunk's query blocks are returned. Cost per layer: that
+        of a one-shot selection of S tokens (O((S / block_size)^2)), the pooling only over the
+        chunk.
+
+        Layers must be fed in increasing order within a chunk; a layer at or below the last one
+        fed starts the next chunk (the walk restarts, the pooled queries are kept).
+
+        Args:
+            q: (B, Hq, T, D) post-RoPE queries of the chunk.
+            k: (B, Hkv, S, D) post-RoPE keys of the whole sequence so far, S >= T.
+            layer_idx: the layer's index in the model.
+
+        Returns:
+            `BlockSelection` with ``seq_len`` S and mask (B, G, nq, nk): the last nq of the
+            nk = ceil(S / block_size) key blocks, nq = nk - (S - T) // block_size.
+
+        Raises:
+            ValueError: the positions before the chunk were not fed for this layer (no kept
+                pooled queries covering exactly S - T tokens), or bad inputs.
+        """
+        cfg = self.config
+        bs = cfg.block_size
+        check_qk(q, k, "SketchWalk.select_chunk")
+        b, hq, t, _ = q.shape
+        s = k.shape[2]
+        if t > s:
+            raise ValueError(f"SketchWalk.select_chunk: more queries ({t}) than keys ({s})")
+        offset = s - t
+        kept = self._queries.get(layer_idx)
+        if offset and (kept is None or kept[1] != offset or kept[0].shape[:2] != (b, hq)):
+            have = "nothing" if kept is None else f"{kept[1]} tokens"
+            raise ValueError(
+                f"SketchWalk.select_chunk: layer {layer_idx} needs the pooled queries of the "
+                f"{offset} cached positions before the chunk, but holds {have} (feed the "
+                "sequence's earlier chunks with keep_queries = True)"
+            )
+        if self._last_layer is not None and layer_idx <= self._last_layer:
+            self._restart_layers()  # the next chunk: a new pass over the layers
+        first = offset // bs
+        parts = [kept[0][:, :, :first]] if first else []
+        head = min(t, (first + 1) * bs - offset) if offset % bs else 0
+        if head:  # the partial first block: merge with its kept pooled queries
+            seen = offset - first * bs
+            old = kept[0][:, :, first : first + 1]
+            new = q[:, :, :head].sum(dim=2, keepdim=True, dtype=torch.float32)
+            if cfg.parity:  # the released divisor: block_size, whatever the count
+                parts.append(old + new / bs)
+            else:
+                parts.append((old * seen + new) / (seen + head))
+        if head < t:
+            parts.append(block_pool(q[:, :, head:], bs, cfg.parity))
+        qb = torch.cat(parts, dim=2)
+        # a chunk always keeps its layer's pooled queries: the next chunk continues from them
+        saved_keep, self.keep_queries = self.keep_queries, True
+        saved_shape, self._shape = self._shape, None
+        try:
+            if layer_idx < cfg.dense_layers:
+                check_finite(f"SketchWalk.select_chunk: layer {layer_idx}", q=q, k=k)
+                self._queries[layer_idx] = (qb, s)
+                self._last_layer = layer_idx
+                full = BlockSelection.full(b, self._groups(hq, k.shape[1]), s, bs, q.device)
+            else:
+                kb = block_pool(k, bs, cfg.parity)
+                self._last_layer = layer_idx
+                full = self._select_pooled(qb, kb, s, layer_idx)
+        finally:
+            self.keep_queries = saved_keep
+            self._shape = saved_shape
+        return _last_rows(full, num_blocks(s, bs) - first)
+
+    def kept_length(self, layer_idx: int) -> int | None:
+        """Tokens covered by the pooled queries kept for ``layer_idx`` (what a query chunk of
+        this layer may continue from), or None."""
+        kept = self._queries.get(layer_idx)
+        return None if kept is None else kept[1]
+
+    def _groups(self, hq: int, hkv: int) -> int:
+        return {"layer": 1, "kv_group": hkv, "head": hq}[self.config.granularity]
 
     def _graph_eligible(self, qb: torch.Tensor) -> bool:
         cfg = self.config
@@ -300,6 +410,22 @@ class _SelectGraph:
             self.previous.copy_(previous)
         self.graph.replay()
         return self.outputs
+
+
+def _last_rows(selection: BlockSelection, rows: int) -> BlockSelection:
+    """The last ``rows`` query-block rows of a square selection (a query chunk's rows)."""
+    if rows == selection.block_mask.shape[2]:
+        return selection
+    scores = None if selection.scores is None else selection.scores[:, :, -rows:]
+    return BlockSelection(
+        selection.block_mask[:, :, -rows:],
+        selection.block_size,
+        selection.seq_len,
+        selection.kv_num_blocks[:, :, -rows:],
+        selection.kv_indices[:, :, -rows:],
+        None,
+        scores=scores,
+    )
 
 
 def _triton_transition_unavailable(qb: torch.Tensor, cfg: SketchWalkConfig) -> str | None:
