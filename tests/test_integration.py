@@ -549,5 +549,23 @@ def test_sparse_attention_of_a_query_chunk_names_its_backends():
             sparse_attention(q, k, v, sel, backend=backend)
     with pytest.raises(ValueError, match="needs the pooled queries of the 40 cached"):
         SketchWalk(cfg).select_chunk(q, k, 0)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="layer_idx must be an int"):
+            SketchWalk(cfg).select_chunk(q, k, bad)
     with pytest.raises(ValueError, match="mask"):  # a selection for other positions
         sparse_attention(q[:, :, :20], k, v, sel)
+
+
+def test_generate_with_left_padded_prompts_prefills_each_prompt_sparse():
+    model = _model("llama")
+    lengths = [SEQ - 9, SEQ]
+    ids, mask, _ = _left_padded(lengths)
+    with torch.no_grad(), enable_sketchwalk(model, SPARSE, backend="reference") as sw:
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False
+        )
+        prefill = [c for c in sw.calls if c.prefill]
+        assert [c.mode for c in prefill] == ["dense", "sparse", "sparse"]
+        for row, n in enumerate(lengths):
+            alone = model(ids[row : row + 1, SEQ - n :]).logits[0, -1].argmax()
+            assert out[row, SEQ] == alone, row

@@ -27,10 +27,16 @@ un-repeated ``key``/``value`` (B, Hkv, S_kv, D) and ``module.layer_idx``, and de
   pass), so no padding token is selected or attended and every real token's output equals the
   sequence run alone. Cost: B selector calls and B attention calls per layer, in a Python loop;
   padding outputs are zeros.
+- **Chunked prefill** (``1 < S < S_kv``: a prompt fed in chunks, or new tokens after a prefix
+  cached through SketchWalk): :meth:`~sketchwalk.selection.prefill.SketchWalk.select_chunk`
+  continues the sequence from each layer's pooled queries (kept by the selector) and selects
+  the chunk's rows of a one-shot prefill of the whole cache; the attention runs on the
+  reference backend. Dense, with the reason recorded, when the cache was not filled through
+  SketchWalk or ``backend`` names a kernel (they take no query offset).
 - **Everything else runs the inner (dense) implementation unchanged**, with the reason recorded:
-  chunked prefill and multi-token steps (``1 < S < S_kv``), packed or right-padded batches and
-  sliding-window masks (the mask is not plain causal; ``on_padding="raise"`` raises instead),
-  short sequences, dropout, non-causal modules, layers outside ``layers``.
+  packed or right-padded batches and sliding-window masks (the mask is neither plain causal nor
+  left padding; ``on_padding="raise"`` raises instead), short sequences, dropout, non-causal
+  modules, layers outside ``layers``.
 
 Any other block selector can take SketchWalk's place (:func:`enable_selector`): an object with
 a ``config`` (:class:`~sketchwalk.config.SketchWalkConfig`: block size, dense layers, budget),

@@ -230,6 +230,15 @@ class SketchWalk:
         cfg = self.config
         bs = cfg.block_size
         check_qk(q, k, "SketchWalk.select_chunk")
+        if isinstance(layer_idx, bool) or not hasattr(type(layer_idx), "__index__"):
+            raise ValueError(
+                f"SketchWalk.select_chunk: layer_idx must be an int >= 0, got {layer_idx!r}"
+            )
+        layer_idx = operator.index(layer_idx)
+        if layer_idx < 0:
+            raise ValueError(
+                f"SketchWalk.select_chunk: layer_idx must be an int >= 0, got {layer_idx!r}"
+            )
         b, hq, t, _ = q.shape
         s = k.shape[2]
         if t > s:
