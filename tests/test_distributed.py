@@ -142,6 +142,27 @@ def test_eval_ppl_two_processes_match_one(ppl_runs):
     assert sorted(p.name for p in (root / "two").iterdir()) == ["eval_ppl.json", "eval_ppl.md"]
 
 
+def test_eval_niah_two_processes_match_one(ppl_runs):
+    root = ppl_runs[0]
+    argv = ["eval", "niah", "--model_path", str(root / "model"), "--backend", "reference",
+            "--block_size", "16", "--seq_lens", "512", "--depths", "0", "100",
+            "--text_source", "stdlib", "--selectors", "dense", "sketchwalk", "--densities",
+            "0.5", "--decode", "dense", "sketchwalk", "--max_new_tokens", "3", "--device",
+            "cpu", "--no_plots", "--no_progress"]  # fmt: skip
+    run_single([*argv, "--output_dir", str(root / "niah1")])
+    run_sharded([*argv, "--output_dir", str(root / "niah2")], 2)
+    one, two = (json.loads((root / d / "eval_niah.json").read_text()) for d in ("niah1", "niah2"))
+    assert list(one["items"]) == list(two["items"]) and len(one["items"]) == 6
+    for key, item in one["items"].items():
+        print(f"{key}: {item['answer']!r} vs {two['items'][key]['answer']!r}")
+        assert _strip(item) == _strip(two["items"][key])
+    assert [it["rank"] for it in two["items"].values()] == [0, 1] * 3
+    decode = [it for it in two["items"].values() if it["run"] == "sketchwalk@0.5+decode"]
+    assert all(it["decode_density"] is not None for it in decode)
+    for name, res in one["results"].items():
+        assert _strip(res) == _strip(two["results"][name])
+
+
 def test_eval_error_on_rank0_stops_every_rank(ppl_runs, tmp_path, capfd):
     """Rank 0 alone opens the result file; its error (here: the file exists, no --resume)
     reaches every rank, which all exit with the usage code instead of waiting."""
