@@ -43,6 +43,23 @@ def test_single_process_is_a_no_op():
         distributed.on_main(lambda: {}["boom"], w)
 
 
+def test_an_error_crosses_to_other_ranks_as_itself():
+    """Exceptions whose __init__ takes other arguments than their args (here TensorFileError)
+    must arrive as the same class and message: the exit code depends on the class."""
+    import pickle
+
+    from sketchwalk.blocks import DataError
+    from sketchwalk.pipeline.tensorio import TensorFileError
+
+    sent = TensorFileError("/x/tensors.pt", "cannot read .pt file")
+    got = pickle.loads(pickle.dumps(distributed._Failed(sent))).error
+    print(type(got).__name__, got)
+    assert type(got) is TensorFileError and str(got) == str(sent)
+    assert (got.path, got.problem) == (sent.path, sent.problem)
+    assert isinstance(pickle.loads(pickle.dumps(distributed._Failed(DataError("d")))).error,
+                      DataError)  # fmt: skip
+
+
 # ---- launching ------------------------------------------------------------------------------
 
 
@@ -81,15 +98,15 @@ def run_sharded(argv: list[str], world_size: int, rc_dir=None) -> None:
     mp.spawn(_worker, args=args, nprocs=world_size, join=True)
 
 
-def run_single(argv: list[str]) -> None:
+def run_single(argv: list[str], expect: int = 0) -> None:
     """``sketchwalk <argv>`` in this process, on one thread as the launched ranks are (the
-    thread count changes the order of float sums)."""
+    thread count changes the order of float sums); its exit code must be ``expect``."""
     from sketchwalk.cli import main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(argv) == 0
+        assert main(argv) == expect
     finally:
         torch.set_num_threads(threads)
 
@@ -236,6 +253,10 @@ def _validation(out) -> tuple[list, dict]:
     return json.loads(results.read_text()), json.loads(summary.read_text())
 
 
+VALIDATE_FLAGS = ["--device", "cpu", "--backend", "reference", "--no_timing", "--block_size",
+                  "16", "--top_k_blocks", "4"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def validate_runs(tmp_path_factory):
     """(root, 1-process (records, summary), 2-process (records, summary), argv)."""
@@ -243,8 +264,7 @@ def validate_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("validate")
     write_tensor_dir(root / "t", seq_len=300, num_layers=4, samples=3)
-    argv = ["validate", "--tensor_dir", str(root / "t"), "--device", "cpu", "--backend",
-            "reference", "--no_timing", "--block_size", "16", "--top_k_blocks", "4"]  # fmt: skip
+    argv = ["validate", "--tensor_dir", str(root / "t"), *VALIDATE_FLAGS]
     run_single([*argv, "--output_dir", str(root / "one")])
     run_torchrun([*argv, "--output_dir", str(root / "two")], 2)
     return root, _validation(root / "one"), _validation(root / "two"), argv
@@ -293,3 +313,25 @@ def test_validate_resumes_under_another_process_count(validate_runs, first, then
     # the unfinished files, by sequence round-robin over the new process count
     seq_rank = [0, 1 % then, 2 % then]
     assert [r["rank"] for r in records[keep:]] == [seq_rank[1]] * 3 + [seq_rank[2]] * 4
+
+
+def test_validate_error_on_one_rank_stops_every_rank(tmp_path, capfd):
+    """A corrupt file in the sequence rank 1 runs: both ranks exit 1 (data error), and the
+    results file holds what one process would have finished before it (rank 0's sequence)."""
+    import sketchwalk.testing
+
+    tensors = tmp_path / "t"
+    paths = sketchwalk.testing.write_tensor_dir(tensors, seq_len=300, num_layers=2, samples=2)
+    paths[2].write_bytes(b"not a tensor file")  # sample 1, layer 0
+    argv = ["validate", "--tensor_dir", str(tensors), *VALIDATE_FLAGS]
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    run_sharded([*argv, "--output_dir", str(tmp_path / "two")], 2, rc_dir=codes)
+    assert {p.name: p.read_text() for p in codes.iterdir()} == {"rank0": "1", "rank1": "1"}
+    assert paths[2].name in capfd.readouterr().err
+    run_single([*argv, "--output_dir", str(tmp_path / "one")], expect=1)
+    (two,) = (tmp_path / "two").glob("validation_results_*.json")
+    (one,) = (tmp_path / "one").glob("validation_results_*.json")
+    one, two = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [r["sample_id"] for r in two] == [p.stem for p in paths[:2]]
+    assert _no_rank(one) == _no_rank(two)

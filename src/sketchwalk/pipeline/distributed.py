@@ -137,8 +137,9 @@ def map_rounds(items: Sequence[T], fn: Callable[[T], R], w: World) -> Iterator[l
     """``fn`` of every item, the items dealt out over the ranks (`shard`).
 
     Yields, on every rank, each round's results in the order of ``items`` (a round holds up
-    to ``world_size`` items, one per rank). An exception ``fn`` raises on any rank is raised
-    on every rank at the end of that round; in one process it propagates at once.
+    to ``world_size`` items, one per rank). When ``fn`` raises on some rank, every rank gets
+    the results that come before the failed item in the round (what one process would have
+    finished), then that exception; in one process it propagates at once.
     """
     for round_items in shard(items, w):
         item = round_items[w.rank]
@@ -151,10 +152,13 @@ def map_rounds(items: Sequence[T], fn: Callable[[T], R], w: World) -> Iterator[l
                     raise
                 outcome = _Failed(exc)
         gathered = all_gather(outcome, w)
-        for entry in gathered:
-            if isinstance(entry, _Failed):
-                raise entry.error
-        yield [entry for entry in gathered if not isinstance(entry, _Nothing)]
+        first = next((r for r, e in enumerate(gathered) if isinstance(e, _Failed)), None)
+        if first is None:
+            yield [entry for entry in gathered if not isinstance(entry, _Nothing)]
+            continue
+        yield [entry for entry in gathered[:first] if not isinstance(entry, _Nothing)]
+        # the rank that failed raises its own exception (with its traceback)
+        raise (outcome if first == w.rank else gathered[first]).error
 
 
 class _Nothing:
@@ -164,9 +168,24 @@ class _Nothing:
 _NOTHING = _Nothing()
 
 
-@dataclasses.dataclass
 class _Failed:
-    error: Exception
+    """An exception on its way to the other ranks. It travels as its class, args and
+    attributes and is rebuilt without calling ``__init__``: many exceptions take other
+    arguments than the ``args`` pickle would call them with."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        e = self.error
+        return _rebuild_failed, (type(e), e.args, dict(vars(e)))
+
+
+def _rebuild_failed(cls: type[Exception], args: tuple[Any, ...], state: dict) -> _Failed:
+    error = cls.__new__(cls)
+    error.args = args
+    vars(error).update(state)
+    return _Failed(error)
 
 
 def broadcast(value: T, w: World) -> T:
@@ -184,13 +203,15 @@ def on_main(fn: Callable[[], T], w: World) -> T | None:
     """Run ``fn`` on rank 0 only; its result there (None elsewhere). An exception it raises is
     raised on every rank, so all stop with the same message."""
     result: T | None = None
-    error: BaseException | None = None
+    failed: _Failed | None = None
     if w.is_main:
         try:
             result = fn()
-        except Exception as exc:  # re-raised below, on every rank
-            error = exc
-    error = broadcast(error, w)
-    if error is not None:
-        raise error
+        except Exception as exc:  # raised below, on every rank
+            if not w.distributed:
+                raise
+            failed = _Failed(exc)
+    sent = broadcast(failed, w)
+    if sent is not None:
+        raise (failed if w.is_main else sent).error
     return result
