@@ -32,6 +32,11 @@ items already there. Also ``eval_<task>.md`` (tables) and plots (``eval_<task>.p
 against realized density, one line per selector; ``eval_niah_heatmap.png``: accuracy by depth
 and length). ``--timing`` adds time to first token and decode tokens/s, dense and with each
 SketchWalk config, measured in the same process.
+
+Under ``torchrun --nproc_per_node N -m sketchwalk eval ...`` the items are dealt out over the N
+processes (`sketchwalk.pipeline.distributed`, docs/distributed.md); rank 0 alone reads, resumes
+and writes, and the files are those of one process plus each item's ``rank`` and the settings'
+``world_size``.
 """
 
 from __future__ import annotations

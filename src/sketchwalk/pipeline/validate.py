@@ -17,6 +17,11 @@ Bounds and restarts: files longer than ``--max_seq_len`` tokens (default 32768) 
 before any work; a sample that a killed ``collect`` left half-written is skipped with a warning;
 ``--resume`` continues the latest ``validation_results_*.json`` in ``--output_dir`` (finished
 files are kept as they are, their selections rerun only to carry the walk to later layers).
+
+Under ``torchrun --nproc_per_node N -m sketchwalk validate ...`` whole sequences (never single
+layers: the walk runs across them) are dealt out over the N processes; rank 0 alone resumes and
+writes, the records in the order one process writes them, each with the ``rank`` that computed
+it, and the summary records ``world_size`` (docs/distributed.md).
 """
 
 from __future__ import annotations
