@@ -32,6 +32,11 @@ items already there. Also ``eval_<task>.md`` (tables) and plots (``eval_<task>.p
 against realized density, one line per selector; ``eval_niah_heatmap.png``: accuracy by depth
 and length). ``--timing`` adds time to first token and decode tokens/s, dense and with each
 SketchWalk config, measured in the same process.
+
+Under ``torchrun --nproc_per_node N -m sketchwalk eval ...`` the items are dealt out over the N
+processes (`sketchwalk.pipeline.distributed`, docs/distributed.md); rank 0 alone reads, resumes
+and writes, and the files are those of one process plus each item's ``rank`` and the settings'
+``world_size``.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +60,7 @@ from sketchwalk._version import __version__
 from sketchwalk.atomic import write_json, write_text
 from sketchwalk.blocks import DataError, UsageError
 from sketchwalk.config import SketchWalkConfig, add_config_arguments, config_from_args
+from sketchwalk.pipeline import distributed
 
 __all__ = [
     "DECODE_MODES",
@@ -546,8 +552,7 @@ class _Results:
 
     def start(self, settings: dict[str, Any]) -> None:
         old = self.data.get("settings")
-        if old is not None and old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if old is not None and (diff := _settings_diff(old, settings)):
             raise EvalInputError(
                 f"{self.path}: --resume with different settings ({', '.join(diff)}); use the "
                 "same flags or another --output_dir"
@@ -588,6 +593,16 @@ class _Results:
     def save(self) -> None:
         if self.path is not None:
             write_json(self.path, self.data)
+
+
+# settings of one launch, not of the results: a resumed run may change them
+_PER_LAUNCH_SETTINGS = ("world_size",)
+
+
+def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings (but those of one launch) that differ, sorted."""
+    keys = (set(old) | set(new)) - set(_PER_LAUNCH_SETTINGS)
+    return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
 _ITEM_FIELDS = {
@@ -652,6 +667,93 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     except ImportError:  # tqdm is optional
         return contextlib.nullcontext(None)
     return tqdm(total=total, desc=desc, unit="item", disable=not enabled)
+
+
+class _ActiveRun:
+    """Keeps one run's selector switched on across consecutive items of that run."""
+
+    def __init__(self, session: _Session, backend: str, selection_backend: str):
+        self.session, self.backend, self.selection_backend = session, backend, selection_backend
+        self.run: RunSpec | None = None
+        self.stack: contextlib.ExitStack | None = None
+        self.sw: Any = None
+
+    def use(self, run: RunSpec) -> Any:
+        """The selector state of ``run`` (None for dense), switched on if it is not yet."""
+        if self.run is not run:
+            self.close()
+            self.stack = contextlib.ExitStack()
+            self.sw = self.stack.enter_context(
+                _activate(self.session, run, self.backend, self.selection_backend)
+            )
+            self.run = run
+        return self.sw
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+        self.stack, self.run, self.sw = None, None, None
+
+
+def _open_results(
+    output_dir: str | os.PathLike | None, task: str, resume: bool, w: distributed.World
+) -> _Results:
+    """The result file on rank 0 (its errors raised on every rank); a file-less stand-in on
+    the other ranks, which write nothing."""
+    results = distributed.on_main(lambda: _Results(output_dir, task, resume), w)
+    return results if results is not None else _Results(None, task, False)
+
+
+def _start_results(
+    results: _Results, settings: dict[str, Any], runs: list[RunSpec], w: distributed.World
+) -> tuple[list[RunSpec], set[str]]:
+    """Record settings and runs on rank 0; returns (every run the file knows, the keys of
+    the items already done), the same on every rank."""
+
+    def start() -> list[RunSpec]:
+        results.start(settings)
+        return results.set_runs(runs)
+
+    all_runs = distributed.on_main(start, w)
+    done = distributed.broadcast(set(results.data["items"]) if w.is_main else None, w)
+    return (all_runs if all_runs is not None else runs), done
+
+
+def _run_items(
+    todo: list[tuple[RunSpec, str, Any]],
+    compute: Callable[[RunSpec, Any, Any], dict[str, Any]],
+    results: _Results,
+    active: _ActiveRun,
+    w: distributed.World,
+    bar: Any,
+    postfix: Callable[[dict[str, Any]], str] | None = None,
+) -> None:
+    """Compute the (run, key, payload) items, dealt out over the ranks round by round.
+
+    ``compute(run, sw, payload)`` returns an item's record (``sw``: the run's selector state);
+    each record gets the ``rank`` that computed it. Rank 0 adds each round's records to
+    ``results`` in the order of ``todo`` (and so writes what one process would); an error on
+    any rank stops every rank with it.
+    """
+
+    def one(entry: tuple[RunSpec, str, Any]) -> tuple[str, dict[str, Any]]:
+        run, key, payload = entry
+        sw = active.use(run)
+        if sw is not None:
+            sw.clear()
+        return key, {**compute(run, sw, payload), "rank": w.rank}
+
+    try:
+        for done in distributed.map_rounds(todo, one, w):
+            for key, item in done:
+                if w.is_main:
+                    results.add(key, item)
+                if bar is not None:
+                    bar.update(1)
+                    if postfix is not None:
+                        bar.set_postfix_str(postfix(item))
+    finally:
+        active.close()
 
 
 # ---- perplexity -----------------------------------------------------------------------------
@@ -733,10 +835,12 @@ def evaluate_ppl(
     _check_positive(loss_chunk=loss_chunk, timing_decode_tokens=timing_decode_tokens)
     runs = build_runs(selectors, densities, base_config, variants)
     _check_block_lengths(runs, [seq_len], "--seq_len")
-    results = _Results(output_dir, "ppl", resume)
+    w = distributed.world()
+    results = _open_results(output_dir, "ppl", resume, w)
     session = _open_session(
-        model_path, model, tokenizer, device, dtype, gate_path, any(r.kind == "gate" for r in runs)
-    )
+        model_path, model, tokenizer, distributed.device_for(device, w), dtype, gate_path,
+        any(r.kind == "gate" for r in runs),
+    )  # fmt: skip
     _check_length(session.model, seq_len, session.model_id, "--seq_len")
     passages = make_passages(
         session.tokenizer, seq_len, num_samples, text_source, text_file, seed=seed
@@ -749,54 +853,47 @@ def evaluate_ppl(
         "text_source": passages[0].source,
         "passages_sha256": [p.sha256 for p in passages],
         "backend": backend,
+        "world_size": w.world_size,
     }
-    results.start(settings)
     num_layers = int(session.model.config.num_hidden_layers)
     data = results.data
     data["environment"] = environment(session.model, session.device)
     data["passages"] = [p.info() for p in passages]
-    all_runs = results.set_runs(runs)
-    data["warnings"] = forced_warnings(runs, [seq_len])
-    todo = [(r, i) for r in runs for i in range(num_samples)]
-    with _progress(len(todo), f"ppl T={seq_len}", progress) as bar, torch.no_grad():
-        for run in runs:
-            keys = [f"{run.name}|T{seq_len}|s{i}" for i in range(num_samples)]
-            if all(results.done(k) for k in keys):
-                if bar is not None:
-                    bar.update(len(keys))
-                continue
-            with _activate(session, run, backend, selection_backend) as sw:
-                for i, key in enumerate(keys):
-                    if results.done(key):
-                        if bar is not None:
-                            bar.update(1)
-                        continue
-                    if sw is not None:
-                        sw.clear()
-                    ids = passages[i].input_ids[None].to(session.device)
-                    _sync(session.device)
-                    t0 = time.perf_counter()
-                    nll, count = second_half_nll(session.model, ids, loss_chunk)
-                    nll_value = float(nll)
-                    _sync(session.device)
-                    seconds = time.perf_counter() - t0
-                    per_layer = _layer_densities(sw, num_layers, seq_len)
-                    item = {
-                        "run": run.name,
-                        "sample": i,
-                        "seq_len": seq_len,
-                        "input_ids_sha256": passages[i].sha256,
-                        "nll_sum": nll_value,
-                        "tokens": count,
-                        "perplexity": math.exp(nll_value / count),
-                        "layer_density": per_layer,
-                        **_density_summary(per_layer, _dense_layers(run)),
-                        "wall_s": seconds,
-                    }
-                    results.add(key, item)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix_str(f"{run.name} ppl {item['perplexity']:.3f}")
+    all_runs, done = _start_results(results, settings, runs, w)
+    if w.is_main:
+        data["warnings"] = forced_warnings(runs, [seq_len])
+    todo = [(run, key, i) for run in runs for i in range(num_samples)
+            if (key := f"{run.name}|T{seq_len}|s{i}") not in done]  # fmt: skip
+
+    def compute(run: RunSpec, sw: Any, i: int) -> dict[str, Any]:
+        ids = passages[i].input_ids[None].to(session.device)
+        _sync(session.device)
+        t0 = time.perf_counter()
+        nll, count = second_half_nll(session.model, ids, loss_chunk)
+        nll_value = float(nll)
+        _sync(session.device)
+        seconds = time.perf_counter() - t0
+        per_layer = _layer_densities(sw, num_layers, seq_len)
+        return {
+            "run": run.name,
+            "sample": i,
+            "seq_len": seq_len,
+            "input_ids_sha256": passages[i].sha256,
+            "nll_sum": nll_value,
+            "tokens": count,
+            "perplexity": math.exp(nll_value / count),
+            "layer_density": per_layer,
+            **_density_summary(per_layer, _dense_layers(run)),
+            "wall_s": seconds,
+        }
+
+    active = _ActiveRun(session, backend, selection_backend)
+    bar_on = progress and w.is_main
+    with _progress(len(todo), f"ppl T={seq_len}", bar_on) as bar, torch.no_grad():
+        _run_items(todo, compute, results, active, w, bar,
+                   lambda it: f"{it['run']} ppl {it['perplexity']:.3f}")  # fmt: skip
+    if not w.is_main:
+        return data  # rank 0 aggregates and writes
     data["results"] = _aggregate_ppl(all_runs, data["items"])
     if timing:
         data["timing"] = measure_timing(
@@ -1083,10 +1180,12 @@ def evaluate_niah(
     _check_positive(max_new_tokens=max_new_tokens, timing_decode_tokens=timing_decode_tokens)
     runs = build_runs(selectors, densities, base_config, variants, decode)
     _check_block_lengths(runs, lengths, "--seq_lens")
-    results = _Results(output_dir, "niah", resume)
+    w = distributed.world()
+    results = _open_results(output_dir, "niah", resume, w)
     session = _open_session(
-        model_path, model, tokenizer, device, dtype, gate_path, any(r.kind == "gate" for r in runs)
-    )
+        model_path, model, tokenizer, distributed.device_for(device, w), dtype, gate_path,
+        any(r.kind == "gate" for r in runs),
+    )  # fmt: skip
     for length in lengths:
         _check_length(session.model, length, session.model_id, "--seq_lens")
     tok = session.tokenizer
@@ -1114,74 +1213,63 @@ def evaluate_niah(
         "text_source": fillers[lengths[0]][0].source,
         "prompts_sha256": sorted(token_sha256(p["input_ids"]) for p in prompts.values()),
         "backend": backend,
+        "world_size": w.world_size,
     }
-    results.start(settings)
     num_layers = int(session.model.config.num_hidden_layers)
     data = results.data
     data["environment"] = environment(session.model, session.device)
     data["fillers"] = {str(length): [p.info() for p in ps] for length, ps in fillers.items()}
-    all_runs = results.set_runs(runs)
-    data["warnings"] = forced_warnings(runs, lengths)
+    all_runs, done = _start_results(results, settings, runs, w)
+    if w.is_main:
+        data["warnings"] = forced_warnings(runs, lengths)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    todo = [(run, key, cell) for run in runs for cell in prompts
+            if (key := f"{run.name}|L{cell[0]}|d{cell[1]:g}|s{cell[2]}") not in done]  # fmt: skip
 
-    def item_key(run: RunSpec, length: int, depth: float, s: int) -> str:
-        return f"{run.name}|L{length}|d{depth:g}|s{s}"
+    def compute(run: RunSpec, sw: Any, cell: tuple[int, float, int]) -> dict[str, Any]:
+        length, depth, s = cell
+        prompt = prompts[cell]
+        ids = prompt["input_ids"][None].to(session.device)
+        _sync(session.device)
+        t0 = time.perf_counter()
+        out = session.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        _sync(session.device)
+        seconds = time.perf_counter() - t0
+        new = out[0, length:].tolist()
+        answer = tok.decode(new, skip_special_tokens=True)
+        per_layer = _layer_densities(sw, num_layers, length)
+        return {
+            "run": run.name,
+            "length": length,
+            "depth": depth,
+            "sample": s,
+            "key": prompt["key"],
+            "value": prompt["value"],
+            "needles": prompt["needles"],
+            "needle_positions": prompt["needle_positions"],
+            "chat_template": prompt["chat_template"],
+            "prompt_sha256": token_sha256(prompt["input_ids"]),
+            "filler_sha256": fillers[length][s].sha256,
+            "answer": answer,
+            "answer_ids": new,
+            "correct": str(prompt["value"]) in answer,
+            "layer_density": per_layer,
+            **_density_summary(per_layer, _dense_layers(run)),
+            "decode_density": _decode_density(sw),
+            "wall_s": seconds,
+        }
 
-    total = len(runs) * len(prompts)
-    with _progress(total, f"niah ({task})", progress) as bar, torch.no_grad():
-        for run in runs:
-            keys = {k: item_key(run, *k) for k in prompts}
-            if all(results.done(v) for v in keys.values()):
-                if bar is not None:
-                    bar.update(len(keys))
-                continue
-            with _activate(session, run, backend, selection_backend) as sw:
-                for (length, depth, s), key in keys.items():
-                    if results.done(key):
-                        if bar is not None:
-                            bar.update(1)
-                        continue
-                    if sw is not None:
-                        sw.clear()
-                    prompt = prompts[(length, depth, s)]
-                    ids = prompt["input_ids"][None].to(session.device)
-                    _sync(session.device)
-                    t0 = time.perf_counter()
-                    out = session.model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
-                        pad_token_id=pad_id,
-                    )
-                    _sync(session.device)
-                    seconds = time.perf_counter() - t0
-                    new = out[0, length:].tolist()
-                    answer = tok.decode(new, skip_special_tokens=True)
-                    per_layer = _layer_densities(sw, num_layers, length)
-                    item = {
-                        "run": run.name,
-                        "length": length,
-                        "depth": depth,
-                        "sample": s,
-                        "key": prompt["key"],
-                        "value": prompt["value"],
-                        "needles": prompt["needles"],
-                        "needle_positions": prompt["needle_positions"],
-                        "chat_template": prompt["chat_template"],
-                        "prompt_sha256": token_sha256(prompt["input_ids"]),
-                        "filler_sha256": fillers[length][s].sha256,
-                        "answer": answer,
-                        "answer_ids": new,
-                        "correct": str(prompt["value"]) in answer,
-                        "layer_density": per_layer,
-                        **_density_summary(per_layer, _dense_layers(run)),
-                        "decode_density": _decode_density(sw),
-                        "wall_s": seconds,
-                    }
-                    results.add(key, item)
-                    if bar is not None:
-                        bar.update(1)
+    active = _ActiveRun(session, backend, selection_backend)
+    with _progress(len(todo), f"niah ({task})", progress and w.is_main) as bar, torch.no_grad():
+        _run_items(todo, compute, results, active, w, bar)
+    if not w.is_main:
+        return data  # rank 0 aggregates and writes
     data["results"] = _aggregate_niah(all_runs, data["items"])
     if timing:
         longest = max(lengths)
@@ -1534,10 +1622,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sketchwalk.gate.checkpoint import GateCheckpointError
-    from sketchwalk.hf.models import ModelNotFoundError
-    from sketchwalk.hf.text import TextSourceError
-
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32,
              "float16": torch.float16}[args.dtype]  # fmt: skip
     common = dict(
@@ -1565,6 +1649,17 @@ def run(args: argparse.Namespace) -> int:
     if args.text_source == "file" and args.text_file is None:
         raise UsageError("--text_source file needs --text_file")
     start = time.perf_counter()
+    with distributed.session(args.device) as w:
+        return _run_task(args, common, start, w)
+
+
+def _run_task(
+    args: argparse.Namespace, common: dict[str, Any], start: float, w: distributed.World
+) -> int:
+    from sketchwalk.gate.checkpoint import GateCheckpointError
+    from sketchwalk.hf.models import ModelNotFoundError
+    from sketchwalk.hf.text import TextSourceError
+
     try:
         common["base_config"] = config_from_args(args, default_preset="default")
         if args.eval_task == "ppl":
@@ -1574,7 +1669,6 @@ def run(args: argparse.Namespace) -> int:
                 loss_chunk=args.loss_chunk,
                 **common,
             )
-            table = ppl_markdown(data)
         else:
             data = evaluate_niah(
                 seq_lens=args.seq_lens,
@@ -1586,7 +1680,6 @@ def run(args: argparse.Namespace) -> int:
                 decode=args.decode,
                 **common,
             )
-            table = niah_markdown(data)
     except (ModelNotFoundError, TextSourceError, GateCheckpointError, DataError):
         raise  # data errors: one line and exit 1 (sketchwalk.cli.run_main)
     except UsageError:
@@ -1595,7 +1688,9 @@ def run(args: argparse.Namespace) -> int:
         from sketchwalk.pipeline.flags import flag_error
 
         raise flag_error(exc) from None
-    print(table)
+    if not w.is_main:
+        return 0  # rank 0 reports
+    print(ppl_markdown(data) if args.eval_task == "ppl" else niah_markdown(data))
     out = Path(args.output_dir) / f"eval_{args.eval_task}.json"
     print(f"wrote {out} and its .md/.png ({time.perf_counter() - start:.1f} s)")
     return 0

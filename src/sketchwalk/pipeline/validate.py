@@ -17,6 +17,11 @@ Bounds and restarts: files longer than ``--max_seq_len`` tokens (default 32768) 
 before any work; a sample that a killed ``collect`` left half-written is skipped with a warning;
 ``--resume`` continues the latest ``validation_results_*.json`` in ``--output_dir`` (finished
 files are kept as they are, their selections rerun only to carry the walk to later layers).
+
+Under ``torchrun --nproc_per_node N -m sketchwalk validate ...`` whole sequences (never single
+layers: the walk runs across them) are dealt out over the N processes; rank 0 alone resumes and
+writes, the records in the order one process writes them, each with the ``rank`` that computed
+it, and the summary records ``world_size`` (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from sketchwalk.attention.api import resolve_backend, sparse_attention
 from sketchwalk.attention.reference import dense_attention
 from sketchwalk.blocks import BlockSelection
 from sketchwalk.config import SketchWalkConfig, add_config_arguments
+from sketchwalk.pipeline import distributed
 from sketchwalk.pipeline.flags import check_output_dir, device_arg, int_at_least
 from sketchwalk.pipeline.runs import (
     SEED_DEFAULTS,
@@ -292,18 +298,122 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, SEED_DEFAULTS)
 
 
+def _validate_sequence(
+    seq: dict[str, Any],
+    args: argparse.Namespace,
+    config: SketchWalkConfig,
+    device: torch.device,
+    finished: dict[str, dict[str, Any]],
+    rank: int,
+    on_record: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Every file of one sequence, its layers fed in order through one SketchWalk.
+
+    Args:
+        finished: records of files done by an earlier run (kept as they are; their selection
+            still runs when a later layer or ``--save_masks`` needs the walk state).
+        rank: the process that computes it (recorded in every new record).
+        on_record: called with this sequence's records so far after each new record.
+
+    Returns:
+        ``records`` (in layer order), ``masks`` ({file stem: block mask} with
+        ``--save_masks``), ``warnings``, ``backend`` (the sparse backend used, or None) and
+        ``files`` (how many files the sequence has).
+    """
+    out: dict[str, Any] = {
+        "records": [],
+        "masks": {},
+        "warnings": [],
+        "backend": None,
+        "files": len(seq["paths"]),
+    }
+    records = out["records"]
+    if seq["warning"]:
+        out["warnings"].append(seq["warning"])
+    todo = [p for p in seq["paths"] if p.stem not in finished]
+    if not todo and not args.save_masks:  # every file done: no selection needed either
+        records.extend(finished[p.stem] for p in seq["paths"])
+        return out
+    walker = SketchWalk(config)
+    for position, path in enumerate(seq["paths"]):
+        rec = load_tensor_file(path)
+        meta = rec["metadata"]
+        if position == 0 and (why := incomplete_sample(seq, meta)) is not None:
+            out["warnings"].append(why)
+            break
+        b, hq, t, d = rec["Q"].shape
+        check_seq_len(t, args.max_seq_len, str(path), dense_cost_text(b, hq, t, d))
+        dtype = compute_dtype(args.dtype, device, rec["Q"].dtype)
+        q, k, v = (rec[n].to(device=device, dtype=dtype) for n in ("Q", "K", "V"))
+        layer = int(meta["layer_idx"])
+        done = finished.get(path.stem)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        # finished files still run the selection: the walk carries state to later layers
+        selection = walker.select(q, k, layer)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        selection_ms = (time.perf_counter() - t0) * 1e3
+        if args.save_masks:
+            out["masks"][path.stem] = selection.block_mask.cpu()
+        if done is not None:
+            records.append(done)
+            continue
+        if out["backend"] is None:
+            out["backend"] = resolve_backend(args.backend, q)
+        result = validate_layer(
+            q,
+            k,
+            v,
+            selection,
+            config,
+            out["backend"],
+            args.repeats,
+            selection_ms,
+            time_it=not args.no_timing,
+        )
+        records.append(
+            {
+                **file_record_header(path, meta, seq["sample"]),
+                **result,
+                "backend": out["backend"],
+                "device": str(device),
+                "dtype": str(dtype).replace("torch.", ""),
+                "model_path": meta.get("model_path"),
+                "config": config.to_dict(),
+                "rank": rank,
+            }
+        )
+        if on_record is not None:
+            on_record(records)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    with distributed.session(args.device) as w:
+        return _run(args, w)
+
+
+def _run(args: argparse.Namespace, w: distributed.World) -> int:
+    """The command on one rank of ``w``: sequences are dealt out over the ranks (the walk runs
+    across a sequence's layers, so a sequence stays on one rank); rank 0 writes everything."""
     from tqdm import tqdm
 
     from sketchwalk.atomic import remove_stale_tmp
 
     config = run_config(args, default_preset="seed")
-    device = resolve_device(args.device)
+    device = resolve_device(distributed.device_for(args.device, w))
     tensor_dir, sequences = tensor_sequences(args.tensor_dir, args.max_seq_len)
-    out_dir = check_output_dir(args.output_dir)
-    remove_stale_tmp(out_dir)
-    ts, finished, resumed_from = resume_results(out_dir, "validation", args.resume, config)
-    if resumed_from is not None:
+
+    def open_output() -> tuple[Any, str, dict[str, dict[str, Any]], Any]:
+        out_dir = check_output_dir(args.output_dir)
+        remove_stale_tmp(out_dir)
+        return (out_dir, *resume_results(out_dir, "validation", args.resume, config))
+
+    opened = distributed.on_main(open_output, w)
+    out_dir, ts, finished, resumed_from = distributed.broadcast(opened, w)
+    if resumed_from is not None and w.is_main:
         print(f"resuming {resumed_from}: {len(finished)} files already done")
     results_path = out_dir / f"validation_results_{ts}.json"
     summary_path = out_dir / f"validation_summary_{ts}.json"
@@ -312,75 +422,34 @@ def run(args: argparse.Namespace) -> int:
     warnings: list[str] = []
     backend_used: str | None = None
     total = sum(len(s["paths"]) for s in sequences)
-    bar = tqdm(total=total, desc="validate", unit="file")
-    for seq in sequences:
-        if seq["warning"]:
-            warnings.append(seq["warning"])
-            tqdm.write(f"warning: {seq['warning']}")
-        todo = [p for p in seq["paths"] if p.stem not in finished]
-        if not todo and not args.save_masks:  # every file done: no selection needed either
-            records.extend(finished[p.stem] for p in seq["paths"])
-            bar.update(len(seq["paths"]))
-            continue
-        walker = SketchWalk(config)
-        for position, path in enumerate(seq["paths"]):
-            rec = load_tensor_file(path)
-            meta = rec["metadata"]
-            if position == 0 and (why := incomplete_sample(seq, meta)) is not None:
+    bar = tqdm(total=total, desc="validate", unit="file", disable=not w.is_main)
+
+    def save_partial(seq_records: list[dict[str, Any]]) -> None:
+        write_json(results_path, records + seq_records)
+        last = seq_records[-1]
+        bar.set_postfix(recall=f"{last['attention_recall']:.3f}", density=f"{last['density']:.2f}")
+
+    # one process writes after every file; several after every round of sequences
+    on_record = save_partial if not w.distributed else None
+
+    def one(seq: dict[str, Any]) -> dict[str, Any]:
+        return _validate_sequence(seq, args, config, device, finished, w.rank, on_record)
+
+    for done in distributed.map_rounds(sequences, one, w):
+        for seq_out in done:
+            for why in seq_out["warnings"]:
                 warnings.append(why)
-                tqdm.write(f"warning: {why}")
-                bar.update(len(seq["paths"]))
-                break
-            b, hq, t, d = rec["Q"].shape
-            check_seq_len(t, args.max_seq_len, str(path), dense_cost_text(b, hq, t, d))
-            dtype = compute_dtype(args.dtype, device, rec["Q"].dtype)
-            q, k, v = (rec[n].to(device=device, dtype=dtype) for n in ("Q", "K", "V"))
-            layer = int(meta["layer_idx"])
-            done = finished.get(path.stem)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            # finished files still run the selection: the walk carries state to later layers
-            selection = walker.select(q, k, layer)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            selection_ms = (time.perf_counter() - t0) * 1e3
-            if args.save_masks:
-                masks[path.stem] = selection.block_mask.cpu()
-            if done is not None:
-                records.append(done)
-                bar.update(1)
-                continue
-            if backend_used is None:
-                backend_used = resolve_backend(args.backend, q)
-            result = validate_layer(
-                q,
-                k,
-                v,
-                selection,
-                config,
-                backend_used,
-                args.repeats,
-                selection_ms,
-                time_it=not args.no_timing,
-            )
-            record = {
-                **file_record_header(path, meta, seq["sample"]),
-                **result,
-                "backend": backend_used,
-                "device": str(device),
-                "dtype": str(dtype).replace("torch.", ""),
-                "model_path": meta.get("model_path"),
-                "config": config.to_dict(),
-            }
-            records.append(record)
+                if w.is_main:
+                    tqdm.write(f"warning: {why}")
+            records.extend(seq_out["records"])
+            masks.update(seq_out["masks"])
+            backend_used = backend_used or seq_out["backend"]
+            bar.update(seq_out["files"])
+        if w.is_main:
             write_json(results_path, records)
-            bar.set_postfix(
-                recall=f"{result['attention_recall']:.3f}", density=f"{result['density']:.2f}"
-            )
-            bar.update(1)
-    write_json(results_path, records)
     bar.close()
+    if not w.is_main:
+        return 0  # rank 0 writes and reports
     if backend_used is None and records:
         backend_used = records[0].get("backend")
     summary = {
@@ -398,6 +467,7 @@ def run(args: argparse.Namespace) -> int:
         "torch_version": torch.__version__,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "warnings": warnings,
+        "world_size": w.world_size,
         **summarize(records),
     }
     write_json(summary_path, summary)
