@@ -423,18 +423,11 @@ class SketchWalkAttention:
             return f"query length {q_len} > key length {kv_len}"
         if q_len <= self.config.block_size:
             return f"sequence of {q_len} tokens fits in one block of {self.config.block_size}"
-        if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
-            return "non-causal attention module"
         if args:
             return "positional extra arguments to the attention function"
-        if float(kwargs.get("dropout", 0.0) or 0.0) != 0.0:
-            return "attention dropout > 0"
-        for name in _UNSUPPORTED_KWARGS:
-            if kwargs.get(name) is not None:
-                return f"unsupported attention argument {name!r}"
-        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-        if isinstance(window, int) and not isinstance(window, bool) and 0 < window < kv_len:
-            return f"sliding-window layer (window {window} < {kv_len} keys)"
+        problem = _module_problem(module, kv_len, kwargs)
+        if problem is not None:
+            return problem
         problem = self._mask_problem(attention_mask, q_len, kv_len)
         if problem is not None and self._left_pads(attention_mask) is not None:
             return None  # left padding: each sequence runs sparse on its own tokens
@@ -467,16 +460,9 @@ class SketchWalkAttention:
             )
         if self.backend not in ("auto", "reference"):
             return f"chunked prefill: backend {self.backend!r} has no query offset: dense"
-        if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
-            return "non-causal attention module"
-        if float(kwargs.get("dropout", 0.0) or 0.0) != 0.0:
-            return "attention dropout > 0"
-        for name in _UNSUPPORTED_KWARGS:
-            if kwargs.get(name) is not None:
-                return f"unsupported attention argument {name!r}"
-        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-        if isinstance(window, int) and not isinstance(window, bool) and 0 < window < kv_len:
-            return f"sliding-window layer (window {window} < {kv_len} keys)"
+        problem = _module_problem(module, kv_len, kwargs)
+        if problem is not None:
+            return problem
         problem = self._mask_problem(attention_mask, q_len, kv_len)
         if problem is not None:
             return f"chunked prefill: {problem}: dense"
@@ -747,6 +733,22 @@ def _causal_blocks(selection: Any) -> int:
     """Causal blocks of a square selection, over its batch rows and mask groups."""
     b, g, _, nk = selection.block_mask.shape
     return b * g * nk * (nk + 1) // 2
+
+
+def _module_problem(module: nn.Module, kv_len: int, kwargs: dict) -> str | None:
+    """Why this attention call's module or arguments rule out SketchWalk's kernels, or None:
+    non-causal modules, dropout, score modifiers, sliding windows shorter than the keys."""
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+        return "non-causal attention module"
+    if float(kwargs.get("dropout", 0.0) or 0.0) != 0.0:
+        return "attention dropout > 0"
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            return f"unsupported attention argument {name!r}"
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if isinstance(window, int) and not isinstance(window, bool) and 0 < window < kv_len:
+        return f"sliding-window layer (window {window} < {kv_len} keys)"
+    return None
 
 
 def _make_attention_fn(inner: str) -> Callable[..., Any]:
