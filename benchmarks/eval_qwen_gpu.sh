@@ -5,8 +5,8 @@
 #
 #   bash benchmarks/eval_qwen_gpu.sh STAGE [OUT]
 #
-# STAGE: setup | gate | ppl32 | ppl16 | small32 | niah | decode | needles | timing (each fits in 10
-# minutes on an H200 and resumes where it stopped). OUT (default results/eval_qwen) receives
+# STAGE: setup | gate | ppl32 | ppl16 | small32 | sweep32 | niah | multikey | decode | needles |
+# timing (each fits in 10 minutes on an H200 and resumes where it stopped). OUT (default results/eval_qwen) receives
 # the JSON, markdown tables and plots. The model must have been fetched first:
 #   sketchwalk models fetch qwen2.5-coder-1.5b        (or --from_file PATH)
 # Text: Jane Austen's novels (Debian's r-cran-janeaustenr, or SKETCHWALK_JANEAUSTENR_DIR).
@@ -49,12 +49,33 @@ case "$stage" in
       --selectors sketchwalk oracle streaming forced gate --gate_path "$gate" \
       --output_dir "$out/ppl_32000_kv_small"
     ;;
+  sweep32)
+    # the selection knobs at the default preset's budget, densities 0.1 and 0.2 (README,
+    # "Evidence for the defaults"); head_aggregation=max runs the reference transition
+    sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 2 --densities 0.1 0.2 \
+      --selectors dense sketchwalk \
+      --variant "agg_max:head_aggregation=max" \
+      --variant "agg_max_sharp2:head_aggregation=max,sparsity_exponent=2" \
+      --variant "sharp2:sparsity_exponent=2" --variant "sharp4:sparsity_exponent=4" \
+      --variant "temp_half:temperature=0.390625" --variant "temp_double:temperature=1.5625" \
+      --variant "no_walk:walk=false" --variant "damping_half:damping=0.5" \
+      --variant "per_head:granularity=head" --variant "global:allocation=global" \
+      --variant "window4:window_blocks=4" \
+      --output_dir "$out/sweep_32000"
+    ;;
   niah)
-    sw eval niah "${model[@]}" --seq_lens 16000 32000 --depths 10 30 50 70 90 \
-      --num_samples 1 --densities 0.1 0.2 --selectors dense sketchwalk oracle streaming gate \
-      --gate_path "$gate" --variant "paper:preset=paper" \
-      --variant "kv_small:granularity=kv_group,$small" --decode dense \
+    # single needle: every selector, prefill-only and prefill + decode sparse
+    sw eval niah "${model[@]}" --seq_lens 16000 32000 --depths 10 50 90 \
+      --num_samples 1 --densities 0.1 0.2 0.3 --selectors dense sketchwalk oracle streaming gate \
+      --gate_path "$gate" --variant "paper:preset=paper" --decode dense sketchwalk \
       --output_dir "$out/niah"
+    ;;
+  multikey)
+    # four needles with different keys, one asked for
+    sw eval niah "${model[@]}" --task multikey --num_needles 4 --seq_lens 16000 32000 \
+      --depths 10 50 90 --num_samples 1 --densities 0.1 0.2 \
+      --selectors dense sketchwalk oracle streaming gate --gate_path "$gate" \
+      --decode dense sketchwalk --output_dir "$out/multikey"
     ;;
   decode)
     # prefill + decode both sparse: the released-style decode rule against the query-aware one

@@ -464,3 +464,68 @@ def test_decode_on_cuda_matches_cpu_without_host_sync(rule, budget):
         total += a.block_mask.numel()
     print(f"{rule} {budget}: {differ} of {total} blocks differ CPU vs CUDA")
     assert differ <= total * 2e-3
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
+@pytest.mark.parametrize(
+    "budget",
+    [{"top_k_blocks": 3}, {"density": 0.3}, {"kblocks_frac": 0.25}, {"density": 0.05}],
+)
+def test_fast_quest_step_equals_the_reference(granularity, budget):
+    """The fast decode path (log-space scores, +inf bias on forced blocks, one topk, host-side
+    counts) keeps exactly the blocks of the reference (quest_block_scores + select_last_row),
+    over steps that open new blocks and grow the bound buffers past their first capacity."""
+    cfg = SketchWalkConfig(
+        decode_rule="quest",
+        block_size=16,
+        granularity=granularity,
+        sink_blocks=1,
+        window_blocks=2,
+        dense_last_rows=0,
+        dense_layers=0,
+        **budget,
+    )
+    t0, steps = 70, 150
+    q, k, _ = make_qkv(2, 6, 2, t0 + steps, 16, seed=11, structured=False)
+    fast, ref = SketchWalkDecoder(cfg, fast=True), SketchWalkDecoder(cfg, fast=False)
+    for dec in (fast, ref):
+        dec.prefill(q[:, :, :t0], k[:, :, :t0], 0)
+    for s in range(t0, t0 + steps):
+        a = fast.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        b = ref.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        assert torch.equal(a.block_mask, b.block_mask), f"step {s}"
+        assert torch.equal(a.kv_num_blocks, b.kv_num_blocks)
+        assert a.density == pytest.approx(b.density, abs=1e-12)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-7)
+        kept = a.kv_indices[..., : a.kv_indices.shape[-1]].sort(-1).values
+        want = b.kv_indices[..., : kept.shape[-1]]
+        assert torch.equal(kept, want)  # the same block list, in another order
+    assert torch.equal(fast._layers[0].key_min, ref._layers[0].key_min)
+    assert torch.equal(fast._layers[0].key_max, ref._layers[0].key_max)
+
+
+def test_fast_quest_bounds_survive_buffer_growth():
+    """Bounds kept in a capacity buffer grown by doubling equal the one-pass bounds."""
+    from sketchwalk.selection.quest import block_key_bounds
+
+    cfg = SketchWalkConfig(decode_rule="quest", block_size=4, top_k_blocks=2, dense_layers=0)
+    q, k, _ = make_qkv(1, 4, 2, 8 + 400, 8, seed=2)
+    dec = SketchWalkDecoder(cfg)
+    dec.prefill(q[:, :, :8], k[:, :, :8], 0)
+    capacity = dec._layers[0].min_buffer.shape[2]
+    for s in range(8, 408):
+        dec.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+    st = dec._layers[0]
+    assert st.min_buffer.shape[2] > capacity  # it grew
+    want_min, want_max = block_key_bounds(k, 4)
+    assert torch.equal(st.key_min, want_min) and torch.equal(st.key_max, want_max)
+
+
+def test_sparse_decode_takes_kept_blocks_in_any_order():
+    q, k, v = make_qkv(2, 4, 2, 200, 16, seed=4, structured=False)
+    qt = q[:, :, -1:]
+    idx = torch.tensor([[[0, 5, 12, 7], [3, 1, 12, 9]]] * 2, dtype=torch.int32)
+    num = torch.full((2, 2), 4, dtype=torch.int32)
+    ordered = sparse_decode(qt, k, v, num, idx.sort(-1).values, 16)
+    shuffled = sparse_decode(qt, k, v, num, idx, 16)
+    torch.testing.assert_close(shuffled, ordered)

@@ -196,3 +196,12 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_transition_triton_gpu(case, precision):
     check(case, "cuda", precision, seed=5)
+
+
+def test_fused_transition_refuses_max_head_aggregation():
+    from sketchwalk.selection.triton_transition import fused_transition
+
+    cfg = SketchWalkConfig(granularity="kv_group", head_aggregation="max")
+    qb, kb = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
+    with pytest.raises(ValueError, match="reference backend"):
+        fused_transition(qb, kb, cfg, 0)

@@ -32,15 +32,35 @@ def test_previous_layer_weight_is_beta_to_the_degree():
     torch.testing.assert_close(diff, (s1 - s2) @ torch.linalg.matrix_power(a, 3) / 64)
 
 
+@pytest.mark.parametrize("how", ["sum", "max"])
 @pytest.mark.parametrize("granularity, groups", [("layer", 1), ("kv_group", 2), ("head", 6)])
-def test_aggregate_heads(granularity, groups):
+def test_aggregate_heads(granularity, groups, how):
     probs = torch.softmax(torch.randn(2, 6, 4, 4), -1)
-    got = aggregate_heads(probs, num_kv_heads=2, granularity=granularity)
+    got = aggregate_heads(probs, num_kv_heads=2, granularity=granularity, how=how)
     assert got.shape == (2, groups, 4, 4)
     for g in range(groups):
         heads = {"layer": range(6), "kv_group": range(3 * g, 3 * g + 3), "head": [g]}[granularity]
-        s = sum(probs[:, h] for h in heads)
+        if how == "sum":
+            s = sum(probs[:, h] for h in heads)
+        else:  # elementwise maximum over the group's heads, written out
+            s = probs[:, next(iter(heads))].clone()
+            for h in heads:
+                s = torch.where(probs[:, h] > s, probs[:, h], s)
         torch.testing.assert_close(got[:, g], s / s.sum(-1, keepdim=True))
+
+
+def test_max_aggregation_keeps_one_heads_block_that_a_sum_dilutes():
+    """One head of a group of four puts 0.6 of its mass on block 3; the other three spread
+    theirs over blocks 0-2. Summed, block 3 ranks last; by the maximum it ranks first."""
+    probs = torch.full((1, 4, 1, 4), 0.0)
+    probs[0, 0, 0] = torch.tensor([0.2, 0.1, 0.1, 0.6])
+    for h in (1, 2, 3):
+        probs[0, h, 0] = torch.tensor([0.45, 0.3, 0.25, 0.0])
+    summed = aggregate_heads(probs, 1, "kv_group", "sum")[0, 0, 0]
+    maxed = aggregate_heads(probs, 1, "kv_group", "max")[0, 0, 0]
+    assert summed.argmin() == 3 and maxed.argmax() == 3
+    with pytest.raises(ValueError, match="head aggregation"):
+        aggregate_heads(probs, 1, "kv_group", "mean")
 
 
 @pytest.mark.parametrize("parity", [False, True])
@@ -73,10 +93,13 @@ def test_causal_sketch_puts_no_mass_on_future_blocks():
 
 @pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("parity, exact", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    "parity, exact, how", [(False, False, "sum"), (True, False, "sum"), (True, True, "sum"),
+                           (False, False, "max")]
+)  # fmt: skip
 @pytest.mark.parametrize("exponent", [1.0, 4.0])
 def test_transition_from_pooled_equals_the_step_by_step_path(
-    granularity, causal, parity, exact, exponent
+    granularity, causal, parity, exact, how, exponent
 ):
     from sketchwalk.selection.sketch import block_logits
     from sketchwalk.selection.walk import transition_from_pooled
@@ -90,6 +113,7 @@ def test_transition_from_pooled_equals_the_step_by_step_path(
         exact=exact,
         sparsity_exponent=exponent,
         sketch_dim=16,
+        head_aggregation=how,
     )
     want = block_transition(block_logits(qb, kb, cfg, 3), 2, cfg)
     got = transition_from_pooled(qb, kb, cfg, 3)

@@ -15,6 +15,7 @@ Granularity = Literal["layer", "kv_group", "head"]
 GRANULARITIES: tuple[str, ...] = ("layer", "kv_group", "head")
 # How a density budget is spread: the same share per row, or one threshold over the layer.
 ALLOCATIONS: tuple[str, ...] = ("row", "global")
+HEAD_AGGREGATIONS: tuple[str, ...] = ("sum", "max")
 # Decode-time ranking: the released-style walk over a query window, or the query-aware bound.
 DECODE_RULES: tuple[str, ...] = ("walk", "quest")
 
@@ -51,6 +52,10 @@ class SketchWalkConfig:
             not).
         granularity: one transition matrix per ``layer`` (released), per ``kv_group`` or per
             ``head``.
+        head_aggregation: how a mask group (layer or KV group) combines its query heads'
+            block probabilities into one transition row: ``sum`` (released; then row-normalised)
+            or ``max`` (then row-normalised), which keeps a block that one head needs
+            competitive when the other heads of the group ignore it. No effect per ``head``.
         walk: carry the previous sparse layer's walk into this layer (cross-layer term).
         degree: number of walk steps.
         damping: beta in ``state = (1 - beta) * A + beta * state @ A``.
@@ -89,6 +94,7 @@ class SketchWalkConfig:
     sparsity_exponent: float = 1.0
     causal_sketch: bool = True
     granularity: str = "layer"
+    head_aggregation: str = "sum"
     walk: bool = True
     degree: int = 3
     damping: float = 0.25
@@ -131,6 +137,11 @@ class SketchWalkConfig:
         )
         need(isinstance(self.causal_sketch, bool), "causal_sketch", "a bool")
         need(self.granularity in GRANULARITIES, "granularity", f"one of {GRANULARITIES}")
+        need(
+            self.head_aggregation in HEAD_AGGREGATIONS,
+            "head_aggregation",
+            f"one of {HEAD_AGGREGATIONS}",
+        )
         need(isinstance(self.walk, bool), "walk", "a bool")
         need(is_int(self.degree) and self.degree >= 1, "degree", "an int >= 1")
         need(is_num(self.damping) and 0.0 <= self.damping <= 1.0, "damping", "in [0, 1]")
@@ -276,6 +287,8 @@ _FLAG_HELP = {
     "sparsity_exponent": "sharpening exponent s: A <- rownorm(A ** s)",
     "causal_sketch": "mask future key blocks before the block softmax",
     "granularity": "one mask per layer, per KV group or per head",
+    "head_aggregation": "combine the block probabilities of a mask group's heads by their sum "
+    "(released) or their maximum",
     "walk": "carry the previous layer's walk (cross-layer term)",
     "degree": "walk steps per layer",
     "damping": "walk damping beta",
@@ -300,6 +313,7 @@ _FLAG_HELP = {
 
 _FLAG_CHOICES = {
     "granularity": GRANULARITIES,
+    "head_aggregation": HEAD_AGGREGATIONS,
     "allocation": ALLOCATIONS,
     "decode_rule": DECODE_RULES,
 }

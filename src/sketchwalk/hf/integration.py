@@ -486,11 +486,23 @@ class SketchWalkAttention:
         window = kwargs.get("sliding_window")
         if isinstance(window, int) and not isinstance(window, bool) and 0 < window < kv_len:
             return f"sliding-window layer (window {window} < {kv_len} keys)"
-        if attention_mask is not None:
-            allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-            if not bool(allowed.all()):
-                return "decode mask hides part of the cache (padding): dense"
+        if attention_mask is not None and self._decode_mask_hides(attention_mask):
+            return "decode mask hides part of the cache (padding): dense"
         return None
+
+    def _decode_mask_hides(self, mask: Any) -> bool:
+        """True when a decode step's mask hides a cached position. Every layer of a step gets
+        the same mask object: it is inspected (a host sync) once per step, not per layer."""
+        if not isinstance(mask, torch.Tensor):
+            return True
+        seen = self._mask_verdicts.get(id(mask))
+        if seen is not None and seen[0]() is mask:
+            return seen[1] is not None
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        verdict = None if bool(allowed.all()) else "hides"
+        self._mask_verdicts = {k: v for k, v in self._mask_verdicts.items() if v[0]() is not None}
+        self._mask_verdicts[id(mask)] = (weakref.ref(mask), verdict, None)
+        return verdict is not None
 
     def _start_pass_if_new(self, layer_idx: int) -> None:
         if self._last_layer is None or layer_idx <= self._last_layer:

@@ -19,9 +19,15 @@ and key k_t:
    ``state = (1 - beta) * a_t + beta * state @ A`` (the released decode has no cross-layer term).
 
 ``decode_rule="quest"`` keeps per-block, per-channel key minima and maxima instead
-(`sketchwalk.selection.quest`: built from the prefill's keys in one pass, O(D) per new key) and
-scores every block by the bound of the CURRENT query's largest logit in it, so a single needed
-key is not averaged away; no query window and no transition matrix.
+(`sketchwalk.selection.quest`: built from the prefill's keys in one pass, folded in place in O(D)
+per new key, in buffers with room for as many blocks again, grown by doubling) and scores every
+block by the bound of the CURRENT query's largest logit in it, so a single needed key is not
+averaged away; no query window and no transition matrix. With a row budget the step takes the
+fast path (`SketchWalkDecoder` ``fast``): log-space scores (`quest_log_scores`), the forced
+blocks raised to +inf by a cached bias, one ``topk`` whose indices are the kept-block list, and
+a kept count known on the host, so neither a mask nor a sync is made; the reference path
+(`quest_block_scores`, `select_last_row`, index compaction) serves the ``mass`` budget and the
+global allocation, and the tests.
 
 Either way the step ends with `sketchwalk.selection.select.select_last_row`: the sink blocks and
 the local window (both counted on the current context) are kept, plus the best ranked other blocks
@@ -37,53 +43,111 @@ A step makes no host sync: budgets come from CPU-side cached tables.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sketchwalk.blocks import check_qk, compact_mask, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.selection.quest import block_key_bounds, quest_block_scores, update_key_bounds
-from sketchwalk.selection.select import select_last_row
+from sketchwalk.selection.quest import block_key_bounds, quest_block_scores, quest_log_scores
+from sketchwalk.selection.select import forced_counts, last_row_ranked, select_last_row
 from sketchwalk.selection.sketch import block_pool, sketched_blocks
 from sketchwalk.selection.walk import aggregate_heads, sharpen, transition_from_pooled
 
 
-@dataclass
 class DecodeSelection:
     """Kept key blocks of one decode step.
 
     Attributes:
-        kv_num_blocks: int32 (B, G).
-        kv_indices: int32 (B, G, nk), kept blocks ascending, then 0-padding.
-        block_mask: bool (B, G, nk).
-        scores: float (B, G, nk) the ranked scores: the walk row, or the quest block
-            probabilities (None for dense layers).
+        kv_num_blocks: int32 (B, G) kept blocks per mask group.
+        kv_indices: int32 (B, G, n), n >= every kv_num_blocks: the first kv_num_blocks[b, g]
+            entries of each row are its kept blocks (ascending after the reference selection,
+            in score order after the fast one; `sketchwalk.attention.sparse_decode` takes any
+            order), the rest padding.
         seq_len: tokens in the cache after this step.
+        num_key_blocks: nk, the cache's blocks after this step.
+        block_mask: bool (B, G, nk), built on first use from the indices.
+        scores: float (B, G, nk) the ranked scores: the walk row, or the quest block
+            probabilities (None for dense layers); built on first use when the step ranked
+            log-probabilities.
+        density: kept / nk, mean over batch and groups: from host-side counts when the budget
+            fixes them (no device sync), else read from ``kv_num_blocks``.
     """
 
-    kv_num_blocks: torch.Tensor
-    kv_indices: torch.Tensor
-    block_mask: torch.Tensor
-    scores: torch.Tensor | None
-    seq_len: int
+    def __init__(
+        self,
+        kv_num_blocks: torch.Tensor,
+        kv_indices: torch.Tensor,
+        seq_len: int,
+        num_key_blocks: int,
+        *,
+        block_mask: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+        log_scores: torch.Tensor | None = None,
+        kept: int | None = None,
+    ) -> None:
+        self.kv_num_blocks = kv_num_blocks
+        self.kv_indices = kv_indices
+        self.seq_len = seq_len
+        self.num_key_blocks = num_key_blocks
+        self._block_mask = block_mask
+        self._scores = scores
+        self._log_scores = log_scores
+        self._kept = kept
+
+    @property
+    def block_mask(self) -> torch.Tensor:
+        if self._block_mask is None:
+            b, g, n = self.kv_indices.shape
+            valid = torch.arange(n, device=self.kv_indices.device) < self.kv_num_blocks[..., None]
+            mask = torch.zeros(b, g, self.num_key_blocks + 1, dtype=torch.bool)
+            mask = mask.to(self.kv_indices.device)
+            # padding entries go to the scratch column nk, which is dropped
+            slot = torch.where(valid, self.kv_indices.long(), self.num_key_blocks)
+            self._block_mask = mask.scatter_(-1, slot, True)[..., : self.num_key_blocks]
+        return self._block_mask
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        if self._scores is None and self._log_scores is not None:
+            self._scores = self._log_scores.exp()
+        return self._scores
 
     @property
     def density(self) -> float:
-        return float(self.kv_num_blocks.float().mean()) / self.block_mask.shape[-1]
+        if self._kept is not None:
+            return self._kept / self.num_key_blocks
+        return float(self.kv_num_blocks.float().mean()) / self.num_key_blocks
 
 
 @dataclass
 class _LayerState:
-    key_sums: torch.Tensor  # (B, Hkv, nk, D) float32
-    key_counts: torch.Tensor  # (nk,) float32 tokens per block
     row_tokens: int  # tokens of the current (last) block already averaged into its row
     seq_len: int
     # decode_rule "walk" (None otherwise)
+    key_sums: torch.Tensor | None = None  # (B, Hkv, nk, D) float32
+    key_counts: torch.Tensor | None = None  # (nk,) float32 tokens per block
     query_window: torch.Tensor | None = None  # (B, Hq, <=W, D)
     transition: torch.Tensor | None = None  # (B, G, nk, nk)
-    # decode_rule "quest" (None otherwise)
-    key_min: torch.Tensor | None = None  # (B, Hkv, nk, D) float32
-    key_max: torch.Tensor | None = None  # (B, Hkv, nk, D) float32
+    # decode_rule "quest" (None otherwise): (B, Hkv, capacity, D) float32 buffers, blocks
+    # [0, nk) valid; grown by doubling, so a step never reallocates within a block
+    min_buffer: torch.Tensor | None = None
+    max_buffer: torch.Tensor | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.seq_len // self._block_size)
+
+    _block_size: int = 64
+
+    @property
+    def key_min(self) -> torch.Tensor | None:
+        """(B, Hkv, nk, D) per-block key minima (a view of the buffer)."""
+        return None if self.min_buffer is None else self.min_buffer[:, :, : self.num_blocks]
+
+    @property
+    def key_max(self) -> torch.Tensor | None:
+        return None if self.max_buffer is None else self.max_buffer[:, :, : self.num_blocks]
 
 
 class SketchWalkDecoder:
@@ -95,14 +159,28 @@ class SketchWalkDecoder:
         ...     dec.prefill(q, k, layer)
         >>> sel = dec.step(q_t, k_t, layer)   # per layer, per generated token
         >>> out = sparse_decode(q_t, k_cache, v_cache, sel.kv_num_blocks, sel.kv_indices, 64)
+
+    ``fast`` (default True): with ``decode_rule="quest"`` and a row budget (``kblocks_frac``,
+    ``top_k_blocks``, ``density`` with ``allocation="row"``) a step ranks log-probabilities
+    with one ``topk`` over scores whose forced blocks are raised to +inf, and counts its kept
+    blocks on the host: about fifteen device operations, no mask, no host sync. ``fast=False``
+    runs the reference (`quest_block_scores` and `select_last_row`); both keep the same blocks
+    up to ties (tests).
     """
 
-    def __init__(self, config: SketchWalkConfig | None = None, window_queries: int = 32) -> None:
+    def __init__(
+        self, config: SketchWalkConfig | None = None, window_queries: int = 32, fast: bool = True
+    ) -> None:
         if not isinstance(window_queries, int) or window_queries < 1:
             raise ValueError(f"window_queries must be an int >= 1, got {window_queries!r}")
         self.config = config if config is not None else SketchWalkConfig()
         self.window_queries = window_queries
+        self.fast = bool(fast)
         self._layers: dict[int, _LayerState] = {}
+        # host/device tables shared by the layers, rebuilt when the cache opens a block
+        self._budget_nk = -1
+        self._budget: tuple[int, int] = (0, 0)
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     def reset(self) -> None:
         self._layers.clear()
@@ -120,20 +198,23 @@ class SketchWalkDecoder:
             raise ValueError("SketchWalkDecoder.prefill: q and k must have the same length")
         t, bs = k.shape[2], cfg.block_size
         nb = num_blocks(t, bs)
-        pooled_k = block_pool(k, bs)  # true-count means
-        counts = torch.full((nb,), float(bs), device=k.device)
-        counts[-1] = t - (nb - 1) * bs
-        st = _LayerState(
-            key_sums=pooled_k * counts[:, None],
-            key_counts=counts,
-            row_tokens=t - (nb - 1) * bs,
-            seq_len=t,
-        )
+        st = _LayerState(row_tokens=t - (nb - 1) * bs, seq_len=t, _block_size=bs)
         if layer_idx < cfg.dense_layers:
             pass  # dense layers keep every block: nothing to rank
         elif cfg.decode_rule == "quest":
-            st.key_min, st.key_max = block_key_bounds(k, bs)
+            key_min, key_max = block_key_bounds(k, bs)
+            capacity = max(2 * nb, nb + 64)
+            b, hkv, _, d = key_min.shape
+            st.min_buffer = key_min.new_empty(b, hkv, capacity, d)
+            st.max_buffer = key_max.new_empty(b, hkv, capacity, d)
+            st.min_buffer[:, :, :nb] = key_min
+            st.max_buffer[:, :, :nb] = key_max
         else:
+            pooled_k = block_pool(k, bs)  # true-count means
+            counts = torch.full((nb,), float(bs), device=k.device)
+            counts[-1] = t - (nb - 1) * bs
+            st.key_sums = pooled_k * counts[:, None]
+            st.key_counts = counts
             st.transition = transition_from_pooled(block_pool(q, bs), pooled_k, cfg, layer_idx)
             st.query_window = q[:, :, -self.window_queries :].float()
         self._layers[layer_idx] = st
@@ -148,39 +229,143 @@ class SketchWalkDecoder:
                 f"SketchWalkDecoder.step: one new token per call; got q seq {q.shape[2]}, "
                 f"k seq {k.shape[2]}"
             )
-        if layer_idx not in self._layers:
+        st = self._layers.get(layer_idx)
+        if st is None:
             raise ValueError(
                 f"SketchWalkDecoder.step: layer {layer_idx} has no prefill state "
                 "(call prefill() first)"
             )
-        st = self._layers[layer_idx]
         bs = cfg.block_size
         pos = st.seq_len
         new_block = pos % bs == 0
+        st.seq_len = pos + 1
+        nk = -(-st.seq_len // bs)
+        b, hq = q.shape[:2]
+        hkv = k.shape[1]
+        groups = {"layer": 1, "kv_group": hkv, "head": hq}[cfg.granularity]
+        if layer_idx < cfg.dense_layers:
+            return self._dense(b, groups, nk, st.seq_len, q.device)
+        if cfg.decode_rule == "quest":
+            return self._quest_step(st, q[:, :, 0], k[:, :, 0], new_block, nk, groups)
+        return self._walk_step(st, q, k, layer_idx, hkv, new_block)
+
+    # ---- decode_rule "quest" -------------------------------------------------------------
+
+    def _quest_step(
+        self,
+        st: _LayerState,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        new_block: bool,
+        nk: int,
+        groups: int,
+    ) -> DecodeSelection:
+        cfg = self.config
+        j = nk - 1
         if new_block:
-            b, hkv, _, d = st.key_sums.shape
+            if nk > st.min_buffer.shape[2]:
+                grow = st.min_buffer.shape[2]
+                st.min_buffer = torch.cat(
+                    [
+                        st.min_buffer,
+                        st.min_buffer.new_empty(
+                            *st.min_buffer.shape[:2], grow, st.min_buffer.shape[3]
+                        ),
+                    ],
+                    dim=2,
+                )
+                st.max_buffer = torch.cat(
+                    [
+                        st.max_buffer,
+                        st.max_buffer.new_empty(
+                            *st.max_buffer.shape[:2], grow, st.max_buffer.shape[3]
+                        ),
+                    ],
+                    dim=2,
+                )
+            st.min_buffer[:, :, j] = k_new
+            st.max_buffer[:, :, j] = k_new
+        else:  # fold the key into the last block's bounds, in place: O(D) per head
+            st.min_buffer[:, :, j].clamp_(max=k_new.float())
+            st.max_buffer[:, :, j].clamp_(min=k_new.float())
+        last_count = st.seq_len - j * cfg.block_size
+        if not (self.fast and cfg.budget != "mass" and cfg.allocation == "row"):
+            counts = torch.full((nk,), float(cfg.block_size), device=q.device)
+            counts[-1] = float(last_count)
+            scores = quest_block_scores(q, st.key_min, st.key_max, counts, cfg.granularity)
+            return _pack(select_last_row(scores, cfg), scores, st.seq_len)
+        log_scores = quest_log_scores(
+            q, st.key_min, st.key_max, last_count, cfg.block_size, cfg.granularity
+        )
+        n_keep = self._row_budget(nk)
+        bias = self._table("bias", nk, q.device)
+        top = (log_scores + bias).topk(n_keep, dim=-1, sorted=False).indices
+        kv_num_blocks = self._table("count", (q.shape[0], groups, n_keep), q.device)
+        return DecodeSelection(
+            kv_num_blocks,
+            top.to(torch.int32),
+            st.seq_len,
+            nk,
+            log_scores=log_scores,
+            kept=n_keep,
+        )
+
+    def _row_budget(self, nk: int) -> int:
+        """Blocks a row keeps over nk blocks: forced (sink, window) plus the ranked budget."""
+        if nk != self._budget_nk:
+            sink, window = forced_counts(nk, self.config)
+            forced = min(nk, sink + window)
+            self._budget = (forced, min(nk, forced + last_row_ranked(nk, self.config)))
+            self._budget_nk = nk
+        return self._budget[1]
+
+    def _table(self, kind: str, key: Any, device: torch.device) -> torch.Tensor:
+        """Small device tensors the steps reuse: the forced-block bias of an nk-block row
+        (+inf on the sink and window, 0 elsewhere) and constant kept counts."""
+        entry = (kind, key, device)
+        table = self._tables.get(entry)
+        if table is None:
+            # built on the device (fill kernels): a host-to-device copy would wait for the
+            # work queued before it
+            if kind == "bias":
+                nk = key
+                sink, window = forced_counts(nk, self.config)
+                table = torch.zeros(nk, device=device)
+                table[:sink] = float("inf")
+                table[nk - window :] = float("inf")
+            else:
+                b, g, n = key
+                table = torch.full((b, g), n, dtype=torch.int32, device=device)
+            if len(self._tables) > 64:
+                self._tables.clear()
+            self._tables[entry] = table
+        return table
+
+    def _dense(
+        self, b: int, groups: int, nk: int, seq_len: int, device: torch.device
+    ) -> DecodeSelection:
+        mask = torch.ones(b, groups, nk, dtype=torch.bool, device=device)
+        return _pack(mask, None, seq_len, kept=nk)
+
+    # ---- decode_rule "walk" --------------------------------------------------------------
+
+    def _walk_step(
+        self,
+        st: _LayerState,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        layer_idx: int,
+        hkv: int,
+        new_block: bool,
+    ) -> DecodeSelection:
+        cfg = self.config
+        if new_block:
+            b, _, _, d = st.key_sums.shape
             st.key_sums = torch.cat([st.key_sums, st.key_sums.new_zeros(b, hkv, 1, d)], dim=2)
             st.key_counts = torch.cat([st.key_counts, st.key_counts.new_zeros(1)])
             st.row_tokens = 0
         st.key_sums[:, :, -1] += k[:, :, 0].float()
         st.key_counts[-1] += 1
-        st.seq_len = pos + 1
-        nk = st.key_counts.numel()
-        b, hq = q.shape[:2]
-        hkv = k.shape[1]
-        groups = {"layer": 1, "kv_group": hkv, "head": hq}[cfg.granularity]
-        if layer_idx < cfg.dense_layers:
-            mask = torch.ones(b, groups, nk, dtype=torch.bool, device=q.device)
-            return _pack(mask, None, st.seq_len)
-        if cfg.decode_rule == "quest":
-            st.key_min, st.key_max = update_key_bounds(
-                st.key_min, st.key_max, k[:, :, 0], new_block
-            )
-            scores = quest_block_scores(
-                q[:, :, 0], st.key_min, st.key_max, st.key_counts, cfg.granularity
-            )
-            return _pack(select_last_row(scores, cfg), scores, st.seq_len)
-
         st.query_window = torch.cat([st.query_window, q.float()], dim=2)[
             :, :, -self.window_queries :
         ]
@@ -208,13 +393,25 @@ class SketchWalkDecoder:
         if cfg.parity and cfg.exact:
             logits = logits.clamp(-10.0, 10.0)
         probs = torch.softmax(logits, dim=-1).sum(dim=2, keepdim=True)  # over the window
-        row = aggregate_heads(probs, hkv, cfg.granularity)[:, :, 0]  # (B, G, nk)
+        row = aggregate_heads(probs, hkv, cfg.granularity, cfg.head_aggregation)[
+            :, :, 0
+        ]  # (B, G, nk)
         return sharpen(row, cfg.sparsity_exponent, cfg.parity)
 
 
-def _pack(mask: torch.Tensor, scores: torch.Tensor | None, seq_len: int) -> DecodeSelection:
+def _pack(
+    mask: torch.Tensor, scores: torch.Tensor | None, seq_len: int, kept: int | None = None
+) -> DecodeSelection:
     kv_num_blocks, kv_indices = compact_mask(mask)
-    return DecodeSelection(kv_num_blocks, kv_indices, mask, scores, seq_len)
+    return DecodeSelection(
+        kv_num_blocks,
+        kv_indices,
+        seq_len,
+        mask.shape[-1],
+        block_mask=mask,
+        scores=scores,
+        kept=kept,
+    )
 
 
 __all__ = ["DecodeSelection", "SketchWalkDecoder"]

@@ -443,6 +443,8 @@ def _triton_transition_unavailable(qb: torch.Tensor, cfg: SketchWalkConfig) -> s
         return f"tensors are on {qb.device}, the kernel needs CUDA"
     if cfg.granularity == "head":
         return "granularity 'head' has nothing to fuse (one softmax per mask)"
+    if cfg.head_aggregation != "sum":
+        return f"the kernel sums the heads of a group (head_aggregation {cfg.head_aggregation!r})"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     return None

@@ -103,4 +103,45 @@ def quest_block_scores(
     raise ValueError(f"granularity must be 'layer', 'kv_group' or 'head', got {granularity!r}")
 
 
-__all__ = ["block_key_bounds", "quest_block_scores", "update_key_bounds"]
+def quest_log_scores(
+    q: torch.Tensor,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+    last_count: int,
+    block_size: int,
+    granularity: str,
+) -> torch.Tensor:
+    """`quest_block_scores` in log space, with fewer device operations (the decode fast path).
+
+    Same arguments, except the block sizes: every block holds ``block_size`` tokens but the
+    last, which holds ``last_count``. The shared ``log(block_size)`` term drops out of the
+    softmax, so only the last block gets ``log(last_count / block_size)``; the scale is folded
+    into the query (``relu(s q) = s relu(q)`` for s > 0); the two products are one ``bmm`` and
+    one in-place ``baddbmm``; and the group takes the maximum of log-probabilities, which ranks
+    blocks as the maximum of probabilities does.
+
+    Returns:
+        float32 (B, G, nk): ``log`` of `quest_block_scores`' result.
+    """
+    b, hq, d = q.shape
+    hkv, nk = key_min.shape[1], key_min.shape[2]
+    g = hq // hkv
+    qs = q.reshape(b * hkv, g, d).to(torch.float32) * (1.0 / math.sqrt(d))
+    q_pos = qs.clamp_min(0.0)
+    q_neg = qs - q_pos
+    logits = torch.bmm(q_pos, key_max.reshape(b * hkv, nk, d).transpose(1, 2))
+    logits.baddbmm_(q_neg, key_min.reshape(b * hkv, nk, d).transpose(1, 2))
+    if last_count != block_size:
+        logits[:, :, nk - 1] += math.log(last_count / block_size)
+    logits = logits - logits.logsumexp(dim=-1, keepdim=True)
+    logits = logits.view(b, hkv, g, nk)
+    if granularity == "layer":
+        return logits.amax(dim=(1, 2))[:, None]
+    if granularity == "kv_group":
+        return logits.amax(dim=2)
+    if granularity == "head":
+        return logits.reshape(b, hq, nk)
+    raise ValueError(f"granularity must be 'layer', 'kv_group' or 'head', got {granularity!r}")
+
+
+__all__ = ["block_key_bounds", "quest_block_scores", "quest_log_scores", "update_key_bounds"]

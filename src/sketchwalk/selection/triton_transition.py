@@ -390,6 +390,11 @@ def fused_transition(
     Returns:
         (B, G, nq, nk) float32, the sharpened transition matrix A_l.
     """
+    if config.head_aggregation != "sum":
+        raise ValueError(
+            "fused_transition sums the heads of a mask group; head_aggregation "
+            f"{config.head_aggregation!r} runs on the reference backend"
+        )
     qs, ks, scale = sketched_blocks(q_blocks, k_blocks, config, layer_idx, projection=projection)
     a = transition_triton(
         qs,

@@ -22,8 +22,11 @@ import torch
 from sketchwalk.config import SketchWalkConfig
 
 
-def aggregate_heads(probs: torch.Tensor, num_kv_heads: int, granularity: str) -> torch.Tensor:
-    """Sum per-head block probabilities into transition rows and row-normalise.
+def aggregate_heads(
+    probs: torch.Tensor, num_kv_heads: int, granularity: str, how: str = "sum"
+) -> torch.Tensor:
+    """Sum (or take the maximum of, ``how="max"``) per-head block probabilities into transition
+    rows and row-normalise.
 
     Args:
         probs: (B, Hq, nq, nk) per-query-head block probabilities (rows sum to 1).
@@ -34,10 +37,13 @@ def aggregate_heads(probs: torch.Tensor, num_kv_heads: int, granularity: str) ->
         (B, G, nq, nk) row-stochastic matrices.
     """
     b, hq, nq, nk = probs.shape
+    if how not in ("sum", "max"):
+        raise ValueError(f"head aggregation must be 'sum' or 'max', got {how!r}")
     if granularity == "layer":
-        a = probs.sum(dim=1, keepdim=True)
+        a = probs.sum(dim=1, keepdim=True) if how == "sum" else probs.amax(dim=1, keepdim=True)
     elif granularity == "kv_group":
-        a = probs.view(b, num_kv_heads, hq // num_kv_heads, nq, nk).sum(dim=2)
+        grouped = probs.view(b, num_kv_heads, hq // num_kv_heads, nq, nk)
+        a = grouped.sum(dim=2) if how == "sum" else grouped.amax(dim=2)
     elif granularity == "head":
         a = probs
     else:
@@ -68,7 +74,7 @@ def block_transition(
         future = torch.ones(nq, nk, dtype=torch.bool, device=logits.device).triu(nk - nq + 1)
         logits = logits.masked_fill(future, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    a = aggregate_heads(probs, num_kv_heads, config.granularity)
+    a = aggregate_heads(probs, num_kv_heads, config.granularity, config.head_aggregation)
     return sharpen(a, config.sparsity_exponent, config.parity)
 
 
@@ -109,12 +115,14 @@ def transition_from_pooled(
         probs = torch.softmax(logits, dim=-1)  # (B, group, nq, nk)
         if config.granularity == "head":
             per_group.append(probs)
+        elif config.head_aggregation == "max":
+            per_group.append(probs.amax(dim=1, keepdim=True))
         else:
             per_group.append(probs.sum(dim=1, keepdim=True))
     if config.granularity == "layer":
         a = per_group[0]
         for extra in per_group[1:]:
-            a = a + extra
+            a = torch.maximum(a, extra) if config.head_aggregation == "max" else a + extra
     else:
         a = torch.cat(per_group, dim=1)
     if config.granularity != "head":
