@@ -569,3 +569,56 @@ def test_generate_with_left_padded_prompts_prefills_each_prompt_sparse():
         for row, n in enumerate(lengths):
             alone = model(ids[row : row + 1, SEQ - n :]).logits[0, -1].argmax()
             assert out[row, SEQ] == alone, row
+
+
+@pytest.mark.parametrize("rule", ["quest", "walk"])
+def test_generate_with_left_padded_prompts_decodes_sparse_like_each_prompt_alone(rule):
+    """decode="sketchwalk" on a left-padded batch: every decode step of the sparse layers runs
+    sparse (no padding fallback), and each row generates the tokens, with the same step logits,
+    that it generates alone, unpadded."""
+    model = _model("llama")
+    lengths = [SEQ - 9, SEQ, 70]
+    ids, mask, _ = _left_padded(lengths)
+    cfg = SketchWalkConfig(
+        block_size=16, top_k_blocks=2, sink_blocks=1, window_blocks=1, dense_layers=1,
+        dense_last_rows=0, decode_rule=rule, granularity="kv_group",
+    )  # fmt: skip
+    steps = 6
+
+    def generate(input_ids, attention_mask=None):
+        with enable_sketchwalk(model, cfg, backend="reference", decode="sketchwalk") as sw:
+            out = model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        return out, sw
+
+    with torch.no_grad():
+        batch, sw = generate(ids, mask)
+        decode = [c for c in sw.calls if not c.prefill]
+        assert sw.summary()["dense_reasons"] == {
+            "dense layer (config.dense_layers)": 1 + (steps - 1)
+        }, sw.summary()["dense_reasons"]
+        sparse_steps = [c for c in decode if c.mode == "sparse"]
+        assert len(sparse_steps) == 2 * (steps - 1)
+        assert all(0.0 < c.density < 1.0 for c in sparse_steps)
+        for row, n in enumerate(lengths):
+            alone, _ = generate(ids[row : row + 1, SEQ - n :])
+            assert torch.equal(batch.sequences[row, SEQ:], alone.sequences[0, n:]), row
+            for a, b in zip(batch.logits, alone.logits, strict=True):
+                assert _report(f"row {row} step logits", a[row], b[0]) < 1e-4
+
+
+def test_decode_left_padding_recognises_only_left_padding():
+    from sketchwalk.hf.integration import decode_left_padding
+
+    allowed = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    assert decode_left_padding(allowed) == [0, 2, 1]
+    assert decode_left_padding(torch.tensor([[1, 0, 1, 1]], dtype=torch.bool)) is None  # hole
+    assert decode_left_padding(torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)) is None  # right
+    assert decode_left_padding(torch.zeros(1, 4, dtype=torch.bool)) is None  # empty row

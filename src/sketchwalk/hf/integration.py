@@ -244,6 +244,9 @@ class SketchWalkAttention:
         self.forward_passes = 0
         self._last_layer: int | None = None
         self._row_selectors: dict[int, Any] = {}
+        # a left-padded batch decodes one row at a time, each row with its own decoder
+        self._row_decoders: dict[int, SketchWalkDecoder] = {}
+        self._decode_pads: list[int] | None = None
         self._mask_verdicts: dict[int, tuple[weakref.ref, str | None, list[int] | None]] = {}
 
     @property
@@ -476,7 +479,22 @@ class SketchWalkAttention:
             return f"{q_len} new tokens in one step (decode selection takes one): dense"
         if layer_idx < self.config.dense_layers:
             return "dense layer (config.dense_layers)"
-        if self.decoder.cache_length(layer_idx) != kv_len - 1:
+        pads = self._decode_left_pads(attention_mask)
+        if pads is None:
+            return "decode mask hides cached positions other than left padding: dense"
+        if any(pads):
+            if pads != self._decode_pads:
+                return (
+                    "decode mask's left padding is not the padding of the prefill that SketchWalk "
+                    "ran: dense"
+                )
+            decoders = self._row_decoders
+            if any(
+                decoders.get(row) is None or decoders[row].cache_length(layer_idx) != kv_len - 1 - p
+                for row, p in enumerate(pads)
+            ):
+                return "no SketchWalk prefill state for this cache (prefill ran dense): dense"
+        elif self.decoder.cache_length(layer_idx) != kv_len - 1:
             return "no SketchWalk prefill state for this cache (prefill ran dense): dense"
         if float(kwargs.get("dropout", 0.0) or 0.0) != 0.0:
             return "attention dropout > 0"
@@ -486,29 +504,32 @@ class SketchWalkAttention:
         window = kwargs.get("sliding_window")
         if isinstance(window, int) and not isinstance(window, bool) and 0 < window < kv_len:
             return f"sliding-window layer (window {window} < {kv_len} keys)"
-        if attention_mask is not None and self._decode_mask_hides(attention_mask):
-            return "decode mask hides part of the cache (padding): dense"
         return None
 
-    def _decode_mask_hides(self, mask: Any) -> bool:
-        """True when a decode step's mask hides a cached position. Every layer of a step gets
-        the same mask object: it is inspected (a host sync) once per step, not per layer."""
-        if not isinstance(mask, torch.Tensor):
-            return True
+    def _decode_left_pads(self, mask: Any) -> list[int] | None:
+        """Per-row left padding of a decode step's mask (all zeros without a mask or padding),
+        None when the mask hides other positions. Every layer of a step gets the same mask
+        object: it is inspected (a host sync) once per step, not per layer."""
+        if mask is None:
+            return [0]
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1:3] != (1, 1):
+            return None
         seen = self._mask_verdicts.get(id(mask))
         if seen is not None and seen[0]() is mask:
-            return seen[1] is not None
+            return seen[2]
         allowed = mask if mask.dtype == torch.bool else mask == 0
-        verdict = None if bool(allowed.all()) else "hides"
+        pads = decode_left_padding(allowed[:, 0, 0])
         self._mask_verdicts = {k: v for k, v in self._mask_verdicts.items() if v[0]() is not None}
-        self._mask_verdicts[id(mask)] = (weakref.ref(mask), verdict, None)
-        return verdict is not None
+        self._mask_verdicts[id(mask)] = (weakref.ref(mask), None, pads)
+        return pads
 
     def _start_pass_if_new(self, layer_idx: int) -> None:
         if self._last_layer is None or layer_idx <= self._last_layer:
             self.selector.reset()
             self.decoder.reset()
             self._row_selectors = {}
+            self._row_decoders = {}
+            self._decode_pads = None
             self.forward_passes += 1
         self._last_layer = layer_idx
 
@@ -597,6 +618,15 @@ class SketchWalkAttention:
             q_row = query[row : row + 1, :, pad:]
             k_row = key[row : row + 1, :, pad:]
             selections.append(self._row_selector(row).select(q_row, k_row, layer_idx))
+        if self.decode == "sketchwalk":
+            for row, pad in enumerate(pads):
+                decoder = self._row_decoders.get(row)
+                if decoder is None:
+                    decoder = self._row_decoders[row] = SketchWalkDecoder(self.config)
+                decoder.prefill(
+                    query[row : row + 1, :, pad:], key[row : row + 1, :, pad:], layer_idx
+                )
+            self._decode_pads = list(pads)
         kept = sum(int(s.kv_num_blocks.sum(dtype=torch.int64)) for s in selections)
         density = kept / sum(_causal_blocks(s) for s in selections)
         if self.dense_when_full and density >= 1.0:
@@ -620,6 +650,42 @@ class SketchWalkAttention:
             )
         self._record(layer_idx, "sparse", q_len, kv_len, density, resolved, None)
         return out.transpose(1, 2).contiguous(), None
+
+    def _padded_decode(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        pads: list[int],
+        scaling: float | None,
+        backend: str,
+    ) -> tuple[torch.Tensor, Any]:
+        """A decode step of a left-padded batch, one row at a time: row b's decoder (prefilled
+        on its unpadded slice) selects over its own blocks, and the attention reads the cache
+        from position ``pads[b]`` on, so no padding key is selected or attended and each row
+        decodes as it would alone. Cost: B selections and B kernel launches per layer."""
+        outs, density = [], 0.0
+        for row, pad in enumerate(pads):
+            step = self._row_decoders[row].step(
+                query[row : row + 1], key[row : row + 1, :, -1:], layer_idx
+            )
+            outs.append(
+                sparse_decode(
+                    query[row : row + 1],
+                    key[row : row + 1, :, pad:],
+                    value[row : row + 1, :, pad:],
+                    step.kv_num_blocks,
+                    step.kv_indices,
+                    self.config.block_size,
+                    backend=backend,
+                    scale=scaling,
+                )
+            )
+            density += step.density / len(pads)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        self._record(layer_idx, "sparse", q_len, kv_len, density, backend, None)
+        return torch.cat(outs).transpose(1, 2).contiguous(), None
 
     def __call__(
         self,
@@ -670,8 +736,13 @@ class SketchWalkAttention:
                 inner_fn, module, query, key, value, attention_mask, scaling, args, kwargs
             )
         if q_len < kv_len:  # SketchWalk decode step (checked by _dense_reason)
-            step = self.decoder.step(query, key[:, :, -1:], layer_idx)
             decode_backend = resolve_backend(self.backend, query, mode="decode")
+            pads = self._decode_left_pads(attention_mask)
+            if pads is not None and any(pads):
+                return self._padded_decode(
+                    layer_idx, query, key, value, pads, scaling, decode_backend
+                )
+            step = self.decoder.step(query, key[:, :, -1:], layer_idx)
             out = sparse_decode(
                 query,
                 key,
@@ -737,6 +808,24 @@ def left_padding(allowed: torch.Tensor) -> list[int] | None:
     # everything); a row that sees some keys only is a token of another packed document.
     pad_rows = allowed[:, 0].all(dim=-1) | ~allowed[:, 0].any(dim=-1)
     if not bool((pad_rows | real_rows[..., 0]).all()):
+        return None
+    return [int(p) for p in pads]
+
+
+def decode_left_padding(allowed: torch.Tensor) -> list[int] | None:
+    """Per-row padding lengths of a decode step's key mask, or None.
+
+    Args:
+        allowed: bool (B, S), True where the new token may see cached position j.
+
+    Returns:
+        ``pads`` when row b sees exactly positions ``pads[b] <= j < S`` (at least one), else
+        None (holes, right padding, an empty row).
+    """
+    s = allowed.shape[-1]
+    pads = (~allowed).cumprod(dim=-1).sum(dim=-1)
+    pos = torch.arange(s, device=allowed.device)
+    if not bool(torch.equal(allowed, pos[None, :] >= pads[:, None])) or bool((pads >= s).any()):
         return None
     return [int(p) for p in pads]
 
