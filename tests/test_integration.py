@@ -544,9 +544,10 @@ def test_sparse_attention_of_a_query_chunk_names_its_backends():
     assert sel.block_mask.shape[2:] == (5 - 2, 5) and sel.seq_len == 70
     out = sparse_attention(q, k, v, sel, backend="auto")
     assert out.shape == q.shape
-    for backend in ("triton", "flex"):
-        with pytest.raises(RuntimeError):
-            sparse_attention(q, k, v, sel, backend=backend)
+    with pytest.raises(RuntimeError, match="flex"):  # on CUDA: no query offset; here: no CUDA
+        sparse_attention(q, k, v, sel, backend="flex")
+    with pytest.raises(RuntimeError, match="bfloat16/float16"):  # float32: not a kernel dtype
+        sparse_attention(q, k, v, sel, backend="triton")
     with pytest.raises(ValueError, match="needs the pooled queries of the 40 cached"):
         SketchWalk(cfg).select_chunk(q, k, 0)
     for bad in (-1, 1.0, True):
@@ -622,3 +623,20 @@ def test_decode_left_padding_recognises_only_left_padding():
     assert decode_left_padding(torch.tensor([[1, 0, 1, 1]], dtype=torch.bool)) is None  # hole
     assert decode_left_padding(torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)) is None  # right
     assert decode_left_padding(torch.zeros(1, 4, dtype=torch.bool)) is None  # empty row
+
+
+@pytest.mark.gpu
+def test_chunked_prefill_runs_the_triton_kernel_on_cuda():
+    """On CUDA in bf16 the chunks after the first run the Triton prefill kernel with the query
+    offset, and the logits match the one-shot sparse prefill within bf16 noise."""
+    model = _model("llama").to("cuda", torch.bfloat16)
+    ids = _ids(batch=2).cuda()
+    with torch.no_grad(), enable_sketchwalk(model, ROWWISE, backend="auto") as sw:
+        one_shot = model(ids).logits.float()
+        sw.clear()
+        got = _chunked_logits(model, ids, [37, 30, 33]).float()
+    later = [c for c in sw.calls if c.q_len < c.kv_len and c.layer_idx > 0]
+    assert later and all(c.backend == "triton" for c in later if c.mode == "sparse"), _calls(sw)
+    assert any(c.mode == "sparse" for c in later)
+    err = _report("chunked (triton) vs one-shot sparse, bf16", got, one_shot)
+    assert err <= 5e-2 * one_shot.abs().max().item()

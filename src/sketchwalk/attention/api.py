@@ -152,8 +152,8 @@ def sparse_attention(
             (`SketchWalk.select_chunk`).
         selection: `BlockSelection` for these queries and keys (mask groups 1, Hkv or Hq).
         backend: ``"reference"``, ``"triton"``, ``"flex"`` or ``"auto"`` (module docstring).
-            A query chunk (T < S) runs only on ``"reference"`` (``"auto"`` chooses it; the
-            kernels take no query offset and raise RuntimeError).
+            A query chunk (T < S) runs on ``"triton"`` or ``"reference"`` (``"flex"`` takes no
+            query offset and raises RuntimeError).
         scale: softmax scale, default 1 / sqrt(D).
 
     Returns:
@@ -162,18 +162,15 @@ def sparse_attention(
     check_qkv(q, k, v, "sparse_attention")
     # shapes, the selection's consistency and NaN/Inf in q/k/v: one host sync on CUDA
     check_selection(selection, q, k, "sparse_attention", finite={"q": q, "k": k, "v": v})
-    if q.shape[2] < k.shape[2]:
-        # A query chunk at the end of the keys (chunked prefill): the prefill kernels take no
-        # query offset, so only the reference runs it; an explicit kernel is refused.
-        if backend not in ("reference", "auto"):
-            resolve_backend(backend, q, "prefill")  # unknown names keep their own error
-            raise RuntimeError(
-                f"sparse_attention: backend {backend!r} has no query offset: a query chunk "
-                f"({q.shape[2]} queries at the end of {k.shape[2]} keys) runs on backend "
-                "'reference' (or 'auto', which chooses it)"
-            )
-        return sparse_attention_reference(q, k, v, selection, scale)
     name = resolve_backend(backend, q, "prefill")
+    if q.shape[2] < k.shape[2] and name == "flex":
+        # A query chunk at the end of the keys (chunked prefill): the Triton kernel and the
+        # reference take the query offset; the FlexAttention path does not.
+        raise RuntimeError(
+            f"sparse_attention: backend 'flex' has no query offset: a query chunk "
+            f"({q.shape[2]} queries at the end of {k.shape[2]} keys) runs on backend "
+            "'triton' or 'reference' (or 'auto', which chooses one)"
+        )
     if name == "reference":
         return sparse_attention_reference(q, k, v, selection, scale)
     fn = _KERNELS[("prefill", name)][1]

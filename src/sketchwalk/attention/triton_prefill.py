@@ -125,6 +125,8 @@ def _sparse_prefill_kernel(
     stride_ig,
     stride_iq,
     seq_len,
+    q_offset,
+    q_block_offset,
     num_units,
     heads_per_unit,
     group_size,
@@ -149,9 +151,13 @@ def _sparse_prefill_kernel(
 
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     head_in_unit = rows // BLOCK_SIZE
-    pos = q_block * BLOCK_SIZE + rows % BLOCK_SIZE
+    # pos: the query's position among the keys; a query chunk (chunked prefill) starts at key
+    # position q_offset, its selection row 0 is key block q_block_offset, and the chunk's first
+    # block may begin before its first query.
+    pos = (q_block + q_block_offset) * BLOCK_SIZE + rows % BLOCK_SIZE
+    query = pos - q_offset
     head = unit * heads_per_unit + head_in_unit
-    row_ok = (head_in_unit < heads_per_unit) & (pos < seq_len)
+    row_ok = (head_in_unit < heads_per_unit) & (pos < seq_len) & (query >= 0)
     kv_head = (unit * heads_per_unit) // group_size
     dims = tl.arange(0, HEAD_DIM)
 
@@ -159,7 +165,7 @@ def _sparse_prefill_kernel(
         q_ptr
         + batch.to(tl.int64) * stride_qb
         + head[:, None].to(tl.int64) * stride_qh
-        + pos[:, None].to(tl.int64) * stride_qt
+        + query[:, None].to(tl.int64) * stride_qt
         + dims[None, :]
     )
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
@@ -230,7 +236,7 @@ def _sparse_prefill_kernel(
         o_ptr
         + batch.to(tl.int64) * stride_ob
         + head[:, None].to(tl.int64) * stride_oh
-        + pos[:, None].to(tl.int64) * stride_ot
+        + query[:, None].to(tl.int64) * stride_ot
         + dims[None, :]
     )
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -356,12 +362,14 @@ def sparse_prefill(
     out: torch.Tensor | None = None,
     tuning: PrefillTuning | None = None,
 ) -> torch.Tensor:
-    """Block-sparse causal attention, queries and keys both covering positions 0..T-1.
+    """Block-sparse causal attention of T queries at the end of S >= T keys.
 
     Args:
-        q: (B, Hq, T, D) bf16/fp16.
-        k, v: (B, Hkv, T, D), same dtype, Hq % Hkv == 0.
-        kv_num_blocks: int32 (B, G, nq), nq = ceil(T / block_size), G in {1, Hkv, Hq}.
+        q: (B, Hq, T, D) bf16/fp16; query i sits at key position S - T + i (T == S: a prefill;
+            T < S: a query chunk of chunked prefill, its first query anywhere in a block).
+        k, v: (B, Hkv, S, D), same dtype, Hq % Hkv == 0.
+        kv_num_blocks: int32 (B, G, nq), G in {1, Hkv, Hq}; nq = ceil(S / block_size) -
+            (S - T) // block_size: the rows of the key blocks that hold the queries.
         kv_indices: int32 (B, G, nq, nk); each row's first kv_num_blocks entries are the kept key
             blocks, sorted ascending, none right of the row's own (diagonal) block.
         block_size: tokens per block (a multiple of 16).
@@ -373,19 +381,20 @@ def sparse_prefill(
         (B, Hq, T, D) in q's dtype. Rows whose selection is empty are 0.
     """
     check_inputs(q, k, v, block_size)
-    batch, num_q_heads, seq_len, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    if k.shape[2] != seq_len:
-        raise RuntimeError(
-            f"prefill kernel needs keys as long as queries, got T={seq_len}, "
-            f"S={k.shape[2]}; use sketchwalk.attention.sparse_decode for S > T"
-        )
+    batch, num_q_heads, num_queries, head_dim = q.shape
+    num_kv_heads, seq_len = k.shape[1], k.shape[2]
+    if seq_len < num_queries:
+        raise RuntimeError(f"prefill kernel needs S >= T keys, got T={num_queries}, S={seq_len}")
+    q_offset = seq_len - num_queries
+    q_block_offset = q_offset // block_size
     num_groups = kv_num_blocks.shape[1]
     units, heads_per_unit = _mask_layout(num_groups, num_q_heads, num_kv_heads)
     num_q_blocks = kv_num_blocks.shape[2]
-    if num_q_blocks != math.ceil(seq_len / block_size):
+    if num_q_blocks != math.ceil(seq_len / block_size) - q_block_offset:
         raise RuntimeError(
             f"selection has {num_q_blocks} query blocks, expected ceil({seq_len} / {block_size})"
+            f" - {q_offset} // {block_size} for {num_queries} queries at the end of "
+            f"{seq_len} keys"
         )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kv_num_blocks = kv_num_blocks.to(torch.int32)
@@ -445,6 +454,8 @@ def sparse_prefill(
         kv_indices.stride(1) * group_stride,
         kv_indices.stride(2),
         seq_len,
+        q_offset,
+        q_block_offset,
         units,
         heads_per_unit,
         num_q_heads // num_kv_heads,

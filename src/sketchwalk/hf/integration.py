@@ -30,9 +30,9 @@ un-repeated ``key``/``value`` (B, Hkv, S_kv, D) and ``module.layer_idx``, and de
 - **Chunked prefill** (``1 < S < S_kv``: a prompt fed in chunks, or new tokens after a prefix
   cached through SketchWalk): :meth:`~sketchwalk.selection.prefill.SketchWalk.select_chunk`
   continues the sequence from each layer's pooled queries (kept by the selector) and selects
-  the chunk's rows of a one-shot prefill of the whole cache; the attention runs on the
-  reference backend. Dense, with the reason recorded, when the cache was not filled through
-  SketchWalk or ``backend`` names a kernel (they take no query offset).
+  the chunk's rows of a one-shot prefill of the whole cache; the attention runs on the resolved
+  backend (Triton on CUDA, with the chunk's query offset). Dense, with the reason recorded, when
+  the cache was not filled through SketchWalk or ``backend`` is ``flex`` (no query offset).
 - **Everything else runs the inner (dense) implementation unchanged**, with the reason recorded:
   packed or right-padded batches and sliding-window masks (the mask is neither plain causal nor
   left padding; ``on_padding="raise"`` raises instead), short sequences, dropout, non-causal
@@ -461,8 +461,8 @@ class SketchWalkAttention:
                 f"chunked prefill: SketchWalk saw {seen or 0} of the {kv_len - q_len} cached "
                 "positions (the cache was not filled through it): dense"
             )
-        if self.backend not in ("auto", "reference"):
-            return f"chunked prefill: backend {self.backend!r} has no query offset: dense"
+        if self.backend == "flex":
+            return "chunked prefill: backend 'flex' has no query offset: dense"
         problem = _module_problem(module, kv_len, kwargs)
         if problem is not None:
             return problem
@@ -551,7 +551,7 @@ class SketchWalkAttention:
         positions (`SketchWalk.select_chunk`): the selection is that of a one-shot prefill of
         the whole cache, restricted to the chunk's query blocks. A chunk is a new pass over the
         layers, but not a new sequence: the selector is not reset. The attention runs on the
-        reference backend (the prefill kernels take no query offset).
+        resolved backend (the Triton prefill kernel takes the query offset).
         """
         layer_idx = int(module.layer_idx)
         q_len, kv_len = query.shape[2], key.shape[2]
@@ -568,8 +568,9 @@ class SketchWalkAttention:
             )
             self._record(layer_idx, "dense", q_len, kv_len, 1.0, f"inner:{self.inner}", why)
             return inner_fn(module, query, key, value, attention_mask, *args, **kwargs)
-        out = sparse_attention(query, key, value, selection, backend="reference", scale=scaling)
-        self._record(layer_idx, "sparse", q_len, kv_len, selection.density, "reference", None)
+        resolved = resolve_backend(self.backend, query)
+        out = sparse_attention(query, key, value, selection, backend=resolved, scale=scaling)
+        self._record(layer_idx, "sparse", q_len, kv_len, selection.density, resolved, None)
         return out.transpose(1, 2).contiguous(), None
 
     def _row_selector(self, row: int) -> Any:
