@@ -640,3 +640,39 @@ def test_chunked_prefill_runs_the_triton_kernel_on_cuda():
     assert any(c.mode == "sparse" for c in later)
     err = _report("chunked (triton) vs one-shot sparse, bf16", got, one_shot)
     assert err <= 5e-2 * one_shot.abs().max().item()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_with_a_static_cache_runs_sparse_like_the_dynamic_cache(padded):
+    """cache_implementation="static": every layer gets the whole preallocated buffers with the
+    unwritten slots masked. The integration cuts them off, so prefill and decode run sparse
+    (no fallback but the dense layer) and generate the dynamic cache's tokens."""
+    model = _model("llama")
+    cfg = SketchWalkConfig(
+        block_size=16, top_k_blocks=2, sink_blocks=1, window_blocks=1, dense_layers=1,
+        dense_last_rows=0, decode_rule="quest", granularity="kv_group",
+    )  # fmt: skip
+    if padded:
+        ids, mask, _ = _left_padded([SEQ - 9, SEQ])
+    else:
+        ids, mask = _ids(batch=2), None
+    steps = 5
+
+    def generate(**extra):
+        with enable_sketchwalk(model, cfg, backend="reference", decode="sketchwalk") as sw:
+            out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                do_sample=False, output_logits=True, return_dict_in_generate=True, **extra,
+            )  # fmt: skip
+        return out, sw
+
+    with torch.no_grad():
+        dynamic, _ = generate()
+        static, sw = generate(cache_implementation="static")
+    assert sw.summary()["dense_reasons"] == {"dense layer (config.dense_layers)": steps}, (
+        sw.summary()["dense_reasons"]
+    )
+    assert {c.kv_len for c in sw.calls if not c.prefill} == set(range(SEQ + 1, SEQ + steps))
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        assert _report("static vs dynamic cache step logits", a, b) < 1e-4

@@ -248,6 +248,7 @@ class SketchWalkAttention:
         self._row_decoders: dict[int, SketchWalkDecoder] = {}
         self._decode_pads: list[int] | None = None
         self._mask_verdicts: dict[int, tuple[weakref.ref, str | None, list[int] | None]] = {}
+        self._trimmed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
     @property
     def sketchwalk(self) -> Any:
@@ -652,6 +653,31 @@ class SketchWalkAttention:
         self._record(layer_idx, "sparse", q_len, kv_len, density, resolved, None)
         return out.transpose(1, 2).contiguous(), None
 
+    def _trim_unused_slots(
+        self, mask: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Drop the cache slots no query may see yet (a static cache's preallocated tail).
+
+        A `StaticCache` hands every layer its whole (B, Hkv, max_cache_len, D) buffers and masks
+        the slots after the last written position. Keys past the last position any query sees
+        are cut off (views, no copy), with the mask, so the call is the prefill, chunk or decode
+        step of the written prefix. Inspected (a host sync) once per mask object: the layers of
+        a step share the mask, and get the same trimmed mask object back."""
+        seen = self._trimmed.get(id(mask))
+        if seen is None or seen[0]() is not mask:
+            allowed = mask if mask.dtype == torch.bool else mask == 0
+            seen_cols = allowed.reshape(-1, allowed.shape[-1]).any(dim=0)
+            visible = int(seen_cols.nonzero().max()) + 1 if bool(seen_cols.any()) else 0
+            length = visible or mask.shape[-1]
+            trimmed = mask if length >= mask.shape[-1] else mask[..., :length]
+            self._trimmed = {k: v for k, v in self._trimmed.items() if v[0]() is not None}
+            seen = (weakref.ref(mask), length, trimmed)
+            self._trimmed[id(mask)] = seen
+        length = seen[1]
+        if not query_len <= length < key.shape[2]:
+            return mask, key, value
+        return seen[2], key[:, :, :length], value[:, :, :length]
+
     def _padded_decode(
         self,
         layer_idx: int,
@@ -711,6 +737,15 @@ class SketchWalkAttention:
         Returns:
             ``(output (B, S, Hq, D), weights)``; weights are None on the sparse path.
         """
+        if isinstance(attention_mask, torch.Tensor) and key.shape[2] > query.shape[2]:
+            attention_mask, key, value = self._trim_unused_slots(
+                attention_mask, key, value, query.shape[2]
+            )
+        elif attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+            # Without a mask, transformers relies on SDPA's is_causal, which aligns the queries
+            # to the FIRST keys: the prefill of an empty static cache, whose slots past the
+            # prompt are unwritten. Those slots are cut off.
+            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
         layer_idx = int(module.layer_idx)
         q_len, kv_len = query.shape[2], key.shape[2]
         inner_label = f"inner:{self.inner}"
