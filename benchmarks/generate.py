@@ -66,7 +66,8 @@ MODES = ("dense", "prefill", "decode")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 METHOD = (
     "manual greedy loop: prefill model(ids, use_cache=True, logits_to_keep=1) + argmax (TTFT), "
-    "then N steps model(token, cache) on the returned DynamicCache (decode)"
+    "then N steps model(token, cache) on the same cache (decode; a DynamicCache or a "
+    "StaticCache, --cache)"
 )
 WARMUP_DECODE_STEPS = 4
 
@@ -272,9 +273,13 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _new_cache(model: torch.nn.Module) -> Any:
-    from transformers import DynamicCache
+def _new_cache(model: torch.nn.Module, kind: str = "dynamic", max_len: int = 0) -> Any:
+    """A fresh KV cache: ``dynamic`` (grows by concatenation: every step copies the whole
+    cache) or ``static`` (preallocated to ``max_len`` tokens, written in place)."""
+    from transformers import DynamicCache, StaticCache
 
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
     try:
         return DynamicCache(config=model.config)
     except TypeError:  # older transformers
@@ -328,10 +333,11 @@ def one_repeat(
     device: torch.device,
     sw: Any,
     counter: CallCounter | None,
+    cache_kind: str = "dynamic",
 ) -> tuple[float, float | None, torch.Tensor]:
     """(TTFT seconds, decode seconds of ``steps`` steps or None, tokens (B, 1 + steps))."""
     name = _cache_kwarg(model)
-    cache = _new_cache(model)
+    cache = _new_cache(model, cache_kind, ids.shape[1] + steps + 1)
     if sw is not None:
         sw.clear()
     _sync(device)
@@ -482,13 +488,13 @@ def measure(
     try:
         with torch.no_grad():
             t = time.perf_counter()
-            one_repeat(model, ids, min(steps, WARMUP_DECODE_STEPS), device, sw, None)
+            one_repeat(model, ids, min(steps, WARMUP_DECODE_STEPS), device, sw, None, args.cache)
             rec["warmup_s"] = time.perf_counter() - t
             counter = CallCounter()
             ttfts, decodes = [], []
             tokens = None
             for r in range(args.repeats):
-                ttft, dec, tokens = one_repeat(model, ids, steps, device, sw, counter)
+                ttft, dec, tokens = one_repeat(model, ids, steps, device, sw, counter, args.cache)
                 ttfts.append(ttft)
                 if dec is not None:
                     decodes.append(dec)
@@ -555,7 +561,7 @@ def config_key(a: dict[str, Any]) -> str:
     return (
         f"{a['shape']}|L{a['num_layers']}|T{a['context']}|B{a['batch']}|{a['mode']}|d{dens}|"
         f"N{a['decode_tokens']}|{a['dtype']}|{a['device_type']}|{a['backend']}|"
-        f"{a['selection_backend']}"
+        f"{a['selection_backend']}|{a.get('cache', 'dynamic')}"
     )
 
 
@@ -598,7 +604,7 @@ def _setting(r: dict[str, Any]) -> str:
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     return (
         f"{short.get(r['dtype'], r['dtype'])} N{r['decode_tokens']} "
-        f"{r['backend']}/{r['selection_backend']}"
+        f"{r['backend']}/{r['selection_backend']} {r.get('cache', 'dynamic')}"
     )
 
 
@@ -616,7 +622,7 @@ def markdown(data: dict[str, Any]) -> str:
         "TTFT x = dense TTFT / this TTFT; tok/s x = this decode tokens/s / dense's; "
         "calls = sparse/dense SketchWalk attention calls of the measured repeats (prefill; "
         "decode); dens = mean density of the sparse calls (prefill; decode); setting = dtype, "
-        "decode tokens N, sparse backend / selection backend.",
+        "decode tokens N, sparse backend / selection backend, KV cache.",
         "",
         "| shape | layers | T | B | setting | mode | density | status | TTFT ms | TTFT x | "
         "ms/step | tok/s | tok/s x | calls prefill | calls decode | dens | peak GiB | notes |",
@@ -724,6 +730,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="enable_sketchwalk backend")
     p.add_argument("--selection_backend", default="auto")
     p.add_argument("--breakdown", action="store_true", help="prefill time shares (extra pass)")
+    p.add_argument(
+        "--cache",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="KV cache: transformers' DynamicCache (each step concatenates, i.e. copies the "
+        "whole cache) or StaticCache (preallocated, written in place)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="default benchmarks/results/generate_<gpu>.json")
     p.add_argument("--resume", action="store_true", help="skip configurations already saved")
@@ -848,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
             "device_type": device.type,
             "backend": args.backend,
             "selection_backend": args.selection_backend,
+            "cache": args.cache,
         }
         key = config_key(base)
         label = f"[{i + 1}/{len(plan)}] T={context} B={batch} {mode}" + (
