@@ -100,8 +100,9 @@ class DecodeSelection:
         if self._block_mask is None:
             b, g, n = self.kv_indices.shape
             valid = torch.arange(n, device=self.kv_indices.device) < self.kv_num_blocks[..., None]
-            mask = torch.zeros(b, g, self.num_key_blocks + 1, dtype=torch.bool)
-            mask = mask.to(self.kv_indices.device)
+            mask = torch.zeros(
+                b, g, self.num_key_blocks + 1, dtype=torch.bool, device=self.kv_indices.device
+            )
             # padding entries go to the scratch column nk, which is dropped
             slot = torch.where(valid, self.kv_indices.long(), self.num_key_blocks)
             self._block_mask = mask.scatter_(-1, slot, True)[..., : self.num_key_blocks]
