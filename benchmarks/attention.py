@@ -330,7 +330,7 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                 sel = None
                 if args.no_select:
                     continue
-                cfg = SketchWalkConfig(density=density, block_size=BLOCK)
+                cfg = SketchWalkConfig.preset("default", density=density, block_size=BLOCK)
                 sw = SketchWalk(cfg)
                 try:
                     real = select_two_layers(sw, q, k, cfg.dense_layers)
