@@ -335,3 +335,80 @@ def test_validate_error_on_one_rank_stops_every_rank(tmp_path, capfd):
     one, two = json.loads(one.read_text()), json.loads(two.read_text())
     assert [r["sample_id"] for r in two] == [p.stem for p in paths[:2]]
     assert _no_rank(one) == _no_rank(two)
+
+
+# ---- compare ----------------------------------------------------------------------------------
+
+
+def _comparison(out) -> tuple[list, dict]:
+    (results,) = out.glob("comparison_results_*.json")
+    (summary,) = out.glob("comparison_summary_*.json")
+    return json.loads(results.read_text()), json.loads(summary.read_text())
+
+
+def _without(value, keys: set):
+    """``value`` with the per-launch ``keys`` dropped from every dict inside it."""
+    if isinstance(value, dict):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_without(v, keys) for v in value]
+    return value
+
+
+COMPARE_PER_LAUNCH = {"rank", "seconds", "timestamp", "world_size"}
+
+
+@pytest.fixture(scope="module")
+def compare_runs(tmp_path_factory):
+    """(root, 1-process (records, summary), 2-process (records, summary), argv)."""
+    from sketchwalk.testing import write_tensor_dir
+
+    root = tmp_path_factory.mktemp("compare")
+    write_tensor_dir(root / "t", seq_len=300, num_layers=3, samples=3)
+    argv = ["compare", "--tensor_dir", str(root / "t"), "--device", "cpu", "--block_size", "16",
+            "--top_k_blocks", "4", "--visualize", "--max_plots", "2"]  # fmt: skip
+    run_single([*argv, "--output_dir", str(root / "one")])
+    run_sharded([*argv, "--output_dir", str(root / "two")], 2)
+    return root, _comparison(root / "one"), _comparison(root / "two"), argv
+
+
+def test_compare_two_processes_match_one(compare_runs):
+    root, (rec1, sum1), (rec2, sum2), _ = compare_runs
+    assert len(rec1) == 9  # 3 sequences x 3 layers
+    print("overlap:", [r["block_overlap"] for r in rec1], [r["block_overlap"] for r in rec2])
+    assert _without(rec1, COMPARE_PER_LAUNCH) == _without(rec2, COMPARE_PER_LAUNCH)
+    assert [r["rank"] for r in rec2] == [0] * 3 + [1] * 3 + [0] * 3  # by sequence
+    assert {r["rank"] for r in rec1} == {0}
+    assert (sum1["world_size"], sum2["world_size"]) == (1, 2)
+    assert _without(sum1, COMPARE_PER_LAUNCH | {"plots"}) == _without(
+        sum2, COMPARE_PER_LAUNCH | {"plots"}
+    )
+    plots = [[p.rsplit("/", 1)[-1].replace(s["timestamp"], "TS") for p in s["plots"]]
+             for s in (sum1, sum2)]  # fmt: skip
+    assert plots[0] == plots[1] and len(plots[0]) == 3
+    names = [sorted(p.name for p in (root / d).iterdir()) for d in ("one", "two")]
+    # rank 0 alone wrote: results, summary, the same heatmaps (one drawn from rank 1's sequence)
+    assert [n.replace(sum1["timestamp"], "TS") for n in names[0]] == [
+        n.replace(sum2["timestamp"], "TS") for n in names[1]
+    ]
+    assert sum(n.endswith(".png") for n in names[1]) == 3  # 2 files + the summary plot
+
+
+@pytest.mark.parametrize("first,then", [(1, 2)])
+def test_compare_resumes_under_another_process_count(compare_runs, first, then):
+    root, one, _, argv = compare_runs
+    full, _ = one
+    out = root / f"resume_{first}_{then}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    keep = 4  # the first sequence and one layer of the second
+    partial = full[:keep]
+    (out / "comparison_results_20260101_000000.json").write_text(json.dumps(partial))
+    args = [a for a in argv if a not in ("--visualize",)]
+    run_sharded([*args, "--output_dir", str(out), "--resume"], then)
+    records, summary = _comparison(out)
+    assert summary["world_size"] == then and summary["timestamp"] == "20260101_000000"
+    assert records[:keep] == partial  # kept as they were: not redone
+    assert _without(records, COMPARE_PER_LAUNCH) == _without(full, COMPARE_PER_LAUNCH)
+    # sequences are dealt round-robin over the 2 processes (the finished first one too)
+    assert [r["rank"] for r in records[keep:]] == [1] * 2 + [0] * 3
