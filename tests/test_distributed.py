@@ -412,3 +412,104 @@ def test_compare_resumes_under_another_process_count(compare_runs, first, then):
     assert _without(records, COMPARE_PER_LAUNCH) == _without(full, COMPARE_PER_LAUNCH)
     # sequences are dealt round-robin over the 2 processes (the finished first one too)
     assert [r["rank"] for r in records[keep:]] == [1] * 2 + [0] * 3
+
+
+# ---- collect ----------------------------------------------------------------------------------
+
+COLLECT_PER_LAUNCH = {"rank", "timestamp", "world_size", "seconds", "forward_seconds",
+                      "sample_seconds", "load_model_seconds"}  # fmt: skip
+
+
+def _collected(out) -> tuple[dict, dict]:
+    """({file name without timestamp: tensors and metadata}, {seq_len: summary})."""
+    from sketchwalk.pipeline.tensorio import load_tensor_file, parse_tensor_filename
+
+    files, summaries = {}, {}
+    for path in sorted(out.iterdir()):
+        if path.name.startswith("summary_"):
+            data = json.loads(path.read_text())
+            summaries[data["seq_len"]] = data
+        else:
+            parsed = parse_tensor_filename(path)
+            key = f"seq{parsed['seq_len']}_layer{parsed['layer_idx']}_sample{parsed['sample']}"
+            files[key] = load_tensor_file(path)
+    return files, summaries
+
+
+def _no_stamps(summary: dict) -> dict:
+    """A collect summary with the timestamps cut off its file names."""
+    samples = [{**x, "files": [f.rsplit("_", 2)[0] for f in x["files"]]}
+               for x in summary["samples"]]  # fmt: skip
+    return {**summary, "samples": samples}
+
+
+def _same_tensor_files(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        ra, rb = a[key], b[key]
+        assert sorted(ra) == sorted(rb)
+        for name in ("Q", "K", "V", "input_ids"):
+            assert torch.equal(ra[name], rb[name]), (key, name)
+        assert _without(ra["metadata"], {"timestamp"}) == _without(rb["metadata"], {"timestamp"})
+
+
+@pytest.fixture(scope="module")
+def collect_runs(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from test_models import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("collect")
+    model = tiny_model_dir(root / "model", "llama")
+    argv = ["collect", "--model_path", str(model), "--sequence_lengths", "64", "80",
+            "--num_samples", "2", "--device", "cpu", "--text_source", "stdlib",
+            "--dtype", "float32", "--layers", "0", "2", "--block_size", "16",
+            "--no_progress"]  # fmt: skip
+    run_single([*argv, "--output_dir", str(root / "one")])
+    run_sharded([*argv, "--output_dir", str(root / "two")], 2)
+    return root, _collected(root / "one"), _collected(root / "two"), argv
+
+
+def test_collect_two_processes_match_one(collect_runs):
+    root, (files1, sum1), (files2, sum2), _ = collect_runs
+    assert len(files1) == 8  # 2 lengths x 2 samples x 2 layers
+    _same_tensor_files(files1, files2)
+    assert sorted(sum1) == sorted(sum2) == [64, 80]
+    for seq_len in (64, 80):
+        one, two = sum1[seq_len], sum2[seq_len]
+        assert (one["world_size"], two["world_size"]) == (1, 2)
+        # round-robin over the (length, sample) items: 64/0 -> 0, 64/1 -> 1, 80/0 -> 0, ...
+        assert [s["rank"] for s in two["samples"]] == [0, 1]
+        assert [s["rank"] for s in one["samples"]] == [0, 0]
+        strip = [_without(_no_stamps(s), COLLECT_PER_LAUNCH) for s in (one, two)]
+        print(seq_len, strip[0]["layers"][0]["sink_mass"], strip[1]["layers"][0]["sink_mass"])
+        assert strip[0] == strip[1]
+    # nothing but tensor files and summaries: no temporary files left by either rank
+    assert len(list((root / "two").iterdir())) == 8 + 2
+
+
+def test_collect_resumes_under_another_process_count(collect_runs):
+    """A run of 1 process killed after 3 of its 4 samples, resumed under 2 processes: the 3
+    finished samples are kept (not rewritten), the last is collected by rank 1."""
+    root, (files1, sum1), _, argv = collect_runs
+    out = root / "resume"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(root / "one", out)
+    for path in out.iterdir():
+        if path.name.startswith("summary_") or (
+            "seq80_layer" in path.name and "_sample1_" in path.name
+        ):
+            path.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert len(kept) == 6
+    run_sharded([*argv, "--output_dir", str(out), "--resume"], 2)
+    for name, mtime in kept.items():
+        assert (out / name).stat().st_mtime_ns == mtime  # not rewritten
+    files, summaries = _collected(out)
+    _same_tensor_files(files1, files)
+    assert [s["resumed"] for s in summaries[64]["samples"]] == [True, True]
+    assert [s["resumed"] for s in summaries[80]["samples"]] == [True, False]
+    assert summaries[80]["samples"][1]["rank"] == 1 and summaries[80]["world_size"] == 2
+    for seq_len in (64, 80):
+        assert _without(summaries[seq_len]["layers"], COLLECT_PER_LAUNCH) == _without(
+            sum1[seq_len]["layers"], COLLECT_PER_LAUNCH
+        )
