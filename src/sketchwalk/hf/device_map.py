@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,6 +31,7 @@ from sketchwalk.blocks import UsageError
 
 __all__ = [
     "DeviceMap",
+    "add_argument",
     "check_modules",
     "check_world",
     "describe",
@@ -142,8 +144,11 @@ def require_accelerate() -> None:
         )
 
 
-def check_world(device_map: DeviceMap | None, world_size: int) -> None:
-    """Refuse ``--device_map`` under a ``torchrun`` launch of several processes."""
+def check_world(device_map: DeviceMap | None, world_size: int | None = None) -> None:
+    """Refuse ``--device_map`` under a ``torchrun`` launch of several processes
+    (``world_size``, default: ``WORLD_SIZE`` of the environment, 1 without torchrun)."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE") or 1)
     if device_map is not None and world_size > 1:
         raise UsageError(
             f"--device_map and torchrun with {world_size} processes do not combine: every "
@@ -197,3 +202,17 @@ def input_device(model: Any) -> torch.device:
     if weight is not None:
         return weight.device
     return next(model.parameters()).device
+
+
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device_map`` (collect, eval, train-gate): one model split over several devices."""
+    parser.add_argument(
+        "--device_map",
+        type=device_map_arg,
+        default=None,
+        metavar="MAP",
+        help="split the model over devices (needs accelerate): auto, a JSON object or "
+        "module=device pairs, e.g. model.embed_tokens=0,model.layers.0=0,...,lm_head=1; "
+        "inputs go to the embeddings' device, each layer's attention runs where the layer "
+        "lives; one process only (not with torchrun)",
+    )

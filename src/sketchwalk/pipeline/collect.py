@@ -38,7 +38,11 @@ import torch
 from sketchwalk.atomic import write_json
 from sketchwalk.blocks import UsageError
 from sketchwalk.pipeline import distributed
-from sketchwalk.pipeline.flags import check_output_dir, device_arg, int_at_least
+from sketchwalk.pipeline.flags import (
+    check_output_dir,
+    device_arg,
+    int_at_least,
+)
 
 __all__ = [
     "CollectError",
@@ -791,6 +795,8 @@ def _parse_layers(values: Sequence[str | list[int]] | None) -> list[int] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed's flags (same names and defaults) plus sketchwalk's additions."""
+    from sketchwalk.hf.device_map import add_argument as add_device_map_argument
+
     parser.add_argument(
         "--model_path",
         default="smollm2-135m",
@@ -863,22 +869,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the text document order")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
-
-
-def add_device_map_argument(parser: argparse.ArgumentParser) -> None:
-    """``--device_map`` (collect, eval, train-gate): one model split over several devices."""
-    from sketchwalk.hf.device_map import device_map_arg
-
-    parser.add_argument(
-        "--device_map",
-        type=device_map_arg,
-        default=None,
-        metavar="MAP",
-        help="split the model over devices (needs accelerate): auto, a JSON object or "
-        "module=device pairs, e.g. model.embed_tokens=0,model.layers.0=0,...,lm_head=1; "
-        "inputs go to the embeddings' device, each layer's attention runs where the layer "
-        "lives; one process only (not with torchrun)",
-    )
 
 
 def run(args: argparse.Namespace) -> int:
