@@ -77,7 +77,7 @@ def parse_device_map(text: str) -> DeviceMap:
     text = text.strip()
     if text == "auto":
         return "auto"
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
