@@ -58,6 +58,52 @@ def test_walk_links_consecutive_layers_and_restarts_on_gaps():
     torch.testing.assert_close(sw.walk_state, fresh2.walk_state)
 
 
+class _StateOnAnotherDevice:
+    """The walk state as a layer on another device left it: reports ``meta`` as its device;
+    ``to(device)`` hands back the real values (on the CPU) and records the call."""
+
+    def __init__(self, state: torch.Tensor):
+        self.state, self.shape, self.device = state, state.shape, torch.device("meta")
+        self.moved_to: list[torch.device] = []
+
+    def to(self, device):
+        self.moved_to.append(torch.device(device))
+        return self.state
+
+
+def test_walk_state_follows_the_device_of_the_next_layer(monkeypatch):
+    """Layers on different devices (a device map): the carried state moves to q's device;
+    on the same device it is passed on as it is, without a copy."""
+    import sketchwalk.selection.prefill as prefill
+
+    cfg = SketchWalkConfig(dense_layers=0, degree=1, damping=0.9, top_k_blocks=2)
+    layers = _layers(3)
+    seen = []
+    real_walk_step = prefill.walk_step
+
+    def spy(a, previous, degree, damping):
+        seen.append(previous)
+        return real_walk_step(a, previous, degree, damping)
+
+    monkeypatch.setattr(prefill, "walk_step", spy)
+    reference = SketchWalk(cfg)
+    reference.select(*layers[0], 0)
+    state0 = reference.walk_state
+    want = reference.select(*layers[1], 1)
+    assert seen[-1] is state0  # same device: the very tensor, no copy
+
+    moved = SketchWalk(cfg)
+    moved.select(*layers[0], 0)
+    fake = _StateOnAnotherDevice(moved.walk_state)
+    moved._walk_state = fake
+    got = moved.select(*layers[1], 1)
+    print("moved to", fake.moved_to)
+    assert fake.moved_to == [layers[1][0].device]  # moved once, to this layer's q device
+    assert seen[-1] is fake.state
+    assert torch.equal(got.block_mask, want.block_mask)
+    torch.testing.assert_close(got.scores, want.scores)
+
+
 def test_walk_switch_off_makes_layers_independent():
     cfg = SketchWalkConfig(dense_layers=0, walk=False)
     layers = _layers(2)

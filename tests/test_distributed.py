@@ -335,3 +335,181 @@ def test_validate_error_on_one_rank_stops_every_rank(tmp_path, capfd):
     one, two = json.loads(one.read_text()), json.loads(two.read_text())
     assert [r["sample_id"] for r in two] == [p.stem for p in paths[:2]]
     assert _no_rank(one) == _no_rank(two)
+
+
+# ---- compare ----------------------------------------------------------------------------------
+
+
+def _comparison(out) -> tuple[list, dict]:
+    (results,) = out.glob("comparison_results_*.json")
+    (summary,) = out.glob("comparison_summary_*.json")
+    return json.loads(results.read_text()), json.loads(summary.read_text())
+
+
+def _without(value, keys: set):
+    """``value`` with the per-launch ``keys`` dropped from every dict inside it."""
+    if isinstance(value, dict):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_without(v, keys) for v in value]
+    return value
+
+
+COMPARE_PER_LAUNCH = {"rank", "seconds", "timestamp", "world_size"}
+
+
+@pytest.fixture(scope="module")
+def compare_runs(tmp_path_factory):
+    """(root, 1-process (records, summary), 2-process (records, summary), argv)."""
+    from sketchwalk.testing import write_tensor_dir
+
+    root = tmp_path_factory.mktemp("compare")
+    write_tensor_dir(root / "t", seq_len=300, num_layers=3, samples=3)
+    argv = ["compare", "--tensor_dir", str(root / "t"), "--device", "cpu", "--block_size", "16",
+            "--top_k_blocks", "4", "--visualize", "--max_plots", "2"]  # fmt: skip
+    run_single([*argv, "--output_dir", str(root / "one")])
+    run_sharded([*argv, "--output_dir", str(root / "two")], 2)
+    return root, _comparison(root / "one"), _comparison(root / "two"), argv
+
+
+def test_compare_two_processes_match_one(compare_runs):
+    root, (rec1, sum1), (rec2, sum2), _ = compare_runs
+    assert len(rec1) == 9  # 3 sequences x 3 layers
+    print("overlap:", [r["block_overlap"] for r in rec1], [r["block_overlap"] for r in rec2])
+    assert _without(rec1, COMPARE_PER_LAUNCH) == _without(rec2, COMPARE_PER_LAUNCH)
+    assert [r["rank"] for r in rec2] == [0] * 3 + [1] * 3 + [0] * 3  # by sequence
+    assert {r["rank"] for r in rec1} == {0}
+    assert (sum1["world_size"], sum2["world_size"]) == (1, 2)
+    assert _without(sum1, COMPARE_PER_LAUNCH | {"plots"}) == _without(
+        sum2, COMPARE_PER_LAUNCH | {"plots"}
+    )
+    plots = [[p.rsplit("/", 1)[-1].replace(s["timestamp"], "TS") for p in s["plots"]]
+             for s in (sum1, sum2)]  # fmt: skip
+    assert plots[0] == plots[1] and len(plots[0]) == 3
+    names = [sorted(p.name for p in (root / d).iterdir()) for d in ("one", "two")]
+    # rank 0 alone wrote: results, summary, the same heatmaps (one drawn from rank 1's sequence)
+    assert [n.replace(sum1["timestamp"], "TS") for n in names[0]] == [
+        n.replace(sum2["timestamp"], "TS") for n in names[1]
+    ]
+    assert sum(n.endswith(".png") for n in names[1]) == 3  # 2 files + the summary plot
+
+
+@pytest.mark.parametrize("first,then", [(1, 2)])
+def test_compare_resumes_under_another_process_count(compare_runs, first, then):
+    root, one, _, argv = compare_runs
+    full, _ = one
+    out = root / f"resume_{first}_{then}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    keep = 4  # the first sequence and one layer of the second
+    partial = full[:keep]
+    (out / "comparison_results_20260101_000000.json").write_text(json.dumps(partial))
+    args = [a for a in argv if a not in ("--visualize",)]
+    run_sharded([*args, "--output_dir", str(out), "--resume"], then)
+    records, summary = _comparison(out)
+    assert summary["world_size"] == then and summary["timestamp"] == "20260101_000000"
+    assert records[:keep] == partial  # kept as they were: not redone
+    assert _without(records, COMPARE_PER_LAUNCH) == _without(full, COMPARE_PER_LAUNCH)
+    # sequences are dealt round-robin over the 2 processes (the finished first one too)
+    assert [r["rank"] for r in records[keep:]] == [1] * 2 + [0] * 3
+
+
+# ---- collect ----------------------------------------------------------------------------------
+
+COLLECT_PER_LAUNCH = {"rank", "timestamp", "world_size", "seconds", "forward_seconds",
+                      "sample_seconds", "load_model_seconds"}  # fmt: skip
+
+
+def _collected(out) -> tuple[dict, dict]:
+    """({file name without timestamp: tensors and metadata}, {seq_len: summary})."""
+    from sketchwalk.pipeline.tensorio import load_tensor_file, parse_tensor_filename
+
+    files, summaries = {}, {}
+    for path in sorted(out.iterdir()):
+        if path.name.startswith("summary_"):
+            data = json.loads(path.read_text())
+            summaries[data["seq_len"]] = data
+        else:
+            parsed = parse_tensor_filename(path)
+            key = f"seq{parsed['seq_len']}_layer{parsed['layer_idx']}_sample{parsed['sample']}"
+            files[key] = load_tensor_file(path)
+    return files, summaries
+
+
+def _no_stamps(summary: dict) -> dict:
+    """A collect summary with the timestamps cut off its file names."""
+    samples = [{**x, "files": [f.rsplit("_", 2)[0] for f in x["files"]]}
+               for x in summary["samples"]]  # fmt: skip
+    return {**summary, "samples": samples}
+
+
+def _same_tensor_files(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        ra, rb = a[key], b[key]
+        assert sorted(ra) == sorted(rb)
+        for name in ("Q", "K", "V", "input_ids"):
+            assert torch.equal(ra[name], rb[name]), (key, name)
+        assert _without(ra["metadata"], {"timestamp"}) == _without(rb["metadata"], {"timestamp"})
+
+
+@pytest.fixture(scope="module")
+def collect_runs(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from test_models import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("collect")
+    model = tiny_model_dir(root / "model", "llama")
+    argv = ["collect", "--model_path", str(model), "--sequence_lengths", "64", "80",
+            "--num_samples", "2", "--device", "cpu", "--text_source", "stdlib",
+            "--dtype", "float32", "--layers", "0", "2", "--block_size", "16",
+            "--no_progress"]  # fmt: skip
+    run_single([*argv, "--output_dir", str(root / "one")])
+    run_sharded([*argv, "--output_dir", str(root / "two")], 2)
+    return root, _collected(root / "one"), _collected(root / "two"), argv
+
+
+def test_collect_two_processes_match_one(collect_runs):
+    root, (files1, sum1), (files2, sum2), _ = collect_runs
+    assert len(files1) == 8  # 2 lengths x 2 samples x 2 layers
+    _same_tensor_files(files1, files2)
+    assert sorted(sum1) == sorted(sum2) == [64, 80]
+    for seq_len in (64, 80):
+        one, two = sum1[seq_len], sum2[seq_len]
+        assert (one["world_size"], two["world_size"]) == (1, 2)
+        # round-robin over the (length, sample) items: 64/0 -> 0, 64/1 -> 1, 80/0 -> 0, ...
+        assert [s["rank"] for s in two["samples"]] == [0, 1]
+        assert [s["rank"] for s in one["samples"]] == [0, 0]
+        strip = [_without(_no_stamps(s), COLLECT_PER_LAUNCH) for s in (one, two)]
+        print(seq_len, strip[0]["layers"][0]["sink_mass"], strip[1]["layers"][0]["sink_mass"])
+        assert strip[0] == strip[1]
+    # nothing but tensor files and summaries: no temporary files left by either rank
+    assert len(list((root / "two").iterdir())) == 8 + 2
+
+
+def test_collect_resumes_under_another_process_count(collect_runs):
+    """A run of 1 process killed after 3 of its 4 samples, resumed under 2 processes: the 3
+    finished samples are kept (not rewritten), the last is collected by rank 1."""
+    root, (files1, sum1), _, argv = collect_runs
+    out = root / "resume"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(root / "one", out)
+    for path in out.iterdir():
+        if path.name.startswith("summary_") or (
+            "seq80_layer" in path.name and "_sample1_" in path.name
+        ):
+            path.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert len(kept) == 6
+    run_sharded([*argv, "--output_dir", str(out), "--resume"], 2)
+    for name, mtime in kept.items():
+        assert (out / name).stat().st_mtime_ns == mtime  # not rewritten
+    files, summaries = _collected(out)
+    _same_tensor_files(files1, files)
+    assert [s["resumed"] for s in summaries[64]["samples"]] == [True, True]
+    assert [s["resumed"] for s in summaries[80]["samples"]] == [True, False]
+    assert summaries[80]["samples"][1]["rank"] == 1 and summaries[80]["world_size"] == 2
+    for seq_len in (64, 80):
+        assert _without(summaries[seq_len]["layers"], COLLECT_PER_LAUNCH) == _without(
+            sum1[seq_len]["layers"], COLLECT_PER_LAUNCH
+        )

@@ -105,6 +105,9 @@ class GateTrainConfig:
     dtype: str = "float32"
     text_source: str = "auto"
     text_file: str | None = None
+    # the frozen model split over devices ("auto" or {module: device}; needs accelerate); the
+    # gates still train on ``device``. Placement only: not part of any cache key.
+    device_map: Any = None
 
     def __post_init__(self) -> None:
         self.seq_lengths = tuple(int(t) for t in self.seq_lengths)
@@ -516,10 +519,11 @@ def load_model_and_samples(
     from sketchwalk.hf.text import make_passages
 
     try:
+        placed = {} if cfg.device_map is None else {"device_map": cfg.device_map}
         model, tokenizer, _resolved = load_model(
-            cfg.model_path, device=cfg.device, dtype=getattr(torch, cfg.dtype)
+            cfg.model_path, device=cfg.device, dtype=getattr(torch, cfg.dtype), **placed
         )
-    except (ModelNotFoundError, MemoryError):
+    except (ModelNotFoundError, MemoryError, UsageError):
         raise
     except Exception as exc:  # transformers raises many types for a broken model folder
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -532,6 +536,9 @@ def load_model_and_samples(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    from sketchwalk.hf.device_map import input_device
+
+    to = input_device(model) if cfg.device_map is not None else cfg.device
     per_len = cfg.num_samples + cfg.heldout_samples
     passages = make_passages(
         tokenizer,
@@ -544,7 +551,7 @@ def load_model_and_samples(
     train, heldout = [], []
     for i, t in enumerate(cfg.seq_lengths):
         chunk = passages[i * per_len : (i + 1) * per_len]
-        ids = [p.input_ids[:t].reshape(1, t).to(cfg.device) for p in chunk]
+        ids = [p.input_ids[:t].reshape(1, t).to(to) for p in chunk]
         train += ids[: cfg.num_samples]
         heldout += ids[cfg.num_samples :]
     spec = str(cfg.model_path)
@@ -733,7 +740,9 @@ def default_gate_dir(
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_path)
     settings = {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output_dir", "device")
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("output_dir", "device", "device_map")
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return root / "gates" / f"{safe}-{digest}"
@@ -776,6 +785,8 @@ def ensure_default_gate(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``sketchwalk train-gate``; they map one-to-one onto :class:`GateTrainConfig`."""
+    from sketchwalk.hf.device_map import add_argument as add_device_map_argument
+
     d = GateTrainConfig()
     parser.add_argument(
         "--model_path",
@@ -795,7 +806,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--weight_decay", type=float, default=d.weight_decay)
-    parser.add_argument("--device", default=d.device)
+    parser.add_argument(
+        "--device",
+        default=d.device,
+        help="where the model runs and the gates train (with --device_map: the gates only)",
+    )
+    add_device_map_argument(parser)
     parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--gate_type", default=d.gate_type)
@@ -854,6 +870,9 @@ def _check_output_dir(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sketchwalk.hf.device_map import check_world
+
+    check_world(args.device_map)
     cfg = config_from_args(args)
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {cfg.device}: CUDA is not available here; use cpu")

@@ -230,14 +230,19 @@ def _gguf_dequantize_kwargs(gguf_name: str) -> dict[str, Any]:
     return {}
 
 
-def _load_gguf(gguf_path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_gguf(gguf_path: Path, dtype: torch.dtype, **placed: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _offline()
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=dtype, local_files_only=True, **_gguf_dequantize_kwargs(name)
+        folder,
+        gguf_file=name,
+        dtype=dtype,
+        local_files_only=True,
+        **_gguf_dequantize_kwargs(name),
+        **placed,
     )
     return model, tokenizer
 
@@ -428,29 +433,45 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    device_map: str | dict[str, int | str] | None = None,
 ) -> tuple[Any, Any, ResolvedModel]:
     """Load a causal LM and its tokenizer offline.
 
     Args:
         model_path: alias, folder, ``.gguf`` file or SeerAttention checkpoint (see module doc).
-        device: where the model runs.
+        device: where the model runs (without ``device_map``); with a map it only picks the
+            default dtype.
         dtype: compute dtype; None picks :func:`default_model_dtype`.
         attn_implementation: the attention implementation (``"sdpa"`` or ``"eager"``).
+        device_map: ``"auto"`` or ``{module name: device}``, passed to transformers'
+            ``from_pretrained(device_map=...)`` (needs accelerate; an explicit map is checked
+            first: `sketchwalk.hf.device_map.check_modules`). Inputs then go to
+            `sketchwalk.hf.device_map.input_device`.
 
     Returns:
-        ``(model, tokenizer, resolved)``; the model is in eval mode on ``device``.
+        ``(model, tokenizer, resolved)``; the model is in eval mode on ``device`` (or placed by
+        ``device_map``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sketchwalk.hf import device_map as placement
+
     _offline()
+    if device_map is not None:
+        placement.require_accelerate()
     resolved = resolve_model(model_path)
     dtype = dtype or default_model_dtype(device)
     if resolved.convert_from is not None:
         if not (resolved.load_path / CONVERSION_MARKER).is_file():
             convert_gguf_to_folder(resolved.convert_from, resolved.load_path)
         resolved.convert_from = None
+    placed: dict[str, Any] = {}
+    if device_map is not None:
+        if isinstance(device_map, dict):
+            placement.check_modules(_empty_model(resolved), device_map)
+        placed = {"device_map": device_map}
     if resolved.gguf_file is not None:
-        model, tokenizer = _load_gguf(resolved.load_path / resolved.gguf_file, dtype)
+        model, tokenizer = _load_gguf(resolved.load_path / resolved.gguf_file, dtype, **placed)
         _drop_gguf_quantizer(model)
         model.set_attn_implementation(attn_implementation)
     else:
@@ -459,11 +480,23 @@ def load_model(
             dtype=dtype,
             attn_implementation=attn_implementation,
             local_files_only=True,
+            **placed,
         )
         tokenizer = AutoTokenizer.from_pretrained(resolved.load_path, local_files_only=True)
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     return model, tokenizer, resolved
+
+
+def _empty_model(resolved: ResolvedModel) -> Any:
+    """The model's modules without weights (on the ``meta`` device): what a device map names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"gguf_file": resolved.gguf_file} if resolved.gguf_file is not None else {}
+    config = AutoConfig.from_pretrained(resolved.load_path, local_files_only=True, **extra)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 # ---- fetching split GGUF files (sketchwalk models fetch) -----------------------------------

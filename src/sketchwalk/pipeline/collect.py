@@ -10,6 +10,14 @@ Writes ``tensors_seq{L}_layer{i}_sample{j}_{timestamp}.pt`` (or ``.safetensors``
 sample, and ``summary_seq{L}_{timestamp}.json`` with per-layer statistics of the true attention
 (mass on the sink block, key blocks needed for 90% / 95% of each query block's mass, entropy),
 computed exactly in chunks of query rows.
+
+Under ``torchrun --nproc_per_node N -m sketchwalk collect ...`` the samples (one passage: all
+its layer files) are dealt out over the N processes, one GPU each. Each rank writes the tensor
+files of its own samples (disjoint names, atomic writes, one timestamp for the run); rank 0
+alone prepares the folder, decides what ``--resume`` skips and writes the summaries, in the
+order one process writes them, each sample record with the ``rank`` that computed it and the
+summary with ``world_size`` (docs/distributed.md). ``--device_map`` splits one model over
+several devices instead (one process; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -29,7 +37,12 @@ import torch
 
 from sketchwalk.atomic import write_json
 from sketchwalk.blocks import UsageError
-from sketchwalk.pipeline.flags import check_output_dir, device_arg, int_at_least
+from sketchwalk.pipeline import distributed
+from sketchwalk.pipeline.flags import (
+    check_output_dir,
+    device_arg,
+    int_at_least,
+)
 
 __all__ = [
     "CollectError",
@@ -219,7 +232,7 @@ def load_model_checked(load: Any, model_path: Any, **kwargs: Any) -> Any:
 
     try:
         return load(model_path, **kwargs)
-    except (ModelNotFoundError, MemoryError):
+    except (ModelNotFoundError, MemoryError, UsageError):
         raise
     except Exception as exc:  # transformers raises many types for a broken folder
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -275,6 +288,9 @@ class TensorCollector:
         resume: skip samples whose files are already complete in ``output_dir``.
         seed: order of the text documents.
         progress: show tqdm progress bars.
+        device_map: ``"auto"`` or ``{module: device}``: the model split over devices
+            (`sketchwalk.hf.device_map`); inputs go to the input embeddings' device, which is
+            also where the statistics and a gate run unless ``device`` is given.
 
     After :meth:`load_model`, ``collector.model`` runs under the collector's capture: every forward
     pass records the tensors, and :meth:`save_captured` writes the last one.
@@ -297,6 +313,7 @@ class TensorCollector:
         resume: bool = False,
         seed: int = 0,
         progress: bool = True,
+        device_map: str | dict[str, int | str] | None = None,
     ):
         from sketchwalk.hf.models import DEFAULT_MODEL
 
@@ -307,7 +324,10 @@ class TensorCollector:
                 raise ValueError(f"{name} must be auto or one of {sorted(DTYPES)}, got {value!r}")
         self.model_path = str(model_path) if model_path is not None else DEFAULT_MODEL
         self.output_dir = Path(output_dir)
-        self.device = device or _default_device()
+        self.device_map = device_map
+        self._device_given = device
+        self.device = device or ("cpu" if device_map is not None else _default_device())
+        self.input_device: torch.device | None = None
         self.layers = None if layers is None else sorted({int(i) for i in layers})
         self.dtype_name = dtype
         self.model_dtype_name = model_dtype
@@ -334,16 +354,25 @@ class TensorCollector:
         from sketchwalk.hf.capture import AttentionCapture
         from sketchwalk.hf.models import load_model
 
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise CollectError(
                 "--device cuda requested but CUDA is not available; use --device cpu"
             )
         t0 = time.perf_counter()
         model_dtype = None if self.model_dtype_name == "auto" else DTYPES[self.model_dtype_name]
+        placed = {} if self.device_map is None else {"device_map": self.device_map}
         self.model, self.tokenizer, self.resolved = load_model_checked(
-            load_model, self.model_path, device=self.device, dtype=model_dtype
+            load_model, self.model_path, device=self.device, dtype=model_dtype, **placed
         )
         self.timings["load_model_s"] = time.perf_counter() - t0
+        if self.device_map is not None:
+            from sketchwalk.hf.device_map import input_device
+
+            self.input_device = input_device(self.model)
+            if self._device_given is None:
+                self.device = str(self.input_device)
+        else:
+            self.input_device = torch.device(self.device)
         self.gate = load_seerattn_gate(self.resolved.gate_dir, self.device)
         store = None if self.dtype_name == "auto" else DTYPES[self.dtype_name]
         n_layers = int(getattr(self.model.config, "num_hidden_layers", 0) or 0)
@@ -405,10 +434,16 @@ class TensorCollector:
             "attention_scaling": float(getattr(first, "scaling", 1.0 / math.sqrt(first.head_dim))),
             "model_dtype": str(self.model.dtype).replace("torch.", ""),
             "device": str(self.device),
+            **({} if self.device_map is None else {"device_map": self._device_map_text()}),
             "capture": "post-RoPE Q/K/V at transformers' attention interface",
             "sketchwalk_version": __version__,
             "gate_dir": str(self.resolved.gate_dir) if self.resolved.gate_dir else None,
         }
+
+    def _device_map_text(self) -> Any:
+        from sketchwalk.hf.device_map import describe
+
+        return describe(self.device_map)
 
     def forward(self, input_ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         """Run the decoder (no LM head, no cache) on ``input_ids`` (B, T); return the capture.
@@ -419,7 +454,7 @@ class TensorCollector:
         if self.model is None:
             self.load_model()
         self.capture.clear()
-        ids = input_ids.to(self.device)
+        ids = input_ids.to(self.input_device if self.input_device is not None else self.device)
         base = getattr(self.model, self.model.base_model_prefix, self.model)
         try:
             with torch.no_grad():
@@ -554,26 +589,101 @@ class TensorCollector:
         return out
 
     def collect(
-        self, sequence_lengths: Sequence[int] = (4096, 8192, 16384), num_samples: int = 5
+        self,
+        sequence_lengths: Sequence[int] = (4096, 8192, 16384),
+        num_samples: int = 5,
+        w: distributed.World | None = None,
     ) -> list[Path]:
         """Collect ``num_samples`` passages per length; write tensor files and one summary per
         length.
 
+        Args:
+            w: the processes of a torchrun launch (default: this process's `distributed.world`):
+                the samples are dealt out round-robin over them; each writes its samples' tensor
+                files, rank 0 the summaries.
+
         Returns:
-            The summary JSON paths, one per sequence length.
+            The summary JSON paths, one per sequence length (on rank 0; empty elsewhere).
         """
         from tqdm.auto import tqdm
 
         from sketchwalk._version import __version__
         from sketchwalk.hf.text import make_passages, resolve_source
-        from sketchwalk.pipeline.tensorio import group_tensor_files
 
+        w = w if w is not None else distributed.world()
         if self.model is None:
             self.load_model()
         self.check_lengths(sequence_lengths)
         if num_samples < 1:
             raise CollectError(f"--num_samples must be >= 1, got {num_samples}")
+        lengths = list(sequence_lengths)
+        items = [(seq_len, j) for seq_len in lengths for j in range(num_samples)]
+        # rank 0 prepares the folder and decides what --resume skips, before anyone writes
+        prepared = distributed.on_main(lambda: self._prepare(items), w)
+        timestamp, finished = distributed.broadcast(prepared, w)
+        source = resolve_source(self.text_source, self.text_file)
+        passages: dict[int, list[Any]] = {}
+
+        def one(item: tuple[int, int]) -> tuple[int, dict[int, dict[str, float]], dict[str, Any]]:
+            seq_len, j = item
+            if seq_len not in passages:
+                passages[seq_len] = make_passages(
+                    self.tokenizer, seq_len, num_samples, self.text_source, self.text_file,
+                    self.seed,
+                )  # fmt: skip
+            passage = passages[seq_len][j]
+            bar.set_description(f"collect seq{seq_len} sample{j}")
+            t0 = time.perf_counter()
+            done = finished.get(item)
+            if done is not None:
+                stats = self._resumed_stats(done, passage.sha256)
+                files, forward_s = done, 0.0
+            else:
+                self.forward(passage.input_ids[None])
+                forward_s = time.perf_counter() - t0
+                files = self.save_captured(passage.input_ids, j, timestamp, passage.info())
+                stats = self.layer_statistics()
+            self.capture.clear()
+            sample = {
+                "sample": j,
+                **passage.info(),
+                "resumed": done is not None,
+                "files": [p.name for p in files],
+                "forward_seconds": round(forward_s, 3),
+                "sample_seconds": round(time.perf_counter() - t0, 3),
+                "rank": w.rank,
+            }
+            return seq_len, stats, sample
+
+        summaries: list[Path] = []
+        per_layer: dict[int, dict[int, list[dict[str, float]]]] = {n: {} for n in lengths}
+        samples: dict[int, list[dict[str, Any]]] = {n: [] for n in lengths}
+        t_len0 = time.perf_counter()
+        bar = tqdm(total=len(items), desc="collect", disable=not (self.progress and w.is_main))
+        for done_round in distributed.map_rounds(items, one, w):
+            for seq_len, stats, sample in done_round:
+                for layer_idx, st in stats.items():
+                    per_layer[seq_len].setdefault(layer_idx, []).append(st)
+                samples[seq_len].append(sample)
+                bar.update(1)
+                if len(samples[seq_len]) < num_samples or not w.is_main:
+                    continue
+                summary = self._summary(
+                    seq_len, timestamp, num_samples, source, per_layer[seq_len],
+                    samples[seq_len], time.perf_counter() - t_len0, w.world_size, __version__,
+                )  # fmt: skip
+                path = self.output_dir / f"summary_seq{seq_len}_{timestamp}.json"
+                write_json(path, summary, overwrite=False)
+                summaries.append(path)
+                t_len0 = time.perf_counter()
+        bar.close()
+        return summaries
+
+    def _prepare(self, items: list[tuple[int, int]]) -> tuple[str, dict[tuple[int, int], Any]]:
+        """Rank 0, before any file is written: the run's timestamp, the folder made and cleaned
+        of a killed run's temporary files, and (``resume``) the files of finished samples."""
         from sketchwalk.atomic import remove_stale_tmp
+        from sketchwalk.pipeline.tensorio import group_tensor_files
 
         timestamp = datetime.now().strftime("%Y%m%d_%H%M%S")
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -585,81 +695,60 @@ class TensorCollector:
                 "(new files get timestamp " + timestamp + "; --resume skips finished samples)",
                 file=sys.stderr,
             )
-        source = resolve_source(self.text_source, self.text_file)
-        summaries = []
-        bar = tqdm(
-            total=len(sequence_lengths) * num_samples, desc="collect", disable=not self.progress
-        )
-        for seq_len in sequence_lengths:
-            t_len0 = time.perf_counter()
-            passages = make_passages(
-                self.tokenizer, seq_len, num_samples, self.text_source, self.text_file, self.seed
-            )
-            per_layer: dict[int, list[dict[str, float]]] = {}
-            samples = []
-            for j, passage in enumerate(passages):
-                bar.set_description(f"collect seq{seq_len} sample{j}")
-                t0 = time.perf_counter()
-                done = self._finished(seq_len, j) if self.resume else None
-                if done is not None:
-                    stats = self._resumed_stats(done, passage.sha256)
-                    files, forward_s = done, 0.0
-                else:
-                    self.forward(passage.input_ids[None])
-                    forward_s = time.perf_counter() - t0
-                    files = self.save_captured(passage.input_ids, j, timestamp, passage.info())
-                    stats = self.layer_statistics()
-                for layer_idx, st in stats.items():
-                    per_layer.setdefault(layer_idx, []).append(st)
-                samples.append(
-                    {
-                        "sample": j,
-                        **passage.info(),
-                        "resumed": done is not None,
-                        "files": [p.name for p in files],
-                        "forward_seconds": round(forward_s, 3),
-                        "sample_seconds": round(time.perf_counter() - t0, 3),
-                    }
-                )
-                self.capture.clear()
-                bar.update(1)
-            layers_out = []
-            for layer_idx in sorted(per_layer):
-                runs = per_layer[layer_idx]
-                entry: dict[str, Any] = {"layer_idx": layer_idx}
-                for key in STAT_KEYS:
-                    entry[key] = sum(r[key] for r in runs) / len(runs)
-                entry["num_blocks"] = int(runs[0]["num_blocks"])
-                entry["per_sample"] = [{k: r[k] for k in STAT_KEYS} for r in runs]
-                layers_out.append(entry)
-            summary = {
-                "seq_len": seq_len,
-                "timestamp": timestamp,
-                "model_path": self.model_path,
-                "model_id": self.resolved.model_id,
-                "num_samples": num_samples,
-                "block_size": self.block_size,
-                "statistics": (
-                    "exact causal softmax attention; per (query block, key block) tile the mean "
-                    "over the block's queries of the mass on the key block; sink = key block 0"
-                ),
-                "device": str(self.device),
-                "dtype": self.dtype_name,
-                "model_dtype": str(self.model.dtype).replace("torch.", ""),
-                "text_source": source,
-                "format": self.file_format,
-                "sketchwalk_version": __version__,
-                "seerattn_gate": self.gate is not None,
-                "load_model_seconds": round(self.timings.get("load_model_s", 0.0), 3),
-                "seconds": round(time.perf_counter() - t_len0, 3),
-                "samples": samples,
-                "layers": layers_out,
-            }
-            path = self.output_dir / f"summary_seq{seq_len}_{timestamp}.json"
-            write_json(path, summary, overwrite=False)
-            summaries.append(path)
-        bar.close()
-        return summaries
+        finished = {}
+        if self.resume:
+            for seq_len, j in items:
+                files = self._finished(seq_len, j)
+                if files is not None:
+                    finished[(seq_len, j)] = files
+        return timestamp, finished
+
+    def _summary(
+        self,
+        seq_len: int,
+        timestamp: str,
+        num_samples: int,
+        source: str,
+        per_layer: dict[int, list[dict[str, float]]],
+        samples: list[dict[str, Any]],
+        seconds: float,
+        world_size: int,
+        version: str,
+    ) -> dict[str, Any]:
+        layers_out = []
+        for layer_idx in sorted(per_layer):
+            runs = per_layer[layer_idx]
+            entry: dict[str, Any] = {"layer_idx": layer_idx}
+            for key in STAT_KEYS:
+                entry[key] = sum(r[key] for r in runs) / len(runs)
+            entry["num_blocks"] = int(runs[0]["num_blocks"])
+            entry["per_sample"] = [{k: r[k] for k in STAT_KEYS} for r in runs]
+            layers_out.append(entry)
+        return {
+            "seq_len": seq_len,
+            "timestamp": timestamp,
+            "model_path": self.model_path,
+            "model_id": self.resolved.model_id,
+            "num_samples": num_samples,
+            "block_size": self.block_size,
+            "statistics": (
+                "exact causal softmax attention; per (query block, key block) tile the mean "
+                "over the block's queries of the mass on the key block; sink = key block 0"
+            ),
+            "device": str(self.device),
+            **({} if self.device_map is None else {"device_map": self._device_map_text()}),
+            "dtype": self.dtype_name,
+            "model_dtype": str(self.model.dtype).replace("torch.", ""),
+            "text_source": source,
+            "format": self.file_format,
+            "sketchwalk_version": version,
+            "seerattn_gate": self.gate is not None,
+            "load_model_seconds": round(self.timings.get("load_model_s", 0.0), 3),
+            "seconds": round(seconds, 3),
+            "world_size": world_size,
+            "samples": samples,
+            "layers": layers_out,
+        }
 
 
 # --------------------------------------------------------------------------- CLI
@@ -706,6 +795,8 @@ def _parse_layers(values: Sequence[str | list[int]] | None) -> list[int] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed's flags (same names and defaults) plus sketchwalk's additions."""
+    from sketchwalk.hf.device_map import add_argument as add_device_map_argument
+
     parser.add_argument(
         "--model_path",
         default="smollm2-135m",
@@ -725,8 +816,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         type=device_arg,
         default=None,
-        help="cuda / cpu / cuda:1 (default: cuda when available)",
+        help="cuda / cpu / cuda:1 (default: cuda when available; under torchrun each process "
+        "uses cuda:LOCAL_RANK). With --device_map: where the statistics and a gate run "
+        "(default: the device of the input embeddings)",
     )
+    add_device_map_argument(parser)
     parser.add_argument(
         "--layers",
         type=_layer_spec,
@@ -780,12 +874,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``sketchwalk collect``: returns 0 on success; raises a user error (`sketchwalk.cli.main`
     turns it into one stderr line and exit code 1 or 2)."""
+    from sketchwalk.hf.device_map import check_world
+
+    check_world(args.device_map, distributed.requested_world_size())
+    with distributed.session(args.device or "auto") as w:
+        return _run(args, w)
+
+
+def _run(args: argparse.Namespace, w: distributed.World) -> int:
     t0 = time.perf_counter()
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise UsageError(f"--text_file {args.text_file}: file not found")
     if args.text_source == "file" and args.text_file is None:
         raise UsageError("--text_source file needs --text_file")
-    device = None if args.device in (None, "auto") else args.device
+    device = distributed.device_for(args.device or "auto", w)
+    device = None if device in (None, "auto") else str(device)
     collector = TensorCollector(
         model_path=args.model_path,
         output_dir=args.output_dir,
@@ -802,11 +905,14 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         seed=args.seed,
         progress=not args.no_progress,
+        device_map=args.device_map,
     )
     check_output_dir(args.output_dir)
     collector.load_model()
     collector.check_lengths(args.sequence_lengths)
-    summaries = collector.collect(args.sequence_lengths, args.num_samples)
+    summaries = collector.collect(args.sequence_lengths, args.num_samples, w)
+    if not w.is_main:
+        return 0  # rank 0 reports
     for path in summaries:
         summary = json.loads(path.read_text())
         print(f"wrote {path} ({len(summary['samples'])} samples x {len(summary['layers'])} layers)")

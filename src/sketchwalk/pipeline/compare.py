@@ -33,6 +33,11 @@ sequence length, by layer), a console table, and with ``--visualize`` PNG heatma
 
 As in ``validate``: ``--max_seq_len`` refuses longer files up front, half-written samples are
 skipped, and ``--resume`` continues the latest ``comparison_results_*.json``.
+
+Under ``torchrun --nproc_per_node N -m sketchwalk compare ...`` whole sequences are dealt out
+over the N processes, as in ``validate``; rank 0 alone resumes and writes (results, summary and
+heatmaps, in the order one process writes them), each record carries the ``rank`` that computed
+it and the summary ``world_size`` (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from sketchwalk.config import (
     given_config_flags,
 )
 from sketchwalk.metrics import block_mask_recall, oracle_selection, true_block_attention
+from sketchwalk.pipeline import distributed
 from sketchwalk.pipeline.flags import (
     check_output_dir,
     device_arg,
@@ -394,142 +400,222 @@ def _plot_indices(total: int, max_plots: int) -> set[int]:
     return {round(i * step) for i in range(max_plots)}
 
 
+def _compare_sequence(
+    seq: dict[str, Any],
+    first: int,
+    args: argparse.Namespace,
+    config: SketchWalkConfig,
+    device: torch.device,
+    finished: dict[str, dict[str, Any]],
+    validation: dict[str, Any],
+    to_plot: set[int],
+    out_dir: Path,
+    rank: int,
+    on_record: Any = None,
+) -> dict[str, Any]:
+    """Every file of one sequence, its layers fed in order through one SketchWalk.
+
+    Args:
+        first: position of the sequence's first file in the run (plots are chosen by position).
+        finished: records of files done by an earlier run (kept as they are).
+        rank: the process that computes it (recorded in every new record).
+        on_record: called with this sequence's records so far after each new record.
+
+    Returns:
+        ``records`` (layer order), ``warnings``, ``methods`` (SeerAttention sides seen),
+        ``plots`` (``(png path, tensors to draw or None when the heatmap exists)`` per file to
+        plot, in order; rank 0 draws them) and ``files`` (how many files the sequence has).
+    """
+    out: dict[str, Any] = {
+        "records": [],
+        "warnings": [],
+        "methods": set(),
+        "plots": [],
+        "files": len(seq["paths"]),
+    }
+    records = out["records"]
+    if seq["warning"]:
+        out["warnings"].append(seq["warning"])
+    walker = SketchWalk(config)
+    for index, path in enumerate(seq["paths"]):
+        position = first + index
+        png = out_dir / f"comparison_{path.stem}.png"
+        done = finished.get(path.stem)
+        if done is not None and all(p.stem in finished for p in seq["paths"][index:]):
+            records.append(done)  # the rest of this sequence is done: no selection needed
+            out["methods"].add(done["seerattn_method"])
+            if position in to_plot:
+                out["plots"].append((png, None))
+            continue
+        t0 = time.perf_counter()
+        rec = load_tensor_file(path)
+        meta = rec["metadata"]
+        if index == 0 and (why := incomplete_sample(seq, meta)) is not None:
+            out["warnings"].append(why)
+            break
+        b, hq, t, d = rec["Q"].shape
+        check_seq_len(t, args.max_seq_len, str(path), dense_cost_text(b, hq, t, d))
+        dtype = compute_dtype(args.dtype, device, rec["Q"].dtype)
+        q = rec["Q"].to(device=device, dtype=dtype)
+        k = rec["K"].to(device=device, dtype=dtype)
+        layer = int(meta["layer_idx"])
+        # finished files still run the selection: the walk carries state to later layers
+        selection = walker.select(q, k, layer)
+        if done is not None:
+            records.append(done)
+            out["methods"].add(done["seerattn_method"])
+            if position in to_plot:
+                out["plots"].append((png, None))
+            continue
+        scale = meta.get("attention_scaling")
+        block_attention = true_block_attention(q, k, config.block_size, reduce="sum", scale=scale)
+        threshold = args.seerattn_threshold
+        if "seerattn_scores" in rec:
+            seer = gate_side(
+                rec,
+                path,
+                config.block_size,
+                threshold,
+                args.seerattn_nz_ratio,
+                args.seerattn_dense_last_rows,
+                device=device,
+            )
+        else:
+            seer = oracle_threshold_side(
+                block_attention,
+                DEFAULT_SEERATTN_THRESHOLD if threshold is None else threshold,
+                args.seerattn_nz_ratio,
+                args.seerattn_dense_last_rows,
+            )
+        out["methods"].add(seer.method)
+        result = compare_layer(selection, seer, block_attention, config, k.shape[1])
+        val_recall, val_config = validation["recall"].get(path.stem, (None, None))
+        record = {
+            **file_record_header(path, meta, seq["sample"]),
+            **result,
+            "validation_attention_recall": val_recall,
+            "validation_config_matches": (
+                None if val_config is None else val_config == config.to_dict()
+            ),
+            "seconds": time.perf_counter() - t0,
+            "device": str(device),
+            "model_path": meta.get("model_path"),
+            "config": config.to_dict(),
+            "rank": rank,
+        }
+        records.append(record)
+        if position in to_plot:
+            drawn = (
+                block_attention.cpu(),
+                seer.mask.cpu(),
+                selection.head_mask(q.shape[1], k.shape[1]).cpu(),
+                record,
+            )
+            out["plots"].append((png, drawn))
+        if on_record is not None:
+            on_record(records)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    with distributed.session(args.device) as w:
+        return _run(args, w)
+
+
+def _run(args: argparse.Namespace, w: distributed.World) -> int:
+    """The command on one rank of ``w``: sequences are dealt out over the ranks (the walk runs
+    across a sequence's layers, so a sequence stays on one rank); rank 0 writes everything."""
     from tqdm import tqdm
 
     from sketchwalk.atomic import remove_stale_tmp
 
-    _check_args(args)
-    device = resolve_device(args.device)
+    device = resolve_device(distributed.device_for(args.device, w))
     tensor_dir, sequences = tensor_sequences(args.tensor_dir, args.max_seq_len)
     validation = load_validation(args.validation_dir)
-    for note in validation["notes"]:
-        print(f"note: {note}")
+    if w.is_main:
+        for note in validation["notes"]:
+            print(f"note: {note}")
     try:
         config = resolve_config(args, validation["config"])
     except ValueError as exc:
         if validation["config"] is None:
             raise flag_error(exc) from None
-        print(f"note: validation config unusable ({exc}); using the flags and the seed preset")
+        if w.is_main:
+            print(f"note: validation config unusable ({exc}); using the flags and the seed preset")
         config = run_config(args, default_preset="seed")
     config_source = (
         f"validation run {validation['summary_file'] or validation['results_file']} + flags"
         if validation["config"] is not None and not args.preset
         else f"preset {args.preset or 'seed'} + flags"
     )
-    out_dir = check_output_dir(args.output_dir)
-    remove_stale_tmp(out_dir)
-    ts, finished, resumed_from = resume_results(out_dir, "comparison", args.resume, config)
-    if resumed_from is not None:
+    total = sum(len(s["paths"]) for s in sequences)
+    to_plot = _plot_indices(total, args.max_plots) if args.visualize else set()
+    firsts = [0]
+    for seq in sequences:
+        firsts.append(firsts[-1] + len(seq["paths"]))
+
+    def open_output() -> tuple[Path, str, dict[str, dict[str, Any]], Any]:
+        out_dir = check_output_dir(args.output_dir)
+        remove_stale_tmp(out_dir)
+        ts, finished, resumed_from = resume_results(out_dir, "comparison", args.resume, config)
+        # a finished file whose heatmap is missing is computed again
+        for seq, first in zip(sequences, firsts[:-1], strict=True):
+            for index, path in enumerate(seq["paths"]):
+                png = out_dir / f"comparison_{path.stem}.png"
+                if first + index in to_plot and path.stem in finished and not png.is_file():
+                    del finished[path.stem]
+        return out_dir, ts, finished, resumed_from
+
+    opened = distributed.on_main(open_output, w)
+    out_dir, ts, finished, resumed_from = distributed.broadcast(opened, w)
+    if resumed_from is not None and w.is_main:
         print(f"resuming {resumed_from}: {len(finished)} files already done")
     results_path = out_dir / f"comparison_results_{ts}.json"
     summary_path = out_dir / f"comparison_summary_{ts}.json"
-    total = sum(len(s["paths"]) for s in sequences)
-    to_plot = _plot_indices(total, args.max_plots) if args.visualize else set()
     plots: list[str] = []
     records: list[dict[str, Any]] = []
     warnings: list[str] = []
     methods: set[str] = set()
     t_start = time.perf_counter()
-    bar = tqdm(total=total, desc="compare", unit="file")
-    position = -1
-    for seq in sequences:
-        if seq["warning"]:
-            warnings.append(seq["warning"])
-            tqdm.write(f"warning: {seq['warning']}")
-        walker = SketchWalk(config)
-        for index, path in enumerate(seq["paths"]):
-            position += 1
-            png = out_dir / f"comparison_{path.stem}.png"
-            done = finished.get(path.stem)
-            if done is not None and position in to_plot and not png.is_file():
-                done = None  # its heatmap is missing: compute the file again
-            if done is not None and all(p.stem in finished for p in seq["paths"][index:]):
-                records.append(done)  # the rest of this sequence is done: no selection needed
-                methods.add(done["seerattn_method"])
-                if position in to_plot:
-                    plots.append(str(png))
-                bar.update(1)
-                continue
-            t0 = time.perf_counter()
-            rec = load_tensor_file(path)
-            meta = rec["metadata"]
-            if index == 0 and (why := incomplete_sample(seq, meta)) is not None:
+    bar = tqdm(total=total, desc="compare", unit="file", disable=not w.is_main)
+
+    def save_partial(seq_records: list[dict[str, Any]]) -> None:
+        write_json(results_path, records + seq_records)
+        last = seq_records[-1]
+        bar.set_postfix(
+            overlap=f"{last['block_overlap'] or 0:.2f}",
+            sw_recall=f"{last['sketchwalk_recall']:.3f}",
+        )
+
+    # one process writes after every file; several after every round of sequences
+    on_record = save_partial if not w.distributed else None
+
+    def one(item: tuple[dict[str, Any], int]) -> dict[str, Any]:
+        seq, first = item
+        return _compare_sequence(
+            seq, first, args, config, device, finished, validation, to_plot, out_dir, w.rank,
+            on_record,
+        )  # fmt: skip
+
+    for done in distributed.map_rounds(list(zip(sequences, firsts[:-1], strict=True)), one, w):
+        for seq_out in done:
+            for why in seq_out["warnings"]:
                 warnings.append(why)
-                tqdm.write(f"warning: {why}")
-                bar.update(len(seq["paths"]))
-                position += len(seq["paths"]) - 1
-                break
-            b, hq, t, d = rec["Q"].shape
-            check_seq_len(t, args.max_seq_len, str(path), dense_cost_text(b, hq, t, d))
-            dtype = compute_dtype(args.dtype, device, rec["Q"].dtype)
-            q = rec["Q"].to(device=device, dtype=dtype)
-            k = rec["K"].to(device=device, dtype=dtype)
-            layer = int(meta["layer_idx"])
-            # finished files still run the selection: the walk carries state to later layers
-            selection = walker.select(q, k, layer)
-            if done is not None:
-                records.append(done)
-                methods.add(done["seerattn_method"])
-                if position in to_plot:
-                    plots.append(str(png))
-                bar.update(1)
-                continue
-            scale = meta.get("attention_scaling")
-            block_attention = true_block_attention(
-                q, k, config.block_size, reduce="sum", scale=scale
-            )
-            threshold = args.seerattn_threshold
-            if "seerattn_scores" in rec:
-                seer = gate_side(
-                    rec,
-                    path,
-                    config.block_size,
-                    threshold,
-                    args.seerattn_nz_ratio,
-                    args.seerattn_dense_last_rows,
-                    device=device,
-                )
-            else:
-                seer = oracle_threshold_side(
-                    block_attention,
-                    DEFAULT_SEERATTN_THRESHOLD if threshold is None else threshold,
-                    args.seerattn_nz_ratio,
-                    args.seerattn_dense_last_rows,
-                )
-            methods.add(seer.method)
-            result = compare_layer(selection, seer, block_attention, config, k.shape[1])
-            val_recall, val_config = validation["recall"].get(path.stem, (None, None))
-            record = {
-                **file_record_header(path, meta, seq["sample"]),
-                **result,
-                "validation_attention_recall": val_recall,
-                "validation_config_matches": (
-                    None if val_config is None else val_config == config.to_dict()
-                ),
-                "seconds": time.perf_counter() - t0,
-                "device": str(device),
-                "model_path": meta.get("model_path"),
-                "config": config.to_dict(),
-            }
-            records.append(record)
-            write_json(results_path, records)
-            if position in to_plot:
-                plot_file(
-                    png,
-                    block_attention.cpu(),
-                    seer.mask.cpu(),
-                    selection.head_mask(q.shape[1], k.shape[1]).cpu(),
-                    record,
-                )
+                if w.is_main:
+                    tqdm.write(f"warning: {why}")
+            records.extend(seq_out["records"])
+            methods |= seq_out["methods"]
+            for png, drawn in seq_out["plots"]:
+                if w.is_main and drawn is not None:
+                    plot_file(png, *drawn)
                 plots.append(str(png))
-            bar.set_postfix(
-                overlap=f"{record['block_overlap'] or 0:.2f}",
-                sw_recall=f"{record['sketchwalk_recall']:.3f}",
-            )
-            bar.update(1)
-    write_json(results_path, records)
+            bar.update(seq_out["files"])
+        if w.is_main:
+            write_json(results_path, records)
     bar.close()
+    if not w.is_main:
+        return 0  # rank 0 writes and reports
     method = "/".join(sorted(methods))
     sparse = [r for r in records if not r["sketchwalk_dense_layer"]]
     grouped = summarize(records, fields=COMPARE_FIELDS)
@@ -545,6 +631,7 @@ def run(args: argparse.Namespace) -> int:
         "config_source": config_source,
         "device": str(device),
         "seconds": time.perf_counter() - t_start,
+        "world_size": w.world_size,
         "sketchwalk_version": __version__,
         "torch_version": torch.__version__,
         "notes": validation["notes"],

@@ -29,6 +29,7 @@ __all__ = [
     "device_for",
     "map_rounds",
     "on_main",
+    "requested_world_size",
     "session",
     "shard",
     "world",
@@ -58,6 +59,12 @@ class World:
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     return default if raw in (None, "") else int(raw)
+
+
+def requested_world_size() -> int:
+    """The process count a torchrun launch asks for (``WORLD_SIZE``; 1 without torchrun),
+    known before `session` joins the process group."""
+    return max(1, _env_int("WORLD_SIZE", 1))
 
 
 def world() -> World:

@@ -320,8 +320,9 @@ def _check_length(model: Any, length: int, model_id: str, flag: str) -> None:
         )
 
 
-def environment(model: Any, device: torch.device) -> dict[str, Any]:
-    """Versions, device and model facts recorded in every result file."""
+def environment(model: Any, device: torch.device, device_map: Any = None) -> dict[str, Any]:
+    """Versions, device (the inputs' device; ``device_map`` when the model is split) and model
+    facts recorded in every result file."""
     from importlib import metadata
 
     def version(dist: str) -> str | None:
@@ -344,6 +345,7 @@ def environment(model: Any, device: torch.device) -> dict[str, Any]:
         "sketchwalk": __version__,  # also right when run from a source tree
         "cuda": cuda,
         "device": str(device),
+        **({} if device_map is None else {"device_map": device_map}),
         "device_name": device_name,
         "cpu_threads": torch.get_num_threads(),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -371,6 +373,7 @@ def _open_session(
     dtype: torch.dtype | None,
     gate_path: str | None,
     need_gate: bool,
+    device_map: Any = None,
 ) -> _Session:
     from sketchwalk.hf.models import load_model
 
@@ -381,7 +384,12 @@ def _open_session(
             "selector 'gate' needs --gate_path (a SeerAttention gate checkpoint folder)"
         )  # refused before the model loads
     if model is None:
-        model, tokenizer, resolved = load_model(model_path, device=dev, dtype=dtype)
+        placed = {} if device_map is None else {"device_map": device_map}
+        model, tokenizer, resolved = load_model(model_path, device=dev, dtype=dtype, **placed)
+        if device_map is not None:
+            from sketchwalk.hf.device_map import input_device
+
+            dev = input_device(model)  # inputs go to the embeddings' device
         model_id = resolved.model_id
         if gate_dir is None and resolved.gate_dir is not None:
             gate_dir = str(resolved.gate_dir)
@@ -785,8 +793,10 @@ def second_half_nll(
         logits = head(states[s : s + chunk]).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        loss = torch.nn.functional.cross_entropy(logits, targets[s : s + chunk], reduction="sum")
-        total = total + loss.double()
+        # with a device map the head may live on another device than the inputs
+        target = targets[s : s + chunk].to(logits.device)
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        total = total + loss.double().to(total.device)
     return total, int(targets.numel())
 
 
@@ -816,6 +826,7 @@ def evaluate_ppl(
     loss_chunk: int = 1024,
     progress: bool = True,
     plots: bool = True,
+    device_map: Any = None,
 ) -> dict[str, Any]:
     """Perplexity of the second half of real passages, per selector, at matched densities.
 
@@ -839,7 +850,7 @@ def evaluate_ppl(
     results = _open_results(output_dir, "ppl", resume, w)
     session = _open_session(
         model_path, model, tokenizer, distributed.device_for(device, w), dtype, gate_path,
-        any(r.kind == "gate" for r in runs),
+        any(r.kind == "gate" for r in runs), device_map,
     )  # fmt: skip
     _check_length(session.model, seq_len, session.model_id, "--seq_len")
     passages = make_passages(
@@ -857,7 +868,7 @@ def evaluate_ppl(
     }
     num_layers = int(session.model.config.num_hidden_layers)
     data = results.data
-    data["environment"] = environment(session.model, session.device)
+    data["environment"] = environment(session.model, session.device, device_map)
     data["passages"] = [p.info() for p in passages]
     all_runs, done = _start_results(results, settings, runs, w)
     if w.is_main:
@@ -1153,6 +1164,7 @@ def evaluate_niah(
     timing_decode_tokens: int = 32,
     progress: bool = True,
     plots: bool = True,
+    device_map: Any = None,
 ) -> dict[str, Any]:
     """Needle retrieval accuracy per selector (prefill-only and prefill + SketchWalk decode).
 
@@ -1184,7 +1196,7 @@ def evaluate_niah(
     results = _open_results(output_dir, "niah", resume, w)
     session = _open_session(
         model_path, model, tokenizer, distributed.device_for(device, w), dtype, gate_path,
-        any(r.kind == "gate" for r in runs),
+        any(r.kind == "gate" for r in runs), device_map,
     )  # fmt: skip
     for length in lengths:
         _check_length(session.model, length, session.model_id, "--seq_lens")
@@ -1217,7 +1229,7 @@ def evaluate_niah(
     }
     num_layers = int(session.model.config.num_hidden_layers)
     data = results.data
-    data["environment"] = environment(session.model, session.device)
+    data["environment"] = environment(session.model, session.device, device_map)
     data["fillers"] = {str(length): [p.info() for p in ps] for length, ps in fillers.items()}
     all_runs, done = _start_results(results, settings, runs, w)
     if w.is_main:
@@ -1555,6 +1567,7 @@ def _plot_heatmaps(data: dict[str, Any], path: Path) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from sketchwalk.hf.device_map import add_argument as add_device_map_argument
     from sketchwalk.pipeline.flags import int_at_least
 
     # The config's flags first: this parser resolves conflicts, so the passage --seed below
@@ -1563,7 +1576,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sketch_seed", dest="seed", type=int, default=None,
                    help="seed of the sketch's random draws (SketchWalkConfig.seed)")  # fmt: skip
     p.add_argument("--model_path", default=None, help="alias, HF folder, .gguf or gate folder")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (torchrun: cuda:LOCAL_RANK)")  # fmt: skip
+    add_device_map_argument(p)
     p.add_argument(
         "--dtype",
         default="auto",
@@ -1648,6 +1663,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--text_file {args.text_file}: file not found")
     if args.text_source == "file" and args.text_file is None:
         raise UsageError("--text_source file needs --text_file")
+    if args.device_map is not None:
+        from sketchwalk.hf.device_map import check_world
+
+        check_world(args.device_map, distributed.requested_world_size())
+        if args.device != "auto":
+            raise UsageError(
+                f"--device {args.device} and --device_map: give one (the map places the model)"
+            )
+        common["device_map"] = args.device_map
     start = time.perf_counter()
     with distributed.session(args.device) as w:
         return _run_task(args, common, start, w)

@@ -41,6 +41,10 @@ class SketchWalk:
         ...     selection = sw.select(q, k, layer_idx)
         >>> sw.reset()   # next sequence
 
+    The walk state carried from one layer to the next lives on the device of the last layer's
+    queries; when the next layer's ``q`` is on another device (a model split over devices by a
+    ``device_map``) it is moved there (no copy when the devices match).
+
     Layers must be fed in increasing order. A gap (layer l fed after layer l - 2, say, as when
     only a subset of layers was collected) restarts the walk at A_l: the cross-layer term only
     links consecutive layers. Feeding a layer at or below the last one raises; call ``reset()``
@@ -187,6 +191,10 @@ class SketchWalk:
             and self._walk_state.shape == (b, groups, nb, nb)
         ):
             previous = self._walk_state
+            if previous.device != qb.device:
+                # layers on different devices (a model split by a device map): the walk state
+                # follows this layer's queries; on the same device it is used as it is
+                previous = previous.to(qb.device)
         if self._graph_eligible(qb):
             selection = self._select_graphed(qb, kb, previous, t, layer_idx)
         else:
