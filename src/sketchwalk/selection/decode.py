@@ -292,7 +292,7 @@ class SketchWalkDecoder:
         last_count = st.seq_len - j * cfg.block_size
         if not (self.fast and cfg.budget != "mass" and cfg.allocation == "row"):
             counts = torch.full((nk,), float(cfg.block_size), device=q.device)
-            counts[-1] = float(last_count)
+            counts[-1:].fill_(float(last_count))  # a fill kernel: no host-to-device copy
             scores = quest_block_scores(q, st.key_min, st.key_max, counts, cfg.granularity)
             return _pack(select_last_row(scores, cfg), scores, st.seq_len)
         log_scores = quest_log_scores(
