@@ -398,3 +398,17 @@ def test_budgets_on_cuda_match_cpu_without_host_sync(budget):
     assert differ <= cpu.block_mask.numel() * 1e-4
     if budget.get("allocation") == "global":
         assert gpu.kv_num_blocks.sum().item() == cpu.kv_num_blocks.sum().item()
+
+
+def test_layers_on_two_devices_turn_off_the_fused_transition_and_graphs():
+    """Once SketchWalk has seen layers on two devices (a model split by a device map) the fused
+    transition and the selection graphs give way to the reference path (measured right across
+    two GPUs, where the fused path was not)."""
+    from sketchwalk.selection.prefill import SketchWalk
+
+    sw = SketchWalk(SketchWalkConfig(density=0.3))
+    assert sw._single_device(torch.zeros(1))
+    assert sw._single_device(torch.zeros(1))
+    assert not sw._single_device(torch.zeros(1, device="meta"))
+    assert not sw._single_device(torch.zeros(1))  # stays off
+    assert not sw._graph_eligible(torch.zeros(1))

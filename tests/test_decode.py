@@ -231,3 +231,16 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_triton_decode_gpu(case):
     check_decode(case, "cuda", seed=5)
+
+
+def test_on_device_switches_only_to_another_gpu():
+    """`on_device` is a no-op on the CPU (and for the current GPU): the kernels' launches are
+    wrapped in it so that a layer on another GPU (device maps) launches on its own GPU."""
+    import contextlib
+
+    from sketchwalk.attention.api import on_device
+
+    assert isinstance(on_device(torch.zeros(1)), contextlib.nullcontext)
+    if torch.cuda.is_available():
+        here = torch.zeros(1, device="cuda")
+        assert isinstance(on_device(here), contextlib.nullcontext)

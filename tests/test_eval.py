@@ -322,3 +322,18 @@ def test_cli_bad_inputs_give_one_clear_error(tmp_path, capsys):
     res = saved["results"]
     assert res["gate@0.3"]["layer_density"] == res["sketchwalk@0.3"]["layer_density"]
     assert saved["runs"]["sketchwalk@0.3"]["config"]["block_size"] == 16
+
+
+def test_no_progress_silences_transformers_loading_bars():
+    """--no_progress also turns off transformers' own bars ("Loading weights") while the model
+    loads, and turns them back on afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    from sketchwalk.pipeline.eval import _transformers_progress
+
+    assert hf_logging.is_progress_bar_enabled()
+    with _transformers_progress(False):
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()
+    with _transformers_progress(True):
+        assert hf_logging.is_progress_bar_enabled()

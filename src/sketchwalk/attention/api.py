@@ -17,9 +17,11 @@ back. Kernel modules (and triton) are imported only when a kernel backend is res
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -174,7 +176,10 @@ def sparse_attention(
     if name == "reference":
         return sparse_attention_reference(q, k, v, selection, scale)
     fn = _KERNELS[("prefill", name)][1]
-    return fn(q, k, v, selection.kv_num_blocks, selection.kv_indices, selection.block_size, scale)
+    with on_device(q):
+        return fn(
+            q, k, v, selection.kv_num_blocks, selection.kv_indices, selection.block_size, scale
+        )
 
 
 def _normalise_selection(
@@ -254,7 +259,17 @@ def sparse_decode(
         )
     name = resolve_backend(backend, q, "decode")
     fn = _decode_reference if name == "reference" else _KERNELS[("decode", name)][1]
-    return fn(q, k_cache, v_cache, kv_num_blocks, kv_indices, block_size, scale)
+    with on_device(q):
+        return fn(q, k_cache, v_cache, kv_num_blocks, kv_indices, block_size, scale)
+
+
+def on_device(x: torch.Tensor) -> Any:
+    """Make ``x``'s GPU the current device (a no-op context on the CPU). Triton launches on the
+    CURRENT device, not on the device of its arguments: a layer on cuda:1 (a model split over
+    GPUs) launched while cuda:0 is current would read another GPU's addresses."""
+    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 __all__ = [

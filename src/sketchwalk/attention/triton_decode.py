@@ -36,7 +36,9 @@ from sketchwalk.attention.triton_prefill import (
 )
 
 
-@triton.jit
+# The cache length grows by one every generated token: specialising on it (Triton compiles a
+# variant per divisibility-by-16 class) would recompile during generation.
+@triton.jit(do_not_specialize=["cache_len"])
 def _decode_split_kernel(
     q_ptr,
     k_ptr,

@@ -71,7 +71,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sketchwalk.attention.api import BACKENDS, resolve_backend, sparse_attention, sparse_decode
+from sketchwalk.attention.api import (
+    BACKENDS,
+    on_device,
+    resolve_backend,
+    sparse_attention,
+    sparse_decode,
+)
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.hf.capture import (
     CAPTURE_PREFIX,
@@ -767,6 +773,26 @@ class SketchWalkAttention:
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", None)
+        with on_device(query):  # a layer on another GPU than the current one (device maps)
+            return self._sparse_call(
+                inner_fn, module, query, key, value, attention_mask, scaling, args, kwargs
+            )
+
+    def _sparse_call(
+        self,
+        inner_fn: Callable[..., Any],
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        scaling: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, Any]:
+        layer_idx = int(module.layer_idx)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        inner_label = f"inner:{self.inner}"
         if 1 < q_len < kv_len:  # a query chunk (checked by _dense_reason)
             return self._chunk(
                 inner_fn, module, query, key, value, attention_mask, scaling, args, kwargs

@@ -365,6 +365,24 @@ class _Session:
     gates: Any = None
 
 
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") off while ``enabled`` is False
+    (``--no_progress``), restored afterwards."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _open_session(
     model_path: str | None,
     model: Any,
@@ -374,6 +392,7 @@ def _open_session(
     gate_path: str | None,
     need_gate: bool,
     device_map: Any = None,
+    progress: bool = True,
 ) -> _Session:
     from sketchwalk.hf.models import load_model
 
@@ -385,7 +404,8 @@ def _open_session(
         )  # refused before the model loads
     if model is None:
         placed = {} if device_map is None else {"device_map": device_map}
-        model, tokenizer, resolved = load_model(model_path, device=dev, dtype=dtype, **placed)
+        with _transformers_progress(progress):
+            model, tokenizer, resolved = load_model(model_path, device=dev, dtype=dtype, **placed)
         if device_map is not None:
             from sketchwalk.hf.device_map import input_device
 
@@ -850,7 +870,7 @@ def evaluate_ppl(
     results = _open_results(output_dir, "ppl", resume, w)
     session = _open_session(
         model_path, model, tokenizer, distributed.device_for(device, w), dtype, gate_path,
-        any(r.kind == "gate" for r in runs), device_map,
+        any(r.kind == "gate" for r in runs), device_map, progress,
     )  # fmt: skip
     _check_length(session.model, seq_len, session.model_id, "--seq_len")
     passages = make_passages(
@@ -1196,7 +1216,7 @@ def evaluate_niah(
     results = _open_results(output_dir, "niah", resume, w)
     session = _open_session(
         model_path, model, tokenizer, distributed.device_for(device, w), dtype, gate_path,
-        any(r.kind == "gate" for r in runs), device_map,
+        any(r.kind == "gate" for r in runs), device_map, progress,
     )  # fmt: skip
     for length in lengths:
         _check_length(session.model, length, session.model_id, "--seq_lens")

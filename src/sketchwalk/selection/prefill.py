@@ -303,10 +303,19 @@ class SketchWalk:
     def _groups(self, hq: int, hkv: int) -> int:
         return {"layer": 1, "kv_group": hkv, "head": hq}[self.config.granularity]
 
+    def _single_device(self, qb: torch.Tensor) -> bool:
+        """False once layers on two devices were seen (a model split by a device map): the
+        fused transition and the selection graphs then give way to the reference path, which
+        was measured right across two GPUs where they were not."""
+        self._devices = getattr(self, "_devices", set())
+        self._devices.add(qb.device)
+        return len(self._devices) == 1
+
     def _graph_eligible(self, qb: torch.Tensor) -> bool:
         cfg = self.config
         return (
-            self.cuda_graphs
+            self._single_device(qb)
+            and self.cuda_graphs
             and self.backend != "reference"
             and _triton_transition_unavailable(qb, cfg) is None
             and not (cfg.budget == "kblocks_frac" and cfg.parity)
@@ -374,6 +383,8 @@ class SketchWalk:
     def _transition(self, qb: torch.Tensor, kb: torch.Tensor, layer_idx: int) -> torch.Tensor:
         cfg = self.config
         reason = _triton_transition_unavailable(qb, cfg)
+        if reason is None and not self._single_device(qb):
+            reason = "layers on several devices"
         if self.backend == "triton" and reason is not None:
             raise RuntimeError(f"SketchWalk backend 'triton' cannot run: {reason}")
         if self.backend == "reference" or reason is not None:
