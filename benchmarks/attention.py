@@ -423,7 +423,9 @@ def decode_selection(
     return num, idx
 
 
-RULES = ("walk", "quest")  # decode-time selection rules timed (SketchWalkConfig.decode_rule)
+# decode-time selection steps timed: SketchWalkConfig.decode_rule, and the quest step captured
+# in a CUDA graph (SketchWalkDecoder(cuda_graphs=True), what the transformers integration runs)
+RULES = ("walk", "quest", "quest_graph")
 
 
 def time_decode_selection(
@@ -442,10 +444,11 @@ def time_decode_selection(
     batch, hq, ctx, d = q.shape[0], q.shape[1], k.shape[2], q.shape[3]
     for rule in RULES:
         cfg = SketchWalkConfig(
-            density=density, block_size=BLOCK, dense_layers=0, decode_rule=rule,
+            density=density, block_size=BLOCK, dense_layers=0,
+            decode_rule=rule.removesuffix("_graph"),
             granularity="kv_group", sink_blocks=1, window_blocks=2, dense_last_rows=0,
         )  # fmt: skip
-        decoder = SketchWalkDecoder(cfg)
+        decoder = SketchWalkDecoder(cfg, cuda_graphs=rule.endswith("_graph"))
         # The prefill query only feeds the walk rule's transition matrix: pooled random queries
         # of the cache's length are as costly as real ones.
         decoder.prefill(torch.randn(batch, hq, ctx, d, device="cuda", dtype=q.dtype), k, 0)
@@ -576,9 +579,10 @@ def ratio_tables(records: list) -> str:
         out.append(
             "| shape | batch | context | best SDPA | SDPA us | triton dense us | density "
             "| triton sparse us | speedup vs SDPA | vs triton dense "
-            "| select walk us (% of sparse) | select quest us (% of sparse) |"
+            "| select walk us (% of sparse) | select quest us (% of sparse) | "
+            "select quest, CUDA graph us (% of sparse) |"
         )
-        out.append("|" + "---|" * 12)
+        out.append("|" + "---|" * 13)
         keys = sorted({(r["shape"], r["batch"], r["context"]) for r in dec})
         for shape, b, ctx in keys:
             rows = [r for r in dec if (r["shape"], r["batch"], r["context"]) == (shape, b, ctx)]

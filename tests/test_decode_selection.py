@@ -436,18 +436,20 @@ def test_quest_rule_dense_layers_and_batch_rows_are_independent():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rule", ["quest", "walk"])
+@pytest.mark.parametrize("rule", ["quest", "walk", "quest_graph"])
 @pytest.mark.parametrize(
     "budget", [{"top_k_blocks": 4}, {"density": 0.3, "allocation": "global"}, {"mass": 0.8}]
 )
 def test_decode_on_cuda_matches_cpu_without_host_sync(rule, budget):
     """Decode steps on CUDA select what the CPU selects, and after the first step of a layer
     make no synchronising call (new blocks opening included)."""
+    graphs = rule.endswith("_graph")  # the quest step captured in a CUDA graph (row budgets)
     cfg = SketchWalkConfig(
-        block_size=32, decode_rule=rule, granularity="kv_group", dense_layers=0, **budget
-    )
+        block_size=32, decode_rule=rule.removesuffix("_graph"), granularity="kv_group",
+        dense_layers=0, **budget,
+    )  # fmt: skip
     q, k, _ = make_qkv(2, 8, 2, 1000 + 80, 64, seed=5, structured=False)
-    cpu, gpu = SketchWalkDecoder(cfg), SketchWalkDecoder(cfg)
+    cpu, gpu = SketchWalkDecoder(cfg), SketchWalkDecoder(cfg, cuda_graphs=graphs)
     cpu.prefill(q[:, :, :1000], k[:, :, :1000], 0)
     qc, kc = q.cuda(), k.cuda()
     gpu.prefill(qc[:, :, :1000], kc[:, :, :1000], 0)
@@ -529,3 +531,36 @@ def test_sparse_decode_takes_kept_blocks_in_any_order():
     ordered = sparse_decode(qt, k, v, num, idx.sort(-1).values, 16)
     shuffled = sparse_decode(qt, k, v, num, idx, 16)
     torch.testing.assert_close(shuffled, ordered)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
+@pytest.mark.parametrize("budget", [{"density": 0.3}, {"top_k_blocks": 3}, {"density": 0.05}])
+def test_static_quest_step_equals_the_fast_path(granularity, budget):
+    """The static-shape quest step (the body a CUDA graph captures; run eagerly on the CPU)
+    keeps the fast path's blocks, with the same counts and scores, over steps that open new
+    blocks and grow the buffers past their first capacity (the body is rebuilt there)."""
+    cfg = SketchWalkConfig(
+        decode_rule="quest", block_size=16, granularity=granularity, sink_blocks=1,
+        window_blocks=2, dense_last_rows=0, dense_layers=0, **budget,
+    )  # fmt: skip
+    t0, steps = 70, 1100  # 5 blocks, capacity 69: grown once
+    q, k, _ = make_qkv(2, 6, 2, t0 + steps, 16, seed=12, structured=False)
+    static = SketchWalkDecoder(cfg, cuda_graphs=True)
+    fast = SketchWalkDecoder(cfg)
+    for dec in (static, fast):
+        dec.prefill(q[:, :, :t0], k[:, :, :t0], 0)
+    capacity = static._layers[0].min_buffer.shape[2]
+    for s in range(t0, t0 + steps):
+        a = static.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        b = fast.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        if s % 37 and s != t0 + steps - 1 and s % 16:
+            continue
+        assert torch.equal(a.block_mask, b.block_mask), f"step {s}"
+        assert torch.equal(a.kv_num_blocks, b.kv_num_blocks)
+        assert a.density == b.density
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-7)
+    st = static._layers[0]
+    assert st.min_buffer.shape[2] > capacity
+    assert int(st.static.pos) == st.seq_len == t0 + steps
+    assert torch.equal(st.key_min, fast._layers[0].key_min)
+    assert torch.equal(st.key_max, fast._layers[0].key_max)

@@ -244,7 +244,8 @@ class SketchWalkAttention:
             # float32 per layer, 1 / block_size of one layer's queries)
             self.selector.keep_queries = True
         self.decode = decode
-        self.decoder = SketchWalkDecoder(config)
+        # decode steps are consumed at once: the quest step may run as a CUDA graph
+        self.decoder = SketchWalkDecoder(config, cuda_graphs=True)
         self.calls: list[LayerCall] = []
         self.layers: dict[int, LayerCall] = {}
         self.forward_passes = 0
@@ -630,7 +631,9 @@ class SketchWalkAttention:
             for row, pad in enumerate(pads):
                 decoder = self._row_decoders.get(row)
                 if decoder is None:
-                    decoder = self._row_decoders[row] = SketchWalkDecoder(self.config)
+                    decoder = self._row_decoders[row] = SketchWalkDecoder(
+                        self.config, cuda_graphs=True
+                    )
                 decoder.prefill(
                     query[row : row + 1, :, pad:], key[row : row + 1, :, pad:], layer_idx
                 )

@@ -42,6 +42,7 @@ A step makes no host sync: budgets come from CPU-side cached tables.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +135,7 @@ class _LayerState:
     # [0, nk) valid; grown by doubling, so a step never reallocates within a block
     min_buffer: torch.Tensor | None = None
     max_buffer: torch.Tensor | None = None
+    static: Any = None  # _StaticQuestStep for the current capacity (cuda_graphs)
 
     @property
     def num_blocks(self) -> int:
@@ -167,16 +169,29 @@ class SketchWalkDecoder:
     blocks on the host: about fifteen device operations, no mask, no host sync. ``fast=False``
     runs the reference (`quest_block_scores` and `select_last_row`); both keep the same blocks
     up to ties (tests).
+
+    ``cuda_graphs`` (default False; the transformers integration turns it on): the fast quest
+    step runs as a static-shape body over the bound buffers' whole capacity (blocks past the
+    cache masked, the position kept in a device counter, budgets looked up in device tables),
+    captured once per layer and capacity in a CUDA graph: a step is two input copies and one
+    replay instead of about fifteen launches. Same blocks as the fast path (tests; eagerly on
+    the CPU). The returned tensors are the graph's buffers: valid until the layer's next step.
     """
 
     def __init__(
-        self, config: SketchWalkConfig | None = None, window_queries: int = 32, fast: bool = True
+        self,
+        config: SketchWalkConfig | None = None,
+        window_queries: int = 32,
+        fast: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         if not isinstance(window_queries, int) or window_queries < 1:
             raise ValueError(f"window_queries must be an int >= 1, got {window_queries!r}")
         self.config = config if config is not None else SketchWalkConfig()
         self.window_queries = window_queries
         self.fast = bool(fast)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._static_tables: dict[tuple, tuple] = {}
         self._layers: dict[int, _LayerState] = {}
         # host/device tables shared by the layers, rebuilt when the cache opens a block
         self._budget_nk = -1
@@ -206,8 +221,8 @@ class SketchWalkDecoder:
             key_min, key_max = block_key_bounds(k, bs)
             capacity = max(2 * nb, nb + 64)
             b, hkv, _, d = key_min.shape
-            st.min_buffer = key_min.new_empty(b, hkv, capacity, d)
-            st.max_buffer = key_max.new_empty(b, hkv, capacity, d)
+            st.min_buffer = key_min.new_zeros(b, hkv, capacity, d)
+            st.max_buffer = key_max.new_zeros(b, hkv, capacity, d)
             st.min_buffer[:, :, :nb] = key_min
             st.max_buffer[:, :, :nb] = key_max
         else:
@@ -263,13 +278,18 @@ class SketchWalkDecoder:
     ) -> DecodeSelection:
         cfg = self.config
         j = nk - 1
+        fast = self.fast and cfg.budget != "mass" and cfg.allocation == "row"
+        if fast and self.cuda_graphs:
+            if nk > st.min_buffer.shape[2]:
+                self._grow(st)
+            return self._static_step(st, q, k_new, nk, groups)
         if new_block:
             if nk > st.min_buffer.shape[2]:
                 grow = st.min_buffer.shape[2]
                 st.min_buffer = torch.cat(
                     [
                         st.min_buffer,
-                        st.min_buffer.new_empty(
+                        st.min_buffer.new_zeros(
                             *st.min_buffer.shape[:2], grow, st.min_buffer.shape[3]
                         ),
                     ],
@@ -278,7 +298,7 @@ class SketchWalkDecoder:
                 st.max_buffer = torch.cat(
                     [
                         st.max_buffer,
-                        st.max_buffer.new_empty(
+                        st.max_buffer.new_zeros(
                             *st.max_buffer.shape[:2], grow, st.max_buffer.shape[3]
                         ),
                     ],
@@ -290,7 +310,7 @@ class SketchWalkDecoder:
             st.min_buffer[:, :, j].clamp_(max=k_new.float())
             st.max_buffer[:, :, j].clamp_(min=k_new.float())
         last_count = st.seq_len - j * cfg.block_size
-        if not (self.fast and cfg.budget != "mass" and cfg.allocation == "row"):
+        if not fast:
             counts = torch.full((nk,), float(cfg.block_size), device=q.device)
             counts[-1:].fill_(float(last_count))  # a fill kernel: no host-to-device copy
             scores = quest_block_scores(q, st.key_min, st.key_max, counts, cfg.granularity)
@@ -310,6 +330,46 @@ class SketchWalkDecoder:
             log_scores=log_scores,
             kept=n_keep,
         )
+
+    @staticmethod
+    def _grow(st: _LayerState) -> None:
+        """Double the bound buffers' capacity (the blocks kept, the rest zeros: finite, so the
+        static step's masked scores of blocks past the cache stay -inf, not NaN)."""
+        for name in ("min_buffer", "max_buffer"):
+            buf = getattr(st, name)
+            setattr(st, name, torch.cat([buf, torch.zeros_like(buf)], dim=2))
+        st.static = None
+
+    def _static_step(
+        self, st: _LayerState, q: torch.Tensor, k_new: torch.Tensor, nk: int, groups: int
+    ) -> DecodeSelection:
+        cap = st.min_buffer.shape[2]
+        tables = self._static_tables_for(cap, q.device)
+        if st.static is None or st.static.cap != cap:
+            st.static = _StaticQuestStep(self.config, st, q, k_new, groups, tables)
+        num, idx, scores = st.static.run(st, q, k_new)
+        kept = tables[3][nk]
+        return DecodeSelection(
+            num, idx[..., :kept], st.seq_len, nk, log_scores=scores[..., :nk], kept=kept
+        )
+
+    def _static_tables_for(self, cap: int, device: torch.device) -> tuple:
+        """Per capacity: kept blocks, sink and window sizes for every block count 0..cap (device
+        int64 tables), the kept counts on the host, and their maximum."""
+        entry = self._static_tables.get((cap, device))
+        if entry is None:
+            kept, sink, window = [0], [0], [0]
+            for n in range(1, cap + 1):
+                s_n, w_n = forced_counts(n, self.config)
+                forced = min(n, s_n + w_n)
+                kept.append(min(n, forced + last_row_ranked(n, self.config)))
+                sink.append(s_n)
+                window.append(w_n)
+            host = torch.tensor([kept, sink, window], dtype=torch.int64)
+            dev = host.to(device)
+            entry = (dev[0], dev[1], dev[2], kept, max(kept))
+            self._static_tables[(cap, device)] = entry
+        return entry
 
     def _row_budget(self, nk: int) -> int:
         """Blocks a row keeps over nk blocks: forced (sink, window) plus the ranked budget."""
@@ -398,6 +458,85 @@ class SketchWalkDecoder:
             :, :, 0
         ]  # (B, G, nk)
         return sharpen(row, cfg.sparsity_exponent, cfg.parity)
+
+
+class _StaticQuestStep:
+    """The fast quest step of one layer as a static-shape body over the bound buffers' capacity
+    (see `SketchWalkDecoder` ``cuda_graphs``); captured in a CUDA graph on CUDA, run eagerly
+    elsewhere."""
+
+    def __init__(
+        self,
+        config: SketchWalkConfig,
+        st: _LayerState,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        groups: int,
+        tables: tuple,
+    ) -> None:
+        self.config = config
+        self.cap = st.min_buffer.shape[2]
+        self.groups = groups
+        self.kept_table, self.sink_table, self.window_table, _, self.kmax = tables
+        self.q_in, self.k_in = q.clone(), k_new.clone()
+        # tokens in the cache before the token this step adds (advanced by the body)
+        self.pos = torch.full((1,), st.seq_len - 1, dtype=torch.int64, device=q.device)
+        self.blocks = torch.arange(self.cap, device=q.device)
+        self.graph = None
+        if q.is_cuda:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self._body(st)
+
+    def run(
+        self, st: _LayerState, q: torch.Tensor, k_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.q_in.copy_(q)
+        self.k_in.copy_(k_new)
+        if self.graph is None:
+            return self._body(st)
+        self.graph.replay()
+        return self.outputs
+
+    def _body(self, st: _LayerState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        bs = cfg.block_size
+        pos = self.pos
+        j = torch.div(pos, bs, rounding_mode="floor")  # the block of the new token, (1,)
+        opens = pos - j * bs == 0
+        k_new = self.k_in.float()
+        for buf, fold in ((st.min_buffer, torch.minimum), (st.max_buffer, torch.maximum)):
+            current = buf.index_select(2, j)[:, :, 0]
+            buf.index_copy_(2, j, torch.where(opens, k_new, fold(current, k_new))[:, :, None])
+        nk = j + 1
+        b, hkv, cap, d = st.min_buffer.shape
+        hq = self.q_in.shape[1]
+        g = hq // hkv
+        qs = self.q_in.reshape(b * hkv, g, d).to(torch.float32) * (1.0 / math.sqrt(d))
+        q_pos = qs.clamp_min(0.0)
+        logits = torch.bmm(q_pos, st.max_buffer.view(b * hkv, cap, d).transpose(1, 2))
+        logits.baddbmm_(qs - q_pos, st.min_buffer.view(b * hkv, cap, d).transpose(1, 2))
+        col = self.blocks
+        last_count = (pos + 1 - j * bs).to(torch.float32)
+        logits = logits + (
+            torch.where(col < nk, 0.0, float("-inf"))
+            + torch.where(col == j, torch.log(last_count / bs), 0.0)
+        )
+        logits = logits - logits.logsumexp(dim=-1, keepdim=True)
+        logits = logits.view(b, hkv, g, cap)
+        if cfg.granularity == "layer":
+            scores = logits.amax(dim=(1, 2))[:, None]
+        elif cfg.granularity == "kv_group":
+            scores = logits.amax(dim=2)
+        else:
+            scores = logits.reshape(b, hq, cap)
+        sink, window = self.sink_table[nk], self.window_table[nk]
+        forced = (col < sink) | ((col >= nk - window) & (col < nk))
+        ranked = scores + torch.where(forced, float("inf"), 0.0)
+        top = ranked.topk(self.kmax, dim=-1, sorted=True).indices.to(torch.int32)
+        num = self.kept_table[nk].to(torch.int32).expand(b, self.groups).contiguous()
+        self.pos.add_(1)
+        return num, top, scores
 
 
 def _pack(
