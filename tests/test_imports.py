@@ -35,6 +35,7 @@ LAYERS = {
 KERNEL_MODULES = {
     "sketchwalk.attention.triton_prefill",
     "sketchwalk.attention.triton_decode",
+    "sketchwalk.attention.triton_paged",
     "sketchwalk.attention.flex",
     "sketchwalk.selection.triton_transition",
 }
