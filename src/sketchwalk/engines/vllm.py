@@ -1,0 +1,656 @@
+"""SketchWalk as a vLLM V1 attention backend (out of tree).
+
+Enable: install ``sketchwalk[vllm]`` (its ``vllm.general_plugins`` entry point calls
+:func:`register` in every vLLM process), then start vLLM with ``attention_backend="CUSTOM"``
+(``--attention-backend CUSTOM``). The selection settings come from :func:`configure` (this
+process) or the ``SKETCHWALK_VLLM_CONFIG`` environment variable (a preset name, or a JSON object
+of `SketchWalkConfig` fields, optionally with ``"preset"``, ``"backend"`` and
+``"selection_backend"``), read in the process that runs the model.
+
+Each step vLLM hands the backend one flattened batch (``query_start_loc``, ``seq_lens``,
+``block_table``, ``slot_mapping``) mixing decodes and prefill chunks. :class:`SketchWalkImpl`
+writes the new keys and values into the paged cache (``slot_mapping``), then attends per
+sequence:
+
+- a prefill chunk that starts at position 0 (the whole prompt, or its first chunk) and spans
+  more than one block: `SketchWalk.select` on the chunk's queries and keys (the walk runs across
+  the layers of the step: one selector per sequence lives in the step's metadata) and
+  `paged_sparse_prefill` over the kept blocks; the selector, with its pooled queries, is kept
+  across steps (`ChunkStates`, keyed by the prompt's first page) so that a later chunk of the
+  same prompt continues with `SketchWalk.select_chunk` (the same selection a one-shot prefill
+  would make for those rows);
+- a decode (one query after at least one cached token): the quest rule of `SketchWalkDecoder`,
+  its key bounds rebuilt from the paged cache at every step (correct, O(cache) per step: no
+  per-request state is kept across steps yet), and `paged_sparse_decode`;
+- everything else runs an exact dense path over the sequence's pages and is recorded with its
+  reason (:func:`summary`): layers below ``dense_layers``, one-block sequences, later chunks
+  without the pooled queries of their earlier chunks (a first chunk of one block, a prefix-cache
+  hit, several queries after cached tokens as in speculative decoding), sliding windows and
+  logit soft-capping.
+
+When the page size equals ``config.block_size`` the kept blocks are read through the block
+table (`sketchwalk.attention.paged`); otherwise each sequence's pages are gathered into a
+contiguous cache first. On the CPU every path is the PyTorch reference.
+
+vLLM's CPU platform answers every backend request with its own CPU attention; :func:`register`
+therefore also makes the CPU platform honour ``attention_backend="CUSTOM"`` when the custom
+backend registered is this one (nothing changes for any other choice).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+try:
+    from vllm.v1.attention.backend import (
+        AttentionBackend,
+        AttentionImpl,
+        AttentionLayer,
+        AttentionMetadata,
+        AttentionMetadataBuilder,
+        AttentionType,
+        CommonAttentionMetadata,
+    )
+except ImportError as err:  # pragma: no cover - exercised only without vLLM
+    raise ImportError(
+        "sketchwalk.engines.vllm needs vLLM (a release with the V1 attention backend API, "
+        ">= 0.26): pip install 'sketchwalk[vllm]'"
+    ) from err
+
+from vllm.logger import init_logger
+
+from sketchwalk.attention.api import sparse_attention, sparse_decode
+from sketchwalk.attention.paged import gather_pages, paged_sparse_decode, paged_sparse_prefill
+from sketchwalk.attention.reference import dense_attention
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.selection.decode import SketchWalkDecoder
+from sketchwalk.selection.prefill import SketchWalk
+
+__all__ = [
+    "ENV_CONFIG",
+    "NO_CHUNK_STATE",
+    "BackendSettings",
+    "ChunkStates",
+    "SketchWalkBackend",
+    "SketchWalkImpl",
+    "SketchWalkMetadata",
+    "SketchWalkMetadataBuilder",
+    "configure",
+    "register",
+    "reset_summary",
+    "settings",
+    "summary",
+]
+
+ENV_CONFIG = "SKETCHWALK_VLLM_CONFIG"
+# a child of vLLM's logger, so that vLLM's logging configuration shows it
+logger = init_logger("vllm.sketchwalk")
+BACKEND_NAME = "CUSTOM"
+
+
+# ---- settings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What the backend runs with.
+
+    Attributes:
+        config: the selection settings (default ``SketchWalkConfig.preset("default")``).
+        backend: sparse attention backend (``"auto"``: Triton on CUDA, else the reference;
+            ``"reference"``; ``"triton"``).
+        selection_backend: ``SketchWalk(backend=)`` for the transition matrix.
+    """
+
+    config: SketchWalkConfig = field(default_factory=lambda: SketchWalkConfig.preset("default"))
+    backend: str = "auto"
+    selection_backend: str = "auto"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "config": self.config.to_dict(),
+                "backend": self.backend,
+                "selection_backend": self.selection_backend,
+            }
+        )
+
+    @classmethod
+    def from_env(cls, text: str) -> BackendSettings:
+        text = text.strip()
+        if not text.startswith("{"):
+            return cls(config=SketchWalkConfig.preset(text))
+        data = json.loads(text)
+        if "config" in data:  # what to_json writes
+            return cls(
+                config=SketchWalkConfig.from_dict(data["config"]),
+                backend=data.get("backend", "auto"),
+                selection_backend=data.get("selection_backend", "auto"),
+            )
+        backend = data.pop("backend", "auto")
+        selection_backend = data.pop("selection_backend", "auto")
+        preset = data.pop("preset", "default")
+        return cls(
+            config=SketchWalkConfig.preset(preset, **data),
+            backend=backend,
+            selection_backend=selection_backend,
+        )
+
+
+_SETTINGS: BackendSettings | None = None
+
+
+def configure(
+    config: SketchWalkConfig | None = None,
+    backend: str = "auto",
+    selection_backend: str = "auto",
+) -> BackendSettings:
+    """Set the backend's settings in this process and in ``SKETCHWALK_VLLM_CONFIG`` (so vLLM
+    processes started afterwards inherit them). Takes effect at the next step."""
+    global _SETTINGS
+    if config is not None and not isinstance(config, SketchWalkConfig):
+        raise TypeError(f"configure: config must be a SketchWalkConfig, got {type(config)}")
+    _SETTINGS = BackendSettings(
+        config if config is not None else SketchWalkConfig.preset("default"),
+        backend,
+        selection_backend,
+    )
+    os.environ[ENV_CONFIG] = _SETTINGS.to_json()
+    return _SETTINGS
+
+
+def settings() -> BackendSettings:
+    """The settings in force: :func:`configure`'s, else ``SKETCHWALK_VLLM_CONFIG``'s, else the
+    defaults."""
+    global _SETTINGS
+    if _SETTINGS is None:
+        text = os.environ.get(ENV_CONFIG)
+        _SETTINGS = BackendSettings.from_env(text) if text else BackendSettings()
+    return _SETTINGS
+
+
+# ---- records ----------------------------------------------------------------------------
+
+_COUNTS: Counter = Counter()
+_DENSITY_SUM: dict[str, float] = {"prefill": 0.0, "decode": 0.0}
+_SPARSE_COUNT: dict[str, int] = {"prefill": 0, "decode": 0}
+
+
+def _record(kind: str, mode: str, reason: str | None, density: float = 1.0) -> None:
+    _COUNTS[(kind, mode, reason)] += 1
+    if mode == "sparse":
+        _DENSITY_SUM[kind] += density
+        _SPARSE_COUNT[kind] += 1
+
+
+def summary() -> dict[str, Any]:
+    """What ran in THIS process since the last :func:`reset_summary` (per-sequence, per-layer
+    attention calls): counts of sparse and dense calls, the dense calls' reasons, the mean
+    density of the sparse prefill and decode calls."""
+    reasons: Counter = Counter()
+    sparse = {"prefill": 0, "decode": 0}
+    dense = {"prefill": 0, "decode": 0}
+    for (kind, mode, reason), n in _COUNTS.items():
+        if mode == "sparse":
+            sparse[kind] += n
+        else:
+            dense[kind] += n
+            reasons[reason] += n
+    return {
+        "sparse_calls": sparse,
+        "dense_calls": dense,
+        "fallback_reasons": dict(reasons),
+        "mean_density": {
+            kind: (_DENSITY_SUM[kind] / _SPARSE_COUNT[kind]) if _SPARSE_COUNT[kind] else None
+            for kind in ("prefill", "decode")
+        },
+    }
+
+
+def reset_summary() -> None:
+    _COUNTS.clear()
+    for kind in _DENSITY_SUM:
+        _DENSITY_SUM[kind] = 0.0
+        _SPARSE_COUNT[kind] = 0
+
+
+# ---- backend, metadata, builder -----------------------------------------------------------
+
+
+class SketchWalkBackend(AttentionBackend):
+    """The backend class vLLM resolves for ``attention_backend="CUSTOM"``."""
+
+    # forward() writes the new keys and values into the cache itself (slot_mapping)
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        # vLLM maps the impl back to AttentionBackendEnum[get_name()]
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[SketchWalkImpl]:
+        return SketchWalkImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[SketchWalkMetadataBuilder]:
+        return SketchWalkMetadataBuilder
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True  # served by the dense path
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        return None  # the cache is read through its strides: any layout
+
+
+@dataclass
+class SketchWalkMetadata(AttentionMetadata):
+    """One step's batch, shared by the layers of a KV cache group.
+
+    ``query_start_loc_cpu`` / ``seq_lens_cpu`` are host copies of the per-sequence boundaries;
+    ``selectors`` holds the step's `SketchWalk` per sequence index (the walk carries from one
+    layer to the next within the step); ``prompts`` is the builder's store of the selectors of
+    prompts being prefilled in chunks (`ChunkStates`).
+    """
+
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor
+    query_start_loc_cpu: torch.Tensor
+    seq_lens: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_reqs: int
+    causal: bool = True
+    selectors: dict[int, SketchWalk] = field(default_factory=dict)
+    prompts: ChunkStates | None = None
+
+
+class ChunkStates:
+    """The `SketchWalk` (with its pooled queries) of each prompt being prefilled in chunks,
+    across steps, so that a later chunk continues with `SketchWalk.select_chunk`.
+
+    vLLM's attention metadata names no request, so a prompt is keyed by the physical page of its
+    first block (``block_table[b, 0]``): unique among the requests in flight, except that prefix
+    caching lets requests with the same first block share it (their cached positions hold the
+    same tokens, hence the same queries). A mismatch (the kept queries do not end where the chunk
+    starts) is caught by `select_chunk`, and the chunk runs dense with the reason recorded. An
+    entry is dropped at the sequence's first decode, replaced when a prefill starts at position
+    0 on its page, and the oldest is dropped beyond ``capacity`` (aborted requests).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, int(capacity))
+        self._states: OrderedDict[int, SketchWalk] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def start(self, key: int, selector: SketchWalk) -> None:
+        self._states.pop(key, None)
+        self._states[key] = selector
+        while len(self._states) > self.capacity:
+            self._states.popitem(last=False)
+
+    def get(self, key: int) -> SketchWalk | None:
+        selector = self._states.get(key)
+        if selector is not None:
+            self._states.move_to_end(key)
+        return selector
+
+    def finish(self, key: int) -> None:
+        self._states.pop(key, None)
+
+
+class SketchWalkMetadataBuilder(AttentionMetadataBuilder[SketchWalkMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        scheduler = getattr(vllm_config, "scheduler_config", None)
+        self.prompts = ChunkStates(4 * getattr(scheduler, "max_num_seqs", 256))
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> SketchWalkMetadata:
+        m = common_attn_metadata
+        num_reqs = m.num_reqs
+        causal = m.causal if isinstance(m.causal, bool) else None
+        return SketchWalkMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            query_start_loc=m.query_start_loc,
+            query_start_loc_cpu=m.query_start_loc_cpu[: num_reqs + 1].to("cpu"),
+            seq_lens=m.seq_lens,
+            seq_lens_cpu=m.seq_lens[:num_reqs].to("cpu"),  # one host sync per step
+            block_table=m.block_table_tensor,
+            slot_mapping=m.slot_mapping,
+            num_reqs=num_reqs,
+            causal=bool(causal) if causal is not None else False,
+            prompts=self.prompts,
+        )
+
+
+# ---- the attention --------------------------------------------------------------------------
+
+NO_CHUNK_STATE = "later prefill chunk without the pooled queries of the earlier ones"
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _layer_index(name: str | None) -> int | None:
+    if not name:
+        return None
+    found = _LAYER_RE.search(name)
+    return int(found.group(1)) if found else None
+
+
+class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra: Any,
+    ) -> None:
+        if alibi_slopes is not None:
+            raise NotImplementedError("SketchWalk vLLM backend: ALiBi is not supported")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(
+                f"SketchWalk vLLM backend: only decoder attention, got {attn_type}"
+            )
+        if kv_cache_dtype != "auto":
+            raise NotImplementedError(
+                f"SketchWalk vLLM backend: kv_cache_dtype must be 'auto', got {kv_cache_dtype!r}"
+            )
+        if extra.get("sinks") is not None:
+            raise NotImplementedError("SketchWalk vLLM backend: attention sinks are not supported")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
+        self.kv_cache_dtype = kv_cache_dtype
+        self.logits_soft_cap = logits_soft_cap or None
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.layer_idx: int | None = None
+        logger.info_once("SketchWalk attention backend in use: %s", settings())
+
+    # -- cache ------------------------------------------------------------------------------
+
+    def _pages(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_pages, page_size, Hkv, D) views of the keys and values of vLLM's logical
+        [pages, heads, page_size, K|V] per-layer cache (any physical layout: strides)."""
+        d = self.head_size
+        k = kv_cache[..., :d].transpose(1, 2)
+        v = kv_cache[..., d : 2 * d].transpose(1, 2)
+        return k, v
+
+    @staticmethod
+    def _write(pages: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> None:
+        page_size = pages.shape[1]
+        keep = slots >= 0  # padded tokens carry slot -1
+        slots = slots.long()
+        if not bool(keep.all()):
+            slots, new = slots[keep], new[keep]
+        pages[slots // page_size, slots % page_size] = new.to(pages.dtype)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: SketchWalkMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("SketchWalk vLLM backend: fused output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        if self.layer_idx is None:
+            self.layer_idx = _layer_index(getattr(layer, "layer_name", None))
+        m = attn_metadata
+        n = m.num_actual_tokens
+        k_pages, v_pages = self._pages(kv_cache)
+        if self.kv_sharing_target_layer_name is None and key is not None and value is not None:
+            slots = m.slot_mapping[:n]
+            self._write(k_pages, key[:n], slots)
+            self._write(v_pages, value[:n], slots)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        starts = m.query_start_loc_cpu.tolist()
+        lens = m.seq_lens_cpu.tolist()
+        for b in range(m.num_reqs):
+            qs, qe, seq_len = starts[b], starts[b + 1], lens[b]
+            if qe <= qs:
+                continue
+            q = query[qs:qe].transpose(0, 1)[None]  # (1, Hq, T, D)
+            out[qs:qe] = self._attend(q, k_pages, v_pages, m, b, seq_len)[0].transpose(0, 1)
+        return output
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        m: SketchWalkMetadata,
+        b: int,
+        seq_len: int,
+    ) -> torch.Tensor:
+        st = settings()
+        cfg = st.config
+        t = q.shape[2]
+        kind = "decode" if t == 1 and seq_len > 1 else "prefill"
+        layer = self.layer_idx
+        reason = None
+        if self.sliding_window is not None:
+            reason = "sliding window"
+        elif self.logits_soft_cap is not None:
+            reason = "logit soft-capping"
+        elif not m.causal:
+            reason = "non-causal"
+        elif layer is None:
+            reason = "layer index unknown"
+        elif layer < cfg.dense_layers:
+            reason = "dense layer"
+        elif seq_len <= cfg.block_size:
+            reason = "short sequence (one block)"
+        if reason is None and kind == "prefill" and t != seq_len:
+            reason = self._continue_prompt(m, b)
+        if reason is None and kind == "decode" and m.prompts is not None and b not in m.selectors:
+            m.prompts.finish(int(m.block_table[b, 0]))  # the prompt is done: drop its state
+            m.selectors[b] = None
+        if reason is not None:
+            _record(kind, "dense", reason)
+            return self._dense(q, k_pages, v_pages, m.block_table[b], seq_len)
+        if kind == "prefill":
+            return self._sparse_prefill(q, k_pages, v_pages, m, b, seq_len, st)
+        return self._sparse_decode(q, k_pages, v_pages, m, b, seq_len, st)
+
+    @staticmethod
+    def _continue_prompt(m: SketchWalkMetadata, b: int) -> str | None:
+        """Find the selector of the prompt a later chunk continues (once per step and
+        sequence); the reason to run dense when there is none."""
+        if b in m.selectors:
+            return None if m.selectors[b] is not None else NO_CHUNK_STATE
+        selector = None if m.prompts is None else m.prompts.get(int(m.block_table[b, 0]))
+        m.selectors[b] = selector
+        return None if selector is not None else NO_CHUNK_STATE
+
+    def _sparse_prefill(self, q, k_pages, v_pages, m, b, seq_len, st) -> torch.Tensor:
+        cfg = st.config
+        table = m.block_table[b : b + 1]
+        k = gather_pages(k_pages, table, seq_len)  # (1, Hkv, S, D)
+        t = q.shape[2]
+        if t == seq_len:  # a prompt's first chunk: a new selector, kept for later chunks
+            selector = m.selectors.get(b)
+            if selector is None:
+                selector = m.selectors[b] = SketchWalk(
+                    cfg, backend=st.selection_backend, cuda_graphs=False
+                )
+                selector.keep_queries = True
+                if m.prompts is not None:
+                    m.prompts.start(int(m.block_table[b, 0]), selector)
+            sel = selector.select(q, k, self.layer_idx)
+        else:  # a later chunk: continue from the pooled queries of the earlier ones
+            try:
+                sel = m.selectors[b].select_chunk(q, k, self.layer_idx)
+            except ValueError:
+                m.selectors[b] = None  # the rest of this step's layers run dense too
+                if m.prompts is not None:
+                    m.prompts.finish(int(m.block_table[b, 0]))
+                _record("prefill", "dense", NO_CHUNK_STATE)
+                return self._dense(q, k_pages, v_pages, m.block_table[b], seq_len)
+        _record("prefill", "sparse", None, sel.density)
+        page_size = k_pages.shape[1]
+        if page_size == cfg.block_size:
+            lens = torch.tensor([seq_len], dtype=torch.int32, device=q.device)
+            return paged_sparse_prefill(
+                q, k_pages, v_pages, table, lens, sel.kv_num_blocks, sel.kv_indices,
+                page_size, self.scale, st.backend, validate=False,
+            )  # fmt: skip
+        v = gather_pages(v_pages, table, seq_len)
+        return sparse_attention(q, k, v, sel, backend=st.backend, scale=self.scale)
+
+    def _sparse_decode(self, q, k_pages, v_pages, m, b, seq_len, st) -> torch.Tensor:
+        cfg = st.config
+        if cfg.decode_rule != "quest":
+            cfg = cfg.replace(decode_rule="quest")  # the walk rule needs past queries
+        table = m.block_table[b : b + 1]
+        k = gather_pages(k_pages, table, seq_len)  # (1, Hkv, S, D)
+        # rebuilt every step from the cache (no per-request state across steps yet)
+        decoder = SketchWalkDecoder(cfg)
+        past = k[:, :, :-1]
+        dummy_q = past.new_zeros(1, q.shape[1], past.shape[2], q.shape[3])  # quest reads k only
+        decoder.prefill(dummy_q, past, self.layer_idx)
+        sel = decoder.step(q, k[:, :, -1:], self.layer_idx)
+        _record("decode", "sparse", None, sel.density)
+        page_size = k_pages.shape[1]
+        if page_size == cfg.block_size:
+            lens = torch.tensor([seq_len], dtype=torch.int32, device=q.device)
+            return paged_sparse_decode(
+                q, k_pages, v_pages, table, lens, sel.kv_num_blocks, sel.kv_indices,
+                page_size, self.scale, st.backend, validate=False,
+            )  # fmt: skip
+        v = gather_pages(v_pages, table, seq_len)
+        return sparse_decode(
+            q, k, v, sel.kv_num_blocks, sel.kv_indices, cfg.block_size,
+            backend=st.backend, scale=self.scale,
+        )  # fmt: skip
+
+    def _dense(self, q, k_pages, v_pages, table_row, seq_len) -> torch.Tensor:
+        k = gather_pages(k_pages, table_row, seq_len)
+        v = gather_pages(v_pages, table_row, seq_len)
+        if self.sliding_window is None and self.logits_soft_cap is None:
+            return dense_attention(q, k, v, causal=True, scale=self.scale)
+        return _dense_windowed(q, k, v, self.scale, self.sliding_window, self.logits_soft_cap)
+
+
+def _dense_windowed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    rows: int = 256,
+) -> torch.Tensor:
+    """Causal attention with an optional sliding window (a query sees itself and the
+    ``window - 1`` keys before it) and logit soft-capping, float32, chunked over query rows.
+    q (1, Hq, T, D) at positions S - T .., k/v (1, Hkv, S, D)."""
+    hq, t = q.shape[1], q.shape[2]
+    s, hkv = k.shape[2], k.shape[1]
+    group = hq // hkv
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    key_pos = torch.arange(s, device=q.device)
+    out = torch.empty_like(q)
+    for start in range(0, t, rows):
+        stop = min(t, start + rows)
+        qpos = torch.arange(start, stop, device=q.device) + (s - t)
+        logits = q[:, :, start:stop].float() @ kf.transpose(-1, -2) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        allowed = key_pos[None, :] <= qpos[:, None]
+        if window is not None:
+            allowed &= key_pos[None, :] > qpos[:, None] - window
+        logits = logits.masked_fill(~allowed, -math.inf)
+        out[:, :, start:stop] = (logits.softmax(-1) @ vf).to(q.dtype)
+    return out
+
+
+# ---- registration ---------------------------------------------------------------------------
+
+BACKEND_PATH = f"{__name__}.SketchWalkBackend"
+
+
+def register() -> None:
+    """Register :class:`SketchWalkBackend` as vLLM's ``CUSTOM`` attention backend (the
+    ``vllm.general_plugins`` entry point; safe to call more than once), and let vLLM's CPU
+    platform honour ``attention_backend="CUSTOM"`` for it."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    _patch_cpu_platform()
+
+
+def _patch_cpu_platform() -> None:
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+    except Exception:  # pragma: no cover - a vLLM build without the CPU platform
+        return
+    original = CpuPlatform.__dict__.get("get_attn_backend_cls")
+    if original is None or getattr(getattr(original, "__func__", None), "_sketchwalk", False):
+        return
+    inner = original.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        if (
+            selected_backend == AttentionBackendEnum.CUSTOM
+            and not attn_selector_config.use_mla
+            and AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+        ):
+            return BACKEND_PATH
+        return inner(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    wrapped = classmethod(get_attn_backend_cls)
+    wrapped.__func__._sketchwalk = True  # type: ignore[attr-defined]
+    CpuPlatform.get_attn_backend_cls = wrapped

@@ -1,0 +1,367 @@
+"""The vLLM attention backend (`sketchwalk.engines.vllm`) against vLLM's stock CPU attention.
+
+Runs only where vLLM is installed (skipped otherwise), e.g. in a separate environment with the
+CPU build of vLLM::
+
+    /work/vllmenv/bin/python -m pytest tests/test_engine_vllm.py
+
+A tiny Llama built from a config written here (no download, no tokenizer: prompts are token
+ids), random weights (vLLM's dummy loader, with its tensor initialiser replaced here by a seeded
+one of useful scale, so that attention matters), float32, eager, greedy decoding; the engine runs
+in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the settings and the call records of
+the backend are visible here.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch
+
+from sketchwalk.config import SketchWalkConfig
+
+swv = pytest.importorskip("sketchwalk.engines.vllm")
+
+BLOCK = 32
+MAX_TOKENS = 12
+PROMPTS = [
+    [(i * 37 + 11) % 500 + 3 for i in range(300)],  # ~10 blocks: chunked at 128 tokens per step
+    [(i * 13 + 5) % 480 + 7 for i in range(150)],  # ~5 blocks
+    list(range(3, 23)),  # one block: dense everywhere
+]
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "num_hidden_layers": 4,
+    "vocab_size": 512,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+
+def _config(density: float) -> SketchWalkConfig:
+    # dense_layers=1: layers 1-3 of the 4 take the sparse path
+    return SketchWalkConfig.preset("default", density=density, block_size=BLOCK, dense_layers=1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Greedy tokens (and top-1 logprobs) of every engine and setting, computed once."""
+    from vllm import LLM, SamplingParams
+    from vllm.model_executor.model_loader import dummy_loader
+
+    model_dir = tmp_path_factory.mktemp("tiny_llama")
+    (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    mp.delenv(swv.ENV_CONFIG, raising=False)
+    generator = torch.Generator()
+
+    def init_weight(tensor, *args, **kwargs):
+        # matrices ~ N(0, 1 / fan_in), vectors (norm weights) = 1: q.k logits of order 1
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            return
+        with torch.no_grad():
+            if tensor.dim() >= 2:
+                values = torch.randn(tensor.shape, generator=generator)
+                tensor.copy_(values / math.sqrt(tensor.shape[-1]))
+            else:
+                tensor.fill_(1.0)
+
+    mp.setattr(dummy_loader, "initialize_single_dummy_weight", init_weight)
+    swv.register()  # what the vllm.general_plugins entry point does
+    params = SamplingParams(
+        temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False, logprobs=1
+    )
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    results = {}
+    try:
+        for chunk in (128, 1024):  # 128: the 300- and 150-token prompts are prefilled in chunks
+            for backend in ("stock", "sketchwalk"):
+                generator.manual_seed(0)  # the same weights in every engine
+                extra = {} if backend == "stock" else {"attention_backend": "CUSTOM"}
+                llm = LLM(
+                    model=str(model_dir),
+                    load_format="dummy",
+                    skip_tokenizer_init=True,
+                    enforce_eager=True,
+                    dtype="float32",
+                    max_model_len=1024,
+                    block_size=BLOCK,
+                    max_num_batched_tokens=chunk,
+                    max_num_seqs=4,
+                    kv_cache_memory_bytes=64 << 20,
+                    enable_prefix_caching=False,
+                    seed=0,
+                    **extra,
+                )
+                impls = {type(layer.impl).__name__ for layer in _attention_layers(llm)}
+                densities = (1.0,) if backend == "stock" else (1.0, 0.2)
+                for density in densities:
+                    swv.configure(_config(density))
+                    swv.reset_summary()
+                    outs = llm.generate(prompts, params, use_tqdm=False)
+                    results[(backend, chunk, density)] = {
+                        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+                        "logprobs": [
+                            [
+                                lp[t].logprob
+                                for lp, t in zip(
+                                    o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True
+                                )
+                            ]
+                            for o in outs
+                        ],
+                        "summary": swv.summary(),
+                        "impls": impls,
+                    }
+                del llm
+                gc.collect()
+    finally:
+        mp.undo()
+        swv._SETTINGS = None
+    return results
+
+
+def _attention_layers(llm):
+    from vllm.model_executor.layers.attention import Attention
+
+    layers = []
+
+    def collect(model):
+        layers.extend(m for m in model.modules() if isinstance(m, Attention))
+        return len(layers)
+
+    llm.apply_model(collect)
+    return layers
+
+
+def test_backends_in_use(runs):
+    assert runs[("stock", 128, 1.0)]["impls"] == {"CPUAttentionBackendImpl"}
+    assert runs[("sketchwalk", 128, 1.0)]["impls"] == {"SketchWalkImpl"}
+
+
+@pytest.mark.parametrize("chunk", [128, 1024])
+def test_density_one_matches_stock(runs, chunk):
+    stock = runs[("stock", chunk, 1.0)]
+    ours = runs[("sketchwalk", chunk, 1.0)]
+    assert ours["tokens"] == stock["tokens"]
+    for a, b in zip(ours["logprobs"], stock["logprobs"], strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-3
+    summary = ours["summary"]
+    # the sparse path ran (every block kept), for prefill and decode
+    assert summary["sparse_calls"]["prefill"] > 0
+    assert summary["sparse_calls"]["decode"] > 0
+    assert summary["mean_density"]["prefill"] == pytest.approx(1.0)
+    assert summary["mean_density"]["decode"] == pytest.approx(1.0)
+    reasons = summary["fallback_reasons"]
+    assert reasons.get("dense layer", 0) > 0
+    assert reasons.get("short sequence (one block)", 0) > 0
+    # later prefill chunks continue their prompt's selection (select_chunk) across steps
+    assert swv.NO_CHUNK_STATE not in reasons
+    if chunk == 128:
+        assert (
+            summary["sparse_calls"]["prefill"]
+            > (runs[("sketchwalk", 1024, 1.0)]["summary"]["sparse_calls"]["prefill"])
+        )
+
+
+def test_sparse_density(runs):
+    for chunk in (128, 1024):
+        run = runs[("sketchwalk", chunk, 0.2)]
+        assert [len(t) for t in run["tokens"]] == [MAX_TOKENS] * len(PROMPTS)
+        summary = run["summary"]
+        assert summary["sparse_calls"]["prefill"] > 0
+        assert summary["sparse_calls"]["decode"] > 0
+        assert summary["mean_density"]["prefill"] < 1.0
+        assert summary["mean_density"]["decode"] < 1.0
+    # the one-block prompt runs dense everywhere: same tokens as the stock attention
+    assert runs[("sketchwalk", 1024, 0.2)]["tokens"][2] == runs[("stock", 1024, 1.0)]["tokens"][2]
+
+
+# ---- the impl on a hand-built flattened batch (no engine) ----------------------------------
+
+
+class _Layer:
+    layer_name = "model.layers.1.self_attn.attn"
+
+
+def _paged_batch(page_size: int, layout: str, seed: int = 0):
+    """A step of three sequences in one flattened batch: a decode after 99 cached tokens, the
+    first 70-token prefill chunk, a 40-token chunk after 80 cached tokens. Returns the impl's
+    inputs (with the cached tokens already in a shuffled page pool) and the full K/V."""
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv, d = 4, 2, 32
+    seqs = [(1, 100), (70, 70), (40, 120)]  # (queries this step, tokens after the step)
+    max_pages = -(-max(s for _, s in seqs) // page_size)
+    num_pages = len(seqs) * max_pages + 3
+    if layout == "LBHNC":  # logical [pages, heads, page_size, K|V], contiguous
+        cache = torch.randn(num_pages, hkv, page_size, 2 * d, generator=g) * 50
+    else:  # LBNHC: the same logical view over a [pages, page_size, heads, K|V] buffer
+        cache = (torch.randn(num_pages, page_size, hkv, 2 * d, generator=g) * 50).transpose(1, 2)
+    perm = torch.randperm(num_pages, generator=g)
+    table = perm[: len(seqs) * max_pages].view(len(seqs), max_pages).to(torch.int32)
+    ks, vs, qs, new_k, new_v, slots = [], [], [], [], [], []
+    impl = swv.SketchWalkImpl(hq, d, d**-0.5, hkv, None, None, "auto")
+    k_pages, v_pages = impl._pages(cache)
+    for b, (t, s) in enumerate(seqs):
+        k = torch.randn(s, hkv, d, generator=g)
+        v = torch.randn(s, hkv, d, generator=g)
+        pos = torch.arange(s)
+        slot = table[b].long()[pos // page_size] * page_size + pos % page_size
+        impl._write(k_pages, k[: s - t], slot[: s - t])  # what earlier steps cached
+        impl._write(v_pages, v[: s - t], slot[: s - t])
+        ks.append(k)
+        vs.append(v)
+        qs.append(torch.randn(t, hq, d, generator=g))
+        new_k.append(k[s - t :])
+        new_v.append(v[s - t :])
+        slots.append(slot[s - t :])
+    starts = torch.tensor([0, *torch.cumsum(torch.tensor([t for t, _ in seqs]), 0).tolist()])
+    lens = torch.tensor([s for _, s in seqs], dtype=torch.int32)
+    n = int(starts[-1])
+    meta = swv.SketchWalkMetadata(
+        num_actual_tokens=n,
+        query_start_loc=starts.to(torch.int32),
+        query_start_loc_cpu=starts.to(torch.int32),
+        seq_lens=lens,
+        seq_lens_cpu=lens,
+        block_table=table,
+        slot_mapping=torch.cat(slots),
+        num_reqs=len(seqs),
+    )
+    step = (torch.cat(qs), torch.cat(new_k), torch.cat(new_v), cache, meta)
+    return step, qs, ks, vs, (hq, d)
+
+
+def _dense_ref(q, k, v, window=None):
+    """(T, Hq, D) queries at the end of (S, Hkv, D) keys -> (T, Hq, D)."""
+    from sketchwalk.attention.reference import dense_attention
+
+    qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))
+    if window is None:
+        return dense_attention(qb, kb, vb, causal=True)[0].transpose(0, 1)
+    out = [
+        dense_attention(qb[:, :, i : i + 1], kb[:, :, : p + 1][:, :, -window:],
+                        vb[:, :, : p + 1][:, :, -window:], causal=True)
+        for i, p in enumerate(range(k.shape[0] - q.shape[0], k.shape[0]))
+    ]  # fmt: skip
+    return torch.cat(out, dim=2)[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize(("page_size", "layout"), [(32, "LBHNC"), (32, "LBNHC"), (16, "LBHNC")])
+def test_impl_mixed_batch_density_one(page_size, layout):
+    (query, key, value, cache, meta), qs, ks, vs, (hq, d) = _paged_batch(page_size, layout)
+    swv.configure(_config(1.0).replace(dense_layers=0))
+    swv.reset_summary()
+    try:
+        impl = swv.SketchWalkImpl(hq, d, d**-0.5, 2, None, None, "auto")
+        output = torch.full((query.shape[0], hq * d), float("nan"))
+        impl.forward(_Layer(), query, key, value, cache, meta, output)
+        summary = swv.summary()
+    finally:
+        swv._SETTINGS = None
+    out = output.view(-1, hq, d)
+    start = 0
+    for q, k, v in zip(qs, ks, vs, strict=True):
+        ref = _dense_ref(q, k, v)
+        torch.testing.assert_close(out[start : start + q.shape[0]], ref, atol=1e-5, rtol=1e-5)
+        start += q.shape[0]
+    # the keys and values of the step were written into the pages
+    k_pages, _ = impl._pages(cache)
+    got = k_pages[meta.slot_mapping.long() // page_size, meta.slot_mapping.long() % page_size]
+    torch.testing.assert_close(got, key)
+    assert summary["sparse_calls"] == {"prefill": 1, "decode": 1}
+    # the later chunk has no earlier chunk here (no ChunkStates in the metadata): dense
+    assert summary["fallback_reasons"] == {swv.NO_CHUNK_STATE: 1}
+
+
+def test_impl_sparse_and_sliding_window():
+    (query, key, value, cache, meta), qs, ks, vs, (hq, d) = _paged_batch(32, "LBHNC", seed=1)
+    swv.configure(_config(0.3).replace(dense_layers=0, window_blocks=1))
+    try:
+        impl = swv.SketchWalkImpl(hq, d, d**-0.5, 2, None, None, "auto")
+        sparse = torch.zeros(query.shape[0], hq * d)
+        swv.reset_summary()
+        impl.forward(_Layer(), query, key, value, cache, meta, sparse)
+        summary = swv.summary()
+        windowed = swv.SketchWalkImpl(hq, d, d**-0.5, 2, None, 24, "auto")
+        out_w = torch.zeros(query.shape[0], hq * d)
+        swv.reset_summary()
+        windowed.forward(_Layer(), query, key, value, cache, meta, out_w)
+        summary_w = swv.summary()
+    finally:
+        swv._SETTINGS = None
+    assert torch.isfinite(sparse).all()
+    assert summary["mean_density"]["prefill"] < 1.0
+    assert summary["mean_density"]["decode"] < 1.0
+    dense = torch.cat([_dense_ref(q, k, v) for q, k, v in zip(qs, ks, vs, strict=True)])
+    assert not torch.allclose(sparse.view(-1, hq, d), dense, atol=1e-3)
+    ref_w = torch.cat([_dense_ref(q, k, v, 24) for q, k, v in zip(qs, ks, vs, strict=True)])
+    torch.testing.assert_close(out_w.view(-1, hq, d), ref_w, atol=1e-5, rtol=1e-5)
+    assert summary_w["fallback_reasons"] == {"sliding window": 3}
+
+
+def test_impl_chunks_across_steps():
+    """A 150-token prompt prefilled in two steps (90 + 60 tokens), then a decode: the second
+    chunk continues the first one's selection (select_chunk), the decode drops the state."""
+    g = torch.Generator().manual_seed(3)
+    hq, hkv, d, page, s = 4, 2, 32, 32, 151
+    cache = torch.randn(8, hkv, page, 2 * d, generator=g) * 50
+    table = torch.tensor([[5, 2, 7, 0, 3, 1]], dtype=torch.int32)
+    q_all = torch.randn(s, hq, d, generator=g)
+    k_all = torch.randn(s, hkv, d, generator=g)
+    v_all = torch.randn(s, hkv, d, generator=g)
+    pos = torch.arange(s)
+    slots = table[0].long()[pos // page] * page + pos % page
+    prompts = swv.ChunkStates(4)
+    swv.configure(_config(1.0).replace(dense_layers=0))
+    swv.reset_summary()
+    impls = [swv.SketchWalkImpl(hq, d, d**-0.5, hkv, None, None, "auto") for _ in range(3)]
+    layers = []
+    for i in range(3):
+        layer = _Layer()
+        layer.layer_name = f"model.layers.{i}.self_attn.attn"
+        layers.append(layer)
+    try:
+        for start, stop in ((0, 90), (90, 150), (150, 151)):
+            t = stop - start
+            meta = swv.SketchWalkMetadata(
+                num_actual_tokens=t,
+                query_start_loc=torch.tensor([0, t], dtype=torch.int32),
+                query_start_loc_cpu=torch.tensor([0, t], dtype=torch.int32),
+                seq_lens=torch.tensor([stop], dtype=torch.int32),
+                seq_lens_cpu=torch.tensor([stop], dtype=torch.int32),
+                block_table=table,
+                slot_mapping=slots[start:stop],
+                num_reqs=1,
+                prompts=prompts,
+            )
+            for impl, layer in zip(impls, layers, strict=True):
+                out = torch.empty(t, hq * d)
+                impl.forward(layer, q_all[start:stop], k_all[start:stop], v_all[start:stop],
+                             cache, meta, out)  # fmt: skip
+                ref = _dense_ref(q_all[start:stop], k_all[:stop], v_all[:stop])
+                torch.testing.assert_close(out.view(t, hq, d), ref, atol=1e-5, rtol=1e-5)
+            assert len(prompts) == (1 if stop < s else 0)
+        summary = swv.summary()
+    finally:
+        swv._SETTINGS = None
+    assert summary["sparse_calls"] == {"prefill": 6, "decode": 3}
+    assert summary["fallback_reasons"] == {}
