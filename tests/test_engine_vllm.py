@@ -1,9 +1,7 @@
 """The vLLM attention backend (`sketchwalk.engines.vllm`) against vLLM's stock CPU attention.
 
-Runs only where vLLM is installed (skipped otherwise), e.g. in a separate environment with the
-CPU build of vLLM::
-
-    /work/vllmenv/bin/python -m pytest tests/test_engine_vllm.py
+Runs only where vLLM is installed (skipped otherwise): ``make test-vllm`` builds a separate
+environment with the CPU build of vLLM and runs this file (CI runs it after ``make test``).
 
 A tiny Llama built from a config written here (no download, no tokenizer: prompts are token
 ids), random weights (vLLM's dummy loader, with its tensor initialiser replaced here by a seeded

@@ -27,6 +27,7 @@ LAYERS = {
     "sketchwalk.metrics": 1,  # pure functions over blocks: the oracle selector uses them
     "sketchwalk.gate": 3,
     "sketchwalk.hf": 3,
+    "sketchwalk.engines": 3,  # serving-engine backends (vLLM): selection + attention
     "sketchwalk.pipeline": 4,
     "sketchwalk.cli": 5,
     "sketchwalk.__main__": 6,
