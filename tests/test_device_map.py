@@ -43,6 +43,8 @@ def test_cli_refuses_bad_maps_and_torchrun(monkeypatch, capsys):
         err = capsys.readouterr().err
         print(err)
         assert "--device_map and torchrun with 2 processes do not combine" in err
+    assert main(["train-gate"]) == 2  # without a map too: it runs in one process
+    assert "train-gate runs in one process" in capsys.readouterr().err
     monkeypatch.delenv("WORLD_SIZE")
     assert main([*base, "--device_map", "auto", "--device", "cpu"]) == 2
     assert "give one" in capsys.readouterr().err

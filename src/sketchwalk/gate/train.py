@@ -873,6 +873,13 @@ def run(args: argparse.Namespace) -> int:
     from sketchwalk.hf.device_map import check_world
 
     check_world(args.device_map)
+    world_size = int(os.environ.get("WORLD_SIZE") or 1)
+    if world_size > 1:
+        raise UsageError(
+            f"train-gate runs in one process; under torchrun with {world_size} processes every "
+            "process would train the same gates into the same folder. Run it without torchrun "
+            "(a model too big for one GPU: --device_map auto)"
+        )
     cfg = config_from_args(args)
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {cfg.device}: CUDA is not available here; use cpu")
