@@ -195,7 +195,7 @@ class SketchWalkDecoder:
         self._layers: dict[int, _LayerState] = {}
         # host/device tables shared by the layers, rebuilt when the cache opens a block
         self._budget_nk = -1
-        self._budget: tuple[int, int] = (0, 0)
+        self._budget = 0
         self._tables: dict[tuple, torch.Tensor] = {}
 
     def reset(self) -> None:
@@ -285,25 +285,7 @@ class SketchWalkDecoder:
             return self._static_step(st, q, k_new, nk, groups)
         if new_block:
             if nk > st.min_buffer.shape[2]:
-                grow = st.min_buffer.shape[2]
-                st.min_buffer = torch.cat(
-                    [
-                        st.min_buffer,
-                        st.min_buffer.new_zeros(
-                            *st.min_buffer.shape[:2], grow, st.min_buffer.shape[3]
-                        ),
-                    ],
-                    dim=2,
-                )
-                st.max_buffer = torch.cat(
-                    [
-                        st.max_buffer,
-                        st.max_buffer.new_zeros(
-                            *st.max_buffer.shape[:2], grow, st.max_buffer.shape[3]
-                        ),
-                    ],
-                    dim=2,
-                )
+                self._grow(st)
             st.min_buffer[:, :, j] = k_new
             st.max_buffer[:, :, j] = k_new
         else:  # fold the key into the last block's bounds, in place: O(D) per head
@@ -361,8 +343,7 @@ class SketchWalkDecoder:
             kept, sink, window = [0], [0], [0]
             for n in range(1, cap + 1):
                 s_n, w_n = forced_counts(n, self.config)
-                forced = min(n, s_n + w_n)
-                kept.append(min(n, forced + last_row_ranked(n, self.config)))
+                kept.append(self._kept_blocks(n))
                 sink.append(s_n)
                 window.append(w_n)
             host = torch.tensor([kept, sink, window], dtype=torch.int64)
@@ -371,14 +352,18 @@ class SketchWalkDecoder:
             self._static_tables[(cap, device)] = entry
         return entry
 
-    def _row_budget(self, nk: int) -> int:
+    def _kept_blocks(self, nk: int) -> int:
         """Blocks a row keeps over nk blocks: forced (sink, window) plus the ranked budget."""
+        sink, window = forced_counts(nk, self.config)
+        forced = min(nk, sink + window)
+        return min(nk, forced + last_row_ranked(nk, self.config))
+
+    def _row_budget(self, nk: int) -> int:
+        """`_kept_blocks`, cached for the current nk (the layers of a step share it)."""
         if nk != self._budget_nk:
-            sink, window = forced_counts(nk, self.config)
-            forced = min(nk, sink + window)
-            self._budget = (forced, min(nk, forced + last_row_ranked(nk, self.config)))
+            self._budget = self._kept_blocks(nk)
             self._budget_nk = nk
-        return self._budget[1]
+        return self._budget
 
     def _table(self, kind: str, key: Any, device: torch.device) -> torch.Tensor:
         """Small device tensors the steps reuse: the forced-block bias of an nk-block row

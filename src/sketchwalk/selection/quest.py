@@ -20,8 +20,8 @@ one head needs must stay competitive even if the other heads ignore it (a sum wo
 head's needle by the group size against blocks that are mildly useful to all heads).
 
 State per layer and KV head: ``key_min``, ``key_max`` (B, Hkv, nk, D) float32, built from the
-prefill's keys in one pass (`block_key_bounds`) and updated in O(D) per new key
-(`update_key_bounds`).
+prefill's keys in one pass (`block_key_bounds`); `sketchwalk.selection.decode` folds each new
+key into them in place, O(D) per head.
 """
 
 from __future__ import annotations
@@ -49,21 +49,6 @@ def block_key_bounds(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
     if pad:
         kf = torch.cat([kf, kf[:, :, -1:].expand(b, h, pad, d)], dim=2)
     key_min, key_max = torch.aminmax(kf.view(b, h, nb, block_size, d), dim=3)
-    return key_min, key_max
-
-
-def update_key_bounds(
-    key_min: torch.Tensor, key_max: torch.Tensor, k_new: torch.Tensor, opens_block: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add one key per KV head: (B, Hkv, D). Opens a block (its bounds are the key itself) or
-    folds the key into the last block's bounds in place: O(D) per head."""
-    k_new = k_new.float()
-    if opens_block:
-        return torch.cat([key_min, k_new[:, :, None]], 2), torch.cat(
-            [key_max, k_new[:, :, None]], 2
-        )
-    key_min[:, :, -1] = torch.minimum(key_min[:, :, -1], k_new)
-    key_max[:, :, -1] = torch.maximum(key_max[:, :, -1], k_new)
     return key_min, key_max
 
 
@@ -144,4 +129,4 @@ def quest_log_scores(
     raise ValueError(f"granularity must be 'layer', 'kv_group' or 'head', got {granularity!r}")
 
 
-__all__ = ["block_key_bounds", "quest_block_scores", "quest_log_scores", "update_key_bounds"]
+__all__ = ["block_key_bounds", "quest_block_scores", "quest_log_scores"]
