@@ -275,7 +275,7 @@ def sparse_decode_triton(
         (B, Hq, Tq, D) in q's dtype; a row that sees no kept key is 0.
     """
     check_inputs(q, k_cache, v_cache, block_size)
-    batch, num_q_heads, num_queries, head_dim = q.shape
+    _, num_q_heads, num_queries, head_dim = q.shape
     num_kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
     num_groups = kv_num_blocks.shape[1]
     units, heads_per_unit = _mask_layout(num_groups, num_q_heads, num_kv_heads)
@@ -287,35 +287,17 @@ def sparse_decode_triton(
     if kv_indices.stride(-1) != 1:
         kv_indices = kv_indices.contiguous()
 
-    tuning = DEFAULT_TUNING if tuning is None else tuning
-    rows = heads_per_unit * num_queries
-    block_m = tuning.block_m or max(16, min(64, triton.next_power_of_2(rows)))
-    tiles = triton.cdiv(rows, block_m)
-    programs = batch * units * tiles
-    if num_splits is None:
-        num_splits = tuning.splits or triton.cdiv(2 * _sm_count(q.device), programs)
-        num_splits = max(1, min(num_splits, triton.cdiv(kv_indices.shape[-1], 2)))
+    plan = split_launch(q, units, heads_per_unit, kv_indices.shape[-1], num_splits, tuning)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    part_o = torch.empty(
-        programs * num_splits * block_m * head_dim, device=q.device, dtype=torch.float32
-    )
-    part_lse = torch.empty(programs * num_splits * block_m, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     group_stride = 0 if num_groups == 1 else 1
-    launch = {}
-    if q.is_cuda:
-        launch = {
-            "num_warps": tuning.num_warps,
-            "num_stages": tuning.num_stages,
-        }
-    _decode_split_kernel[(num_splits, programs)](
+    _decode_split_kernel[(plan.num_splits, plan.programs)](
         q,
         k_cache,
         v_cache,
         kv_num_blocks,
         kv_indices,
-        part_o,
-        part_lse,
+        plan.part_o,
+        plan.part_lse,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -332,33 +314,83 @@ def sparse_decode_triton(
         num_queries,
         cache_len,
         units,
-        tiles,
+        plan.tiles,
         heads_per_unit,
         num_q_heads // num_kv_heads,
-        num_splits,
+        plan.num_splits,
         scale * LOG2E,
         BLOCK_SIZE=block_size,
-        BLOCK_M=block_m,
+        BLOCK_M=plan.block_m,
         BLOCK_N=key_block_tile(block_size),
         HEAD_DIM=head_dim,
         UPCAST_DOT=upcast_dot(q),
-        **launch,
+        **plan.launch,
     )
-    _decode_combine_kernel[(programs, min(block_m, rows))](
-        part_o,
-        part_lse,
+    return combine_splits(plan, q, units, heads_per_unit)
+
+
+@dataclass
+class SplitLaunch:
+    """Launch geometry and scratch buffers of a split-K decode (`split_launch`)."""
+
+    block_m: int
+    tiles: int
+    programs: int
+    num_splits: int
+    part_o: torch.Tensor
+    part_lse: torch.Tensor
+    launch: dict
+
+
+def split_launch(
+    q: torch.Tensor,
+    units: int,
+    heads_per_unit: int,
+    max_kept: int,
+    num_splits: int | None,
+    tuning: DecodeTuning | None,
+) -> SplitLaunch:
+    """The grid of a split-K decode kernel (programs x splits) and its partial-result buffers,
+    shared by the contiguous and the paged decode. ``max_kept``: the width of the kept-block
+    lists (the split count never exceeds half of it)."""
+    batch, _, num_queries, head_dim = q.shape
+    tuning = DEFAULT_TUNING if tuning is None else tuning
+    rows = heads_per_unit * num_queries
+    block_m = tuning.block_m or max(16, min(64, triton.next_power_of_2(rows)))
+    tiles = triton.cdiv(rows, block_m)
+    programs = batch * units * tiles
+    if num_splits is None:
+        num_splits = tuning.splits or triton.cdiv(2 * _sm_count(q.device), programs)
+        num_splits = max(1, min(num_splits, triton.cdiv(max_kept, 2)))
+    part_o = torch.empty(
+        programs * num_splits * block_m * head_dim, device=q.device, dtype=torch.float32
+    )
+    part_lse = torch.empty(programs * num_splits * block_m, device=q.device, dtype=torch.float32)
+    launch = {"num_warps": tuning.num_warps, "num_stages": tuning.num_stages} if q.is_cuda else {}
+    return SplitLaunch(block_m, tiles, programs, num_splits, part_o, part_lse, launch)
+
+
+def combine_splits(
+    plan: SplitLaunch, q: torch.Tensor, units: int, heads_per_unit: int
+) -> torch.Tensor:
+    """Merge the splits' partial outputs by their log-sum-exp: (B, Hq, Tq, D) in q's dtype."""
+    num_queries, head_dim = q.shape[2], q.shape[3]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _decode_combine_kernel[(plan.programs, min(plan.block_m, heads_per_unit * num_queries))](
+        plan.part_o,
+        plan.part_lse,
         out,
         out.stride(0),
         out.stride(1),
         out.stride(2),
         num_queries,
         units,
-        tiles,
+        plan.tiles,
         heads_per_unit,
-        num_splits,
-        BLOCK_M=block_m,
+        plan.num_splits,
+        BLOCK_M=plan.block_m,
         HEAD_DIM=head_dim,
-        SPLIT_CHUNK=min(64, triton.next_power_of_2(num_splits)),
+        SPLIT_CHUNK=min(64, triton.next_power_of_2(plan.num_splits)),
         **({"num_warps": 4} if q.is_cuda else {}),
     )
     return out

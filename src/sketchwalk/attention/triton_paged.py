@@ -31,14 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sketchwalk.attention.triton_decode import (
-    DEFAULT_TUNING as DEFAULT_DECODE_TUNING,
-)
-from sketchwalk.attention.triton_decode import (
-    DecodeTuning,
-    _decode_combine_kernel,
-    _sm_count,
-)
+from sketchwalk.attention.triton_decode import DecodeTuning, combine_splits, split_launch
 from sketchwalk.attention.triton_prefill import (
     DEFAULT_TUNING as DEFAULT_PREFILL_TUNING,
 )
@@ -362,7 +355,7 @@ def paged_decode_triton(
         (B, Hq, Tq, D) in q's dtype; a row that sees no kept key is 0.
     """
     check_inputs(q, k_pages, v_pages, page_size)
-    batch, num_q_heads, num_queries, head_dim = q.shape
+    _, num_q_heads, num_queries, head_dim = q.shape
     num_kv_heads = k_pages.shape[2]
     num_groups = kv_num_blocks.shape[1]
     units, heads_per_unit = _mask_layout(num_groups, num_q_heads, num_kv_heads)
@@ -370,25 +363,10 @@ def paged_decode_triton(
         q, block_table, seq_lens, kv_num_blocks, kv_indices
     )
 
-    tuning = DEFAULT_DECODE_TUNING if tuning is None else tuning
-    rows = heads_per_unit * num_queries
-    block_m = tuning.block_m or max(16, min(64, triton.next_power_of_2(rows)))
-    tiles = triton.cdiv(rows, block_m)
-    programs = batch * units * tiles
-    if num_splits is None:
-        num_splits = tuning.splits or triton.cdiv(2 * _sm_count(q.device), programs)
-        num_splits = max(1, min(num_splits, triton.cdiv(kv_indices.shape[-1], 2)))
+    plan = split_launch(q, units, heads_per_unit, kv_indices.shape[-1], num_splits, tuning)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    part_o = torch.empty(
-        programs * num_splits * block_m * head_dim, device=q.device, dtype=torch.float32
-    )
-    part_lse = torch.empty(programs * num_splits * block_m, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     group_stride = 0 if num_groups == 1 else 1
-    launch = {}
-    if q.is_cuda:
-        launch = {"num_warps": tuning.num_warps, "num_stages": tuning.num_stages}
-    _paged_decode_split_kernel[(num_splits, programs)](
+    _paged_decode_split_kernel[(plan.num_splits, plan.programs)](
         q,
         k_pages,
         v_pages,
@@ -396,8 +374,8 @@ def paged_decode_triton(
         seq_lens,
         kv_num_blocks,
         kv_indices,
-        part_o,
-        part_lse,
+        plan.part_o,
+        plan.part_lse,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -416,36 +394,19 @@ def paged_decode_triton(
         kv_indices.stride(1) * group_stride,
         num_queries,
         units,
-        tiles,
+        plan.tiles,
         heads_per_unit,
         num_q_heads // num_kv_heads,
-        num_splits,
+        plan.num_splits,
         scale * LOG2E,
         PAGE_SIZE=page_size,
-        BLOCK_M=block_m,
+        BLOCK_M=plan.block_m,
         BLOCK_N=key_block_tile(page_size),
         HEAD_DIM=head_dim,
         UPCAST_DOT=upcast_dot(q),
-        **launch,
+        **plan.launch,
     )
-    _decode_combine_kernel[(programs, min(block_m, rows))](
-        part_o,
-        part_lse,
-        out,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        num_queries,
-        units,
-        tiles,
-        heads_per_unit,
-        num_splits,
-        BLOCK_M=block_m,
-        HEAD_DIM=head_dim,
-        SPLIT_CHUNK=min(64, triton.next_power_of_2(num_splits)),
-        **({"num_warps": 4} if q.is_cuda else {}),
-    )
-    return out
+    return combine_splits(plan, q, units, heads_per_unit)
 
 
 def paged_prefill_triton(
