@@ -120,3 +120,27 @@ def test_bad_inputs():
         sparse_attention(q, k, v, sel.block_mask)
     with pytest.raises(ValueError, match="more queries"):
         dense_attention(q, k[:, :, :10], v[:, :, :10])
+
+
+@pytest.mark.parametrize("window, softcap", [(5, None), (None, 2.0), (7, 1.5)])
+def test_dense_attention_window_and_softcap_equal_a_brute_force(window, softcap):
+    """``window`` (a query sees itself and ``window - 1`` keys before it) and ``softcap``
+    (logits -> softcap * tanh(logits / softcap)), query chunk at the end of the keys."""
+    from sketchwalk.attention.reference import dense_attention
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 2, 20, 8, generator=g, dtype=torch.float64)
+    got = dense_attention(q, k, v, scale=0.4, window=window, softcap=softcap, chunk_size=4)
+    want = torch.zeros_like(q)
+    for b in range(2):
+        for h in range(4):
+            for i in range(9):
+                pos = 11 + i
+                logits = (k[b, h // 2] @ q[b, h, i]) * 0.4
+                if softcap is not None:
+                    logits = softcap * torch.tanh(logits / softcap)
+                keys = [j for j in range(20) if j <= pos and (window is None or j > pos - window)]
+                p = torch.softmax(logits[keys], 0)
+                want[b, h, i] = p @ v[b, h // 2, keys]
+    torch.testing.assert_close(got, want)

@@ -32,10 +32,12 @@ def _attend_chunk(
     v: torch.Tensor,
     allowed: torch.Tensor,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of a chunk of query rows with an explicit bool mask.
 
-    q (B, Hq, C, D); k, v (B, Hkv, S, D); allowed broadcastable to (B, Hq, C, S).
+    q (B, Hq, C, D); k, v (B, Hkv, S, D); allowed broadcastable to (B, Hq, C, S); ``softcap``:
+    logits become ``softcap * tanh(logits / softcap)`` before the mask.
     Rows with no allowed key give zeros. Returns (B, Hq, C, D) in float32 (float64 for float64
     inputs).
     """
@@ -45,6 +47,8 @@ def _attend_chunk(
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf = q.to(acc).view(b, hkv, g, c, d)
     scores = (qf @ k.to(acc)[:, :, None].transpose(-1, -2)) * scale  # (B, Hkv, g, C, S)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.view(b, hq, c, s).masked_fill_(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -62,6 +66,8 @@ def dense_attention(
     causal: bool = True,
     scale: float | None = None,
     chunk_size: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention with GQA, float32 accumulation, chunked over query rows.
 
@@ -71,6 +77,9 @@ def dense_attention(
         causal: mask keys after each query's position (queries aligned to the end of the keys).
         scale: softmax scale, default 1 / sqrt(D).
         chunk_size: query rows per chunk (default: about 256 MiB of float32 scores).
+        window: with ``causal``, a sliding window: a query sees itself and the ``window - 1``
+            keys before it.
+        softcap: logit soft-capping, ``softcap * tanh(logits / softcap)``.
 
     Returns:
         (B, Hq, T, D) in q's dtype, like ``F.scaled_dot_product_attention``.
@@ -90,12 +99,14 @@ def dense_attention(
         if causal:
             q_pos = torch.arange(start, stop, device=q.device) + (s - t)
             allowed = key_pos[None, :horizon] <= q_pos[:, None]
+            if window is not None:
+                allowed &= key_pos[None, :horizon] > q_pos[:, None] - window
         else:
             allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device)
         kc, vc = k[:, :, :horizon], v[:, :, :horizon]
-        out[:, :, start:stop] = _attend_chunk(q[:, :, start:stop], kc, vc, allowed, scale).to(
-            q.dtype
-        )
+        out[:, :, start:stop] = _attend_chunk(
+            q[:, :, start:stop], kc, vc, allowed, scale, softcap
+        ).to(q.dtype)
     return out
 
 

@@ -40,7 +40,6 @@ backend registered is this one (nothing changes for any other choice).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter, OrderedDict
@@ -577,42 +576,10 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
     def _dense(self, q, k_pages, v_pages, table_row, seq_len) -> torch.Tensor:
         k = gather_pages(k_pages, table_row, seq_len)
         v = gather_pages(v_pages, table_row, seq_len)
-        if self.sliding_window is None and self.logits_soft_cap is None:
-            return dense_attention(q, k, v, causal=True, scale=self.scale)
-        return _dense_windowed(q, k, v, self.scale, self.sliding_window, self.logits_soft_cap)
-
-
-def _dense_windowed(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    window: int | None,
-    softcap: float | None,
-    rows: int = 256,
-) -> torch.Tensor:
-    """Causal attention with an optional sliding window (a query sees itself and the
-    ``window - 1`` keys before it) and logit soft-capping, float32, chunked over query rows.
-    q (1, Hq, T, D) at positions S - T .., k/v (1, Hkv, S, D)."""
-    hq, t = q.shape[1], q.shape[2]
-    s, hkv = k.shape[2], k.shape[1]
-    group = hq // hkv
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
-    key_pos = torch.arange(s, device=q.device)
-    out = torch.empty_like(q)
-    for start in range(0, t, rows):
-        stop = min(t, start + rows)
-        qpos = torch.arange(start, stop, device=q.device) + (s - t)
-        logits = q[:, :, start:stop].float() @ kf.transpose(-1, -2) * scale
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        allowed = key_pos[None, :] <= qpos[:, None]
-        if window is not None:
-            allowed &= key_pos[None, :] > qpos[:, None] - window
-        logits = logits.masked_fill(~allowed, -math.inf)
-        out[:, :, start:stop] = (logits.softmax(-1) @ vf).to(q.dtype)
-    return out
+        return dense_attention(
+            q, k, v, causal=True, scale=self.scale, window=self.sliding_window,
+            softcap=self.logits_soft_cap,
+        )  # fmt: skip
 
 
 # ---- registration ---------------------------------------------------------------------------
