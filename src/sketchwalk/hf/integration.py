@@ -254,8 +254,7 @@ class SketchWalkAttention:
         # a left-padded batch decodes one row at a time, each row with its own decoder
         self._row_decoders: dict[int, SketchWalkDecoder] = {}
         self._decode_pads: list[int] | None = None
-        self._mask_verdicts: dict[int, tuple[weakref.ref, str | None, list[int] | None]] = {}
-        self._trimmed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._mask_cache: dict[tuple[str, int], tuple[weakref.ref, Any]] = {}
 
     @property
     def sketchwalk(self) -> Any:
@@ -372,6 +371,20 @@ class SketchWalkAttention:
 
     # ---- the attention call ---------------------------------------------------------------
 
+    def _once_per_mask(self, kind: str, mask: torch.Tensor, inspect: Callable[[], Any]) -> Any:
+        """``inspect()`` of ``mask``, computed once per mask object and ``kind``: every layer of
+        a forward pass (or decode step) gets the same mask object, so its inspection (a host
+        sync) runs once, not per layer. Entries are weak references checked by identity, so a
+        new mask at a reused address is inspected again."""
+        key = (kind, id(mask))
+        seen = self._mask_cache.get(key)
+        if seen is not None and seen[0]() is mask:
+            return seen[1]
+        value = inspect()
+        self._mask_cache = {k: v for k, v in self._mask_cache.items() if v[0]() is not None}
+        self._mask_cache[key] = (weakref.ref(mask), value)
+        return value
+
     def _mask_problem(self, mask: Any, q_len: int, kv_len: int) -> str | None:
         """None when ``mask`` is absent or equals the plain causal mask, else why it is not."""
         if mask is None:
@@ -380,35 +393,15 @@ class SketchWalkAttention:
             return f"attention mask of type {type(mask).__name__} (only tensors are inspected)"
         if mask.dim() != 4 or mask.shape[-2:] != (q_len, kv_len):
             return f"attention mask of shape {tuple(mask.shape)} (expected (B, 1, S, S))"
-        # Every layer of a forward pass gets the same mask object: inspect it once. Entries are
-        # weak references checked by identity, so a new mask at a reused address is re-inspected.
-        seen = self._mask_verdicts.get(id(mask))
-        if seen is not None and seen[0]() is mask:
-            return seen[1]
-        # Bool masks mark allowed positions; additive float masks hold 0 where allowed.
-        allowed = mask if mask.dtype == torch.bool else mask == 0
-        # queries aligned to the end of the keys (a chunk of q_len < kv_len new tokens)
-        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(
-            kv_len - q_len
-        )
-        plain = bool(torch.equal(allowed, causal.expand_as(allowed)))
-        verdict = (
-            None
-            if plain
-            else "attention mask is not plain causal (padding, packing or sliding window)"
-        )
-        pads = None if plain else left_padding(allowed)
-        self._mask_verdicts = {k: v for k, v in self._mask_verdicts.items() if v[0]() is not None}
-        self._mask_verdicts[id(mask)] = (weakref.ref(mask), verdict, pads)
-        return verdict
+        return self._once_per_mask("prefill", mask, lambda: _prefill_mask_verdict(mask))[0]
 
     def _left_pads(self, mask: Any) -> list[int] | None:
         """Per-row left-padding lengths of the mask `_mask_problem` just inspected, or None when
         it is not a left-padded causal mask."""
-        seen = self._mask_verdicts.get(id(mask))
-        if mask is None or seen is None or seen[0]() is not mask:
+        seen = None if mask is None else self._mask_cache.get(("prefill", id(mask)))
+        if seen is None or seen[0]() is not mask:
             return None
-        return seen[2]
+        return seen[1][1]
 
     def _dense_reason(
         self,
@@ -522,14 +515,9 @@ class SketchWalkAttention:
             return [0]
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1:3] != (1, 1):
             return None
-        seen = self._mask_verdicts.get(id(mask))
-        if seen is not None and seen[0]() is mask:
-            return seen[2]
-        allowed = mask if mask.dtype == torch.bool else mask == 0
-        pads = decode_left_padding(allowed[:, 0, 0])
-        self._mask_verdicts = {k: v for k, v in self._mask_verdicts.items() if v[0]() is not None}
-        self._mask_verdicts[id(mask)] = (weakref.ref(mask), None, pads)
-        return pads
+        return self._once_per_mask(
+            "decode", mask, lambda: decode_left_padding(_allowed(mask)[:, 0, 0])
+        )
 
     def _start_pass_if_new(self, layer_idx: int) -> None:
         if self._last_layer is None or layer_idx <= self._last_layer:
@@ -672,20 +660,17 @@ class SketchWalkAttention:
         are cut off (views, no copy), with the mask, so the call is the prefill, chunk or decode
         step of the written prefix. Inspected (a host sync) once per mask object: the layers of
         a step share the mask, and get the same trimmed mask object back."""
-        seen = self._trimmed.get(id(mask))
-        if seen is None or seen[0]() is not mask:
-            allowed = mask if mask.dtype == torch.bool else mask == 0
-            seen_cols = allowed.reshape(-1, allowed.shape[-1]).any(dim=0)
+
+        def inspect() -> tuple[int, torch.Tensor]:
+            seen_cols = _allowed(mask).reshape(-1, mask.shape[-1]).any(dim=0)
             visible = int(seen_cols.nonzero().max()) + 1 if bool(seen_cols.any()) else 0
             length = visible or mask.shape[-1]
-            trimmed = mask if length >= mask.shape[-1] else mask[..., :length]
-            self._trimmed = {k: v for k, v in self._trimmed.items() if v[0]() is not None}
-            seen = (weakref.ref(mask), length, trimmed)
-            self._trimmed[id(mask)] = seen
-        length = seen[1]
+            return length, (mask if length >= mask.shape[-1] else mask[..., :length])
+
+        length, trimmed = self._once_per_mask("trim", mask, inspect)
         if not query_len <= length < key.shape[2]:
             return mask, key, value
-        return seen[2], key[:, :, :length], value[:, :, :length]
+        return trimmed, key[:, :, :length], value[:, :, :length]
 
     def _padded_decode(
         self,
@@ -875,6 +860,23 @@ def left_padding(allowed: torch.Tensor) -> list[int] | None:
     if not bool((pad_rows | real_rows[..., 0]).all()):
         return None
     return [int(p) for p in pads]
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Bool masks mark allowed positions; additive float masks hold 0 where allowed."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def _prefill_mask_verdict(mask: torch.Tensor) -> tuple[str | None, list[int] | None]:
+    """(None, None) when a (B, 1|H, S_q, S_kv) mask is plain causal with the queries aligned to
+    the end of the keys, else (why not, its per-row left padding or None)."""
+    q_len, kv_len = mask.shape[-2:]
+    allowed = _allowed(mask)
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+    if bool(torch.equal(allowed, causal.expand_as(allowed))):
+        return None, None
+    why = "attention mask is not plain causal (padding, packing or sliding window)"
+    return why, left_padding(allowed)
 
 
 def decode_left_padding(allowed: torch.Tensor) -> list[int] | None:
