@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -98,10 +99,21 @@ def session(device: str | None = "auto") -> Iterator[World]:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    finished = False
     try:
         yield world()
+        finished = True
     finally:
+        if finished:
+            # leave together: rank 0 still writes the results after the last collective, and a
+            # rank that left the group and exited meanwhile was once seen to abort at exit
+            # (gloo, loaded 2-core machine). After an error the ranks may be in different
+            # places, so they leave at once; a barrier that fails because another rank has
+            # failed (and reports it) does not hide this rank's success
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
         dist.destroy_process_group()
+        gc.collect()  # free the process group while the interpreter is whole
 
 
 def device_for(name: str | torch.device | None, w: World) -> str | torch.device | None:
