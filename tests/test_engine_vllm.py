@@ -363,3 +363,86 @@ def test_impl_chunks_across_steps():
         swv._SETTINGS = None
     assert summary["sparse_calls"] == {"prefill": 6, "decode": 3}
     assert summary["fallback_reasons"] == {}
+
+
+def test_impl_decodes_from_page_bounds_in_one_batch():
+    """Two prompts prefilled through the impl (so every key passes the page bounds), then
+    decode steps of both in one flattened batch, a third prompt prefilled and decoding beside: each
+    decode row equals the per-sequence reference (`SketchWalkDecoder` rebuilt from the keys,
+    reference path, and `sparse_decode`) and the selection ran once per step for all rows."""
+    from sketchwalk.attention.api import sparse_decode
+    from sketchwalk.selection.decode import SketchWalkDecoder
+
+    g = torch.Generator().manual_seed(4)
+    hq, hkv, d, page = 4, 2, 32, 16
+    cfg = _config(0.5).replace(dense_layers=0, sink_blocks=1, window_blocks=1, block_size=page)
+    lens0, steps = [170, 130, 64], 4  # the third prompt is prefilled during the decode steps
+    total = [s + steps for s in lens0]
+    cache = torch.randn(60, hkv, page, 2 * d, generator=g)  # what earlier requests left
+    table = torch.randperm(60, generator=g)[:45].view(3, 15).to(torch.int32)
+    cache[table[0, 2].long(), :, :, :d] = 500.0  # huge old keys: the bounds must forget them
+    qa = [torch.randn(s, hq, d, generator=g) for s in total]
+    ka = [torch.randn(s, hkv, d, generator=g) for s in total]
+    va = [torch.randn(s, hkv, d, generator=g) for s in total]
+    for b in range(2):
+        ka[b][b * 40 + 7] *= 8  # a strong key in an early block
+    pos = [torch.arange(s) for s in total]
+    slots = [table[b].long()[p // page] * page + p % page for b, p in enumerate(pos)]
+    swv.configure(cfg)
+    swv.reset_summary()
+    impl = swv.SketchWalkImpl(hq, d, d**-0.5, hkv, None, None, "auto")
+    calls = []
+    real_select = swv.paged_quest_select
+
+    def counting_select(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real_select(*args, **kwargs)
+
+    def meta(pieces):  # [(seq, start, stop)]: one flattened step
+        qlen = [stop - start for _, start, stop in pieces]
+        loc = torch.tensor([0, *torch.cumsum(torch.tensor(qlen), 0).tolist()], dtype=torch.int32)
+        lens = torch.tensor([stop for _, _, stop in pieces], dtype=torch.int32)
+        rows = [b for b, _, _ in pieces]
+        return swv.SketchWalkMetadata(
+            num_actual_tokens=int(loc[-1]), query_start_loc=loc, query_start_loc_cpu=loc,
+            seq_lens=lens, seq_lens_cpu=lens, block_table=table[rows],
+            slot_mapping=torch.cat([slots[b][s:e] for b, s, e in pieces]), num_reqs=len(pieces),
+        )  # fmt: skip
+
+    def run(pieces):
+        m = meta(pieces)
+        cat = [torch.cat([x[b][s:e] for b, s, e in pieces]) for x in (qa, ka, va)]
+        out = torch.full((m.num_actual_tokens, hq * d), float("nan"))
+        impl.forward(_Layer(), *cat, cache, m, out)
+        return out.view(-1, hq, d)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(swv, "paged_quest_select", counting_select)
+    try:
+        run([(0, 0, lens0[0]), (1, 0, lens0[1])])
+        for i in range(steps):
+            a, b = lens0[0] + i, lens0[1] + i
+            third = (2, 0, lens0[2]) if i == 1 else (2, lens0[2] + i - 2, lens0[2] + i - 1)
+            pieces = [(0, a, a + 1), (1, b, b + 1)] + ([third] if i >= 1 else [])
+            out = run(pieces)
+            for row, (seq, start, stop) in enumerate(pieces):
+                if stop - start != 1:
+                    continue  # the third prompt's prefill (row 2, last in the batch)
+                k = ka[seq][:stop].transpose(0, 1)[None]
+                v = va[seq][:stop].transpose(0, 1)[None]
+                q = qa[seq][stop - 1][None, :, None]
+                dec = SketchWalkDecoder(cfg, fast=False)
+                dec.prefill(torch.zeros(1, hq, stop - 1, d), k[:, :, :-1], 1)
+                sel = dec.step(q, k[:, :, -1:], 1)
+                ref = sparse_decode(q, k, v, sel.kv_num_blocks, sel.kv_indices, page,
+                                    backend="reference", scale=d**-0.5)  # fmt: skip
+                if seq < 2:  # blocks ranked beside the forced 2 (the third one is too short)
+                    assert int(sel.kv_num_blocks.min()) > 2
+                torch.testing.assert_close(out[row], ref[0, :, 0], atol=1e-5, rtol=1e-5)
+        summary = swv.summary()
+    finally:
+        mp.undo()
+        swv._SETTINGS = None
+    # one selection per step for all its decode rows (the third sequence decodes from step 2)
+    assert calls == [2, 2, 3, 3]
+    assert summary["sparse_calls"]["decode"] == 10

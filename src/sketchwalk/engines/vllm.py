@@ -19,9 +19,11 @@ sequence:
   across steps (`ChunkStates`, keyed by the prompt's first page) so that a later chunk of the
   same prompt continues with `SketchWalk.select_chunk` (the same selection a one-shot prefill
   would make for those rows);
-- a decode (one query after at least one cached token): the quest rule of `SketchWalkDecoder`,
-  its key bounds rebuilt from the paged cache at every step (correct, O(cache) per step: no
-  per-request state is kept across steps yet), and `paged_sparse_decode`;
+- the step's decodes (one query after at least one cached token), all rows together: the quest
+  rule on per-physical-page key bounds (`PageKeyBounds`, one per layer, updated here whenever
+  keys are written: no per-request state) by one `paged_quest_select`, and one
+  `paged_sparse_decode` call; dense decodes (dense layers, one-block sequences) likewise in one
+  call with every page kept;
 - everything else runs an exact dense path over the sequence's pages and is recorded with its
   reason (:func:`summary`): layers below ``dense_layers``, one-block sequences, later chunks
   without the pooled queries of their earlier chunks (a first chunk of one block, a prefix-cache
@@ -71,6 +73,7 @@ from sketchwalk.attention.paged import gather_pages, paged_sparse_decode, paged_
 from sketchwalk.attention.reference import dense_attention
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.selection.decode import SketchWalkDecoder
+from sketchwalk.selection.paged_quest import PagedDecodePlan, PageKeyBounds, paged_quest_select
 from sketchwalk.selection.prefill import SketchWalk
 
 __all__ = [
@@ -273,7 +276,9 @@ class SketchWalkMetadata(AttentionMetadata):
     ``query_start_loc_cpu`` / ``seq_lens_cpu`` are host copies of the per-sequence boundaries;
     ``selectors`` holds the step's `SketchWalk` per sequence index (the walk carries from one
     layer to the next within the step); ``prompts`` is the builder's store of the selectors of
-    prompts being prefilled in chunks (`ChunkStates`).
+    prompts being prefilled in chunks (`ChunkStates`); ``decode_plans`` the step's batched
+    decode rows (`_DecodeRows`), built by the first sparse layer and reused by the others;
+    ``first_pages`` each sequence's first physical page (host).
     """
 
     num_actual_tokens: int
@@ -287,6 +292,15 @@ class SketchWalkMetadata(AttentionMetadata):
     causal: bool = True
     selectors: dict[int, SketchWalk] = field(default_factory=dict)
     prompts: ChunkStates | None = None
+    decode_plans: dict[Any, Any] = field(default_factory=dict)
+    first_pages: list[int] | None = None
+
+    def first_page(self, b: int) -> int:
+        """Physical page of sequence b's first block (the `ChunkStates` key), from the host
+        copy the builder made (one sync per step), else read from the block table."""
+        if self.first_pages is not None:
+            return self.first_pages[b]
+        return int(self.block_table[b, 0])
 
 
 class ChunkStates:
@@ -340,17 +354,22 @@ class SketchWalkMetadataBuilder(AttentionMetadataBuilder[SketchWalkMetadata]):
         m = common_attn_metadata
         num_reqs = m.num_reqs
         causal = m.causal if isinstance(m.causal, bool) else None
+        # lengths and first pages in one device-to-host copy (the step's one host sync)
+        host = torch.stack(
+            [m.seq_lens[:num_reqs], m.block_table_tensor[:num_reqs, 0].to(m.seq_lens.dtype)]
+        ).to("cpu")
         return SketchWalkMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=m.query_start_loc,
             query_start_loc_cpu=m.query_start_loc_cpu[: num_reqs + 1].to("cpu"),
             seq_lens=m.seq_lens,
-            seq_lens_cpu=m.seq_lens[:num_reqs].to("cpu"),  # one host sync per step
+            seq_lens_cpu=host[0],
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping,
             num_reqs=num_reqs,
             causal=bool(causal) if causal is not None else False,
             prompts=self.prompts,
+            first_pages=host[1].tolist(),
         )
 
 
@@ -358,6 +377,45 @@ class SketchWalkMetadataBuilder(AttentionMetadataBuilder[SketchWalkMetadata]):
 
 NO_CHUNK_STATE = "later prefill chunk without the pooled queries of the earlier ones"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class _DecodeRows:
+    """The sparse decode rows of a step: their query positions in the flattened batch, block
+    table rows, lengths and `PagedDecodePlan` (built once, shared by the layers)."""
+
+    token_index: torch.Tensor
+    table: torch.Tensor
+    seq_lens: torch.Tensor
+    plan: PagedDecodePlan
+    _all: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def all_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_num_blocks, kv_indices) keeping every block of every row (one group)."""
+        if self._all is None:
+            device = self.table.device
+            nks = self.plan.num_key_blocks
+            num = torch.tensor(nks, dtype=torch.int32).to(device)[:, None]
+            idx = torch.arange(max(nks), dtype=torch.int32, device=device)
+            self._all = (num, idx.expand(len(nks), 1, -1).contiguous())
+        return self._all
+
+    @classmethod
+    def build(cls, rows, token_starts, seq_lens, block_table, config) -> _DecodeRows:
+        device = block_table.device
+        host = torch.tensor([rows, token_starts, seq_lens], dtype=torch.int64).to(device)
+        table = block_table.index_select(0, host[0])
+        return cls(
+            token_index=host[1],
+            table=table,
+            seq_lens=host[2].to(torch.int32),
+            plan=PagedDecodePlan.build(seq_lens, table, config),
+        )
+
+
+# dense decodes that the paged kernel serves with every block kept (the others need a window
+# or soft-capping: the dense reference)
+_BATCHED_DENSE = ("dense layer", "short sequence (one block)", "layer index unknown")
 
 
 def _layer_index(name: str | None) -> int | None:
@@ -404,6 +462,7 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.layer_idx: int | None = None
+        self.bounds: PageKeyBounds | None = None
         logger.info_once("SketchWalk attention backend in use: %s", settings())
 
     # -- cache ------------------------------------------------------------------------------
@@ -449,32 +508,48 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         n = m.num_actual_tokens
         k_pages, v_pages = self._pages(kv_cache)
         if self.kv_sharing_target_layer_name is None and key is not None and value is not None:
+            if self.bounds is None or not self.bounds.matches(k_pages):
+                self.bounds = PageKeyBounds(k_pages)  # before the write: what is there now
             slots = m.slot_mapping[:n]
             self._write(k_pages, key[:n], slots)
             self._write(v_pages, value[:n], slots)
+            self.bounds.update(key[:n], slots)
         out = output[:n].view(n, self.num_heads, self.head_size)
         starts = m.query_start_loc_cpu.tolist()
         lens = m.seq_lens_cpu.tolist()
+        st = settings()
+        batched = (
+            self.bounds is not None
+            and self.kv_sharing_target_layer_name is None
+            and k_pages.shape[1] == st.config.block_size
+        )
+        sparse_rows, dense_rows = [], []
         for b in range(m.num_reqs):
             qs, qe, seq_len = starts[b], starts[b + 1], lens[b]
             if qe <= qs:
                 continue
             q = query[qs:qe].transpose(0, 1)[None]  # (1, Hq, T, D)
-            out[qs:qe] = self._attend(q, k_pages, v_pages, m, b, seq_len)[0].transpose(0, 1)
+            kind, reason = self._route(q.shape[2], m, b, seq_len, st.config)
+            # decodes go below, each kind in one kernel call (and one selection)
+            if kind == "decode" and reason is None and batched:
+                sparse_rows.append(b)
+                continue
+            if kind == "decode" and reason in _BATCHED_DENSE:
+                _record("decode", "dense", reason)
+                dense_rows.append(b)
+                continue
+            o = self._attend(q, k_pages, v_pages, m, b, seq_len, kind, reason, st)
+            out[qs:qe] = o[0].transpose(0, 1)
+        for rows, sparse in ((sparse_rows, True), (dense_rows, False)):
+            if rows:
+                self._decode_rows(query, out, starts, lens, rows, k_pages, v_pages, m, st, sparse)
         return output
 
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k_pages: torch.Tensor,
-        v_pages: torch.Tensor,
-        m: SketchWalkMetadata,
-        b: int,
-        seq_len: int,
-    ) -> torch.Tensor:
-        st = settings()
-        cfg = st.config
-        t = q.shape[2]
+    def _route(
+        self, t: int, m: SketchWalkMetadata, b: int, seq_len: int, cfg: SketchWalkConfig
+    ) -> tuple[str, str | None]:
+        """(kind, reason): ``decode`` or ``prefill``, and why the row runs dense (None: it
+        runs sparse)."""
         kind = "decode" if t == 1 and seq_len > 1 else "prefill"
         layer = self.layer_idx
         reason = None
@@ -493,8 +568,22 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         if reason is None and kind == "prefill" and t != seq_len:
             reason = self._continue_prompt(m, b)
         if reason is None and kind == "decode" and m.prompts is not None and b not in m.selectors:
-            m.prompts.finish(int(m.block_table[b, 0]))  # the prompt is done: drop its state
+            m.prompts.finish(m.first_page(b))  # the prompt is done: drop its state
             m.selectors[b] = None
+        return kind, reason
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        m: SketchWalkMetadata,
+        b: int,
+        seq_len: int,
+        kind: str,
+        reason: str | None,
+        st: BackendSettings,
+    ) -> torch.Tensor:
         if reason is not None:
             _record(kind, "dense", reason)
             return self._dense(q, k_pages, v_pages, m.block_table[b], seq_len)
@@ -508,7 +597,7 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         sequence); the reason to run dense when there is none."""
         if b in m.selectors:
             return None if m.selectors[b] is not None else NO_CHUNK_STATE
-        selector = None if m.prompts is None else m.prompts.get(int(m.block_table[b, 0]))
+        selector = None if m.prompts is None else m.prompts.get(m.first_page(b))
         m.selectors[b] = selector
         return None if selector is not None else NO_CHUNK_STATE
 
@@ -525,7 +614,7 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
                 )
                 selector.keep_queries = True
                 if m.prompts is not None:
-                    m.prompts.start(int(m.block_table[b, 0]), selector)
+                    m.prompts.start(m.first_page(b), selector)
             sel = selector.select(q, k, self.layer_idx)
         else:  # a later chunk: continue from the pooled queries of the earlier ones
             try:
@@ -533,7 +622,7 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
             except ValueError:
                 m.selectors[b] = None  # the rest of this step's layers run dense too
                 if m.prompts is not None:
-                    m.prompts.finish(int(m.block_table[b, 0]))
+                    m.prompts.finish(m.first_page(b))
                 _record("prefill", "dense", NO_CHUNK_STATE)
                 return self._dense(q, k_pages, v_pages, m.block_table[b], seq_len)
         _record("prefill", "sparse", None, sel.density)
@@ -553,7 +642,8 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
             cfg = cfg.replace(decode_rule="quest")  # the walk rule needs past queries
         table = m.block_table[b : b + 1]
         k = gather_pages(k_pages, table, seq_len)  # (1, Hkv, S, D)
-        # rebuilt every step from the cache (no per-request state across steps yet)
+        # the per-sequence path (pages unlike blocks, or a layer sharing another's cache): the
+        # bounds rebuilt from this sequence's keys
         decoder = SketchWalkDecoder(cfg)
         past = k[:, :, :-1]
         dummy_q = past.new_zeros(1, q.shape[1], past.shape[2], q.shape[3])  # quest reads k only
@@ -572,6 +662,41 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
             q, k, v, sel.kv_num_blocks, sel.kv_indices, cfg.block_size,
             backend=st.backend, scale=self.scale,
         )  # fmt: skip
+
+    def _decode_rows(
+        self, query, out, starts, lens, rows, k_pages, v_pages, m, st, sparse: bool
+    ) -> None:
+        """Decode rows together in one `paged_sparse_decode` call: ``sparse``, with the quest
+        rule on the per-page key bounds (`paged_quest_select`, no per-request state); else
+        every block (the dense decodes)."""
+        cfg = st.config
+        if cfg.decode_rule != "quest":
+            cfg = cfg.replace(decode_rule="quest")  # the walk rule needs past queries
+        if not sparse:  # blocks are the pages
+            cfg = cfg.replace(block_size=k_pages.shape[1])
+        key = (tuple(rows), cfg)
+        plan = m.decode_plans.get(key)
+        if plan is None:
+            plan = m.decode_plans[key] = _DecodeRows.build(
+                rows, [starts[b] for b in rows], [lens[b] for b in rows], m.block_table, cfg
+            )
+        q = query.index_select(0, plan.token_index)  # (R, Hq, D)
+        if not sparse:
+            num, idx = plan.all_blocks()
+        else:
+            num, idx = paged_quest_select(q, self.bounds, plan.plan, cfg)
+        o = paged_sparse_decode(
+            q[:, :, None], k_pages, v_pages, plan.table, plan.seq_lens, num, idx,
+            k_pages.shape[1], self.scale, st.backend, validate=False,
+        )  # fmt: skip
+        out.index_copy_(0, plan.token_index, o[:, :, 0].to(out.dtype))
+        if not sparse:
+            return
+        kept = plan.plan.kept
+        if kept is None:  # a budget that is not a count per row: read the counts back
+            kept = num.float().mean(dim=1).tolist()
+        for n_kept, nk in zip(kept, plan.plan.num_key_blocks, strict=True):
+            _record("decode", "sparse", None, n_kept / nk)
 
     def _dense(self, q, k_pages, v_pages, table_row, seq_len) -> torch.Tensor:
         k = gather_pages(k_pages, table_row, seq_len)

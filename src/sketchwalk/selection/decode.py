@@ -42,7 +42,6 @@ A step makes no host sync: budgets come from CPU-side cached tables.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +49,14 @@ import torch
 
 from sketchwalk.blocks import check_qk, compact_mask, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.selection.quest import block_key_bounds, quest_block_scores, quest_log_scores
-from sketchwalk.selection.select import forced_counts, last_row_ranked, select_last_row
+from sketchwalk.selection.quest import (
+    block_key_bounds,
+    bound_logits,
+    group_log_probs,
+    quest_block_scores,
+    quest_log_scores,
+)
+from sketchwalk.selection.select import forced_counts, last_row_kept, select_last_row
 from sketchwalk.selection.sketch import block_pool, sketched_blocks
 from sketchwalk.selection.walk import aggregate_heads, sharpen, transition_from_pooled
 
@@ -354,9 +359,7 @@ class SketchWalkDecoder:
 
     def _kept_blocks(self, nk: int) -> int:
         """Blocks a row keeps over nk blocks: forced (sink, window) plus the ranked budget."""
-        sink, window = forced_counts(nk, self.config)
-        forced = min(nk, sink + window)
-        return min(nk, forced + last_row_ranked(nk, self.config))
+        return last_row_kept(nk, self.config)
 
     def _row_budget(self, nk: int) -> int:
         """`_kept_blocks`, cached for the current nk (the layers of a step share it)."""
@@ -494,27 +497,15 @@ class _StaticQuestStep:
             current = buf.index_select(2, j)[:, :, 0]
             buf.index_copy_(2, j, torch.where(opens, k_new, fold(current, k_new))[:, :, None])
         nk = j + 1
-        b, hkv, cap, d = st.min_buffer.shape
-        hq = self.q_in.shape[1]
-        g = hq // hkv
-        qs = self.q_in.reshape(b * hkv, g, d).to(torch.float32) * (1.0 / math.sqrt(d))
-        q_pos = qs.clamp_min(0.0)
-        logits = torch.bmm(q_pos, st.max_buffer.view(b * hkv, cap, d).transpose(1, 2))
-        logits.baddbmm_(qs - q_pos, st.min_buffer.view(b * hkv, cap, d).transpose(1, 2))
+        b = st.min_buffer.shape[0]
+        logits = bound_logits(self.q_in, st.min_buffer, st.max_buffer)
         col = self.blocks
         last_count = (pos + 1 - j * bs).to(torch.float32)
         logits = logits + (
             torch.where(col < nk, 0.0, float("-inf"))
             + torch.where(col == j, torch.log(last_count / bs), 0.0)
         )
-        logits = logits - logits.logsumexp(dim=-1, keepdim=True)
-        logits = logits.view(b, hkv, g, cap)
-        if cfg.granularity == "layer":
-            scores = logits.amax(dim=(1, 2))[:, None]
-        elif cfg.granularity == "kv_group":
-            scores = logits.amax(dim=2)
-        else:
-            scores = logits.reshape(b, hq, cap)
+        scores = group_log_probs(logits, b, cfg.granularity)
         sink, window = self.sink_table[nk], self.window_table[nk]
         forced = (col < sink) | ((col >= nk - window) & (col < nk))
         ranked = scores + torch.where(forced, float("inf"), 0.0)

@@ -88,6 +88,42 @@ def quest_block_scores(
     raise ValueError(f"granularity must be 'layer', 'kv_group' or 'head', got {granularity!r}")
 
 
+def bound_logits(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
+    """The scaled upper-bound logits ``u / sqrt(D)`` of one query per head, in two products.
+
+    Args:
+        q: (B, Hq, D) queries.
+        key_min, key_max: float32 (B, Hkv, n, D) or (B * Hkv, n, D) block bounds.
+
+    Returns:
+        float32 (B * Hkv, Hq / Hkv, n): the heads of a KV group side by side.
+    """
+    b, hq, d = q.shape
+    n = key_min.shape[-2]
+    hkv = key_min.numel() // (b * n * d)
+    # the scale goes into the query: relu(s q) = s relu(q) for s > 0
+    qs = q.reshape(b * hkv, hq // hkv, d).to(torch.float32) * (1.0 / math.sqrt(d))
+    q_pos = qs.clamp_min(0.0)
+    logits = torch.bmm(q_pos, key_max.reshape(b * hkv, n, d).transpose(1, 2))
+    logits.baddbmm_(qs - q_pos, key_min.reshape(b * hkv, n, d).transpose(1, 2))
+    return logits
+
+
+def group_log_probs(logits: torch.Tensor, batch: int, granularity: str) -> torch.Tensor:
+    """Per head, log-softmax of ``logits`` (B * Hkv, g, n) over the blocks; per mask group, the
+    maximum over its heads: float32 (B, G, n)."""
+    _, g, n = logits.shape
+    logits = logits - logits.logsumexp(dim=-1, keepdim=True)
+    logits = logits.view(batch, -1, g, n)
+    if granularity == "layer":
+        return logits.amax(dim=(1, 2))[:, None]
+    if granularity == "kv_group":
+        return logits.amax(dim=2)
+    if granularity == "head":
+        return logits.reshape(batch, -1, n)
+    raise ValueError(f"granularity must be 'layer', 'kv_group' or 'head', got {granularity!r}")
+
+
 def quest_log_scores(
     q: torch.Tensor,
     key_min: torch.Tensor,
@@ -101,32 +137,24 @@ def quest_log_scores(
     Same arguments, except the block sizes: every block holds ``block_size`` tokens but the
     last, which holds ``last_count``. The shared ``log(block_size)`` term drops out of the
     softmax, so only the last block gets ``log(last_count / block_size)``; the scale is folded
-    into the query (``relu(s q) = s relu(q)`` for s > 0); the two products are one ``bmm`` and
-    one in-place ``baddbmm``; and the group takes the maximum of log-probabilities, which ranks
-    blocks as the maximum of probabilities does.
+    into the query; the two products are one ``bmm`` and one in-place ``baddbmm``
+    (`bound_logits`); and the group takes the maximum of log-probabilities, which ranks blocks
+    as the maximum of probabilities does (`group_log_probs`).
 
     Returns:
         float32 (B, G, nk): ``log`` of `quest_block_scores`' result.
     """
-    b, hq, d = q.shape
-    hkv, nk = key_min.shape[1], key_min.shape[2]
-    g = hq // hkv
-    qs = q.reshape(b * hkv, g, d).to(torch.float32) * (1.0 / math.sqrt(d))
-    q_pos = qs.clamp_min(0.0)
-    q_neg = qs - q_pos
-    logits = torch.bmm(q_pos, key_max.reshape(b * hkv, nk, d).transpose(1, 2))
-    logits.baddbmm_(q_neg, key_min.reshape(b * hkv, nk, d).transpose(1, 2))
+    nk = key_min.shape[2]
+    logits = bound_logits(q, key_min, key_max)
     if last_count != block_size:
         logits[:, :, nk - 1] += math.log(last_count / block_size)
-    logits = logits - logits.logsumexp(dim=-1, keepdim=True)
-    logits = logits.view(b, hkv, g, nk)
-    if granularity == "layer":
-        return logits.amax(dim=(1, 2))[:, None]
-    if granularity == "kv_group":
-        return logits.amax(dim=2)
-    if granularity == "head":
-        return logits.reshape(b, hq, nk)
-    raise ValueError(f"granularity must be 'layer', 'kv_group' or 'head', got {granularity!r}")
+    return group_log_probs(logits, q.shape[0], granularity)
 
 
-__all__ = ["block_key_bounds", "quest_block_scores", "quest_log_scores"]
+__all__ = [
+    "block_key_bounds",
+    "bound_logits",
+    "group_log_probs",
+    "quest_block_scores",
+    "quest_log_scores",
+]

@@ -324,6 +324,13 @@ def last_row_ranked(nk: int, config: SketchWalkConfig) -> int:
     return int(_ranked_per_row(nk, config.replace(dense_last_rows=0, allocation="row"))[-1])
 
 
+def last_row_kept(nk: int, config: SketchWalkConfig) -> int:
+    """Blocks a decode row keeps over nk blocks under a row budget: the forced ones (sink and
+    window) plus `last_row_ranked`."""
+    sink, window = forced_counts(nk, config)
+    return min(nk, min(nk, sink + window) + last_row_ranked(nk, config))
+
+
 def select_last_row(scores: torch.Tensor, config: SketchWalkConfig) -> torch.Tensor:
     """The decode-time selection of one query row over nk key blocks: bool (B, G, nk).
 
@@ -412,6 +419,7 @@ __all__ = [
     "forced_per_row",
     "global_ranked_count",
     "global_top",
+    "last_row_kept",
     "last_row_ranked",
     "mass_keep",
     "normalised_rows",
