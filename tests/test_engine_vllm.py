@@ -33,6 +33,8 @@ PROMPTS = [
     [(i * 13 + 5) % 480 + 7 for i in range(150)],  # ~5 blocks
     list(range(3, 23)),  # one block: dense everywhere
 ]
+# run after PROMPTS with prefix caching on: 8 full blocks of the first prompt are cached
+SHARED = [PROMPTS[0][:256] + [(i * 29 + 3) % 490 + 5 for i in range(70)]]
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -88,9 +90,26 @@ def runs(tmp_path_factory):
         temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False, logprobs=1
     )
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    shared = [{"prompt_token_ids": p} for p in SHARED]
     results = {}
+
+    def record(outs, **extra):
+        return {
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "logprobs": [
+                [
+                    lp[t].logprob
+                    for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)
+                ]
+                for o in outs
+            ],
+            "cached": [o.num_cached_tokens for o in outs],
+            **extra,
+        }
+
     try:
-        for chunk in (128, 1024):  # 128: the 300- and 150-token prompts are prefilled in chunks
+        # 128: the 300- and 150-token prompts are prefilled in chunks; "prefix": prefix caching
+        for chunk in (128, 1024, "prefix"):
             for backend in ("stock", "sketchwalk"):
                 generator.manual_seed(0)  # the same weights in every engine
                 extra = {} if backend == "stock" else {"attention_backend": "CUSTOM"}
@@ -102,33 +121,24 @@ def runs(tmp_path_factory):
                     dtype="float32",
                     max_model_len=1024,
                     block_size=BLOCK,
-                    max_num_batched_tokens=chunk,
+                    max_num_batched_tokens=128 if chunk == "prefix" else chunk,
                     max_num_seqs=4,
                     kv_cache_memory_bytes=64 << 20,
-                    enable_prefix_caching=False,
+                    enable_prefix_caching=chunk == "prefix",
                     seed=0,
                     **extra,
                 )
                 impls = {type(layer.impl).__name__ for layer in _attention_layers(llm)}
-                densities = (1.0,) if backend == "stock" else (1.0, 0.2)
+                densities = (1.0,) if backend == "stock" or chunk == "prefix" else (1.0, 0.2)
                 for density in densities:
                     swv.configure(_config(density))
                     swv.reset_summary()
                     outs = llm.generate(prompts, params, use_tqdm=False)
-                    results[(backend, chunk, density)] = {
-                        "tokens": [list(o.outputs[0].token_ids) for o in outs],
-                        "logprobs": [
-                            [
-                                lp[t].logprob
-                                for lp, t in zip(
-                                    o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True
-                                )
-                            ]
-                            for o in outs
-                        ],
-                        "summary": swv.summary(),
-                        "impls": impls,
-                    }
+                    if chunk == "prefix":  # then a prompt that starts with a cached prefix
+                        outs += llm.generate(shared, params, use_tqdm=False)
+                    results[(backend, chunk, density)] = record(
+                        outs, summary=swv.summary(), impls=impls
+                    )
                 del llm
                 gc.collect()
     finally:
@@ -155,7 +165,7 @@ def test_backends_in_use(runs):
     assert runs[("sketchwalk", 128, 1.0)]["impls"] == {"SketchWalkImpl"}
 
 
-@pytest.mark.parametrize("chunk", [128, 1024])
+@pytest.mark.parametrize("chunk", [128, 1024, "prefix"])
 def test_density_one_matches_stock(runs, chunk):
     stock = runs[("stock", chunk, 1.0)]
     ours = runs[("sketchwalk", chunk, 1.0)]
@@ -172,6 +182,13 @@ def test_density_one_matches_stock(runs, chunk):
     assert reasons.get("dense layer", 0) > 0
     assert reasons.get("short sequence (one block)", 0) > 0
     # later prefill chunks continue their prompt's selection (select_chunk) across steps
+    if chunk == "prefix":
+        # the shared prompt's cached blocks were not recomputed: its prefill starts at 256, a
+        # later chunk without pooled queries (dense), and its decodes read the bounds of pages
+        # another request wrote
+        assert ours["cached"][-1] == stock["cached"][-1] == 256
+        assert reasons[swv.NO_CHUNK_STATE] > 0
+        return
     assert swv.NO_CHUNK_STATE not in reasons
     if chunk == 128:
         assert (
