@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 
 import pytest
 
@@ -463,3 +464,95 @@ def test_impl_decodes_from_page_bounds_in_one_batch():
     # one selection per step for all its decode rows (the third sequence decodes from step 2)
     assert calls == [2, 2, 3, 3]
     assert summary["sparse_calls"]["decode"] == 10
+
+
+# ---- tensor parallelism (two CPU workers) ---------------------------------------------------
+
+
+def _write_checkpoint(path, seed: int = 0) -> None:
+    """TINY_LLAMA with real weights in a safetensors file (N(0, 1 / fan_in) matrices, unit
+    norms): each tensor-parallel worker loads its shard of the SAME weights (the dummy loader
+    would draw each shard on its own)."""
+    from safetensors.torch import save_file
+
+    cfg = TINY_LLAMA
+    g = torch.Generator().manual_seed(seed)
+    h, inter, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    hq, hkv, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
+
+    def mat(rows, cols):
+        return torch.randn(rows, cols, generator=g) / math.sqrt(cols)
+
+    tensors = {"model.embed_tokens.weight": mat(vocab, h), "lm_head.weight": mat(vocab, h),
+               "model.norm.weight": torch.ones(h)}  # fmt: skip
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "self_attn.q_proj.weight": mat(hq * d, h),
+            p + "self_attn.k_proj.weight": mat(hkv * d, h),
+            p + "self_attn.v_proj.weight": mat(hkv * d, h),
+            p + "self_attn.o_proj.weight": mat(h, hq * d),
+            p + "mlp.gate_proj.weight": mat(inter, h),
+            p + "mlp.up_proj.weight": mat(inter, h),
+            p + "mlp.down_proj.weight": mat(h, inter),
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
+        }
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+@pytest.mark.skipif(
+    (os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU workers need two cores"
+)
+def test_tensor_parallel_two_gives_the_tokens_of_one(tmp_path):
+    """The backend under tensor parallelism 2 (each worker holds one KV head of the two, so one
+    mask group of the default per-KV-group selection): the greedy tokens of one worker, dense
+    and sparse. The workers are separate processes: they register the backend through the
+    plugin entry point and read the settings from SKETCHWALK_VLLM_CONFIG."""
+    from vllm import LLM, SamplingParams
+
+    model = tmp_path / "tiny_llama"
+    _write_checkpoint(model)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                            detokenize=False)  # fmt: skip
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:2]]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per worker (one NUMA node here)
+    swv.register()
+    tokens, summaries = {}, {}
+    try:
+        for tp in (1, 2):
+            llm = LLM(
+                model=str(model), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+                max_model_len=1024, block_size=BLOCK, max_num_batched_tokens=128, max_num_seqs=4,
+                kv_cache_memory_bytes=64 << 20, enable_prefix_caching=False, seed=0,
+                tensor_parallel_size=tp, attention_backend="CUSTOM",
+                distributed_executor_backend="mp" if tp > 1 else None,
+            )  # fmt: skip
+            for density in (1.0, 0.2):
+                swv.configure_engine(llm, _config(density))  # here and in the running workers
+                swv.engine_summary(llm, reset=True)
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                tokens[(tp, density)] = [list(o.outputs[0].token_ids) for o in outs]
+                summaries[(tp, density)] = swv.engine_summary(llm)
+            del llm
+            gc.collect()
+    finally:
+        mp.undo()
+        swv._SETTINGS = None
+    print(tokens, summaries)
+    # one summary per worker; each ran the sparse path at the density asked
+    for (tp, density), per_worker in summaries.items():
+        assert len(per_worker) == tp
+        for worker in per_worker:
+            assert worker["sparse_calls"]["decode"] > 0
+            if density == 1.0:
+                assert worker["mean_density"]["decode"] == pytest.approx(1.0)
+            else:
+                assert worker["mean_density"]["decode"] < 0.9
+    assert tokens[(2, 1.0)] == tokens[(1, 1.0)]
+    assert tokens[(2, 0.2)] == tokens[(1, 0.2)]
+    assert tokens[(1, 0.2)] != tokens[(1, 1.0)]  # the sparse runs kept fewer blocks

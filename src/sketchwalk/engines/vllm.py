@@ -86,6 +86,8 @@ __all__ = [
     "SketchWalkMetadata",
     "SketchWalkMetadataBuilder",
     "configure",
+    "configure_engine",
+    "engine_summary",
     "register",
     "reset_summary",
     "settings",
@@ -169,6 +171,28 @@ def configure(
     return _SETTINGS
 
 
+def configure_engine(
+    llm: Any,
+    config: SketchWalkConfig | None = None,
+    backend: str = "auto",
+    selection_backend: str = "auto",
+) -> BackendSettings:
+    """:func:`configure` here and in every worker of a running ``vllm.LLM`` (``llm``): a worker
+    reads ``SKETCHWALK_VLLM_CONFIG`` once, when it starts, so the settings of running
+    tensor-parallel workers or of the engine process change only this way (vLLM's
+    ``collective_rpc``). Takes effect at the next step."""
+    current = configure(config, backend, selection_backend)
+    llm.collective_rpc(_apply_settings, args=(current.to_json(),))
+    return current
+
+
+def _apply_settings(worker: Any, text: str) -> None:
+    """In a vLLM worker (`configure_engine`)."""
+    global _SETTINGS
+    _SETTINGS = BackendSettings.from_env(text)
+    os.environ[ENV_CONFIG] = text
+
+
 def settings() -> BackendSettings:
     """The settings in force: :func:`configure`'s, else ``SKETCHWALK_VLLM_CONFIG``'s, else the
     defaults."""
@@ -222,6 +246,21 @@ def reset_summary() -> None:
     for kind in _DENSITY_SUM:
         _DENSITY_SUM[kind] = 0.0
         _SPARSE_COUNT[kind] = 0
+
+
+def engine_summary(llm: Any, reset: bool = False) -> list[dict[str, Any]]:
+    """:func:`summary` of every worker of a running ``vllm.LLM``, in rank order (with vLLM's
+    default multiprocessing the attention runs in other processes than the caller's);
+    ``reset`` then clears their records."""
+    return llm.collective_rpc(_worker_summary, args=(reset,))
+
+
+def _worker_summary(worker: Any, reset: bool) -> dict[str, Any]:
+    """In a vLLM worker (`engine_summary`)."""
+    out = summary()
+    if reset:
+        reset_summary()
+    return out
 
 
 # ---- backend, metadata, builder -----------------------------------------------------------
