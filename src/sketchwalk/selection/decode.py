@@ -58,6 +58,7 @@ from sketchwalk.selection.quest import (
 )
 from sketchwalk.selection.select import forced_counts, last_row_kept, select_last_row
 from sketchwalk.selection.sketch import block_pool, sketched_blocks
+from sketchwalk.selection.topk import top_k_compact
 from sketchwalk.selection.walk import aggregate_heads, sharpen, transition_from_pooled
 
 
@@ -179,8 +180,10 @@ class SketchWalkDecoder:
     step runs as a static-shape body over the bound buffers' whole capacity (blocks past the
     cache masked, the position kept in a device counter, budgets looked up in device tables),
     captured once per layer and capacity in a CUDA graph: a step is two input copies and one
-    replay instead of about fifteen launches. Same blocks as the fast path (tests; eagerly on
-    the CPU). The returned tensors are the graph's buffers: valid until the layer's next step.
+    replay instead of about fifteen launches; the budget, which grows with the cache, is read
+    on the device by `top_k_compact` (no sorted top-k over the capacity). Same blocks as the
+    fast path (tests; eagerly on the CPU). The returned tensors are the graph's buffers: valid
+    until the layer's next step.
     """
 
     def __init__(
@@ -472,6 +475,9 @@ class _StaticQuestStep:
         self.blocks = torch.arange(self.cap, device=q.device)
         self.graph = None
         if q.is_cuda:
+            # compile and load the top-k kernel for this shape before the capture
+            rows = q.shape[0] * groups
+            top_k_compact(torch.zeros(rows, self.cap, device=q.device), self.kept_table[:1])
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.outputs = self._body(st)
@@ -509,8 +515,8 @@ class _StaticQuestStep:
         sink, window = self.sink_table[nk], self.window_table[nk]
         forced = (col < sink) | ((col >= nk - window) & (col < nk))
         ranked = scores + torch.where(forced, float("inf"), 0.0)
-        top = ranked.topk(self.kmax, dim=-1, sorted=True).indices.to(torch.int32)
-        num = self.kept_table[nk].to(torch.int32).expand(b, self.groups).contiguous()
+        # the budget of this nk is on the device: the kept blocks, compacted, without a sort
+        top, num = top_k_compact(ranked, self.kept_table[nk])
         self.pos.add_(1)
         return num, top, scores
 

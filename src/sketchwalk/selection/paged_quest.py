@@ -20,9 +20,10 @@ cache's memory.
 `paged_quest_select` then ranks the blocks of a batch of decode rows of different lengths in one
 pass: the bounds of each row's pages gathered through the block table, the log-space quest
 scores of `sketchwalk.selection.quest` with the blocks past a row's end at -inf and its last
-block weighted by its token count, the forced blocks (sink, window) at +inf, one ``topk`` whose
-first ``kept[b]`` entries are row b's blocks. A `PagedDecodePlan` holds what depends only on
-the rows' lengths (built once per engine step, shared by the layers). Budgets that are not a
+block weighted by its token count, the forced blocks (sink, window) at +inf, one ``topk`` (rows
+of one budget) or one `top_k_compact` (rows of different budgets, each its own count). A
+`PagedDecodePlan` holds what depends only on the rows' lengths (built once per engine step,
+shared by the layers). Budgets that are not a
 per-row count (``mass``, ``density`` with global allocation) take the reference per row
 (`quest_block_scores` + `select_last_row`). The result equals `SketchWalkDecoder` with
 ``decode_rule="quest"`` on the same keys (tests), without any per-request state.
@@ -39,6 +40,7 @@ from sketchwalk.blocks import compact_mask
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.selection.quest import bound_logits, group_log_probs, quest_block_scores
 from sketchwalk.selection.select import forced_counts, last_row_kept, select_last_row
+from sketchwalk.selection.topk import top_k_compact
 
 
 class PageKeyBounds:
@@ -202,12 +204,13 @@ def paged_quest_select(
     logits = bound_logits(q, lo, hi).view(b, hq, nmax) + plan.pre[:, None]
     scores = group_log_probs(logits.view(b * hkv, g, nmax), b, config.granularity)
     groups = scores.shape[1]
-    kmax = max(plan.kept)
-    same = min(plan.kept) == kmax
-    # rows of different budgets read their first kept[b] entries: those must be the best
-    top = (scores + plan.forced[:, None]).topk(kmax, dim=-1, sorted=not same).indices
+    ranked = scores + plan.forced[:, None]
     num = plan.kv_num_blocks_row[:, None].expand(b, groups).contiguous()
-    return num, top.to(torch.int32)
+    if min(plan.kept) == max(plan.kept):  # one budget: an unsorted top-k
+        return num, ranked.topk(plan.kept[0], dim=-1, sorted=False).indices.to(torch.int32)
+    # rows of different budgets: each row's own count, compacted on the device
+    top, _ = top_k_compact(ranked, num)
+    return num, top
 
 
 def _reference_rows(
