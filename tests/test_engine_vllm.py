@@ -109,9 +109,12 @@ def runs(tmp_path_factory):
         }
 
     try:
-        # 128: the 300- and 150-token prompts are prefilled in chunks; "prefix": prefix caching
-        for chunk in (128, 1024, "prefix"):
-            for backend in ("stock", "sketchwalk"):
+        # 128: the 300- and 150-token prompts are prefilled in chunks; "prefix": prefix caching;
+        # "prefix_pages": the same with the backend's page_queries
+        for chunk in (128, 1024, "prefix", "prefix_pages"):
+            for backend in ("stock", "sketchwalk") if chunk != "prefix_pages" else ("sketchwalk",):
+                pages = chunk == "prefix_pages"
+                prefix = chunk in ("prefix", "prefix_pages")
                 generator.manual_seed(0)  # the same weights in every engine
                 extra = {} if backend == "stock" else {"attention_backend": "CUSTOM"}
                 llm = LLM(
@@ -122,20 +125,20 @@ def runs(tmp_path_factory):
                     dtype="float32",
                     max_model_len=1024,
                     block_size=BLOCK,
-                    max_num_batched_tokens=128 if chunk == "prefix" else chunk,
+                    max_num_batched_tokens=128 if prefix else chunk,
                     max_num_seqs=4,
                     kv_cache_memory_bytes=64 << 20,
-                    enable_prefix_caching=chunk == "prefix",
+                    enable_prefix_caching=prefix,
                     seed=0,
                     **extra,
                 )
                 impls = {type(layer.impl).__name__ for layer in _attention_layers(llm)}
-                densities = (1.0,) if backend == "stock" or chunk == "prefix" else (1.0, 0.2)
+                densities = (1.0,) if backend == "stock" or prefix else (1.0, 0.2)
                 for density in densities:
-                    swv.configure(_config(density))
+                    swv.configure(_config(density), page_queries=pages)
                     swv.reset_summary()
                     outs = llm.generate(prompts, params, use_tqdm=False)
-                    if chunk == "prefix":  # then a prompt that starts with a cached prefix
+                    if prefix:  # then a prompt that starts with a cached prefix
                         outs += llm.generate(shared, params, use_tqdm=False)
                     results[(backend, chunk, density)] = record(
                         outs, summary=swv.summary(), impls=impls
@@ -166,9 +169,9 @@ def test_backends_in_use(runs):
     assert runs[("sketchwalk", 128, 1.0)]["impls"] == {"SketchWalkImpl"}
 
 
-@pytest.mark.parametrize("chunk", [128, 1024, "prefix"])
+@pytest.mark.parametrize("chunk", [128, 1024, "prefix", "prefix_pages"])
 def test_density_one_matches_stock(runs, chunk):
-    stock = runs[("stock", chunk, 1.0)]
+    stock = runs[("stock", "prefix" if chunk == "prefix_pages" else chunk, 1.0)]
     ours = runs[("sketchwalk", chunk, 1.0)]
     assert ours["tokens"] == stock["tokens"]
     for a, b in zip(ours["logprobs"], stock["logprobs"], strict=True):
@@ -189,6 +192,14 @@ def test_density_one_matches_stock(runs, chunk):
         # another request wrote
         assert ours["cached"][-1] == stock["cached"][-1] == 256
         assert reasons[swv.NO_CHUNK_STATE] > 0
+        return
+    if chunk == "prefix_pages":  # ... sparse, seeded from the pages' query sums
+        assert ours["cached"][-1] == 256
+        assert swv.NO_CHUNK_STATE not in reasons and swv.NO_PAGE_QUERIES not in reasons
+        assert (
+            summary["sparse_calls"]["prefill"]
+            > runs[("sketchwalk", "prefix", 1.0)]["summary"]["sparse_calls"]["prefill"]
+        )
         return
     assert swv.NO_CHUNK_STATE not in reasons
     if chunk == 128:
@@ -556,3 +567,103 @@ def test_tensor_parallel_two_gives_the_tokens_of_one(tmp_path):
     assert tokens[(2, 1.0)] == tokens[(1, 1.0)]
     assert tokens[(2, 0.2)] == tokens[(1, 0.2)]
     assert tokens[(1, 0.2)] != tokens[(1, 1.0)]  # the sparse runs kept fewer blocks
+
+
+@pytest.mark.parametrize("stale_entry", [False, True])
+def test_impl_prefix_hit_runs_sparse_from_page_queries(stale_entry):
+    """With page_queries, a request whose first 96 tokens are cached pages of another request
+    prefills the rest sparse: each layer's selector is seeded from the pages' query sums, and
+    the output equals the rows of a one-shot SketchWalk prefill of the whole prompt. A chunk
+    state left on the shared first page by the other request (``stale_entry``: it ends at 128,
+    not 96) gives way to the pages."""
+    from sketchwalk import SketchWalk
+    from sketchwalk.attention.api import sparse_attention
+
+    g = torch.Generator().manual_seed(6)
+    hq, hkv, d, page, layers = 4, 2, 32, 32, 2
+    cfg = _config(0.4).replace(dense_layers=0, sink_blocks=1, window_blocks=1)
+    shared, total_a, total_b = 96, 128, 170
+    q_b = [torch.randn(total_b, hq, d, generator=g) for _ in range(layers)]
+    k_b = [torch.randn(total_b, hkv, d, generator=g) for _ in range(layers)]
+    v_b = [torch.randn(total_b, hkv, d, generator=g) for _ in range(layers)]
+    # request A: the same first 96 tokens (same queries, keys, values), then its own
+    q_a = [torch.cat([q[:shared], torch.randn(total_a - shared, hq, d, generator=g)]) for q in q_b]
+    k_a = [torch.cat([k[:shared], torch.randn(total_a - shared, hkv, d, generator=g)]) for k in k_b]
+    v_a = [torch.cat([v[:shared], torch.randn(total_a - shared, hkv, d, generator=g)]) for v in v_b]
+    caches = [torch.randn(16, hkv, page, 2 * d, generator=g) for _ in range(layers)]
+    table_a = torch.tensor([[3, 9, 12, 5, 0, 0]], dtype=torch.int32)
+    table_b = torch.tensor([[3, 9, 12, 7, 1, 14]], dtype=torch.int32)  # 3 pages shared
+    prompts = swv.ChunkStates(4)
+    swv.configure(cfg, page_queries=True)
+    swv.reset_summary()
+    impls = [swv.SketchWalkImpl(hq, d, d**-0.5, hkv, None, None, "auto") for _ in range(layers)]
+    names = [_Layer() for _ in range(layers)]
+    for i, layer in enumerate(names):
+        layer.layer_name = f"model.layers.{i}.self_attn.attn"
+
+    def step(table, start, stop, qs, ks, vs):
+        pos = torch.arange(start, stop)
+        slots = table[0].long()[pos // page] * page + pos % page
+        t = stop - start
+        m = swv.SketchWalkMetadata(
+            num_actual_tokens=t, query_start_loc=torch.tensor([0, t], dtype=torch.int32),
+            query_start_loc_cpu=torch.tensor([0, t], dtype=torch.int32),
+            seq_lens=torch.tensor([stop], dtype=torch.int32),
+            seq_lens_cpu=torch.tensor([stop], dtype=torch.int32), block_table=table,
+            slot_mapping=slots, num_reqs=1, prompts=prompts,
+        )  # fmt: skip
+        outs = []
+        for i in range(layers):
+            out = torch.empty(t, hq * d)
+            impls[i].forward(names[i], qs[i][start:stop], ks[i][start:stop], vs[i][start:stop],
+                             caches[i], m, out)  # fmt: skip
+            outs.append(out.view(t, hq, d))
+        return outs
+
+    try:
+        step(table_a, 0, total_a, q_a, k_a, v_a)  # A's prompt, one chunk
+        if not stale_entry:
+            prompts.finish(int(table_a[0, 0]))  # what A's first decode does
+        swv.reset_summary()
+        outs = step(table_b, shared, total_b, q_b, k_b, v_b)  # B: the rest of its prompt
+        summary = swv.summary()
+    finally:
+        swv._SETTINGS = None
+    assert summary["fallback_reasons"] == {}
+    assert summary["sparse_calls"]["prefill"] == layers
+    assert summary["mean_density"]["prefill"] < 1.0
+    one_shot = SketchWalk(cfg)
+    for i in range(layers):
+        q, k, v = (x[i].transpose(0, 1)[None] for x in (q_b, k_b, v_b))
+        sel = one_shot.select(q, k, i)
+        want = sparse_attention(q, k, v, sel, scale=d**-0.5)[0, :, shared:].transpose(0, 1)
+        torch.testing.assert_close(outs[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_impl_prefix_hit_without_page_queries_runs_dense():
+    g = torch.Generator().manual_seed(8)
+    hq, hkv, d, page = 4, 2, 32, 32
+    swv.configure(_config(0.4).replace(dense_layers=0))  # page_queries off
+    swv.reset_summary()
+    try:
+        impl = swv.SketchWalkImpl(hq, d, d**-0.5, hkv, None, None, "auto")
+        cache = torch.randn(8, hkv, page, 2 * d, generator=g)
+        t, s = 40, 130
+        table = torch.tensor([[0, 1, 2, 3, 4]], dtype=torch.int32)
+        pos = torch.arange(s - t, s)
+        m = swv.SketchWalkMetadata(
+            num_actual_tokens=t, query_start_loc=torch.tensor([0, t], dtype=torch.int32),
+            query_start_loc_cpu=torch.tensor([0, t], dtype=torch.int32),
+            seq_lens=torch.tensor([s], dtype=torch.int32),
+            seq_lens_cpu=torch.tensor([s], dtype=torch.int32), block_table=table,
+            slot_mapping=table[0].long()[pos // page] * page + pos % page, num_reqs=1,
+            prompts=swv.ChunkStates(4),
+        )  # fmt: skip
+        out = torch.empty(t, hq * d)
+        impl.forward(_Layer(), torch.randn(t, hq, d, generator=g),
+                     torch.randn(t, hkv, d, generator=g), torch.randn(t, hkv, d, generator=g),
+                     cache, m, out)  # fmt: skip
+        assert impl.queries is None
+        assert swv.summary()["fallback_reasons"] == {swv.NO_CHUNK_STATE: 1}
+    finally:
+        swv._SETTINGS = None

@@ -171,3 +171,76 @@ def test_plan_errors():
         PagedDecodePlan.build([], table, cfg)
     with pytest.raises(ValueError, match="every row needs a token"):
         PagedDecodePlan.build([0], table, cfg)
+
+
+# ---- query sums per page: the prefill state of tokens an engine did not run -----------------
+
+
+def test_page_query_sums_pool_like_block_pool():
+    """Queries written in chunks with edges inside pages, a padded slot, a page taken over from
+    an earlier owner: after each chunk, the pooled queries of the tokens written equal
+    `block_pool` of those queries."""
+    from sketchwalk.selection.paged_queries import PageQuerySums
+    from sketchwalk.selection.sketch import block_pool
+
+    g = torch.Generator().manual_seed(7)
+    page, hq, d, num_pages = 8, 4, 16, 10
+    store = PageQuerySums(num_pages, page, hq, d, "cpu")
+    old = torch.randn(30, hq, d, generator=g) * 100
+    store.update(old, _slots(torch.tensor([2, 5, 6, 9]), 0, 30, page))  # an earlier owner
+    table = torch.tensor([5, 1, 2, 8, 0], dtype=torch.int32)
+    q = torch.randn(37, hq, d, generator=g)
+    for start, stop in ((0, 5), (5, 21), (21, 22), (22, 37)):
+        slots = torch.cat([_slots(table, start, stop, page), torch.tensor([-1])])
+        store.update(torch.cat([q[start:stop], torch.full((1, hq, d), 1e6)]), slots)
+        for parity in (False, True):  # the tokens written so far
+            pooled, valid = store.pooled(table, stop, page, parity)
+            want = block_pool(q[:stop].transpose(0, 1)[None], page, parity)
+            torch.testing.assert_close(pooled, want, rtol=1e-5, atol=1e-5)
+            assert bool(valid)
+    # page 9 was last written by the old owner, 3 was never written: not trustworthy
+    _, valid = store.pooled(torch.tensor([5, 9, 3]), 20, page)
+    assert not bool(valid)
+    with pytest.raises(ValueError, match="differs from the page size"):
+        store.pooled(table, 10, 16)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
+def test_seeded_chunk_selects_the_one_shot_rows(granularity):
+    """A selector seeded with pooled queries from the pages (what a prefix-cache hit gives)
+    selects for the rest of the prompt the rows a one-shot prefill selects."""
+    from sketchwalk import SketchWalk
+    from sketchwalk.selection.paged_queries import PageQuerySums
+
+    page, hq, hkv, d, t, offset, layers = 16, 4, 2, 16, 150, 96, 3
+    cfg = SketchWalkConfig(block_size=page, density=0.3, dense_layers=1, granularity=granularity)
+    g = torch.Generator().manual_seed(1)
+    qs = [torch.randn(1, hq, t, d, generator=g) for _ in range(layers)]
+    ks = [torch.randn(1, hkv, t, d, generator=g) for _ in range(layers)]
+    table = torch.randperm(12, generator=g)[:10].to(torch.int32)
+    stores = []
+    for layer in range(layers):  # the earlier request wrote the first 96 tokens' queries
+        store = PageQuerySums(12, page, hq, d, "cpu")
+        store.update(qs[layer][0, :, :offset].transpose(0, 1), _slots(table, 0, offset, page))
+        stores.append(store)
+    one_shot, seeded = SketchWalk(cfg), SketchWalk(cfg)
+    for layer in range(layers):
+        want = one_shot.select(qs[layer], ks[layer], layer)
+        pooled, valid = stores[layer].pooled(table, offset, page, cfg.parity)
+        assert bool(valid)
+        seeded.seed_queries(layer, pooled, offset)
+        got = seeded.select_chunk(qs[layer][:, :, offset:], ks[layer], layer)
+        nq = got.block_mask.shape[2]
+        assert torch.equal(got.block_mask, want.block_mask[:, :, -nq:]), f"layer {layer}"
+
+
+def test_seed_queries_errors():
+    from sketchwalk import SketchWalk
+
+    sw = SketchWalk(SketchWalkConfig(block_size=16))
+    with pytest.raises(ValueError, match=r"\(B, Hq, 2, D\)"):
+        sw.seed_queries(0, torch.zeros(1, 4, 3, 8), 20)
+    with pytest.raises(ValueError, match="float32"):
+        sw.seed_queries(0, torch.zeros(1, 4, 2, 8, dtype=torch.float16), 20)
+    with pytest.raises(ValueError, match="length must be"):
+        sw.seed_queries(0, torch.zeros(1, 4, 2, 8), 0)

@@ -4,8 +4,8 @@ Enable: install ``sketchwalk[vllm]`` (its ``vllm.general_plugins`` entry point c
 :func:`register` in every vLLM process), then start vLLM with ``attention_backend="CUSTOM"``
 (``--attention-backend CUSTOM``). The selection settings come from :func:`configure` (this
 process) or the ``SKETCHWALK_VLLM_CONFIG`` environment variable (a preset name, or a JSON object
-of `SketchWalkConfig` fields, optionally with ``"preset"``, ``"backend"`` and
-``"selection_backend"``), read in the process that runs the model.
+of `SketchWalkConfig` fields, optionally with ``"preset"``, ``"backend"``,
+``"selection_backend"`` and ``"page_queries"``), read in the process that runs the model.
 
 Each step vLLM hands the backend one flattened batch (``query_start_loc``, ``seq_lens``,
 ``block_table``, ``slot_mapping``) mixing decodes and prefill chunks. :class:`SketchWalkImpl`
@@ -27,8 +27,9 @@ sequence:
 - everything else runs an exact dense path over the sequence's pages and is recorded with its
   reason (:func:`summary`): layers below ``dense_layers``, one-block sequences, later chunks
   without the pooled queries of their earlier chunks (a first chunk of one block, a prefix-cache
-  hit, several queries after cached tokens as in speculative decoding), sliding windows and
-  logit soft-capping.
+  hit, several queries after cached tokens as in speculative decoding) unless ``page_queries``
+  keeps the queries' sums per page (`PageQuerySums`: the selector of such a chunk is seeded from
+  its pages), sliding windows and logit soft-capping.
 
 When the page size equals ``config.block_size`` the kept blocks are read through the block
 table (`sketchwalk.attention.paged`); otherwise each sequence's pages are gathered into a
@@ -73,12 +74,14 @@ from sketchwalk.attention.paged import gather_pages, paged_sparse_decode, paged_
 from sketchwalk.attention.reference import dense_attention
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.selection.decode import SketchWalkDecoder
+from sketchwalk.selection.paged_queries import PageQuerySums
 from sketchwalk.selection.paged_quest import PagedDecodePlan, PageKeyBounds, paged_quest_select
 from sketchwalk.selection.prefill import SketchWalk
 
 __all__ = [
     "ENV_CONFIG",
     "NO_CHUNK_STATE",
+    "NO_PAGE_QUERIES",
     "BackendSettings",
     "ChunkStates",
     "SketchWalkBackend",
@@ -112,11 +115,15 @@ class BackendSettings:
         backend: sparse attention backend (``"auto"``: Triton on CUDA, else the reference;
             ``"reference"``; ``"triton"``).
         selection_backend: ``SketchWalk(backend=)`` for the transition matrix.
+        page_queries: keep the queries' sums per physical page (`PageQuerySums`, Hq x D
+            float32 per page and layer) so that a prompt whose first pages come from the prefix
+            cache runs its prefill sparse; without them it runs dense.
     """
 
     config: SketchWalkConfig = field(default_factory=lambda: SketchWalkConfig.preset("default"))
     backend: str = "auto"
     selection_backend: str = "auto"
+    page_queries: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
@@ -124,6 +131,7 @@ class BackendSettings:
                 "config": self.config.to_dict(),
                 "backend": self.backend,
                 "selection_backend": self.selection_backend,
+                "page_queries": self.page_queries,
             }
         )
 
@@ -138,14 +146,17 @@ class BackendSettings:
                 config=SketchWalkConfig.from_dict(data["config"]),
                 backend=data.get("backend", "auto"),
                 selection_backend=data.get("selection_backend", "auto"),
+                page_queries=bool(data.get("page_queries", False)),
             )
         backend = data.pop("backend", "auto")
         selection_backend = data.pop("selection_backend", "auto")
+        page_queries = bool(data.pop("page_queries", False))
         preset = data.pop("preset", "default")
         return cls(
             config=SketchWalkConfig.preset(preset, **data),
             backend=backend,
             selection_backend=selection_backend,
+            page_queries=page_queries,
         )
 
 
@@ -156,6 +167,7 @@ def configure(
     config: SketchWalkConfig | None = None,
     backend: str = "auto",
     selection_backend: str = "auto",
+    page_queries: bool = False,
 ) -> BackendSettings:
     """Set the backend's settings in this process and in ``SKETCHWALK_VLLM_CONFIG`` (so vLLM
     processes started afterwards inherit them). Takes effect at the next step."""
@@ -166,6 +178,7 @@ def configure(
         config if config is not None else SketchWalkConfig.preset("default"),
         backend,
         selection_backend,
+        bool(page_queries),
     )
     os.environ[ENV_CONFIG] = _SETTINGS.to_json()
     return _SETTINGS
@@ -176,12 +189,13 @@ def configure_engine(
     config: SketchWalkConfig | None = None,
     backend: str = "auto",
     selection_backend: str = "auto",
+    page_queries: bool = False,
 ) -> BackendSettings:
     """:func:`configure` here and in every worker of a running ``vllm.LLM`` (``llm``): a worker
     reads ``SKETCHWALK_VLLM_CONFIG`` once, when it starts, so the settings of running
     tensor-parallel workers or of the engine process change only this way (vLLM's
     ``collective_rpc``). Takes effect at the next step."""
-    current = configure(config, backend, selection_backend)
+    current = configure(config, backend, selection_backend, page_queries)
     llm.collective_rpc(_apply_settings, args=(current.to_json(),))
     return current
 
@@ -333,6 +347,7 @@ class SketchWalkMetadata(AttentionMetadata):
     prompts: ChunkStates | None = None
     decode_plans: dict[Any, Any] = field(default_factory=dict)
     first_pages: list[int] | None = None
+    seeded: set[int] = field(default_factory=set)
 
     def first_page(self, b: int) -> int:
         """Physical page of sequence b's first block (the `ChunkStates` key), from the host
@@ -415,6 +430,7 @@ class SketchWalkMetadataBuilder(AttentionMetadataBuilder[SketchWalkMetadata]):
 # ---- the attention --------------------------------------------------------------------------
 
 NO_CHUNK_STATE = "later prefill chunk without the pooled queries of the earlier ones"
+NO_PAGE_QUERIES = "later prefill chunk whose pages hold no query sums"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -502,6 +518,7 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.layer_idx: int | None = None
         self.bounds: PageKeyBounds | None = None
+        self.queries: PageQuerySums | None = None
         logger.info_once("SketchWalk attention backend in use: %s", settings())
 
     # -- cache ------------------------------------------------------------------------------
@@ -546,17 +563,19 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         m = attn_metadata
         n = m.num_actual_tokens
         k_pages, v_pages = self._pages(kv_cache)
-        if self.kv_sharing_target_layer_name is None and key is not None and value is not None:
+        st = settings()
+        writes = self.kv_sharing_target_layer_name is None and key is not None and value is not None
+        slots = m.slot_mapping[:n]
+        if writes:
             if self.bounds is None or not self.bounds.matches(k_pages):
                 self.bounds = PageKeyBounds(k_pages)  # before the write: what is there now
-            slots = m.slot_mapping[:n]
             self._write(k_pages, key[:n], slots)
             self._write(v_pages, value[:n], slots)
             self.bounds.update(key[:n], slots)
+        self._ensure_query_store(st, k_pages, writes)
         out = output[:n].view(n, self.num_heads, self.head_size)
         starts = m.query_start_loc_cpu.tolist()
         lens = m.seq_lens_cpu.tolist()
-        st = settings()
         batched = (
             self.bounds is not None
             and self.kv_sharing_target_layer_name is None
@@ -582,7 +601,23 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         for rows, sparse in ((sparse_rows, True), (dense_rows, False)):
             if rows:
                 self._decode_rows(query, out, starts, lens, rows, k_pages, v_pages, m, st, sparse)
+        if self.queries is not None:  # after the selections: they read the earlier tokens only
+            self.queries.update(query[:n].view(n, self.num_heads, self.head_size), slots)
         return output
+
+    def _ensure_query_store(self, st: BackendSettings, k_pages: torch.Tensor, writes: bool) -> None:
+        """Keep `PageQuerySums` while ``page_queries`` is on (layers that write the cache, pages
+        that are blocks), else drop it."""
+        num_pages, page_size = k_pages.shape[:2]
+        if not (st.page_queries and writes and page_size == st.config.block_size):
+            self.queries = None
+            return
+        if self.queries is None or not self.queries.matches(
+            num_pages, page_size, self.num_heads, k_pages.device
+        ):
+            self.queries = PageQuerySums(
+                num_pages, page_size, self.num_heads, self.head_size, k_pages.device
+            )
 
     def _route(
         self, t: int, m: SketchWalkMetadata, b: int, seq_len: int, cfg: SketchWalkConfig
@@ -605,7 +640,7 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         elif seq_len <= cfg.block_size:
             reason = "short sequence (one block)"
         if reason is None and kind == "prefill" and t != seq_len:
-            reason = self._continue_prompt(m, b)
+            reason = self._continue_prompt(m, b, cfg)
         if reason is None and kind == "decode" and m.prompts is not None and b not in m.selectors:
             m.prompts.finish(m.first_page(b))  # the prompt is done: drop its state
             m.selectors[b] = None
@@ -630,13 +665,19 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
             return self._sparse_prefill(q, k_pages, v_pages, m, b, seq_len, st)
         return self._sparse_decode(q, k_pages, v_pages, m, b, seq_len, st)
 
-    @staticmethod
-    def _continue_prompt(m: SketchWalkMetadata, b: int) -> str | None:
+    def _continue_prompt(self, m: SketchWalkMetadata, b: int, cfg: SketchWalkConfig) -> str | None:
         """Find the selector of the prompt a later chunk continues (once per step and
-        sequence); the reason to run dense when there is none."""
+        sequence): kept from its earlier chunks, else (``page_queries``) a new one that each
+        layer seeds from its pages; the reason to run dense when there is none."""
         if b in m.selectors:
             return None if m.selectors[b] is not None else NO_CHUNK_STATE
         selector = None if m.prompts is None else m.prompts.get(m.first_page(b))
+        if selector is None and self.queries is not None:
+            selector = SketchWalk(cfg, backend=settings().selection_backend, cuda_graphs=False)
+            selector.keep_queries = True
+            m.seeded.add(b)
+            if m.prompts is not None:  # the prompt's next chunks continue from it
+                m.prompts.start(m.first_page(b), selector)
         m.selectors[b] = selector
         return None if selector is not None else NO_CHUNK_STATE
 
@@ -656,14 +697,25 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
                     m.prompts.start(m.first_page(b), selector)
             sel = selector.select(q, k, self.layer_idx)
         else:  # a later chunk: continue from the pooled queries of the earlier ones
+            if b in m.seeded:  # ... which this layer's pages hold
+                reason = self._seed(m.selectors[b], table[0], seq_len - t, cfg)
+                if reason is not None:
+                    _record("prefill", "dense", reason)
+                    return self._dense(q, k_pages, v_pages, m.block_table[b], seq_len)
             try:
                 sel = m.selectors[b].select_chunk(q, k, self.layer_idx)
             except ValueError:
-                m.selectors[b] = None  # the rest of this step's layers run dense too
+                # the kept selector does not end where this chunk starts (another request on
+                # the same first page): a new one seeded from the pages, else dense
                 if m.prompts is not None:
                     m.prompts.finish(m.first_page(b))
-                _record("prefill", "dense", NO_CHUNK_STATE)
-                return self._dense(q, k_pages, v_pages, m.block_table[b], seq_len)
+                m.selectors[b] = None  # the rest of this step's layers run dense too ...
+                if b in m.seeded or self.queries is None:
+                    _record("prefill", "dense", NO_CHUNK_STATE)
+                    return self._dense(q, k_pages, v_pages, m.block_table[b], seq_len)
+                del m.selectors[b]  # ... unless the pages hold the queries
+                self._continue_prompt(m, b, cfg)
+                return self._sparse_prefill(q, k_pages, v_pages, m, b, seq_len, st)
         _record("prefill", "sparse", None, sel.density)
         page_size = k_pages.shape[1]
         if page_size == cfg.block_size:
@@ -674,6 +726,17 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
             )  # fmt: skip
         v = gather_pages(v_pages, table, seq_len)
         return sparse_attention(q, k, v, sel, backend=st.backend, scale=self.scale)
+
+    def _seed(self, selector: SketchWalk, table_row, offset: int, cfg) -> str | None:
+        """Seed ``selector`` for this layer with the pooled queries of the first ``offset``
+        tokens from this layer's pages; the reason to run dense when they are not all there."""
+        if self.queries is None:
+            return NO_PAGE_QUERIES
+        pooled, valid = self.queries.pooled(table_row, offset, cfg.block_size, cfg.parity)
+        if not bool(valid):  # pages written before the sums existed (one host sync)
+            return NO_PAGE_QUERIES
+        selector.seed_queries(self.layer_idx, pooled, offset)
+        return None
 
     def _sparse_decode(self, q, k_pages, v_pages, m, b, seq_len, st) -> torch.Tensor:
         cfg = st.config

@@ -294,6 +294,30 @@ class SketchWalk:
             self._shape = saved_shape
         return _last_rows(full, num_blocks(s, bs) - first)
 
+    def seed_queries(self, layer_idx: int, pooled: torch.Tensor, length: int) -> None:
+        """Give ``layer_idx`` the pooled queries of a sequence's first ``length`` tokens, kept
+        elsewhere (a serving engine's per-page store), so that `select_chunk` can continue after
+        them as if they had been fed here.
+
+        Args:
+            layer_idx: the layer.
+            pooled: float32 (B, Hq, ceil(length / block_size), D) block means of the queries
+                (a partial last block: the mean of its tokens; with ``parity``, the sum over
+                ``block_size``), what `block_pool` gives.
+            length: tokens covered, >= 1.
+        """
+        bs = self.config.block_size
+        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+            raise ValueError(f"SketchWalk.seed_queries: length must be an int >= 1, got {length!r}")
+        if pooled.dim() != 4 or pooled.shape[2] != num_blocks(length, bs):
+            raise ValueError(
+                f"SketchWalk.seed_queries: pooled must be (B, Hq, {num_blocks(length, bs)}, D) "
+                f"for {length} tokens of blocks of {bs}, got {tuple(pooled.shape)}"
+            )
+        if pooled.dtype != torch.float32:
+            raise ValueError(f"SketchWalk.seed_queries: pooled must be float32, got {pooled.dtype}")
+        self._queries[operator.index(layer_idx)] = (pooled, length)
+
     def kept_length(self, layer_idx: int) -> int | None:
         """Tokens covered by the pooled queries kept for ``layer_idx`` (what a query chunk of
         this layer may continue from), or None."""
