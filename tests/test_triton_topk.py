@@ -81,3 +81,28 @@ def test_errors():
         top_k_compact(x, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="unknown backend"):
         top_k_compact(x, torch.tensor([1]), backend="cuda")
+
+
+def test_auto_checks_the_kernel_once_per_device_and_falls_back(monkeypatch):
+    """``backend="auto"`` trusts the kernel on a device only after it matched the reference
+    there; a kernel that fails or disagrees gives way to the reference, with a warning."""
+    from sketchwalk.selection import topk, triton_topk
+
+    monkeypatch.setattr(topk, "_VERIFIED", {})
+    assert topk.kernel_verified(DEVICE)  # the real kernel (the interpreter without CUDA)
+    assert topk._VERIFIED[str(torch.device(DEVICE))] is True
+
+    def broken(flat, ks):
+        raise RuntimeError("no such instruction")
+
+    def wrong(flat, ks):
+        idx, num = real(flat, ks)
+        return idx.flip(-1), num
+
+    real = triton_topk.launch_top_k_compact
+    for fake, message in ((broken, "fails"), (wrong, "another result")):
+        monkeypatch.setattr(topk, "_VERIFIED", {})
+        monkeypatch.setattr(triton_topk, "launch_top_k_compact", fake)
+        with pytest.warns(RuntimeWarning, match=message):
+            assert not topk.kernel_verified("cpu")
+        assert not topk.kernel_verified("cpu")  # remembered: no second warning

@@ -13,6 +13,8 @@ definition and runs elsewhere.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -34,6 +36,48 @@ def top_k_compact_reference(
     key = (~keep).to(torch.int64) * n + torch.arange(n, device=rows.device)
     idx = key.sort(dim=-1).values % n
     return idx.to(torch.int32).view(shape), ks.to(torch.int32).view(shape[:-1])
+
+
+_VERIFIED: dict[str, bool] = {}
+
+
+def kernel_verified(device: torch.device | str) -> bool:
+    """Whether the Triton kernel gives the reference's result on ``device`` (checked once per
+    device on a row set with ties, +inf and -inf entries, k from 0 to n; one host sync). If it
+    fails to build or disagrees, ``backend="auto"`` uses the reference there, with a warning.
+    Not checked (trusted) when first asked during CUDA graph capture."""
+    key = str(torch.device(device))
+    ok = _VERIFIED.get(key)
+    if ok is not None:
+        return ok
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return True
+    from sketchwalk.selection.triton_topk import launch_top_k_compact
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (4, 700), generator=g).float()
+    x[:, 3] = float("inf")
+    x[:, -5:] = float("-inf")
+    k = torch.tensor([0, 37, 350, 700])
+    want_idx, want_num = top_k_compact_reference(x, k)
+    try:
+        idx, num = launch_top_k_compact(x.to(device), k.to(device))
+        idx, num = idx.cpu(), num.cpu()
+        ok = torch.equal(num, want_num) and all(
+            torch.equal(idx[r, : int(n)], want_idx[r, : int(n)]) for r, n in enumerate(want_num)
+        )
+        problem = "gives another result than the reference"
+    except Exception as exc:  # a kernel that does not build here: the reference serves
+        ok, problem = False, f"fails ({type(exc).__name__}: {exc})"
+    if not ok:
+        warnings.warn(
+            f"top_k_compact: the Triton kernel {problem} on {key}; using the PyTorch "
+            "reference (a sort) there",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    _VERIFIED[key] = ok
+    return ok
 
 
 def top_k_compact(
@@ -62,7 +106,9 @@ def top_k_compact(
         )
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"top_k_compact: unknown backend {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and scores.is_cuda)
+    use_triton = backend == "triton" or (
+        backend == "auto" and scores.is_cuda and kernel_verified(scores.device)
+    )
     if not use_triton or scores.numel() == 0:
         return top_k_compact_reference(scores, k)
     from sketchwalk.selection.triton_topk import launch_top_k_compact
@@ -75,4 +121,4 @@ def top_k_compact(
     return idx.view(shape), num.view(shape[:-1])
 
 
-__all__ = ["top_k_compact", "top_k_compact_reference"]
+__all__ = ["kernel_verified", "top_k_compact", "top_k_compact_reference"]
