@@ -676,3 +676,55 @@ def test_generate_with_a_static_cache_runs_sparse_like_the_dynamic_cache(padded)
     assert torch.equal(static.sequences, dynamic.sequences)
     for a, b in zip(static.logits, dynamic.logits, strict=True):
         assert _report("static vs dynamic cache step logits", a, b) < 1e-4
+
+
+def test_generate_under_torch_compile_runs_the_attention_as_it_is(monkeypatch):
+    """transformers compiles the decode step of generate() with a static cache (on GPUs; here
+    forced on the CPU): the SketchWalk attention runs outside the compiled graph, so the tokens,
+    logits and call records equal the uncompiled run's and nothing recompiles per step."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    torch._dynamo.reset()
+    model = _model("llama")
+    cfg = SketchWalkConfig(
+        block_size=16, top_k_blocks=2, sink_blocks=1, window_blocks=1, dense_layers=1,
+        dense_last_rows=0, decode_rule="quest", granularity="kv_group",
+    )  # fmt: skip
+    ids = _ids(batch=2)
+
+    def generate(compiled: bool):
+        extra = {}
+        if compiled:
+            compile_config = CompileConfig(mode="default")
+            compile_config._compile_all_devices = True  # transformers compiles on GPUs only
+            extra["compile_config"] = compile_config
+        with enable_sketchwalk(model, cfg, backend="reference", decode="sketchwalk") as sw:
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                do_sample=False, cache_implementation="static", output_logits=True,
+                return_dict_in_generate=True, **extra,
+            )  # fmt: skip
+        return out, _calls(sw)
+
+    traced = []
+    call = SketchWalkAttention.__call__
+
+    def watched(self, *args, **kwargs):
+        traced.append(torch.compiler.is_compiling())  # True while dynamo traces this call
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(SketchWalkAttention, "__call__", watched)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with torch.no_grad():
+        eager, eager_calls = generate(False)
+        compiled, compiled_calls = generate(True)
+    assert counters["stats"]["unique_graphs"] > 0  # it did compile
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.logits, eager.logits, strict=True):
+        assert _report("compiled vs eager step logits", a, b) < 1e-4
+    assert compiled_calls == eager_calls  # every step's calls recorded, in order
+    assert any(c[2] == "sparse" and not c[3] for c in compiled_calls)  # sparse decode steps
+    assert traced and not any(traced)  # never traced: run as Python each time
+    limits = [k for k in counters["unimplemented"] if "recompile" in k.lower()]
+    assert not limits, limits

@@ -936,7 +936,11 @@ def _make_attention_fn(inner: str) -> Callable[..., Any]:
         return driver(inner_fn, module, query, key, value, attention_mask, args, kwargs)
 
     sketchwalk_attention_forward.__name__ = f"sketchwalk_{inner}_attention_forward"
-    return sketchwalk_attention_forward
+    # Under torch.compile (transformers compiles the decode step of generate() with a static
+    # cache on GPUs) the attention call runs as it is, between the compiled parts: its state
+    # (walk, decode bounds, call records, host-side budgets) lives in Python objects that
+    # tracing would freeze into guards and recompile on at every step.
+    return torch.compiler.disable(sketchwalk_attention_forward)
 
 
 def sketchwalk_attention(model: nn.Module) -> SketchWalkAttention | None:
