@@ -670,3 +670,29 @@ def test_impl_prefix_hit_without_page_queries_runs_dense():
         assert swv.summary()["fallback_reasons"] == {swv.NO_CHUNK_STATE: 1}
     finally:
         swv._SETTINGS = None
+
+
+def test_engine_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/vllm_engine.py end to end on the tiny shape (vLLM's own engine processes, the
+    settings pushed to and the records read from its worker by method name): one dense and one
+    SketchWalk row with the sparse path recorded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    cmd = [sys.executable, str(root / "benchmarks" / "vllm_engine.py"), "--shape", "tiny",
+           "--contexts", "256", "--batches", "2", "--decode-tokens", "4", "--repeats", "1",
+           "--out-dir", str(tmp_path), "--tag", "smoke"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "vllm_engine_smoke.json").read_text())
+    rows = {r["engine"]: r for r in doc["rows"]}
+    assert set(rows) == {"dense", "sketchwalk"}
+    summary = rows["sketchwalk"]["backend_summary"]
+    assert summary["sparse_calls"]["prefill"] > 0 and summary["sparse_calls"]["decode"] > 0
+    assert summary["mean_density"]["decode"] < 1.0
+    assert rows["dense"]["ttft_x"] == 1.0 and rows["sketchwalk"]["b2_decode_tok_s"] > 0
+    assert (tmp_path / "vllm_engine_smoke.md").read_text().count("\n| ") >= 3

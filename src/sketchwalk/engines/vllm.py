@@ -194,9 +194,10 @@ def configure_engine(
     """:func:`configure` here and in every worker of a running ``vllm.LLM`` (``llm``): a worker
     reads ``SKETCHWALK_VLLM_CONFIG`` once, when it starts, so the settings of running
     tensor-parallel workers or of the engine process change only this way (vLLM's
-    ``collective_rpc``). Takes effect at the next step."""
+    ``collective_rpc`` of the worker method :func:`register` adds: a method name and a JSON
+    string travel, no pickled code). Takes effect at the next step."""
     current = configure(config, backend, selection_backend, page_queries)
-    llm.collective_rpc(_apply_settings, args=(current.to_json(),))
+    llm.collective_rpc(WORKER_CONFIGURE, args=(current.to_json(),))
     return current
 
 
@@ -266,7 +267,7 @@ def engine_summary(llm: Any, reset: bool = False) -> list[dict[str, Any]]:
     """:func:`summary` of every worker of a running ``vllm.LLM``, in rank order (with vLLM's
     default multiprocessing the attention runs in other processes than the caller's);
     ``reset`` then clears their records."""
-    return llm.collective_rpc(_worker_summary, args=(reset,))
+    return llm.collective_rpc(WORKER_SUMMARY, args=(reset,))
 
 
 def _worker_summary(worker: Any, reset: bool) -> dict[str, Any]:
@@ -814,14 +815,29 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
 BACKEND_PATH = f"{__name__}.SketchWalkBackend"
 
 
+WORKER_CONFIGURE = "sketchwalk_configure"
+WORKER_SUMMARY = "sketchwalk_summary"
+
+
 def register() -> None:
     """Register :class:`SketchWalkBackend` as vLLM's ``CUSTOM`` attention backend (the
-    ``vllm.general_plugins`` entry point; safe to call more than once), and let vLLM's CPU
-    platform honour ``attention_backend="CUSTOM"`` for it."""
+    ``vllm.general_plugins`` entry point; safe to call more than once), let vLLM's CPU
+    platform honour ``attention_backend="CUSTOM"`` for it, and give vLLM's workers the two
+    methods :func:`configure_engine` and :func:`engine_summary` call by name."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     _patch_cpu_platform()
+    _add_worker_methods()
+
+
+def _add_worker_methods() -> None:
+    try:
+        from vllm.v1.worker.worker_base import WorkerBase
+    except ImportError:  # pragma: no cover - a vLLM without the V1 worker base
+        return
+    setattr(WorkerBase, WORKER_CONFIGURE, _apply_settings)
+    setattr(WorkerBase, WORKER_SUMMARY, _worker_summary)
 
 
 def _patch_cpu_platform() -> None:
