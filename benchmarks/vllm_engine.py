@@ -62,6 +62,34 @@ def model_folder(shape: str, max_len: int, root: Path) -> Path:
     return folder
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags the vLLM benchmarks share."""
+    p.add_argument("--tensor-parallel", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--tag", default="run")
+
+
+def engine_kwargs(
+    engine: str, model: str, max_len: int, max_seqs: int, tensor_parallel: int,
+    gpu_memory_utilization: float, cpu_cache_bytes: int, **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """``vllm.LLM`` arguments of one engine (``dense``: vLLM's default attention; ``sketchwalk``:
+    the CUSTOM backend): page = selection block, no prefix caching, bf16 on a GPU, float32
+    and eager on the CPU."""
+    kwargs: dict[str, Any] = dict(
+        model=model, max_model_len=max_len, block_size=BLOCK, enable_prefix_caching=False,
+        seed=0, tensor_parallel_size=tensor_parallel, max_num_seqs=max(1, max_seqs), **extra,
+    )  # fmt: skip
+    if torch.cuda.is_available():
+        kwargs.update(dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization)
+    else:
+        kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=cpu_cache_bytes)
+    if engine == "sketchwalk":
+        kwargs["attention_backend"] = "CUSTOM"
+    return kwargs
+
+
 def environment() -> dict[str, Any]:
     import vllm
 
@@ -127,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--densities", nargs="+", type=float, default=[0.2])
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tensor-parallel", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--tag", default="run")
+    add_engine_arguments(p)
     args = p.parse_args(argv)
     if args.decode_tokens < 2:
         p.error("--decode-tokens must be >= 2 (the first token is the prefill's)")
@@ -153,19 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         engines: list[tuple[str, float | None]] = [("dense", None)]
         engines += [("sketchwalk", d) for d in args.densities]
         for name, density in engines:
-            kwargs: dict[str, Any] = dict(
-                model=model, load_format="dummy" if args.model is None else "auto",
-                skip_tokenizer_init=True, max_model_len=max_len, block_size=BLOCK,
-                enable_prefix_caching=False, seed=0, tensor_parallel_size=args.tensor_parallel,
-                max_num_seqs=max(args.batches),
+            llm = LLM(
+                **engine_kwargs(
+                    name, model, max_len, max(args.batches), args.tensor_parallel,
+                    args.gpu_memory_utilization, 256 << 20, skip_tokenizer_init=True,
+                    load_format="dummy" if args.model is None else "auto",
+                )
             )  # fmt: skip
-            if torch.cuda.is_available():
-                kwargs.update(dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization)
-            else:
-                kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 20)
-            if name == "sketchwalk":
-                kwargs["attention_backend"] = "CUSTOM"
-            llm = LLM(**kwargs)
             if name == "sketchwalk":
                 swv.configure_engine(llm, SketchWalkConfig.preset("default", density=density))
                 swv.engine_summary(llm, reset=True)

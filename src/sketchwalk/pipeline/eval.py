@@ -73,6 +73,7 @@ __all__ = [
     "evaluate_ppl",
     "forced_density",
     "forced_warnings",
+    "niah_prompts",
     "parse_variant",
 ]
 
@@ -1154,6 +1155,33 @@ def _filler_ids(tokenizer: Any, passage: Any) -> list[int]:
     return ids
 
 
+def niah_prompts(
+    tokenizer: Any,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    num_samples: int,
+    task: str,
+    num_needles: int,
+    text_source: str = "auto",
+    text_file: str | None = None,
+    seed: int = 0,
+) -> tuple[dict[int, list[Any]], dict[tuple[int, float, int], dict[str, Any]]]:
+    """The needle prompts of `evaluate_niah` (the same for any engine that runs them): the
+    filler passages per length and, per (length, depth, sample), `build_niah_prompt`'s dict,
+    seeded by seed, length, depth, sample and task."""
+    fillers = _niah_fillers(tokenizer, lengths, num_samples, text_source, text_file, seed)
+    prompts: dict[tuple[int, float, int], dict[str, Any]] = {}
+    for length in lengths:
+        for depth in depths:
+            for s in range(num_samples):
+                rng = random.Random(f"niah:{seed}:{length}:{depth:g}:{s}:{task}")
+                filler = _filler_ids(tokenizer, fillers[length][s])
+                prompts[(length, depth, s)] = build_niah_prompt(
+                    tokenizer, filler, length, depth, rng, num_needles
+                )
+    return fillers, prompts
+
+
 def evaluate_niah(
     model_path: str | None = None,
     *,
@@ -1221,16 +1249,9 @@ def evaluate_niah(
     for length in lengths:
         _check_length(session.model, length, session.model_id, "--seq_lens")
     tok = session.tokenizer
-    fillers = _niah_fillers(tok, lengths, num_samples, text_source, text_file, seed)
-    prompts: dict[tuple[int, float, int], dict[str, Any]] = {}
-    for length in lengths:
-        for depth in depth_list:
-            for s in range(num_samples):
-                rng = random.Random(f"niah:{seed}:{length}:{depth:g}:{s}:{task}")
-                filler = _filler_ids(tok, fillers[length][s])
-                prompts[(length, depth, s)] = build_niah_prompt(
-                    tok, filler, length, depth, rng, needles
-                )
+    fillers, prompts = niah_prompts(
+        tok, lengths, depth_list, num_samples, task, needles, text_source, text_file, seed
+    )
     from sketchwalk.hf.text import token_sha256
 
     settings = {
