@@ -12,6 +12,7 @@ the backend are visible here.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -696,3 +697,40 @@ def test_engine_benchmark_runs_on_the_cpu(tmp_path):
     assert summary["mean_density"]["decode"] < 1.0
     assert rows["dense"]["ttft_x"] == 1.0 and rows["sketchwalk"]["b2_decode_tok_s"] > 0
     assert (tmp_path / "vllm_engine_smoke.md").read_text().count("\n| ") >= 3
+
+
+def test_impl_without_room_for_page_state_decodes_per_sequence(monkeypatch):
+    """When the per-page key bounds cannot be allocated (they live outside vLLM's KV-cache
+    budget), the layer gives them up for good and its decodes rebuild the bounds per sequence:
+    the same output as the per-sequence reference, no error."""
+    from sketchwalk.attention.api import sparse_decode
+    from sketchwalk.selection.decode import SketchWalkDecoder
+
+    (query, key, value, cache, meta), qs, ks, vs, (hq, d) = _paged_batch(32, "LBHNC", seed=2)
+    cfg = _config(0.3).replace(dense_layers=0, window_blocks=1)
+    calls = []
+
+    def no_room(*args, **kwargs):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(swv, "PageKeyBounds", no_room)
+    swv.configure(cfg, page_queries=True)
+    try:
+        impl = swv.SketchWalkImpl(hq, d, d**-0.5, 2, None, None, "auto")
+        out = torch.zeros(query.shape[0], hq * d)
+        impl.forward(_Layer(), query, key, value, cache, meta, out)
+        again = dataclasses.replace(meta, selectors={}, decode_plans={}, seeded=set())
+        impl.forward(_Layer(), query, key, value, cache, again, out)  # no second attempt
+    finally:
+        swv._SETTINGS = None
+    assert calls == [1] and impl.bounds is None and impl.queries is None
+    k = ks[0].transpose(0, 1)[None]
+    v = vs[0].transpose(0, 1)[None]
+    q = qs[0].transpose(0, 1)[None]  # the decode row: 1 query after 99 cached tokens
+    dec = SketchWalkDecoder(cfg.replace(decode_rule="quest"))
+    dec.prefill(torch.zeros(1, hq, 99, d), k[:, :, :-1], 1)
+    sel = dec.step(q, k[:, :, -1:], 1)
+    want = sparse_decode(q, k, v, sel.kv_num_blocks, sel.kv_indices, 32, backend="reference",
+                         scale=d**-0.5)  # fmt: skip
+    torch.testing.assert_close(out.view(-1, hq, d)[0], want[0, :, 0], atol=1e-5, rtol=1e-5)

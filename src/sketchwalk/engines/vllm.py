@@ -46,6 +46,7 @@ import json
 import os
 import re
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -520,6 +521,7 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         self.layer_idx: int | None = None
         self.bounds: PageKeyBounds | None = None
         self.queries: PageQuerySums | None = None
+        self._out_of_memory = False
         logger.info_once("SketchWalk attention backend in use: %s", settings())
 
     # -- cache ------------------------------------------------------------------------------
@@ -568,11 +570,14 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         writes = self.kv_sharing_target_layer_name is None and key is not None and value is not None
         slots = m.slot_mapping[:n]
         if writes:
-            if self.bounds is None or not self.bounds.matches(k_pages):
-                self.bounds = PageKeyBounds(k_pages)  # before the write: what is there now
+            if not self._out_of_memory and (
+                self.bounds is None or not self.bounds.matches(k_pages)
+            ):  # before the write: what is there now
+                self.bounds = self._allocate("key bounds", lambda: PageKeyBounds(k_pages))
             self._write(k_pages, key[:n], slots)
             self._write(v_pages, value[:n], slots)
-            self.bounds.update(key[:n], slots)
+            if self.bounds is not None:
+                self.bounds.update(key[:n], slots)
         self._ensure_query_store(st, k_pages, writes)
         out = output[:n].view(n, self.num_heads, self.head_size)
         starts = m.query_start_loc_cpu.tolist()
@@ -613,12 +618,35 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         if not (st.page_queries and writes and page_size == st.config.block_size):
             self.queries = None
             return
-        if self.queries is None or not self.queries.matches(
+        if self._out_of_memory:
+            self.queries = None
+        elif self.queries is None or not self.queries.matches(
             num_pages, page_size, self.num_heads, k_pages.device
         ):
-            self.queries = PageQuerySums(
-                num_pages, page_size, self.num_heads, self.head_size, k_pages.device
+            self.queries = self._allocate(
+                "query sums",
+                lambda: PageQuerySums(
+                    num_pages, page_size, self.num_heads, self.head_size, k_pages.device
+                ),
             )
+
+    def _allocate(self, what: str, make: Callable[[], Any]) -> Any:
+        """``make()``; when the device has no room left (the per-page state lives outside
+        vLLM's KV-cache budget), None from now on for this layer, with a warning: decodes then
+        rebuild their bounds per sequence and prefix-cache hits prefill dense."""
+        try:
+            return make()
+        except torch.OutOfMemoryError:
+            self._out_of_memory = True
+            self.bounds = self.queries = None
+            logger.warning(
+                "SketchWalk backend: no memory for the per-page %s of layer %s (outside vLLM's "
+                "KV-cache budget: lower gpu_memory_utilization to make room); this layer's "
+                "decodes rebuild their key bounds per sequence instead",
+                what,
+                self.layer_idx,
+            )
+            return None
 
     def _route(
         self, t: int, m: SketchWalkMetadata, b: int, seq_len: int, cfg: SketchWalkConfig
