@@ -34,24 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_engine import add_engine_arguments, engine_kwargs
 
 
-def model_folder(spec: str) -> tuple[Path, str]:
-    """A Hugging Face folder for ``spec`` (converting an alias or a .gguf once), and its id."""
-    from sketchwalk.hf.models import cache_dir, convert_gguf_to_folder, resolve_model
-
-    resolved = resolve_model(spec)
-    if resolved.kind == "seerattn":
-        raise SystemExit(f"{spec}: a SeerAttention checkpoint; vLLM needs the base model")
-    if resolved.kind == "gguf":
-        gguf = resolved.load_path / str(resolved.gguf_file)
-        folder = cache_dir() / "models" / f"{gguf.stem}-bf16"
-        if not (folder / "config.json").is_file():
-            convert_gguf_to_folder(gguf, folder)
-        return folder, resolved.model_id
-    if resolved.convert_from is not None and not (resolved.load_path / "config.json").is_file():
-        convert_gguf_to_folder(resolved.convert_from, resolved.load_path)
-    return resolved.load_path, resolved.model_id
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -72,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import sketchwalk.engines.vllm as swv
     from sketchwalk.config import SketchWalkConfig
+    from sketchwalk.hf.models import model_folder
     from sketchwalk.pipeline.eval import niah_prompts
 
     swv.register()
-    folder, model_id = model_folder(args.model)
+    folder, resolved = model_folder(args.model)
+    model_id = resolved.model_id
     tok = AutoTokenizer.from_pretrained(folder)
     needles = args.num_needles if args.task == "multikey" else 1
     _, prompts = niah_prompts(tok, args.seq_lens, args.depths, args.samples, args.task, needles,

