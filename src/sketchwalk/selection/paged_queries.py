@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from sketchwalk.selection.paged_quest import page_writes
+
 
 class PageQuerySums:
     """Per physical page: the sum of the queries written to it since its last offset-0 write.
@@ -49,11 +51,7 @@ class PageQuerySums:
         """Add the queries (N, Hq, D) of the tokens written at ``slots`` (N,). No host sync."""
         if queries.shape[0] == 0:
             return
-        slots = slots.long()
-        scratch = self.num_pages
-        inside = slots >= 0
-        page = torch.where(inside, torch.div(slots, self.page_size, rounding_mode="floor"), scratch)
-        starts = torch.where(inside & (slots % self.page_size == 0), page, scratch)
+        page, starts = page_writes(slots, self.page_size, self.num_pages)
         self.sums.index_fill_(0, starts, 0.0)
         self.valid.index_fill_(0, starts, True)
         self.sums.index_add_(0, page, queries.float())

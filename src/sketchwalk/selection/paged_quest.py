@@ -43,6 +43,20 @@ from sketchwalk.selection.select import forced_counts, last_row_kept, select_las
 from sketchwalk.selection.topk import top_k_compact
 
 
+def page_writes(
+    slots: torch.Tensor, page_size: int, scratch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the tokens written at ``slots`` (N,) (page * page_size + offset; -1 for a padded
+    token): int64 (N,) their pages and the pages they START (offset 0), ``scratch`` where there
+    is none. The update rule of the per-page state: a page restarts where its offset 0 is
+    written, every written token adds to its page."""
+    slots = slots.long()
+    inside = slots >= 0
+    page = torch.where(inside, torch.div(slots, page_size, rounding_mode="floor"), scratch)
+    starts = torch.where(inside & (slots % page_size == 0), page, scratch)
+    return page, starts
+
+
 class PageKeyBounds:
     """Per physical page, KV head and channel: the minimum and maximum of the keys written to a
     paged cache (see the module docstring).
@@ -80,11 +94,7 @@ class PageKeyBounds:
         padded token) into their pages' bounds; keys (N, Hkv, D). No host sync."""
         if keys.shape[0] == 0:
             return
-        slots = slots.long()
-        scratch = self.num_pages
-        page = torch.where(slots >= 0, torch.div(slots, self.page_size, rounding_mode="floor"),
-                           scratch)  # fmt: skip
-        starts = torch.where(slots % self.page_size == 0, page, scratch)
+        page, starts = page_writes(slots, self.page_size, self.num_pages)
         keys = keys.to(self.key_min.dtype)
         self.key_min.index_fill_(0, starts, float("inf"))
         self.key_max.index_fill_(0, starts, float("-inf"))
@@ -235,4 +245,4 @@ def _reference_rows(
     return compact_mask(torch.cat(masks))
 
 
-__all__ = ["PageKeyBounds", "PagedDecodePlan", "paged_quest_select"]
+__all__ = ["PageKeyBounds", "PagedDecodePlan", "page_writes", "paged_quest_select"]
