@@ -78,6 +78,12 @@ class SketchWalkConfig:
             when set.
         dense_layers: the first ``dense_layers`` layers use full causal attention.
         dense_last_rows: the last query-block rows that stay dense.
+        query_rows: the last ``query_rows`` query-block rows rank key blocks by the exact
+            attention of their own queries (the softmax mass each key block receives, averaged
+            over the row's queries and the mask group's heads) instead of by the walk, at the
+            same budget. These rows hold the end of a prompt (the question, in a retrieval
+            prompt): their exact scores cost O(query_rows x block_size x T) per head, a
+            vanishing share of the attention they schedule. 0 = the walk ranks every row.
         decode_rule: decode-time ranking of key blocks: ``"walk"`` (the released-style walk
             over a window of recent queries) or ``"quest"`` (per-block key min/max bound of
             the current query's logits; `sketchwalk.selection.decode`).
@@ -109,6 +115,7 @@ class SketchWalkConfig:
     window_blocks: int | None = None
     dense_layers: int = 2
     dense_last_rows: int = 4
+    query_rows: int = 0
     decode_rule: str = "walk"
     parity: bool = False
     seed: int = 0
@@ -189,6 +196,7 @@ class SketchWalkConfig:
             "dense_last_rows",
             "an int >= 0",
         )
+        need(is_int(self.query_rows) and self.query_rows >= 0, "query_rows", "an int >= 0")
         need(self.decode_rule in DECODE_RULES, "decode_rule", f"one of {DECODE_RULES}")
         need(isinstance(self.parity, bool), "parity", "a bool")
         need(is_int(self.seed), "seed", "an int")
@@ -308,6 +316,7 @@ _FLAG_HELP = {
     "window_blocks": "window size in blocks, diagonal included (overrides --window)",
     "dense_layers": "number of leading layers kept dense",
     "dense_last_rows": "number of trailing query-block rows kept dense",
+    "query_rows": "number of trailing query-block rows ranked by their exact attention",
     "decode_rule": "decode-time ranking: walk over recent queries, or the quest key bound",
     "parity": "reproduce the released arithmetic exactly",
     "seed": "seed of the sketch's random draws",

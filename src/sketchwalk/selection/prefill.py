@@ -10,7 +10,8 @@ Per sparse layer l (docs/algorithm.md §1):
    row-normalisation, sharpening by ``sparsity_exponent`` -> transition matrix A_l;
 4. damped walk starting from the previous sparse layer's R_{l-1} (if ``walk`` and layer l-1 was
    the last one fed) or from A_l;
-5. ranked selection with forced sink / window / diagonal blocks and dense last rows.
+5. ranked selection with forced sink / window / diagonal blocks and dense last rows; the last
+   ``query_rows`` rows are ranked by their exact attention (`query_row_scores`) instead of R.
 
 Layers ``< dense_layers`` return the full causal selection. Nothing here is O(T^2) in memory:
 the largest tensors are (B, Hq, nb, nb) with nb = T / block_size.
@@ -27,6 +28,7 @@ import torch
 
 from sketchwalk.blocks import BlockSelection, check_finite, check_qk, num_blocks
 from sketchwalk.config import SketchWalkConfig
+from sketchwalk.selection.query_rows import query_row_scores
 from sketchwalk.selection.select import select_blocks
 from sketchwalk.selection.sketch import block_pool, layer_projection
 from sketchwalk.selection.walk import transition_from_pooled, walk_step
@@ -164,12 +166,29 @@ class SketchWalk:
 
         qb = block_pool(q, cfg.block_size, cfg.parity)
         kb = block_pool(k, cfg.block_size, cfg.parity)
-        return self._select_pooled(qb, kb, t, layer_idx)
+        return self._select_pooled(qb, kb, t, layer_idx, self._query_rows(q, k, qb.shape[1]))
+
+    def _query_rows(self, q: torch.Tensor, k: torch.Tensor, hq: int) -> torch.Tensor | None:
+        """Exact scores of the last ``config.query_rows`` rows (B, G, R, nb), or None."""
+        cfg = self.config
+        if cfg.query_rows == 0:
+            return None
+        nb = num_blocks(k.shape[2], cfg.block_size)
+        rows = min(cfg.query_rows, nb)
+        return query_row_scores(q, k, rows, cfg.block_size, self._groups(hq, k.shape[1]))
 
     def _select_pooled(
-        self, qb: torch.Tensor, kb: torch.Tensor, t: int, layer_idx: int
+        self,
+        qb: torch.Tensor,
+        kb: torch.Tensor,
+        t: int,
+        layer_idx: int,
+        tail: torch.Tensor | None = None,
     ) -> BlockSelection:
-        """Steps 2-5 on pooled (B, Hq, nb, D) queries and (B, Hkv, nb, D) keys of t tokens."""
+        """Steps 2-5 on pooled (B, Hq, nb, D) queries and (B, Hkv, nb, D) keys of t tokens.
+
+        ``tail``: exact scores (B, G, R, nb) that rank the last R rows instead of the walk
+        (`query_row_scores`); the walk state carried to the next layer stays the walk's."""
         cfg = self.config
         b, groups = qb.shape[0], self._groups(qb.shape[1], kb.shape[1])
         if self.keep_queries:
@@ -195,14 +214,16 @@ class SketchWalk:
                 # layers on different devices (a model split by a device map): the walk state
                 # follows this layer's queries; on the same device it is used as it is
                 previous = previous.to(qb.device)
+        if tail is not None and tail.shape[:2] != (b, groups):
+            raise ValueError(f"query-row scores {tuple(tail.shape)} do not match {(b, groups)}")
         if self._graph_eligible(qb):
-            selection = self._select_graphed(qb, kb, previous, t, layer_idx)
+            r, selection = self._select_graphed(qb, kb, previous, t, layer_idx, tail)
         else:
             a = self._transition(qb, kb, layer_idx)
             r = walk_step(a, previous, cfg.degree, cfg.damping)
-            selection = select_blocks(r, t, cfg)
-        self._walk_state, self._walk_layer = selection.scores, layer_idx
-        assert selection.scores.shape == (b, groups, nb, nb)
+            selection = select_blocks(_rank_scores(r, tail), t, cfg)
+        self._walk_state, self._walk_layer = r, layer_idx
+        assert r.shape == selection.scores.shape == (b, groups, nb, nb)
         return selection
 
     def select_chunk(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int) -> BlockSelection:
@@ -288,7 +309,8 @@ class SketchWalk:
             else:
                 kb = block_pool(k, bs, cfg.parity)
                 self._last_layer = layer_idx
-                full = self._select_pooled(qb, kb, s, layer_idx)
+                tail = self._query_rows(q, k, hq)
+                full = self._select_pooled(qb, kb, s, layer_idx, tail)
         finally:
             self.keep_queries = saved_keep
             self._shape = saved_shape
@@ -358,11 +380,12 @@ class SketchWalk:
 
         cfg = self.config
 
-        def body(qb, kb, proj, previous):
+        def body(qb, kb, proj, previous, tail):
             a = fused_transition(qb, kb, cfg, 0, projection=proj)
             r = walk_step(a, previous, cfg.degree, cfg.damping)
-            sel = select_blocks(r, t, cfg)
-            return r, sel.block_mask, sel.kv_num_blocks, sel.kv_indices
+            ranked = _rank_scores(r, tail)
+            sel = select_blocks(ranked, t, cfg)
+            return r, ranked, sel.block_mask, sel.kv_num_blocks, sel.kv_indices
 
         return body
 
@@ -373,7 +396,9 @@ class SketchWalk:
         previous: torch.Tensor | None,
         t: int,
         layer_idx: int,
-    ) -> BlockSelection:
+        tail: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, BlockSelection]:
+        """(walk state R, selection) from the captured graph of this shape."""
         cfg = self.config
         self.transition_backend = "triton"
         proj = None
@@ -385,6 +410,7 @@ class SketchWalk:
             tuple(kb.shape),
             qb.device,
             previous is not None,
+            None if tail is None else tuple(tail.shape),
             t,
             dataclasses.astuple(cfg),
         )
@@ -393,16 +419,18 @@ class SketchWalk:
         if graph is None:
             # First time for this key: run eagerly (compiles the kernels and fills the
             # per-(nb, config) device caches), return that result, then capture.
-            r, mask, num, idx = body(qb, kb, proj, previous)
+            r, ranked, mask, num, idx = body(qb, kb, proj, previous, tail)
             while len(self._graphs) >= MAX_GRAPHS:  # oldest first: bounded GPU memory
                 self._graphs.pop(next(iter(self._graphs)))
-            self._graphs[key] = _SelectGraph(body, qb, kb, proj, previous)
+            self._graphs[key] = _SelectGraph(body, qb, kb, proj, previous, tail)
         else:
             # The outputs are the graph's static buffers, overwritten by the next replay:
             # return copies (the walk state is carried to the next layer and the selection is
             # kept by the caller).
-            r, mask, num, idx = (x.clone() for x in graph.replay(qb, kb, proj, previous))
-        return BlockSelection(mask, cfg.block_size, t, num, idx, None, scores=r)
+            out = graph.replay(qb, kb, proj, previous, tail)
+            r, mask, num, idx = (x.clone() for x in (out[0], *out[2:]))
+            ranked = r if tail is None else out[1].clone()
+        return r, BlockSelection(mask, cfg.block_size, t, num, idx, None, scores=ranked)
 
     def _transition(self, qb: torch.Tensor, kb: torch.Tensor, layer_idx: int) -> torch.Tensor:
         cfg = self.config
@@ -439,13 +467,15 @@ class _SelectGraph:
         kb: torch.Tensor,
         proj: torch.Tensor | None,
         previous: torch.Tensor | None,
+        tail: torch.Tensor | None = None,
     ) -> None:
         self.qb, self.kb = qb.clone(), kb.clone()
         self.proj = None if proj is None else proj.clone()
         self.previous = None if previous is None else previous.clone()
+        self.tail = None if tail is None else tail.clone()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outputs = body(self.qb, self.kb, self.proj, self.previous)
+            self.outputs = body(self.qb, self.kb, self.proj, self.previous, self.tail)
 
     def replay(
         self,
@@ -453,6 +483,7 @@ class _SelectGraph:
         kb: torch.Tensor,
         proj: torch.Tensor | None,
         previous: torch.Tensor | None,
+        tail: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         self.qb.copy_(qb)
         self.kb.copy_(kb)
@@ -460,8 +491,18 @@ class _SelectGraph:
             self.proj.copy_(proj)
         if self.previous is not None:
             self.previous.copy_(previous)
+        if self.tail is not None:
+            self.tail.copy_(tail)
         self.graph.replay()
         return self.outputs
+
+
+def _rank_scores(r: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+    """The walk matrix R (B, G, nb, nb) with its last rows replaced by ``tail`` (B, G, R, nb),
+    the exact query-row scores (R itself when there are none)."""
+    if tail is None:
+        return r
+    return torch.cat([r[:, :, : r.shape[2] - tail.shape[2]], tail.to(r.dtype)], dim=2)
 
 
 def _last_rows(selection: BlockSelection, rows: int) -> BlockSelection:

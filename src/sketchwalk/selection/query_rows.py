@@ -1,0 +1,94 @@
+"""Exact block scores for the last query-block rows of a prompt (``SketchWalkConfig.query_rows``).
+
+The last rows of a prompt hold what it asks (the question of a retrieval prompt, the
+instruction of a chat turn): the block that answers it may look unremarkable to pooled,
+sketched block scores, since a block's mean query or key averages away the one token that
+matters. For those rows the attention they would compute is cheap to know exactly: the last
+``rows`` query blocks hold at most ``rows x block_size`` queries, and their logits against all T
+keys cost O(rows x block_size x T x D) per head, against the O(T^2 x D) of the prefill's
+attention.
+
+`query_row_scores` returns, per mask group and per trailing query-block row, the softmax mass
+each key block receives from the row's queries (causal within the diagonal block), averaged
+over the row's queries and over the mask group's query heads: the oracle's score
+(`sketchwalk.selection.baselines.OracleSelector`) restricted to those rows. SketchWalk ranks
+those rows by it instead of by the walk (`sketchwalk.selection.prefill`); the budget, forced
+blocks and the walk state carried to the next layer are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sketchwalk.blocks import num_blocks
+
+__all__ = ["query_row_scores"]
+
+
+def query_row_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: int,
+    block_size: int,
+    groups: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention mass per key block of the last ``rows`` query-block rows.
+
+    Args:
+        q: (B, Hq, T, D) queries at the END of the keys (positions S - T .. S - 1); a prefill
+            has T = S, a query chunk T < S.
+        k: (B, Hkv, S, D) keys; Hq must be a multiple of Hkv.
+        rows: trailing query-block rows to score, 1 <= rows <= ceil(S / block_size). Rows
+            whose queries lie partly before the chunk are scored from the queries it has; a
+            row with none of its queries in the chunk scores zero everywhere.
+        block_size: tokens per block.
+        groups: mask groups (1, Hkv or Hq): heads are averaged within consecutive groups.
+        scale: softmax scale (default 1 / sqrt(D)).
+
+    Returns:
+        float32 (B, groups, rows, nb), nb = ceil(S / block_size): for row r (query block
+        nb - rows + r), entry j is the mean over the row's queries and the group's heads of the
+        probability mass the query puts on key block j (zero for future blocks; each query's
+        masses sum to 1 over the causal blocks).
+    """
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if hq % hkv or hq % groups:
+        raise ValueError(
+            f"query_row_scores: {hq} query heads do not split into {hkv} KV heads and "
+            f"{groups} mask groups"
+        )
+    nb = num_blocks(s, block_size)
+    if not 1 <= rows <= nb:
+        raise ValueError(f"query_row_scores: rows must be in [1, {nb}], got {rows}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    first = (nb - rows) * block_size  # first key position of the scored rows
+    start = max(first, s - t)  # first query position the chunk holds among them
+    queries = q[:, :, start - (s - t) :]  # (B, Hq, n, D)
+    n = queries.shape[2]
+    out = torch.zeros(b, hq, rows, nb, dtype=torch.float32, device=q.device)
+    if n == 0:
+        return out.view(b, groups, hq // groups, rows, nb).mean(dim=2)
+    positions = torch.arange(start, s, device=q.device)
+    future = torch.arange(s, device=q.device)[None, :] > positions[:, None]  # (n, S)
+    row_of = positions // block_size - (nb - rows)  # (n,) in [0, rows)
+    counts = torch.zeros(rows, dtype=torch.float32, device=q.device)
+    counts.index_add_(0, row_of, torch.ones(n, dtype=torch.float32, device=q.device))
+    pad = nb * block_size - s
+    g = hq // hkv
+    for j in range(hkv):  # one KV head and its g query heads at a time: (B, g, n, S) floats
+        qh = queries[:, j * g : (j + 1) * g]
+        logits = torch.matmul(qh, k[:, j, None].transpose(-1, -2)).float() * scale
+        logits.masked_fill_(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        del logits
+        if pad:
+            probs = torch.nn.functional.pad(probs, (0, pad))
+        per_block = probs.view(b, g, n, nb, block_size).sum(dim=-1)  # (B, g, n, nb)
+        del probs
+        out[:, j * g : (j + 1) * g].index_add_(2, row_of, per_block)
+    out /= counts.clamp_min(1.0)[:, None]
+    return out.view(b, groups, hq // groups, rows, nb).mean(dim=2)

@@ -1,0 +1,146 @@
+"""Query-aware last rows (SketchWalkConfig.query_rows): exact scores against a brute force, and
+SketchWalk's selection with them against the walk's selection and the oracle's ranking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sketchwalk import SketchWalk, SketchWalkConfig
+from sketchwalk.blocks import num_blocks
+from sketchwalk.selection.baselines import OracleSelector
+from sketchwalk.selection.query_rows import query_row_scores
+from sketchwalk.testing import make_qkv
+
+
+def brute_force_rows(q, k, rows, block_size, groups):
+    """Per (batch, head, query) the full causal softmax, summed per key block, averaged over
+    the row's queries and the group's heads, in float64, one query at a time."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    nb = num_blocks(s, block_size)
+    out = torch.zeros(b, hq, rows, nb, dtype=torch.float64)
+    count = torch.zeros(rows, dtype=torch.float64)
+    for pos in range(s - t, s):
+        r = pos // block_size - (nb - rows)
+        if r < 0:
+            continue
+        count[r] += 1
+        for h in range(hq):
+            qv = q[:, h, pos - (s - t)].double()
+            kv = k[:, h // (hq // hkv), : pos + 1].double()
+            p = torch.softmax(qv[:, None, :] @ kv.transpose(-1, -2) / math.sqrt(d), dim=-1)[:, 0]
+            for j in range(nb):
+                out[:, h, r, j] += p[:, j * block_size : (j + 1) * block_size].sum(-1)
+    out /= count.clamp_min(1)[:, None]
+    return out.view(b, groups, hq // groups, rows, nb).mean(2)
+
+
+@pytest.mark.parametrize(
+    ("hq", "hkv", "t", "rows", "granularity"),
+    [(4, 1, 100, 2, "kv_group"), (4, 4, 64, 1, "head"), (8, 2, 150, 3, "layer"),
+     (2, 2, 40, 1, "kv_group"), (8, 1, 130, 3, "kv_group")],
+)  # fmt: skip
+def test_query_row_scores_match_brute_force(hq, hkv, t, rows, granularity):
+    q, k, _ = make_qkv(2, hq, hkv, t, 16, seed=t + rows)
+    groups = {"layer": 1, "kv_group": hkv, "head": hq}[granularity]
+    got = query_row_scores(q, k, rows, 32, groups)
+    want = brute_force_rows(q, k, rows, 32, groups)
+    err = (got.double() - want).abs().max().item()
+    print(f"max abs error {err:.2e}")
+    assert got.shape == want.shape
+    assert err < 1e-5
+    # each query's masses sum to 1 over its causal blocks
+    assert torch.allclose(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-5)
+
+
+def test_query_row_scores_of_a_chunk():
+    """Queries at the end of longer keys: rows partly before the chunk use the queries it has."""
+    q, k, _ = make_qkv(1, 4, 2, 200, 16, seed=3)
+    chunk = q[:, :, 170:]  # 30 queries: all of row 6 (192..199) and part of row 5 (160..191)
+    got = query_row_scores(chunk, k, 2, 32, 2)
+    want = brute_force_rows(chunk, k, 2, 32, 2)
+    assert (got.double() - want).abs().max() < 1e-5
+    # a row with none of its queries in the chunk scores zero
+    tail = query_row_scores(q[:, :, 195:], k, 2, 32, 2)
+    assert torch.count_nonzero(tail[:, :, 0]) == 0
+
+
+def test_query_row_scores_rejects_bad_rows():
+    q, k, _ = make_qkv(1, 2, 1, 64, 8)
+    with pytest.raises(ValueError, match="rows must be"):
+        query_row_scores(q, k, 3, 32, 1)
+    with pytest.raises(ValueError, match="rows must be"):
+        query_row_scores(q, k, 0, 32, 1)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
+@pytest.mark.parametrize("t", [16 * 40, 16 * 40 - 7])
+def test_sketchwalk_query_rows_rank_like_the_oracle(granularity, t):
+    """The last rows keep the oracle's choice at the same budget; the others the walk's; the
+    walk state carried to the next layer is unchanged."""
+    cfg = SketchWalkConfig.preset("default", granularity=granularity, density=0.3,
+                                  dense_layers=0, block_size=16)  # fmt: skip
+    rows = 3
+    walk_only, with_rows = SketchWalk(cfg), SketchWalk(cfg.replace(query_rows=rows))
+    oracle = OracleSelector(cfg)
+    nb = num_blocks(t, 16)
+    for layer in range(3):
+        q, k, _ = make_qkv(1, 8, 2, t, 32, seed=10 * layer + t)
+        a = walk_only.select(q, k, layer)
+        b = with_rows.select(q, k, layer)
+        o = oracle.select(q, k, layer)
+        assert torch.equal(a.block_mask[:, :, : nb - rows], b.block_mask[:, :, : nb - rows])
+        assert torch.equal(b.block_mask[:, :, nb - rows :], o.block_mask[:, :, nb - rows :])
+        assert torch.equal(a.kv_num_blocks, b.kv_num_blocks)  # same budget per row
+        assert torch.equal(walk_only.walk_state, with_rows.walk_state)
+    # the test means something only if the walk and the oracle disagree on some last row
+    assert not torch.equal(a.block_mask[:, :, nb - rows :], o.block_mask[:, :, nb - rows :])
+
+
+def test_select_chunk_with_query_rows_equals_one_shot():
+    cfg = SketchWalkConfig.preset("default", density=0.3, dense_layers=1, query_rows=2)
+    t, cut = 64 * 9 + 5, 64 * 5 + 17
+    one, chunked = SketchWalk(cfg), SketchWalk(cfg)
+    chunked.keep_queries = True
+    inputs = [make_qkv(1, 4, 2, t, 32, seed=layer)[:2] for layer in range(3)]
+    fulls = [one.select(q, k, layer) for layer, (q, k) in enumerate(inputs)]
+    for layer, (q, k) in enumerate(inputs):
+        chunked.select(q[:, :, :cut], k[:, :, :cut], layer)
+    for layer, (q, k) in enumerate(inputs):
+        part = chunked.select_chunk(q[:, :, cut:], k, layer)
+        rows = part.block_mask.shape[2]
+        assert torch.equal(part.block_mask, fulls[layer].block_mask[:, :, -rows:])
+
+
+def test_query_rows_flag_validation():
+    with pytest.raises(ValueError, match="query_rows"):
+        SketchWalkConfig(query_rows=-1)
+    with pytest.raises(ValueError, match="query_rows"):
+        SketchWalkConfig(query_rows=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["layer", "kv_group"])
+def test_query_rows_cuda_graph_equals_eager(granularity):
+    """The graphed selection takes the exact rows as a graph input: same masks and walk state
+    as the eager path, also on replays (second round)."""
+    cfg = SketchWalkConfig.preset("default", granularity=granularity, density=0.2,
+                                  dense_layers=1, query_rows=2)  # fmt: skip
+    for t in (3000, 4100):
+        layers = [make_qkv(1, 8, 2, t, 64, seed=7 * t + s, device="cuda")[:2] for s in range(4)]
+        graphed, eager = SketchWalk(cfg), SketchWalk(cfg, cuda_graphs=False)
+        plain = SketchWalk(cfg.replace(query_rows=0), cuda_graphs=False)
+        for _ in range(2):
+            for sw in (graphed, eager, plain):
+                sw.reset()
+            for i, (q, k) in enumerate(layers):
+                a, b, c = graphed.select(q, k, i), eager.select(q, k, i), plain.select(q, k, i)
+                assert torch.equal(a.block_mask, b.block_mask)
+                assert torch.equal(a.kv_num_blocks, b.kv_num_blocks)
+                if i >= cfg.dense_layers:
+                    assert torch.equal(graphed.walk_state, eager.walk_state)
+                    assert torch.equal(graphed.walk_state, plain.walk_state)
+        assert graphed.transition_backend == "triton"
