@@ -132,6 +132,29 @@ def test_modules_never_import_the_package_root(graph):
     assert not bad, f"modules importing the package root (import from the module instead): {bad}"
 
 
+# Inside sketchwalk.pipeline.eval: what every task family shares sits below the task family
+# modules (ppl, niah, ...: any module not named here), which sit below the command.
+EVAL_PACKAGE = "sketchwalk.pipeline.eval"
+EVAL_LAYERS = {"runs": 0, "report": 0, "session": 1, "results": 2, "timing": 2, "cli": 4}
+EVAL_TASK_LAYER = 3
+
+
+def test_eval_package_layers(graph):
+    def layer(module: str) -> int:
+        return EVAL_LAYERS.get(module.removeprefix(EVAL_PACKAGE + "."), EVAL_TASK_LAYER)
+
+    members = sorted(m for m in graph if m.startswith(EVAL_PACKAGE + "."))
+    assert {f"{EVAL_PACKAGE}.{m}" for m in (*EVAL_LAYERS, "ppl", "niah")} <= set(members)
+    assert f"{EVAL_PACKAGE}.report" in graph[f"{EVAL_PACKAGE}.ppl"]  # the parser sees the edges
+    bad = [
+        f"{src} (layer {layer(src)}) imports {dst} (layer {layer(dst)})"
+        for src in members
+        for dst in graph[src]
+        if dst.startswith(EVAL_PACKAGE + ".") and layer(dst) > layer(src)
+    ]
+    assert not bad, "eval package imports pointing up:\n" + "\n".join(sorted(bad))
+
+
 def test_reference_imports_no_kernel(graph):
     reference = graph["sketchwalk.attention.reference"]
     assert not reference & KERNEL_MODULES, (
