@@ -6,7 +6,8 @@
 #   bash benchmarks/eval_qwen_gpu.sh STAGE [OUT]
 #
 # STAGE: setup | gate | ppl32 | ppl16 | small32 | sweep32 | niah | multikey | decode | needles |
-# timing (each fits in 10 minutes on an H200 and resumes where it stopped). OUT (default results/eval_qwen) receives
+# timing | ruler_tune | ruler_report | ruler_ppl (each resumes where it stopped; the ruler
+# stages take SECONDS_LIMIT=N in the environment as a time limit, then run again to finish). OUT (default results/eval_qwen) receives
 # the JSON, markdown tables and plots. The model must have been fetched first:
 #   sketchwalk models fetch qwen2.5-coder-1.5b        (or --from_file PATH)
 # Text: Jane Austen's novels (Debian's r-cran-janeaustenr, or SKETCHWALK_JANEAUSTENR_DIR).
@@ -15,6 +16,15 @@ stage=${1:?stage}
 out=${2:-results/eval_qwen}
 mkdir -p "$out"
 sw() { python3 -m sketchwalk "$@"; }
+# limit CMD...: run CMD for at most $SECONDS_LIMIT seconds (when set); a run cut short keeps
+# every finished item (atomic writes) and the next call with --resume continues it.
+limit() {
+  if [ -z "${SECONDS_LIMIT:-}" ]; then "$@"; return; fi
+  local rc=0
+  timeout --signal=INT "$SECONDS_LIMIT" "$@" || rc=$?
+  if [ "$rc" -eq 124 ]; then echo "time limit reached; run the stage again to continue" >&2; fi
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ]
+}
 model=(--model_path qwen2.5-coder-1.5b --device cuda --text_source austen --no_progress --resume)
 gate="$out/gate_qwen2.5-coder-1.5b"
 # The variants the defaults are chosen from (docs/eval.md, README "Evidence for the defaults").
@@ -98,6 +108,32 @@ case "$stage" in
     sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 1 --densities 0.1 0.2 \
       --selectors dense sketchwalk --variant "quest:granularity=kv_group,$small,decode_rule=quest" \
       --timing --timing_decode_tokens 64 --output_dir "$out/timing_32000"
+    ;;
+  ruler_tune)
+    # Choosing the default preset's handling of the last rows on the TUNE split (prompts,
+    # values and filler disjoint from the report split): both prefill and decode sparse.
+    limit sw eval ruler "${model[@]}" --split tune --seq_lens 32000 \
+      --num_samples "${RULER_TUNE_SAMPLES:-6}" --densities 0.1 --selectors dense \
+      --tasks niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multivalue \
+        niah_multiquery vt \
+      --variant "walk_rows:query_rows=0" --variant "query_rows1:query_rows=1" \
+      --variant "query_rows2:query_rows=2" --variant "query_rows4:query_rows=4" \
+      --variant "dense_rows4:query_rows=0,dense_last_rows=4" \
+      --decode sketchwalk --output_dir "$out/ruler_tune"
+    ;;
+  ruler_report)
+    # The report split: every selector at matched density, prefill and decode sparse, next to
+    # the preset before query_rows (walk_rows).
+    limit sw eval ruler "${model[@]}" --split report \
+      --seq_lens ${RULER_LENGTHS:-32000} --num_samples "${RULER_SAMPLES:-8}" \
+      --densities 0.1 0.2 --selectors dense sketchwalk streaming ${RULER_EXTRA:-} \
+      --variant "walk_rows:query_rows=0" --decode sketchwalk --output_dir "$out/ruler_report"
+    ;;
+  ruler_ppl)
+    # perplexity of the same configurations at 32K (two passages)
+    sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 2 --densities 0.1 0.2 \
+      --selectors dense sketchwalk oracle streaming --variant "walk_rows:query_rows=0" \
+      --output_dir "$out/ruler_ppl_32000"
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

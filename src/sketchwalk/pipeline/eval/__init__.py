@@ -1,7 +1,7 @@
 """Evaluate block selectors end to end on a real model, at matched attention density.
 
-Two tasks (``sketchwalk eval ppl`` and ``sketchwalk eval niah``; Python API
-:func:`evaluate_ppl` and :func:`evaluate_niah`):
+Three task families (``sketchwalk eval ppl``, ``eval niah`` and ``eval ruler``; Python API
+:func:`evaluate_ppl`, :func:`evaluate_niah` and :func:`evaluate_ruler`):
 
 - ``ppl``: perplexity of the SECOND HALF of ``--num_samples`` real passages of ``--seq_len``
   tokens (``sketchwalk.hf.text.make_passages``: fixed by ``--seed``, recorded by the SHA-256
@@ -13,6 +13,12 @@ Two tasks (``sketchwalk eval ppl`` and ``sketchwalk eval niah``; Python API
   <value>." hidden at ``--depths`` (% of the filler) in real text, for each of ``--seq_lens``;
   ``--task multikey`` hides ``--num_needles`` needles with different keys and asks for one.
   Correct = the value appears in the answer. Every answer is saved.
+- ``ruler``: RULER's synthetic tasks (`ruler_tasks`: needles in noise, real text or other
+  needles; several keys, values or queries; variable tracking; common and frequent words), with
+  prompt variants (question after or before and after the context, with or without the answer
+  prefix) and two disjoint splits (``tune`` for choosing defaults, ``report`` for the tables);
+  scored as RULER scores, with 95% Wilson intervals and a check that each task separates
+  streaming from dense.
 
 Selectors (``--selectors``; each at every density of ``--densities``): ``dense`` (the stock
 model), ``sketchwalk`` (the base config: ``--preset`` plus config flags), every ``--variant
@@ -41,8 +47,9 @@ and writes, and the files are those of one process plus each item's ``rank`` and
 The package, one module per concept: `runs` (selectors, variants and densities as `RunSpec`s;
 input checks), `session` (the model, its selectors switched on, the environment), `results`
 (the runner: result files, ``--resume`` and the item loop over ranks), one module per task
-family (`ppl`, `niah`), `timing` (``--timing``), `report` (markdown tables and plots) and `cli`
-(the flags). A new task family is a module beside `ppl` and `niah` plus its subcommand in `cli`.
+family (`ppl`, `niah`, `ruler` with its prompts in `ruler_tasks`), `timing` (``--timing``),
+`report` (markdown tables and plots) and `cli` (the flags). A new task family is a module
+beside `ppl` and `niah` plus its subcommand in `cli`.
 """
 
 from sketchwalk.pipeline.eval.cli import add_arguments, run
@@ -56,6 +63,7 @@ from sketchwalk.pipeline.eval.niah import (
 from sketchwalk.pipeline.eval.ppl import evaluate_ppl, second_half_nll
 from sketchwalk.pipeline.eval.report import niah_markdown, ppl_markdown
 from sketchwalk.pipeline.eval.results import RESULT_VERSION
+from sketchwalk.pipeline.eval.ruler import evaluate_ruler, ruler_markdown, ruler_prompts
 from sketchwalk.pipeline.eval.runs import (
     DECODE_MODES,
     SELECTORS,
@@ -82,6 +90,7 @@ __all__ = [
     "build_runs",
     "evaluate_niah",
     "evaluate_ppl",
+    "evaluate_ruler",
     "forced_density",
     "forced_warnings",
     "measure_timing",
@@ -89,6 +98,8 @@ __all__ = [
     "niah_prompts",
     "parse_variant",
     "ppl_markdown",
+    "ruler_markdown",
+    "ruler_prompts",
     "run",
     "second_half_nll",
 ]

@@ -1,6 +1,6 @@
-"""The ``sketchwalk eval`` command: one subcommand per task family (``ppl``, ``niah``) with the
-flags they share (`_add_common`), mapped onto `evaluate_ppl` / `evaluate_niah`; under torchrun
-rank 0 alone prints the tables."""
+"""The ``sketchwalk eval`` command: one subcommand per task family (``ppl``, ``niah``,
+``ruler``) with the flags they share (`_add_common`), mapped onto `evaluate_ppl` /
+`evaluate_niah` / `evaluate_ruler`; under torchrun rank 0 alone prints the tables."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from sketchwalk.pipeline import distributed
 from sketchwalk.pipeline.eval.niah import DEFAULT_DEPTHS, TASKS, evaluate_niah
 from sketchwalk.pipeline.eval.ppl import evaluate_ppl
 from sketchwalk.pipeline.eval.report import niah_markdown, ppl_markdown
+from sketchwalk.pipeline.eval.ruler import evaluate_ruler, ruler_markdown
+from sketchwalk.pipeline.eval.ruler_tasks import PROMPT_VARIANTS, SPLITS
+from sketchwalk.pipeline.eval.ruler_tasks import TASKS as RULER_TASKS
 from sketchwalk.pipeline.eval.runs import DECODE_MODES, SELECTORS
 
 
@@ -88,6 +91,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     niah.add_argument("--decode", nargs="+", default=["dense", "sketchwalk"],
                       choices=DECODE_MODES,
                       help="decode modes of SketchWalk runs: dense = prefill-only")  # fmt: skip
+    ruler = sub.add_parser("ruler", help="RULER's synthetic tasks (needles, variable tracking, "
+                           "common and frequent words)", description=evaluate_ruler.__doc__,
+                           conflict_handler="resolve")  # fmt: skip
+    _add_common(ruler)
+    ruler.set_defaults(densities=[0.1, 0.2])
+    ruler.add_argument("--seq_lens", type=int, nargs="+", default=[4096])
+    ruler.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(RULER_TASKS),
+        choices=RULER_TASKS,
+        metavar="TASK",
+        help=f"from {', '.join(RULER_TASKS)} (default: all)",
+    )
+    ruler.add_argument(
+        "--prompts",
+        nargs="+",
+        default=["after"],
+        choices=PROMPT_VARIANTS,
+        help="prompt variants: the question after the context or before and "
+        "after it, each with or without the answer prefix (_prefix)",
+    )
+    ruler.add_argument(
+        "--split",
+        default="report",
+        choices=SPLITS,
+        help="tune: the prompts defaults are chosen on; report: the held-out "
+        "prompts the tables show (disjoint values, seeds and filler)",
+    )
+    ruler.add_argument(
+        "--max_new_tokens",
+        type=int_at_least(1),
+        default=None,
+        help="tokens to generate (default: enough for each task's answer)",
+    )
+    ruler.add_argument(
+        "--decode",
+        nargs="+",
+        default=["sketchwalk"],
+        choices=DECODE_MODES,
+        help="decode modes of SketchWalk runs: dense = prefill-only",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,6 +192,21 @@ def _run_task(
                 seq_len=args.seq_len,
                 num_samples=2 if args.num_samples is None else args.num_samples,
                 loss_chunk=args.loss_chunk,
+                **common,
+            )
+        elif args.eval_task == "ruler":
+            markdown = ruler_markdown
+            if common.pop("timing"):
+                raise UsageError("--timing: not measured by eval ruler (use eval niah --timing)")
+            common.pop("timing_decode_tokens")
+            data = evaluate_ruler(
+                seq_lens=args.seq_lens,
+                tasks=args.tasks,
+                num_samples=4 if args.num_samples is None else args.num_samples,
+                prompt_variants=args.prompts,
+                split=args.split,
+                max_new_tokens=args.max_new_tokens,
+                decode=args.decode,
                 **common,
             )
         else:

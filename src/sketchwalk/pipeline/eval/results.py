@@ -124,6 +124,8 @@ _ITEM_FIELDS = {
             "layer_density": list, "wall_s": (int, float)},
     "niah": {"run": str, "length": int, "depth": (int, float), "correct": bool,
              "layer_density": list, "wall_s": (int, float)},
+    "ruler": {"run": str, "task": str, "length": int, "score": (int, float), "refs": list,
+              "layer_density": list, "wall_s": (int, float)},
 }  # fmt: skip
 
 

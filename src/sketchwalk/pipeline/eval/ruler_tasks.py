@@ -15,7 +15,8 @@ of RULER's essays, and the prompts are written here:
 - ``vt`` (variable tracking): a chain "VAR X1 = <number>", "VAR X2 = VAR X1", ... of
   ``VT_HOPS`` hops hidden in noise; every variable that holds the number is asked for.
 - ``cwe`` (common words): a numbered list where ``CWE_COMMON`` words appear ``CWE_COMMON_FREQ``
-  times each and all others ``CWE_RARE_FREQ`` times; the common words are asked for.
+  times each and all others ``CWE_RARE_FREQ`` times (fewer times each in prompts too short for
+  that, the common words at least twice as often); the common words are asked for.
 - ``fwe`` (frequent words): coded words drawn with Zipf frequencies (exponent ``FWE_ALPHA``);
   the three most frequent are asked for.
 
@@ -314,7 +315,10 @@ def _niah(task, tokenizer, pool, length, rng, split, variant) -> RulerSample:
     uuid_values = task in ("niah_single_3", "niah_multikey_3")
     kind, kind_one = ("uuids", "uuid") if uuid_values else ("numbers", "number")
     make_value = (lambda: _uuid(rng)) if uuid_values else (lambda: _number(rng))
-    make_key = (lambda: _uuid(rng)) if task == "niah_multikey_3" else (lambda: _word_key(rng, words))
+    if task == "niah_multikey_3":
+        make_key = lambda: _uuid(rng)  # noqa: E731
+    else:
+        make_key = lambda: _word_key(rng, words)  # noqa: E731
     taken: set[str] = set()
     if task == "niah_multiquery":
         keys = _distinct(make_key, MULTI, taken)
@@ -340,7 +344,9 @@ def _niah(task, tokenizer, pool, length, rng, split, variant) -> RulerSample:
         f"them. I will quiz you about the {kind} afterwards.\n\n"
     )
     if plural:
-        question = f"What are all the special magic {kind} for {ask} mentioned in the provided text?"
+        question = (
+            f"What are all the special magic {kind} for {ask} mentioned in the provided text?"
+        )
         prefix = f"The special magic {kind} for {ask} mentioned in the provided text are"
     else:
         question = f"What is the special magic {kind_one} for {ask} mentioned in the provided text?"
@@ -391,9 +397,7 @@ def _vt(tokenizer, pool, length, rng, split, variant) -> RulerSample:
     lines = [f"VAR {names[0]} = {value}"] + [
         f"VAR {names[i]} = VAR {names[i - 1]}" for i in range(1, len(names))
     ]
-    intro = (
-        "Memorize and track the chain of variable assignments hidden in the following text.\n\n"
-    )
+    intro = "Memorize and track the chain of variable assignments hidden in the following text.\n\n"
     question = (
         f"Question: Find all variables that are assigned the value {value} in the text above."
     )
@@ -430,27 +434,30 @@ def _cwe(tokenizer, pool, length, rng, split, variant) -> RulerSample:
     before, after, chat = _frame(tokenizer, intro, question, prefix, variant)
     budget = length - len(before) - len(after)
     per_line = max(1, len(_ids(tokenizer, "\n1234. " + " ".join(words[:50]))) // 50 + 4)
-    rare = max(0, min(len(rare_pool), (budget // per_line - CWE_COMMON * CWE_COMMON_FREQ)
-                                       // CWE_RARE_FREQ))  # fmt: skip
+    lines_fit = budget // per_line
+    # RULER's frequencies where they fit; shorter prompts keep the common words at least
+    # twice as frequent as the others
+    common_freq = max(2, min(CWE_COMMON_FREQ, lines_fit // (2 * CWE_COMMON)))
+    rare_freq = CWE_RARE_FREQ if common_freq >= 2 * CWE_RARE_FREQ else 1
+    rare = max(0, min(len(rare_pool), (lines_fit - CWE_COMMON * common_freq) // rare_freq))
     for _ in range(50):  # shrink the rare words until the list fits
-        seq = common * CWE_COMMON_FREQ + rare_pool[:rare] * CWE_RARE_FREQ
+        seq = common * common_freq + rare_pool[:rare] * rare_freq
         order = random.Random(rng.random()).sample(seq, len(seq))
         lines = _ids(tokenizer, "".join(f"{i + 1}. {w}\n" for i, w in enumerate(order)))
         if len(lines) <= budget:
             break
         if rare == 0:
             raise _too_short(length, len(before) + len(after) + len(lines), "cwe")
-        rare = max(0, rare - max(1, (len(lines) - budget) // (per_line * CWE_RARE_FREQ) + 1))
+        rare = max(0, rare - max(1, (len(lines) - budget) // (per_line * rare_freq) + 1))
     return RulerSample(
         "cwe", before + lines + after, common, MAX_NEW_TOKENS["cwe"],
-        {"rare_words": rare, "chat_template": chat, "variant": variant},
+        {"rare_words": rare, "common_freq": common_freq, "rare_freq": rare_freq,
+         "chat_template": chat, "variant": variant},
     )  # fmt: skip
 
 
 def _fwe(tokenizer, pool, length, rng, split, variant) -> RulerSample:
-    intro = (
-        "Read the following coded text and track how often each coded word appears.\n\n"
-    )
+    intro = "Read the following coded text and track how often each coded word appears.\n\n"
     question = (
         f"Question: Do not give an explanation. What are the {FWE_TOP} most frequently "
         "appearing coded words in the text above?"
@@ -458,10 +465,11 @@ def _fwe(tokenizer, pool, length, rng, split, variant) -> RulerSample:
     prefix = f"Answer: The {FWE_TOP} most frequently appearing coded words in the text are:"
     before, after, chat = _frame(tokenizer, intro, question, prefix, variant)
     budget = length - len(before) - len(after)
-    vocab = _distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=6)), 400)
-    per_word = max(1, len(_ids(tokenizer, " " + " ".join(vocab[:100]))) // 100)
+    words = _distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=6)), 2000)
+    per_word = max(1, len(_ids(tokenizer, " " + " ".join(words[:100]))) // 100)
     total = max(60, budget // per_word)
     for _ in range(50):
+        vocab = words[: max(10, min(len(words), total // 4))]  # fewer coded words when short
         weights = [1.0 / (r + 1) ** FWE_ALPHA for r in range(len(vocab))]
         scale = total / sum(weights)
         counts = [max(1, round(w * scale)) for w in weights]
