@@ -330,31 +330,41 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                 sel = None
                 if args.no_select:
                     continue
-                cfg = SketchWalkConfig.preset("default", density=density, block_size=BLOCK)
-                sw = SketchWalk(cfg)
-                try:
-                    real = select_two_layers(sw, q, k, cfg.dense_layers)
-                    sel_ms = bench(select_two_layers, (sw, q, k, cfg.dense_layers), w, r) / 2
-                except Exception as err:
-                    traceback.print_exc()
+                real = None
+                for query_rows in args.query_rows or [None]:
+                    extra = {} if query_rows is None else {"query_rows": query_rows}
+                    cfg = SketchWalkConfig.preset(
+                        "default", density=density, block_size=BLOCK, **extra
+                    )
+                    sw = SketchWalk(cfg)
+                    try:
+                        real = select_two_layers(sw, q, k, cfg.dense_layers)
+                        sel_ms = bench(select_two_layers, (sw, q, k, cfg.dense_layers), w, r) / 2
+                    except Exception as err:
+                        traceback.print_exc()
+                        record(
+                            records,
+                            base,
+                            "sketchwalk_select",
+                            float("nan"),
+                            density=density,
+                            query_rows=cfg.query_rows,
+                            error=repr(err),
+                        )
+                        real = None
+                        continue
                     record(
                         records,
                         base,
                         "sketchwalk_select",
-                        float("nan"),
+                        sel_ms,
                         density=density,
-                        error=repr(err),
+                        actual_density=real.density,
+                        query_rows=cfg.query_rows,
+                        note="per layer, mean of two consecutive sparse layers",
                     )
+                if real is None:
                     continue
-                record(
-                    records,
-                    base,
-                    "sketchwalk_select",
-                    sel_ms,
-                    density=density,
-                    actual_density=real.density,
-                    note="per layer, mean of two consecutive sparse layers",
-                )
                 attn_ms = bench(
                     sparse_prefill,
                     (q, k, v, real.kv_num_blocks, real.kv_indices, BLOCK),
@@ -622,6 +632,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="sweep prefill kernel configs first")
     p.add_argument("--sweep-seq", type=int, default=32768)
     p.add_argument("--no-select", action="store_true", help="skip SketchWalk selection timing")
+    p.add_argument(
+        "--query-rows",
+        nargs="+",
+        type=int,
+        default=None,
+        help="time the default preset's selection with each of these query_rows "
+        "(default: the preset's own); attention runs on the last one's selection",
+    )
     p.add_argument("--profile-select", action="store_true")
     p.add_argument("--no-flex-sparse", action="store_true")
     p.add_argument("--all-flex", action="store_true", help="flex sparse at every density")
