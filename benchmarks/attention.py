@@ -23,8 +23,8 @@ selection. Decode timings replay CUDA graphs (launch-bound sizes).
 
 Timing: ``triton.testing.do_bench(..., return_mode="median")`` (``do_bench_cudagraph`` for
 decode); ``--warmup`` and ``--rep`` are milliseconds. Results: JSON + markdown in ``--out-dir``
-(default benchmarks/results/) with GPU name, driver, torch/triton/CUDA versions, shapes, dtype,
-density, warm-up/reps; ratios are against the baseline measured in the same process.
+(default benchmarks/results/attention/) with GPU name, driver, torch/triton/CUDA versions,
+shapes, dtype, density, warm-up/reps; ratios are against the baseline measured in the same process.
 """
 
 from __future__ import annotations
@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-select", action="store_true")
     p.add_argument("--no-flex-sparse", action="store_true")
     p.add_argument("--all-flex", action="store_true", help="flex sparse at every density")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="benchmarks/results/attention")
     p.add_argument("--tag", default="h100")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

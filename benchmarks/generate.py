@@ -34,11 +34,11 @@ subtracting two large noisy numbers. Every SketchWalk attention call of the meas
 counted (``sw.calls``: sparse / dense, with the dense reasons), so a mode that silently ran
 dense is visible in the JSON, the table and the log.
 
-Results: ``--output`` (default ``benchmarks/results/generate_<gpu>.json``) and the same stem
-``.md``, rewritten atomically after every configuration; ``--resume`` keeps the configurations
-already there. Configurations that do not fit are skipped: up front when weights + KV cache +
-the MLP's activations exceed the device memory, otherwise by catching the out-of-memory error
-(recorded, the run goes on). Progress goes to stderr.
+Results: ``--output`` (default ``benchmarks/results/generate/generate_<gpu>.json``) and the
+same stem ``.md``, rewritten atomically after every configuration; ``--resume`` keeps the
+configurations already there. Configurations that do not fit are skipped: up front when weights
++ KV cache + the MLP's activations exceed the device memory, otherwise by catching the
+out-of-memory error (recorded, the run goes on). Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -738,7 +738,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "whole cache) or StaticCache (preallocated, written in place)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="default benchmarks/results/generate_<gpu>.json")
+    p.add_argument(
+        "--output", default=None, help="default benchmarks/results/generate/generate_<gpu>.json"
+    )
     p.add_argument("--resume", action="store_true", help="skip configurations already saved")
     p.add_argument(
         "--memory_fraction",
@@ -808,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     dtype = DTYPES[args.dtype]
-    results = Path(__file__).resolve().parent / "results"
+    results = Path(__file__).resolve().parent / "results" / "generate"
     output = Path(args.output) if args.output else results / f"generate_{gpu_tag(device)}.json"
     from sketchwalk.atomic import remove_stale_tmp
 

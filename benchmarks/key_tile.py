@@ -7,7 +7,8 @@ and BLOCK_N 128 at several warps / stages, plus the 64-block selection with the 
 SDPA cuDNN in the same process. It also reports which share of SketchWalk's kept 64-blocks at
 64K (Llama shape, 20 %) have their right neighbour kept too (the blocks a pairing could merge).
 
-    PYTHONPATH=src python3 benchmarks/key_tile.py --out benchmarks/results/key_tile_h100_run7.json
+    PYTHONPATH=src python3 benchmarks/key_tile.py \\
+        --out benchmarks/results/key_tile/key_tile_h100_run7.json
 """
 
 from __future__ import annotations

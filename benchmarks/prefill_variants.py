@@ -2,7 +2,8 @@
 
 Usage (CUDA machine, repository root):
 
-    PYTHONPATH=src python3 benchmarks/prefill_variants.py --out benchmarks/results/x.json
+    PYTHONPATH=src python3 benchmarks/prefill_variants.py \\
+        --out benchmarks/results/prefill_variants/x.json
 
 Prefill: Llama-3.1-8B shape (32 / 8 heads, D 128) and SmolLM2 (9 / 3, D 64), bf16, block 64,
 synthetic causal selections at ``--density`` (same generator as benchmarks/attention.py), one
@@ -288,7 +289,7 @@ def main() -> int:
         help="decode split counts (0: the kernel's default)",
     )
     p.add_argument("--full-grid", action="store_true", help="every prefill variant")
-    p.add_argument("--out", default="benchmarks/results/variants.json")
+    p.add_argument("--out", default="benchmarks/results/prefill_variants/variants.json")
     args = p.parse_args()
     env = environment()
     print(json.dumps(env), flush=True)

@@ -5,7 +5,7 @@ benchmarks/attention.py), median per layer, eager (``cuda_graphs=False``) and gr
 against SDPA cuDNN dense causal in the same process; and whether both paths return identical
 selections and walk states.
 
-    PYTHONPATH=src python3 benchmarks/select_graph.py --out benchmarks/results/x.json
+    PYTHONPATH=src python3 benchmarks/select_graph.py --out benchmarks/results/select_graph/x.json
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ blocks), k the default budget at density 0.2 plus the forced blocks. Each op is 
 graph (as it runs in the graph step) and eagerly, median of ``triton.testing.do_bench``, in one
 process; the kernel's result is checked against `top_k_compact_reference` first.
 
-    PYTHONPATH=src python3 benchmarks/topk.py --out benchmarks/results/topk_<gpu>.json
+    PYTHONPATH=src python3 benchmarks/topk.py --out benchmarks/results/topk/topk_<gpu>.json
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main() -> int:
             print(json.dumps(row))
             rows.append(row)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     return 0
 

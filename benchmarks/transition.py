@@ -22,7 +22,8 @@ kv_group), bf16 Q/K of batch 1, block 64, default `SketchWalkConfig`:
 - the dense baseline, SDPA cuDNN causal attention, measured in the same process.
 
 ``--profile`` prints torch-profiler tables (CUDA time by kernel, and host time) of the selection
-at the largest T, both paths. Results: JSON + markdown in ``--out-dir``.
+at the largest T, both paths. Results: JSON + markdown in ``--out-dir`` (default
+benchmarks/results/transition/).
 Timing: ``triton.testing.do_bench(..., return_mode="median")``; ``--warmup``/``--rep`` in ms.
 """
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--rep", type=int, default=100)
     p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="benchmarks/results/transition")
     p.add_argument("--tag", default="h100_run3")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

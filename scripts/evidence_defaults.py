@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/evidence_defaults.py --tensor_dir ./tensor_data --densities 0.1 0.2 0.3 \
-        --output benchmarks/results/defaults_evidence
+        --output benchmarks/results/defaults_evidence/defaults_evidence
 
 For every sequence in the folder (layers fed in order, so the walk runs across layers) and every
 variant below, SketchWalk selects blocks with the ``density`` budget (the same share of causal
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument(
         "--output",
-        default="benchmarks/results/defaults_evidence",
+        default="benchmarks/results/defaults_evidence/defaults_evidence",
         help="path prefix for the .json and .md outputs",
     )
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ Usage::
     python scripts/perplexity.py --model_path smollm2-135m --seq_len 4096 --num_samples 2 \\
         --densities 0.1 0.2 0.3 --variant dense_last_rows=0 --variant causal_sketch=false \\
         --variant walk=false --variant_densities 0.2 \\
-        --output benchmarks/results/perplexity_smollm2_4k
+        --output benchmarks/results/perplexity/perplexity_smollm2_4k
 
 Writes ``<output>.json`` (environment, passages, every resolved config, per-sample NLL, mean
 density, dense-call reasons, wall times) and ``<output>.md`` (the table), and prints the table.
