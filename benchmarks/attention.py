@@ -16,6 +16,13 @@ FlexAttention dense (causal block mask, block 128). End to end = ``SketchWalk(co
 (timed separately, per layer, averaged over two consecutive layers so the walk's cross-layer term
 runs) + attention over the selection it returned.
 
+Peer selectors (``--selectors``; default: all of `sketchwalk.selection.selectors.PEER_SELECTORS`,
+XAttention, MInference, FlexPrefill; ``--selectors`` with no name skips them): each one's
+``select`` per sparse layer on the same q/k, at the same density and config as SketchWalk (the
+``default`` preset), timed in the same process as the SDPA cuDNN baseline, with the realized
+density of its selection. ``python3 benchmarks/attention.py --selection-smoke`` runs that path on
+the CPU at a tiny size with a wall-clock timer (a check that it runs, not a measurement).
+
 Decode: one query per sequence against a cache of ``context`` tokens, batch 1 and 8, selections
 of ``density`` of the blocks (sink + last block + random). Baselines: SDPA (flash, cuDNN,
 efficient; GQA through ``enable_gqa`` or repeated K/V), and the Triton decode kernel on the full
@@ -49,6 +56,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sketchwalk.blocks import BlockSelection
+from sketchwalk.selection.selectors import PEER_SELECTORS
 
 SHAPES = {"llama": (32, 8, 128), "smollm2": (9, 3, 64)}
 BLOCK = 64
@@ -215,6 +223,59 @@ def record(records: list, base: dict, method: str, ms: float, **extra: Any) -> N
         else (f"{rec['GBps']:.0f} GB/s" if "GBps" in rec else "")
     )
     print(f"  {method:<22} {ms:10.4f} ms {rate:>14} {json.dumps(shown)[:110]}", flush=True)
+
+
+def time_selectors(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    density: float,
+    names: list[str],
+    timer: Callable[[Callable[[], Any]], float],
+) -> list[dict[str, Any]]:
+    """Per-layer selection time of each named selector on one layer's q/k.
+
+    Every selector gets the ``default`` preset at ``density`` (block 64), so all keep the same
+    number of blocks per row; ``timer(fn)`` returns the milliseconds of one ``fn()`` call.
+
+    Returns:
+        One record per selector: ``method`` (``<name>_select``), ``ms``, ``density``,
+        ``actual_density`` (of its selection), or ``error`` when it failed.
+    """
+    from sketchwalk import SketchWalkConfig
+    from sketchwalk.selection.selectors import make_selector
+
+    cfg = SketchWalkConfig.preset("default", density=density, block_size=BLOCK)
+    out = []
+    for name in names:
+        rec: dict[str, Any] = {"method": f"{name}_select", "density": density}
+        try:
+            selector = make_selector(name, cfg)
+            layer = cfg.dense_layers
+            real = selector.select(q, k, layer)
+            rec["ms"] = timer(lambda s=selector, lay=layer: s.select(q, k, lay))
+            rec["actual_density"] = real.density
+            rec["note"] = "per layer, one sparse layer"
+        except Exception as err:  # a failed selector must not end the run
+            traceback.print_exc()
+            rec["ms"] = float("nan")
+            rec["error"] = repr(err)
+        out.append(rec)
+    return out
+
+
+def selection_smoke() -> list[dict[str, Any]]:
+    """The peer-selector timing path on the CPU at a tiny size (wall clock, one call)."""
+    from sketchwalk.selection.selectors import PEER_SELECTORS
+
+    def wall_ms(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 2048, 32, generator=gen)
+    k = torch.randn(1, 2, 2048, 32, generator=gen)
+    return time_selectors(q, k, 0.3, list(PEER_SELECTORS), wall_ms)
 
 
 def select_two_layers(sw: Any, q: torch.Tensor, k: torch.Tensor, first: int) -> BlockSelection:
@@ -392,6 +453,11 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                     attention_ms=attn_ms,
                 )
                 real = sw = None
+                for rec in time_selectors(
+                    q, k, density, args.selectors, lambda fn: bench(fn, (), w, r)
+                ):
+                    method, ms = rec.pop("method"), rec.pop("ms")
+                    record(records, base, method, ms, **rec)
                 if args.profile_select and density == 0.2 and t >= 65536:
                     profile_select(q, k, cfg, shape, t)
             q = k = v = None
@@ -583,6 +649,25 @@ def ratio_tables(records: list) -> str:
                     f"{sel:.2f} ({100 * sel / cud:.1f}%) | {e2e:.2f} ({cud / e2e:.2f}x) |"
                 )
         out.append("")
+        peers = sorted({r["method"] for r in pre if r["method"].endswith("_select")})
+        if len(peers) > 1:
+            out.append(
+                "### Prefill selection per layer: ms (% of SDPA cuDNN dense) and realized density\n"
+            )
+            out.append("| shape | T | density | " + " | ".join(peers) + " |")
+            out.append("|" + "---|" * (3 + len(peers)))
+            for shape, t in keys:
+                rows = [r for r in pre if r["shape"] == shape and r["seq_len"] == t]
+                cud = ms_of(rows, "sdpa_cudnn")
+                for dens in sorted({r["density"] for r in rows if "density" in r}):
+                    cells = []
+                    for method in peers:
+                        hit = [r for r in rows if r["method"] == method and r["density"] == dens]
+                        ms = hit[0]["ms"] if hit else float("nan")
+                        real = hit[0].get("actual_density", float("nan")) if hit else float("nan")
+                        cells.append(f"{ms:.2f} ({100 * ms / cud:.1f}%), {real:.3f}")
+                    out.append(f"| {shape} | {t} | {dens:.0%} | " + " | ".join(cells) + " |")
+            out.append("")
     dec = [r for r in records if r["kind"] == "decode"]
     if dec:
         out.append("### Decode (1 query, bf16, block 64): speedup vs the fastest SDPA dense\n")
@@ -631,7 +716,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rep", type=int, default=100, help="measurement time, ms")
     p.add_argument("--sweep", action="store_true", help="sweep prefill kernel configs first")
     p.add_argument("--sweep-seq", type=int, default=32768)
-    p.add_argument("--no-select", action="store_true", help="skip SketchWalk selection timing")
+    p.add_argument("--no-select", action="store_true", help="skip every selection timing")
+    p.add_argument(
+        "--selectors",
+        nargs="*",
+        choices=list(PEER_SELECTORS),
+        default=list(PEER_SELECTORS),
+        metavar="NAME",
+        help=f"peer selectors to time beside SketchWalk, from {', '.join(PEER_SELECTORS)}",
+    )
+    p.add_argument(
+        "--selection-smoke",
+        action="store_true",
+        help="run the peer-selector timing path on the CPU at a tiny size and exit",
+    )
     p.add_argument(
         "--query-rows",
         nargs="+",
@@ -646,6 +744,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="benchmarks/results/attention")
     p.add_argument("--tag", default="h100")
     args = p.parse_args(argv)
+    if args.selection_smoke:
+        for rec in selection_smoke():
+            print(json.dumps(rec), flush=True)
+        return 0
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA GPU", file=sys.stderr)
         return 2

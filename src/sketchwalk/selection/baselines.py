@@ -14,7 +14,11 @@ same sparse attention path. They share SketchWalk's budget exactly:
 
 So each row keeps exactly as many blocks as SketchWalk keeps there (except under the ``parity``
 quantile budget, whose per-row count depends on ties of the walk scores) and the realized
-densities match.
+densities match. Every budget form of `SketchWalkConfig` applies, because the ranking is
+SketchWalk's own `~sketchwalk.selection.select.select_blocks`: ``density`` per row or allocated
+globally, ``top_k_blocks``, ``kblocks_frac`` and ``mass``, the top-p rule (per row, the best
+blocks until their share of the row's normalised scores reaches ``mass``; its density follows the
+scores and is what `BlockSelection.density` reports).
 
 Selectors:
 
@@ -27,7 +31,14 @@ Selectors:
   its density is below the others');
 - :class:`GateSelector`: ranks by a SeerAttention gate's block scores, computed from the PRE-RoPE
   q/k that the gate was trained on, captured with forward hooks on the attention modules'
-  ``q_proj``/``k_proj`` (``q_norm``/``k_norm`` where the architecture has them) while attached.
+  ``q_proj``/``k_proj`` (``q_norm``/``k_norm`` where the architecture has them) while attached;
+- :class:`QuestSelector`: dense prefill, and the query-aware key-bound rule of
+  `sketchwalk.selection.quest` for the decode steps (Quest is a decode-time method).
+
+The selectors of other papers (XAttention, MInference, FlexPrefill) have the same shape, one file
+each in this package; `sketchwalk.selection.selectors.make_selector` builds any of them by name.
+A selector whose method has its own budget rule sets ``native`` and returns its own mask from
+``_native_mask``; the forced blocks are added to it.
 """
 
 from __future__ import annotations
@@ -38,17 +49,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from sketchwalk.blocks import BlockSelection, causal_block_mask, check_qk, num_blocks
+from sketchwalk.blocks import BlockSelection, check_finite, check_qk, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.selection.select import forced_block_mask, ranked_per_row
+from sketchwalk.selection.select import forced_block_mask, select_blocks
 
 __all__ = [
     "ForcedOnlySelector",
     "GateSelector",
     "OracleSelector",
+    "QuestSelector",
     "StreamingSelector",
     "aggregate_groups",
     "select_ranked",
+    "union_groups",
 ]
 
 # Elements of one query chunk's (B, Hq, rows, T) float32 probabilities in the oracle.
@@ -68,45 +81,40 @@ def aggregate_groups(per_head: torch.Tensor, groups: int) -> torch.Tensor:
     return per_head.view(b, groups, hq // groups, nq, nk).mean(dim=2)
 
 
+def union_groups(per_head: torch.Tensor, groups: int) -> torch.Tensor:
+    """bool (B, Hq, nq, nk) per-head masks -> (B, groups, nq, nk): a group keeps a block when
+    any of its heads keeps it (GQA order as in `aggregate_groups`)."""
+    b, hq, nq, nk = per_head.shape
+    if hq % groups:
+        raise ValueError(f"cannot split {hq} heads into {groups} mask groups")
+    return per_head.view(b, groups, hq // groups, nq, nk).any(dim=2)
+
+
 def select_ranked(scores: torch.Tensor, seq_len: int, config: SketchWalkConfig) -> BlockSelection:
-    """Forced blocks plus, per row i, the ``ranked_per_row(nb, config)[i]`` best candidates.
+    """Forced blocks plus the candidates SketchWalk's budget keeps when ranked by ``scores``.
 
     Args:
         scores: float (B, G, nb, nb), higher = keep first; only candidate entries (causal and
-            not forced) are looked at.
+            not forced) are ranked. Under the ``mass`` budget (top-p) and the global density
+            allocation the scores are also normalised per row, so they should be non-negative
+            masses (attention estimates) for those budgets to mean what they say.
         seq_len: T.
-        config: forced blocks and budget (SketchWalk's).
+        config: forced blocks and budget (SketchWalk's), any budget form.
 
     Returns:
-        The selection (no host synchronisation besides the cached per-row budget).
+        The selection (`select_blocks`; no scores attached).
     """
-    nb = num_blocks(seq_len, config.block_size)
-    if tuple(scores.shape[-2:]) != (nb, nb):
-        raise ValueError(
-            f"scores must be (batch, groups, {nb}, {nb}) for seq_len={seq_len}, got "
-            f"{tuple(scores.shape)}"
-        )
-    device = scores.device
-    causal = causal_block_mask(nb, device)
-    forced = forced_block_mask(nb, config, device)
-    candidates = causal & ~forced
-    k_row = ranked_per_row(nb, config)
-    kmax = int(k_row.max()) if k_row.numel() else 0
-    mask = forced.expand(scores.shape).clone()
-    if kmax > 0:
-        masked = scores.float().masked_fill(~candidates, float("-inf"))
-        top = masked.topk(kmax, dim=-1, sorted=True).indices
-        keep = torch.arange(kmax, device=device) < k_row.to(device)[:, None]  # (nb, kmax)
-        ranked = torch.zeros(scores.shape, dtype=torch.bool, device=device)
-        ranked.scatter_(-1, top, keep.expand_as(top))
-        mask |= ranked & candidates
-    return BlockSelection.from_mask(mask, config.block_size, seq_len)
+    selection = select_blocks(scores, seq_len, config)
+    selection.scores = None
+    return selection
 
 
 class _BudgetSelector:
     """Shared shape: input checks, dense layers, ranking by ``_scores`` at the budget."""
 
     name = "baseline"
+    # True where the method's own budget rule replaces the config's (`_native_mask`).
+    native = False
 
     def __init__(self, config: SketchWalkConfig | None = None) -> None:
         self.config = config if config is not None else SketchWalkConfig()
@@ -134,10 +142,20 @@ class _BudgetSelector:
         groups = _groups(self.config, hq, k.shape[1])
         if layer_idx < self.config.dense_layers:
             return BlockSelection.full(b, groups, t, self.config.block_size, q.device)
+        check_finite(f"{where}: layer {layer_idx}", q=q, k=k)
+        if self.native:
+            mask = self._native_mask(q, k, layer_idx, groups)
+            forced = forced_block_mask(mask.shape[-1], self.config, mask.device)
+            return BlockSelection.from_mask(mask | forced, self.config.block_size, t)
         scores = self._scores(q, k, layer_idx, groups)
         return select_ranked(scores, t, self.config)
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int, groups: int):
+        """float (B, groups, nb, nb) ranking scores, higher = keep first."""
+        raise NotImplementedError
+
+    def _native_mask(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int, groups: int):
+        """bool (B, groups, nb, nb): the blocks the method's own budget keeps."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -205,6 +223,30 @@ class ForcedOnlySelector(_BudgetSelector):
         return BlockSelection.from_mask(
             forced.expand(b, groups, nb, nb).contiguous(), self.config.block_size, t
         )
+
+
+class QuestSelector(_BudgetSelector):
+    """Quest (Tang et al. 2024): dense prefill, query-aware decode.
+
+    Quest selects only at decode time: per key block the channel-wise key minimum and maximum
+    bound the logit of the current query (`sketchwalk.selection.quest`, docs/algorithm.md
+    §2.3). This selector keeps every causal block in prefill and carries ``decode_rule="quest"``
+    in its config, so decode steps run through that rule under the config's budget when the
+    model is switched on with sparse decoding
+    (``enable_selector(model, selector, decode="sketchwalk")``).
+    """
+
+    name = "quest"
+
+    def __init__(self, config: SketchWalkConfig | None = None) -> None:
+        super().__init__(config)
+        self.config = self.config.replace(decode_rule="quest")
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int) -> BlockSelection:
+        check_qk(q, k, "QuestSelector.select")
+        b, hq, t, _ = q.shape
+        groups = _groups(self.config, hq, k.shape[1])
+        return BlockSelection.full(b, groups, t, self.config.block_size, q.device)
 
 
 class GateSelector(_BudgetSelector):
