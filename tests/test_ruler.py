@@ -168,7 +168,7 @@ def test_evaluate_ruler_end_to_end_and_resume(tiny, tok, tmp_path, monkeypatch):
     )
     data = evaluate_ruler(densities=[0.3], **kwargs)
     names = set(data["results"])
-    assert names == {"dense", "sketchwalk@0.3+decode", "streaming@0.3", "rows@0.3+decode"}
+    assert names == {"dense", "sketchwalk@0.3+decode", "streaming@0.3+decode", "rows@0.3+decode"}
     saved = json.loads((tmp_path / "eval_ruler.json").read_text())
     assert len(saved["items"]) == 4 * 2 * 2 * 2
     for item in saved["items"].values():
@@ -180,7 +180,7 @@ def test_evaluate_ruler_end_to_end_and_resume(tiny, tok, tmp_path, monkeypatch):
     assert stats["n"] == 4 and stats["lo"] <= stats["mean"] <= stats["hi"]
     assert set(saved["separation"]) == {"niah_single_2|700", "vt|700"}
     md = (tmp_path / "eval_ruler.md").read_text()
-    assert "## 700 tokens" in md and "| streaming@0.3 |" in md and "separates" in md
+    assert "## 700 tokens" in md and "| streaming@0.3+decode |" in md and "separates" in md
     assert (tmp_path / "eval_ruler.png").is_file()
     # the same sample under the two prompt variants hides the same values
     a = saved["items"]["dense|vt|after|L700|s1"]

@@ -168,7 +168,7 @@ def evaluate_ruler(
         or max_new_tokens < 1
     ):  # fmt: skip
         raise EvalInputError(f"--max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    runs = build_runs(selectors, densities, base_config, variants, decode)
+    runs = build_runs(selectors, densities, base_config, variants, decode, decode_all=True)
     _check_block_lengths(runs, lengths, "--seq_lens")
     w = distributed.world()
     results = _open_results(output_dir, "ruler", resume, w)

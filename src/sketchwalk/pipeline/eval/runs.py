@@ -12,8 +12,13 @@ from typing import Any
 
 from sketchwalk.blocks import UsageError
 from sketchwalk.config import SketchWalkConfig
+from sketchwalk.selection.selectors import PEER_SELECTORS, SELECTOR_NAMES
 
-SELECTORS = ("dense", "sketchwalk", "oracle", "streaming", "forced", "gate")
+SELECTORS = ("dense", *SELECTOR_NAMES)
+# Selectors whose runs take every --decode mode even where the others decode densely: the
+# peers (their needle accuracy with sparse decoding is part of their comparison) and quest
+# (dense in prefill: it differs from dense only with sparse decode steps).
+DECODING_SELECTORS = ("sketchwalk", "quest", *PEER_SELECTORS)
 SKETCHWALK_KINDS = ("sketchwalk", "variant")
 DECODE_MODES = ("dense", "sketchwalk")
 
@@ -28,12 +33,14 @@ class RunSpec:
 
     Attributes:
         name: unique label, e.g. ``"sketchwalk@0.2"``, ``"paper@0.2+decode"``, ``"dense"``.
-        kind: ``"dense"``, ``"sketchwalk"``, ``"variant"``, ``"oracle"``, ``"streaming"``,
-            ``"forced"`` or ``"gate"``.
+        kind: ``"dense"``, ``"variant"`` (a ``--variant`` SketchWalk config) or a selector
+            name of `sketchwalk.selection.selectors.SELECTOR_NAMES` (``"sketchwalk"``,
+            ``"oracle"``, ``"streaming"``, ``"forced"``, ``"gate"``, ``"quest"``, the peers).
         family: the line a plot draws it on (selector or variant name, ``+decode`` appended).
         density: the budget's target density (None for dense).
         config: the selection config (None for dense).
-        decode: ``"dense"`` or ``"sketchwalk"`` (SketchWalk decode steps; SketchWalk kinds only).
+        decode: ``"dense"`` or ``"sketchwalk"`` (sparse decode steps, ranked by the config's
+            ``decode_rule``).
     """
 
     name: str
@@ -125,8 +132,14 @@ def build_runs(
     base_config: SketchWalkConfig | None = None,
     variants: Sequence[str] = (),
     decode_modes: Sequence[str] = ("dense",),
+    decode_all: bool = False,
 ) -> list[RunSpec]:
     """Every (selector, density[, decode]) run, ``dense`` first.
+
+    The SketchWalk runs, the peers' and quest's run once per decode mode (``+decode`` appended
+    for sparse decode steps); the other baselines decode densely unless ``decode_all``, which
+    gives every sparse selector every decode mode (a like-for-like comparison of prefill and
+    decode together).
 
     Every sparse run's config is ``base_config`` (or the variant's) with ``density`` set to the
     swept value, so all selectors at one density share forced blocks and per-row budgets. A
@@ -177,13 +190,12 @@ def build_runs(
         for sel in selectors:
             if sel == "dense":
                 continue
-            if sel == "sketchwalk":
+            if sel in DECODING_SELECTORS or decode_all:
                 for mode in decode_modes:
                     suffix = "+decode" if mode == "sketchwalk" else ""
                     runs.append(
-                        RunSpec(f"sketchwalk{tag}{suffix}", sel, f"sketchwalk{suffix}", d,
-                                at(base, d), mode)
-                    )  # fmt: skip
+                        RunSpec(f"{sel}{tag}{suffix}", sel, f"{sel}{suffix}", d, at(base, d), mode)
+                    )
             else:
                 runs.append(RunSpec(f"{sel}{tag}", sel, sel, d, at(base, d)))
         for name, overrides, cfg in variant_configs:

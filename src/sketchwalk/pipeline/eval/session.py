@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sketchwalk._version import __version__
+from sketchwalk.blocks import UsageError
 from sketchwalk.pipeline.eval.runs import SKETCHWALK_KINDS, EvalInputError, RunSpec
 
 
@@ -166,24 +167,22 @@ def environment(model: Any, device: torch.device, device_map: Any = None) -> dic
 
 
 def _make_selector(run: RunSpec, session: _Session, selection_backend: str) -> Any:
-    from sketchwalk.selection import baselines
-    from sketchwalk.selection.prefill import SketchWalk
+    """The run's selector (`sketchwalk.selection.selectors.make_selector`), with the run's
+    config; on CUDA the selectors that score true attention take larger chunks."""
+    from sketchwalk.selection.selectors import make_selector
 
-    cfg = run.config
-    if run.kind in SKETCHWALK_KINDS:
-        return SketchWalk(cfg, backend=selection_backend)
-    if run.kind == "oracle":
-        chunk = (
-            1 << 28 if session.device.type == "cuda" else baselines.DEFAULT_ORACLE_CHUNK_ELEMENTS
+    name = "sketchwalk" if run.kind in SKETCHWALK_KINDS else run.kind
+    options: dict[str, Any] = {}
+    if name == "sketchwalk":
+        options["backend"] = selection_backend
+    if name in ("oracle", "xattention") and session.device.type == "cuda":
+        options["chunk_elements"] = 1 << 28
+    try:
+        return make_selector(
+            name, run.config, gates=session.gates if name == "gate" else None, **options
         )
-        return baselines.OracleSelector(cfg, chunk_elements=chunk)
-    if run.kind == "streaming":
-        return baselines.StreamingSelector(cfg)
-    if run.kind == "forced":
-        return baselines.ForcedOnlySelector(cfg)
-    if run.kind == "gate":
-        return baselines.GateSelector(session.gates, cfg)
-    raise EvalInputError(f"unknown selector kind {run.kind!r}")
+    except UsageError as exc:
+        raise EvalInputError(str(exc)) from None
 
 
 @contextlib.contextmanager
