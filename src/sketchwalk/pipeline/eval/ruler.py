@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
+import sketchwalk.pipeline.eval.ruler_tasks as rt
 from sketchwalk.atomic import write_text
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.pipeline import distributed
-from sketchwalk.pipeline.eval import ruler_tasks as rt
 from sketchwalk.pipeline.eval.report import _fmt, _layer_markdown, _plot_metric
 from sketchwalk.pipeline.eval.results import (
     _mean,
