@@ -184,6 +184,226 @@ def test_partial_sample_is_not_counted(tmp_path, capsys):
     assert any("incomplete sample" in w for w in summary["warnings"])
 
 
+# ---- results that cannot silently belong to other inputs ---------------------------------------
+
+
+def _results(folder: Path, kind: str) -> list[dict]:
+    return json.loads(next(folder.glob(f"{kind}_results_*.json")).read_text())
+
+
+def _summary(folder: Path, kind: str) -> dict:
+    return json.loads(next(folder.glob(f"{kind}_summary_*.json")).read_text())
+
+
+def _run_argv(command: str, tensors: Path, out: Path, *extra: str) -> list[str]:
+    argv = [command, "--tensor_dir", str(tensors), "--output_dir", str(out), "--device", "cpu",
+            "--block_size", "32", "--dense_layers", "1", "--density", "0.3", *extra]  # fmt: skip
+    return [*argv, "--no_timing"] if command == "validate" else argv
+
+
+def _kind(command: str) -> str:
+    return "validation" if command == "validate" else "comparison"
+
+
+@pytest.mark.parametrize("command", ["validate", "compare"])
+def test_resume_recomputes_records_of_other_inputs(tmp_path, capsys, command):
+    """--resume into a results folder made from another --tensor_dir whose files have the same
+    names: every record is computed again from the new files (the issue's case: a layer reported
+    with the other input's max error), and only the records whose inputs changed when one file
+    differs (a changed layer changes the walk of the later ones too)."""
+    kind = _kind(command)
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_tensor_dir(a, seq_len=256, num_layers=3, samples=1, seed=0)
+    write_tensor_dir(b, seq_len=256, num_layers=3, samples=1, seed=7)
+    out = tmp_path / "out"
+    assert main(_run_argv(command, a, out)) == 0
+    from_a = _results(out, kind)
+    capsys.readouterr()
+    assert main([*_run_argv(command, b, out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 records of" in printed and "computed again" in printed, printed
+    resumed = _results(out, kind)
+    assert main(_run_argv(command, b, tmp_path / "ref")) == 0
+    fresh = _results(tmp_path / "ref", kind)
+    field = "max_error" if command == "validate" else "sketchwalk_recall"
+    print("a:", [r[field] for r in from_a], "resumed:", [r[field] for r in resumed],
+          "fresh b:", [r[field] for r in fresh])  # fmt: skip
+    assert [r[field] for r in from_a] != [r[field] for r in fresh]  # the inputs really differ
+    assert _strip_times(resumed) == _strip_times(fresh)
+    assert all(
+        r["inputs_sha256"] != s["inputs_sha256"] for r, s in zip(resumed, from_a, strict=True)
+    )
+
+    # one changed file (layer 1): layer 0's record is kept, layers 1 and 2 are computed again
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for path in sorted(a.iterdir()):
+        source = b if "_layer1_" in path.name else a
+        (mixed / path.name).write_bytes((source / path.name).read_bytes())
+    out2 = tmp_path / "out2"
+    assert main(_run_argv(command, a, out2)) == 0
+    before = _results(out2, kind)
+    capsys.readouterr()
+    assert main([*_run_argv(command, mixed, out2), "--resume"]) == 0
+    assert "2 records of" in capsys.readouterr().out
+    resumed = _results(out2, kind)
+    assert main(_run_argv(command, mixed, tmp_path / "ref2")) == 0
+    fresh = _results(tmp_path / "ref2", kind)
+    assert resumed[0] == before[0]  # kept as it was
+    assert _strip_times(resumed[1:]) == _strip_times(fresh[1:])
+
+
+def test_resume_refuses_other_settings_and_unkeyed_records(tmp_path, capsys):
+    tensors = tmp_path / "t"
+    write_tensor_dir(tensors, seq_len=256, num_layers=2, samples=1)
+    out = tmp_path / "out"
+    assert main(_run_argv("validate", tensors, out)) == 0
+    capsys.readouterr()
+    # a flag that changes the numbers: stopped, naming the folder and the difference
+    assert main([*_run_argv("validate", tensors, out), "--resume", "--dtype", "bfloat16"]) == 2
+    err = stderr_lines(capsys.readouterr().err)
+    print(err)
+    assert len(err) == 1 and str(out) in err[0]
+    assert "other settings (dtype: 'auto' there, 'bfloat16' now)" in err[0]
+    assert main([*_run_argv("validate", tensors, out), "--resume", "--density", "0.5"]) == 2
+    err = stderr_lines(capsys.readouterr().err)
+    assert "another SketchWalk configuration (density: 0.3 there, 0.5 now)" in err[0], err
+    # records of an older version (no inputs_sha256) are computed again, not trusted
+    path = next(out.glob("validation_results_*.json"))
+    old = [{k: v for k, v in r.items() if k not in ("inputs_sha256", "run_settings",
+            "file_sha256")} for r in json.loads(path.read_text())]  # fmt: skip
+    for rec in old:
+        rec["max_error"] = 123.0  # what a reused record would show
+    path.write_text(json.dumps(old))
+    assert main([*_run_argv("validate", tensors, out), "--resume"]) == 0
+    assert "2 records of" in capsys.readouterr().out
+    assert all(
+        r["max_error"] != 123.0 and "inputs_sha256" in r for r in _results(out, "validation")
+    )
+    # a reusable record with a malformed field: a clean error naming the file and the field
+    recs = _results(out, "validation")
+    recs[1]["layer_idx"] = "one"
+    path.write_text(json.dumps(recs))
+    assert main([*_run_argv("validate", tensors, out), "--resume"]) == 1
+    err = stderr_lines(capsys.readouterr().err)
+    assert len(err) == 1 and re.search(r"validation_results_.*entry 1 field 'layer_idx'", err[0])
+
+
+def _flip_low_bit_of_q(path: Path) -> None:
+    """Flip the lowest bit of Q's first value in the file's bytes (the file still loads)."""
+    raw = load_tensor_file(path)["Q"].contiguous().numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    offset = data.find(raw)
+    assert offset >= 0, "Q's storage not found in the file"
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_collect_records_sha256_and_a_flipped_bit_is_refused(tiny, tmp_path, capsys):
+    tensors = tmp_path / "t"
+    assert main(_collect_argv(tiny, tensors, "--num_samples", "1")) == 0
+    summary = json.loads(next(tensors.glob("summary_seq64_*.json")).read_text())
+    recorded = summary["samples"][0]["file_sha256"]
+    files = sorted(tensors.glob("tensors_*.pt"))
+    assert sorted(recorded) == [p.name for p in files] and len(files) == 3
+    for path in files:
+        assert recorded[path.name] == hashlib.sha256(path.read_bytes()).hexdigest()
+    out = tmp_path / "v"
+    assert main(_run_argv("validate", tensors, out, "--block_size", "16")) == 0
+    assert _summary(out, "validation")["input_checks"] == {"files": 3, "verified": 3,
+                                                           "warnings": []}  # fmt: skip
+    victim = files[1]
+    _flip_low_bit_of_q(victim)
+    load_tensor_file(victim)  # still a valid tensor file: only the checksum can tell
+    capsys.readouterr()
+    for command in ("validate", "compare"):
+        argv = _run_argv(command, tensors, tmp_path / f"{command}_flip", "--block_size", "16")
+        assert main(argv) == 1
+        err = stderr_lines(capsys.readouterr().err)
+        print(err)
+        assert len(err) == 1 and f"{victim}: its sha256" in err[0]
+        assert "summary_seq64_" in err[0] and "--no_verify" in err[0]
+        assert main([*argv, "--no_verify"]) == 0
+        assert "warning: --no_verify: the 3 tensor files" in capsys.readouterr().out
+
+
+def test_old_tensor_folder_validates_with_a_warning(tmp_path, capsys):
+    """A folder written before checksums were recorded (no summary) still validates; a warning
+    line says that nothing can be verified, and the summary records it."""
+    tensors = tmp_path / "t"
+    write_tensor_dir(tensors, seq_len=128, num_layers=2)
+    assert main(_run_argv("validate", tensors, tmp_path / "o")) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"warning: no sha256 recorded for the 2 tensor files .*nothing can be "
+                     "verified", out), out  # fmt: skip
+    checks = _summary(tmp_path / "o", "validation")["input_checks"]
+    assert checks["files"] == 2 and checks["verified"] == 0 and checks["warnings"]
+
+
+@pytest.mark.parametrize("command", ["validate", "compare"])
+def test_mislabelled_file_in_an_incomplete_sample_is_an_error(tmp_path, capsys, command):
+    """A file renamed to another layer makes its sample look incomplete; it is reported as
+    mislabelled (file, name's value, metadata's value), not skipped as a killed collect's."""
+    tensors = tmp_path / "t"
+    paths = write_tensor_dir(tensors, seq_len=128, num_layers=3)
+    for path in paths:
+        rec = load_tensor_file(path)
+        rec["metadata"]["sample_layers"] = [0, 1, 2]
+        torch.save(rec, path)
+    renamed = paths[1].with_name(paths[1].name.replace("_layer1_", "_layer5_"))
+    paths[1].rename(renamed)
+    assert main(_run_argv(command, tensors, tmp_path / "o")) == 1
+    err = stderr_lines(capsys.readouterr().err)
+    print(err)
+    assert len(err) == 1 and f"{renamed}: file name says layer 5, metadata 1" in err[0]
+    # another sample number in the name than in the metadata is one too
+    rec = load_tensor_file(paths[0])
+    rec["metadata"]["sample"] = 3
+    torch.save(rec, paths[0])
+    renamed.rename(paths[1])
+    assert main(_run_argv(command, tensors, tmp_path / "o2")) == 1
+    err = stderr_lines(capsys.readouterr().err)
+    assert "file name says sample 0, metadata 3" in err[0], err
+
+
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the flag cannot run only without CUDA")
+def test_backend_that_cannot_run_here_is_a_usage_error(tmp_path, capsys, monkeypatch, backend):
+    tensors = tmp_path / "t"
+    write_tensor_dir(tensors, seq_len=128, num_layers=2)
+    argv = [*_run_argv("validate", tensors, tmp_path / "o"), "--backend", backend]
+    for interpret in ("", "1"):  # a user's shell; the Triton CPU interpreter (float32 refused)
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        assert main(argv) == 2
+        err = stderr_lines(capsys.readouterr().err)
+        print(err)
+        assert len(err) == 1 and f"--backend {backend}: " in err[0]
+        assert "--backend auto or reference runs on cpu" in err[0]
+        assert "internal error" not in err[0]
+    assert not list((tmp_path / "o").glob("validation_results_*.json"))
+
+
+def test_malformed_validation_results_are_a_clean_error(tmp_path, capsys):
+    tensors = tmp_path / "t"
+    write_tensor_dir(tensors, seq_len=128, num_layers=2)
+    val = tmp_path / "val"
+    val.mkdir()
+    results = val / "validation_results_20260101_000000.json"
+    for data, pattern in (
+        ([1, 2, 3], r"entry 0 is int, not a record"),
+        ([{"sample_id": ["x"]}], r"entry 0 field 'sample_id' is \['x'\] \(expected str\)"),
+        ([{"sample_id": "x", "attention_recall": "high"}], r"field 'attention_recall'"),
+        ({"records": []}, r"expected a list of validation records, found dict"),
+    ):
+        results.write_text(json.dumps(data))
+        argv = [*_run_argv("compare", tensors, tmp_path / "c"), "--validation_dir", str(val)]
+        assert main(argv) == 1
+        err = stderr_lines(capsys.readouterr().err)
+        print(err)
+        assert len(err) == 1 and f"--validation_dir: {results}: " in err[0]
+        assert re.search(pattern, err[0]) and "internal error" not in err[0]
+
+
 def test_api_rejects_non_finite_and_inconsistent_selections():
     import numpy as np
 

@@ -5,12 +5,14 @@ The content goes to a hidden temporary file in the destination folder (same file
 flushed to disk, and is then renamed over the final name (or hard-linked to it when overwriting
 is refused, which fails if the name was taken meanwhile). The temporary file is removed on any
 error; a temporary file left by a killed process (its name carries the writer's process id) is
-removed by `remove_stale_tmp`, which every command runs on its output folder first. Imports
-nothing from the rest of the package.
+removed by `remove_stale_tmp`, which every command runs on its output folder first. `file_sha256`
+hashes what was written (a later reader can tell a changed file). Imports nothing from the rest of
+the package.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -117,6 +119,15 @@ def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time (any size, bounded memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # tensors and numpy values
         return obj.tolist()
@@ -135,4 +146,11 @@ def write_json(path: str | os.PathLike, data: Any, overwrite: bool = True) -> Pa
     return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n", overwrite)
 
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "remove_stale_tmp", "write_json", "write_text"]
+__all__ = [
+    "TMP_SUFFIX",
+    "atomic_write",
+    "file_sha256",
+    "remove_stale_tmp",
+    "write_json",
+    "write_text",
+]

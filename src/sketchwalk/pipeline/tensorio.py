@@ -10,7 +10,9 @@ A file holds ``{'Q', 'K', 'V', 'input_ids', 'metadata'}`` plus optional extra te
 Two formats: ``.pt`` (a plain dict readable with ``torch.load(path, weights_only=True)``) and
 ``.safetensors`` (metadata stored as one JSON string under the key ``"sketchwalk_metadata"``).
 Writes are atomic (temporary file in the same folder, then a rename) and never overwrite an
-existing file unless asked to.
+existing file unless asked to. ``collect`` records the SHA-256 of every file it writes in its
+``summary_seq{L}_{timestamp}.json`` (``samples[j].file_sha256``); `recorded_sha256` reads those
+back so that a reader can refuse a file changed since.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sketchwalk.atomic import atomic_write
+from sketchwalk.atomic import atomic_write, file_sha256
 
 __all__ = [
     "METADATA_KEY",
@@ -34,7 +36,9 @@ __all__ = [
     "group_tensor_files",
     "load_tensor_file",
     "parse_tensor_filename",
+    "recorded_sha256",
     "save_tensor_file",
+    "tensor_file_sha256",
     "tensor_filename",
     "validate_tensor_record",
 ]
@@ -54,6 +58,8 @@ REQUIRED_METADATA = (
     "timestamp",
     "model_path",
 )
+SUMMARY_GLOB = "summary_seq*_*.json"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _FILENAME_RE = re.compile(
     r"^tensors_seq(?P<seq_len>\d+)_layer(?P<layer_idx>\d+)_sample(?P<sample>\d+)"
     r"_(?P<timestamp>\d{8}_\d{6}(?:_\w+)?)\.(?P<format>pt|safetensors)$"
@@ -122,6 +128,67 @@ def group_tensor_files(directory: str | os.PathLike) -> dict[tuple[int, int, str
         key = (info["seq_len"], info["sample"], info["timestamp"])
         groups.setdefault(key, []).append((info["layer_idx"], path))
     return {key: [p for _, p in sorted(groups[key])] for key in sorted(groups)}
+
+
+def tensor_file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a tensor file's bytes.
+
+    Raises:
+        TensorFileError: the path is a folder, missing or unreadable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise TensorFileError(path, "is a folder, expected a tensor file")
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        raise TensorFileError(path, f"cannot read it ({exc.strerror or exc})") from None
+
+
+def recorded_sha256(
+    directory: str | os.PathLike,
+) -> tuple[dict[str, list[tuple[str, Path]]], list[str]]:
+    """The SHA-256 that ``collect`` recorded for the tensor files of a folder.
+
+    Every ``summary_seq*_*.json`` of the folder lists, per sample, ``file_sha256``: ``{file
+    name: hex digest}`` (summaries written before checksums were recorded have none).
+
+    Returns:
+        ``({file name: [(hex digest, summary path), ...]}, notes)``; a summary that cannot be
+        read or is not a collect summary gives a note and is skipped.
+
+    Raises:
+        TensorFileError: a summary whose ``file_sha256`` entry is malformed (names the summary
+            and the field).
+    """
+    recorded: dict[str, list[tuple[str, Path]]] = {}
+    notes: list[str] = []
+    for summary in sorted(Path(directory).glob(SUMMARY_GLOB)):
+        try:
+            data = json.loads(summary.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            notes.append(f"{summary}: unreadable ({exc}); the files it lists are not verified")
+            continue
+        samples = data.get("samples") if isinstance(data, dict) else None
+        if not isinstance(samples, list):
+            notes.append(f"{summary}: not a collect summary (no 'samples' list); ignored")
+            continue
+        for j, sample in enumerate(samples):
+            digests = sample.get("file_sha256") if isinstance(sample, dict) else None
+            if digests is None:
+                continue
+            where = f"samples[{j}].file_sha256"
+            if not isinstance(digests, dict):
+                raise TensorFileError(
+                    summary, f"{where} must map file names to sha256, got {type(digests).__name__}"
+                )
+            for name, digest in digests.items():
+                if not isinstance(digest, str) or _SHA256_RE.match(digest) is None:
+                    raise TensorFileError(
+                        summary, f"{where}[{name!r}] is not a sha256 hex digest: {digest!r:.80}"
+                    )
+                recorded.setdefault(name, []).append((digest, summary))
+    return recorded, notes
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -389,6 +456,11 @@ def validate_tensor_record(record: Mapping[str, Any], path: str | os.PathLike = 
                 raise TensorFileError(
                     path,
                     f"file name says layer {info['layer_idx']}, metadata {meta['layer_idx']}",
+                )
+            sample = meta.get("sample")  # optional (the seed's files lack it)
+            if sample is not None and sample != info["sample"]:
+                raise TensorFileError(
+                    path, f"file name says sample {info['sample']}, metadata {sample!r}"
                 )
     extra_shapes = {"Q_pre": (b, hq, t_len, d), "K_pre": (b, hkv, t_len, d)}
     for key, shape in extra_shapes.items():

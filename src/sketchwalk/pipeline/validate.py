@@ -18,6 +18,13 @@ before any work; a sample that a killed ``collect`` left half-written is skipped
 ``--resume`` continues the latest ``validation_results_*.json`` in ``--output_dir`` (finished
 files are kept as they are, their selections rerun only to carry the walk to later layers).
 
+Inputs: every tensor file's SHA-256 is checked against the one ``collect`` recorded in its
+summary (a changed file is refused unless ``--no_verify``; files no summary lists are used with
+a warning that nothing can verify them). Each record carries ``file_sha256``, ``inputs_sha256``
+(its file and the earlier layers of its sequence, which the walk depends on) and
+``run_settings``; ``--resume`` reuses a record only when they match this run's, computes one made
+from other files again, and refuses other settings.
+
 Under ``torchrun --nproc_per_node N -m sketchwalk validate ...`` whole sequences (never single
 layers: the walk runs across them) are dealt out over the N processes; rank 0 alone resumes and
 writes, the records in the order one process writes them, each with the ``rank`` that computed
@@ -41,10 +48,10 @@ from sketchwalk._version import __version__
 from sketchwalk.atomic import atomic_write, write_json
 from sketchwalk.attention.api import resolve_backend, sparse_attention
 from sketchwalk.attention.reference import dense_attention
-from sketchwalk.blocks import BlockSelection
+from sketchwalk.blocks import BlockSelection, UsageError
 from sketchwalk.config import SketchWalkConfig, add_config_arguments
 from sketchwalk.pipeline import distributed
-from sketchwalk.pipeline.flags import check_output_dir, device_arg, int_at_least
+from sketchwalk.pipeline.flags import device_arg, int_at_least
 from sketchwalk.pipeline.runs import (
     SEED_DEFAULTS,
     add_run_arguments,
@@ -54,8 +61,8 @@ from sketchwalk.pipeline.runs import (
     dense_cost_text,
     file_record_header,
     incomplete_sample,
+    open_run,
     resolve_device,
-    resume_results,
     run_config,
     tensor_sequences,
 )
@@ -128,6 +135,22 @@ def fastest_dense(
 
 
 # ---- one file ----------------------------------------------------------------------------
+
+
+def sparse_backend(backend: str, q: torch.Tensor) -> str:
+    """The sparse attention backend ``--backend`` gives for query ``q`` (`resolve_backend`).
+
+    Raises:
+        UsageError: an explicit backend that cannot run on q's device, dtype or head_dim (names
+            the flag, the reason and the backends that do run).
+    """
+    try:
+        return resolve_backend(backend, q)
+    except RuntimeError as exc:
+        raise UsageError(
+            f"--backend {backend}: {exc}; --backend auto or reference runs on "
+            f"{q.device.type} (or give --device cuda)"
+        ) from None
 
 
 def validate_layer(
@@ -298,6 +321,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, SEED_DEFAULTS)
 
 
+def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The flags besides the SketchWalk config that change a record's numbers."""
+    timing = not args.no_timing
+    return {
+        "device": device.type,
+        "dtype": args.dtype,
+        "backend": args.backend,
+        "timing": timing,
+        "repeats": args.repeats if timing else None,
+    }
+
+
 def _validate_sequence(
     seq: dict[str, Any],
     args: argparse.Namespace,
@@ -306,13 +341,16 @@ def _validate_sequence(
     finished: dict[str, dict[str, Any]],
     rank: int,
     on_record: Callable[[list[dict[str, Any]]], None] | None = None,
+    keys: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Every file of one sequence, its layers fed in order through one SketchWalk.
 
     Args:
-        finished: records of files done by an earlier run (kept as they are; their selection
-            still runs when a later layer or ``--save_masks`` needs the walk state).
+        finished: records of files done by an earlier run from the same inputs (kept as they
+            are; their selection still runs when a later layer or ``--save_masks`` needs the
+            walk state).
         rank: the process that computes it (recorded in every new record).
+        keys: `input_keys` of the files (recorded in every new record).
         on_record: called with this sequence's records so far after each new record.
 
     Returns:
@@ -361,7 +399,7 @@ def _validate_sequence(
             records.append(done)
             continue
         if out["backend"] is None:
-            out["backend"] = resolve_backend(args.backend, q)
+            out["backend"] = sparse_backend(args.backend, q)
         result = validate_layer(
             q,
             k,
@@ -382,6 +420,8 @@ def _validate_sequence(
                 "dtype": str(dtype).replace("torch.", ""),
                 "model_path": meta.get("model_path"),
                 "config": config.to_dict(),
+                **(keys or {}).get(path.stem, {}),
+                "run_settings": run_settings(args, device),
                 "rank": rank,
             }
         )
@@ -400,21 +440,17 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
     across a sequence's layers, so a sequence stays on one rank); rank 0 writes everything."""
     from tqdm import tqdm
 
-    from sketchwalk.atomic import remove_stale_tmp
-
     config = run_config(args, default_preset="seed")
     device = resolve_device(distributed.device_for(args.device, w))
+    # an explicit backend this device cannot run is refused before any work
+    sparse_backend(args.backend, torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16, device=device))
     tensor_dir, sequences = tensor_sequences(args.tensor_dir, args.max_seq_len)
 
-    def open_output() -> tuple[Any, str, dict[str, dict[str, Any]], Any]:
-        out_dir = check_output_dir(args.output_dir)
-        remove_stale_tmp(out_dir)
-        return (out_dir, *resume_results(out_dir, "validation", args.resume, config))
-
-    opened = distributed.on_main(open_output, w)
-    out_dir, ts, finished, resumed_from = distributed.broadcast(opened, w)
-    if resumed_from is not None and w.is_main:
-        print(f"resuming {resumed_from}: {len(finished)} files already done")
+    required = {"seq_len": int, "layer_idx": int}
+    opened = open_run(
+        args, "validation", tensor_dir, sequences, config, run_settings(args, device), required, w
+    )
+    out_dir, ts, finished, keys = (opened[k] for k in ("out_dir", "timestamp", "finished", "keys"))
     results_path = out_dir / f"validation_results_{ts}.json"
     summary_path = out_dir / f"validation_summary_{ts}.json"
     masks: dict[str, torch.Tensor] = {}
@@ -433,7 +469,7 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
     on_record = save_partial if not w.distributed else None
 
     def one(seq: dict[str, Any]) -> dict[str, Any]:
-        return _validate_sequence(seq, args, config, device, finished, w.rank, on_record)
+        return _validate_sequence(seq, args, config, device, finished, w.rank, on_record, keys)
 
     for done in distributed.map_rounds(sequences, one, w):
         for seq_out in done:
@@ -467,6 +503,7 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
         "torch_version": torch.__version__,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "warnings": warnings,
+        "input_checks": opened["input_checks"],
         "world_size": w.world_size,
         **summarize(records),
     }
