@@ -280,6 +280,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dense_last_rows=0,
         decode_rule="quest",
         temperature=RELEASED_TEMPERATURE / 2,
+        query_rows=2,
     ),
     "paper": dict(causal_sketch=False),
     "seed": dict(sketch_dim=64, top_k_blocks=16, sparsity_exponent=8.0),

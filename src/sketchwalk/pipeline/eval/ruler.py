@@ -224,10 +224,11 @@ def evaluate_ruler(
         ids = torch.tensor(sample.input_ids, dtype=torch.int64, device=session.device)[None]
         _sync(session.device)
         t0 = time.perf_counter()
+        cap = max_new_tokens or sample.max_new_tokens
         out = session.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens or sample.max_new_tokens,
+            max_new_tokens=cap,
             do_sample=False,
             pad_token_id=pad_id,
         )
@@ -247,6 +248,9 @@ def evaluate_ruler(
             "info": sample.info,
             "prompt_sha256": sha(sample),
             "answer": answer,
+            "answer_tokens": len(new),
+            # generation stopped by the cap, not by the model: the answer may be cut off
+            "hit_cap": len(new) >= cap,
             "score": rt.score_answer(answer, sample.refs),
             "layer_density": per_layer,
             **_density_summary(per_layer, _dense_layers(run)),
@@ -294,6 +298,7 @@ def _aggregate_ruler(runs: list[RunSpec], items: dict[str, Any]) -> dict[str, An
         out[run.name] = {
             **run.to_dict(),
             "items": len(mine),
+            "answers_at_cap": sum(bool(it.get("hit_cap")) for it in mine),
             "scores": by_task,
             "task_average_by_length": average_by_length,
             "task_average": _mean(average_by_length.values()),
@@ -345,15 +350,18 @@ def ruler_markdown(data: dict[str, Any]) -> str:
         f"cell, prompts {', '.join(s['prompt_variants'])}, {s['text_source']} filler",
         "",
         "Score in % (RULER's: share of the reference values in the answer), 95% Wilson "
-        "interval in brackets; * = outside dense's interval.",
+        "interval in brackets; * = outside dense's interval. Answers at the cap: generation "
+        "stopped by --max_new_tokens, not by the model (such an answer may be cut off).",
     ]
     for length in map(str, s["seq_lens"]):
         lines += [
             "",
             f"## {length} tokens",
             "",
-            "| run | decode | density (sparse layers) | average | " + " | ".join(tasks) + " |",
-            "|---|---|---:|---:|" + "---:|" * len(tasks),
+            "| run | decode | density (sparse layers) | answers at the cap | average | "
+            + " | ".join(tasks)
+            + " |",
+            "|---|---|---:|---:|---:|" + "---:|" * len(tasks),
         ]
         for name, r in res.items():
             cells = []
@@ -367,7 +375,9 @@ def ruler_markdown(data: dict[str, Any]) -> str:
             avg = r["task_average_by_length"].get(length)
             lines.append(
                 f"| {name} | {r['decode']} | {_fmt(r['density_sparse_layers'], '.3f')} | "
-                f"{_fmt(None if avg is None else 100 * avg, '.1f')} | " + " | ".join(cells) + " |"
+                f"{r['answers_at_cap']} | {_fmt(None if avg is None else 100 * avg, '.1f')} | "
+                + " | ".join(cells)
+                + " |"
             )
     sep = data.get("separation", {})
     if sep:

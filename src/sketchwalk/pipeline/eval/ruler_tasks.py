@@ -72,11 +72,13 @@ TASKS = (
 )
 PROMPT_VARIANTS = ("after", "after_prefix", "both", "both_prefix")
 SPLITS = ("tune", "report")
-# Tokens generated per task: room for the longest answer (four uuids, ten words).
+# Tokens generated per task (RULER's own caps; generation stops at the end of turn anyway):
+# chat models often restate the question before the value, and some tokenizers spend one token
+# per digit, so a cap sized for the bare value cuts answers off.
 MAX_NEW_TOKENS = {
-    "niah_single_1": 24, "niah_single_2": 24, "niah_single_3": 48,
-    "niah_multikey_1": 24, "niah_multikey_2": 24, "niah_multikey_3": 48,
-    "niah_multivalue": 64, "niah_multiquery": 64, "vt": 40, "cwe": 96, "fwe": 40,
+    "niah_single_1": 128, "niah_single_2": 128, "niah_single_3": 128,
+    "niah_multikey_1": 128, "niah_multikey_2": 128, "niah_multikey_3": 128,
+    "niah_multivalue": 128, "niah_multiquery": 128, "vt": 64, "cwe": 120, "fwe": 50,
 }  # fmt: skip
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 VT_HOPS = 4
