@@ -16,12 +16,12 @@ stage=${1:?stage}
 out=${2:-results/eval_qwen}
 mkdir -p "$out"
 sw() { python3 -m sketchwalk "$@"; }
-# limit CMD...: run CMD for at most $SECONDS_LIMIT seconds (when set); a run cut short keeps
+# limit ARGS...: run `sketchwalk ARGS` for at most $SECONDS_LIMIT seconds (when set); a run cut short keeps
 # every finished item (atomic writes) and the next call with --resume continues it.
 limit() {
-  if [ -z "${SECONDS_LIMIT:-}" ]; then "$@"; return; fi
+  if [ -z "${SECONDS_LIMIT:-}" ]; then sw "$@"; return; fi
   local rc=0
-  timeout --signal=INT "$SECONDS_LIMIT" "$@" || rc=$?
+  timeout --signal=INT "$SECONDS_LIMIT" python3 -m sketchwalk "$@" || rc=$?
   if [ "$rc" -eq 124 ]; then echo "time limit reached; run the stage again to continue" >&2; fi
   [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ]
 }
@@ -112,7 +112,7 @@ case "$stage" in
   ruler_tune)
     # Choosing the default preset's handling of the last rows on the TUNE split (prompts,
     # values and filler disjoint from the report split): both prefill and decode sparse.
-    limit sw eval ruler "${model[@]}" --split tune --seq_lens 32000 \
+    limit eval ruler "${model[@]}" --split tune --seq_lens 32000 \
       --num_samples "${RULER_TUNE_SAMPLES:-4}" --densities 0.1 --selectors dense \
       --tasks niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multivalue vt \
       --variant "walk_rows:query_rows=0" --variant "query_rows2:query_rows=2" \
@@ -122,8 +122,10 @@ case "$stage" in
   ruler_report)
     # The report split: every selector at matched density, prefill and decode sparse, next to
     # the preset before query_rows (walk_rows).
-    limit sw eval ruler "${model[@]}" --split report \
+    limit eval ruler "${model[@]}" --split report \
       --seq_lens ${RULER_LENGTHS:-32000} --num_samples "${RULER_SAMPLES:-8}" \
+      --tasks ${RULER_TASKS:-niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 \
+        niah_multikey_2 niah_multikey_3 niah_multivalue niah_multiquery vt cwe fwe} \
       --densities 0.1 0.2 --selectors dense sketchwalk streaming ${RULER_EXTRA:-} \
       --variant "walk_rows:query_rows=0" --decode sketchwalk --output_dir "$out/ruler_report"
     ;;

@@ -82,7 +82,7 @@ def test_sketchwalk_query_rows_rank_like_the_oracle(granularity, t):
     """The last rows keep the oracle's choice at the same budget; the others the walk's; the
     walk state carried to the next layer is unchanged."""
     cfg = SketchWalkConfig.preset("default", granularity=granularity, density=0.3,
-                                  dense_layers=0, block_size=16)  # fmt: skip
+                                  dense_layers=0, block_size=16, query_rows=0)  # fmt: skip
     rows = 3
     walk_only, with_rows = SketchWalk(cfg), SketchWalk(cfg.replace(query_rows=rows))
     oracle = OracleSelector(cfg)
@@ -145,3 +145,27 @@ def test_query_rows_cuda_graph_equals_eager(granularity):
                     assert torch.equal(graphed.walk_state, eager.walk_state)
                     assert torch.equal(graphed.walk_state, plain.walk_state)
         assert graphed.transition_backend == "triton"
+
+
+def test_recent_decode_rule_keeps_the_sink_and_the_latest_blocks():
+    """decode_rule="recent" (the streaming baseline's decode): the sink plus the most recent
+    blocks under the budget, whatever the queries; StreamingSelector decodes with it."""
+    from sketchwalk.selection.baselines import StreamingSelector
+    from sketchwalk.selection.decode import SketchWalkDecoder
+
+    cfg = SketchWalkConfig.preset("default", density=0.4, dense_layers=0, block_size=16)
+    assert StreamingSelector(cfg).config.decode_rule == "recent"
+    dec = SketchWalkDecoder(cfg.replace(decode_rule="recent"))
+    q, k, _ = make_qkv(2, 4, 2, 16 * 40 + 3, 16, seed=4)
+    dec.prefill(q, k, 0)
+    for step in range(3):
+        qt, kt, _ = make_qkv(2, 4, 2, 1, 16, seed=50 + step)
+        sel = dec.step(qt, kt, 0)
+        mask = sel.block_mask  # (B, G, nk)
+        nk = mask.shape[-1]
+        kept = int(mask[0, 0].sum())
+        assert 3 < kept < nk
+        want = torch.zeros(nk, dtype=torch.bool)
+        want[:1] = True  # one sink block
+        want[nk - (kept - 1) :] = True  # then the latest ones
+        assert torch.equal(mask, want.expand_as(mask))

@@ -173,6 +173,7 @@ def test_evaluate_ruler_end_to_end_and_resume(tiny, tok, tmp_path, monkeypatch):
     assert len(saved["items"]) == 4 * 2 * 2 * 2
     for item in saved["items"].values():
         assert item["score"] == rt.score_answer(item["answer"], item["refs"])
+        assert item["hit_cap"] == (item["answer_tokens"] >= 3)
         if item["run"] != "dense":
             assert item["density_sparse_layers"] < 1
     res = saved["results"]["sketchwalk@0.3+decode"]

@@ -17,7 +17,7 @@ GRANULARITIES: tuple[str, ...] = ("layer", "kv_group", "head")
 ALLOCATIONS: tuple[str, ...] = ("row", "global")
 HEAD_AGGREGATIONS: tuple[str, ...] = ("sum", "max")
 # Decode-time ranking: the released-style walk over a query window, or the query-aware bound.
-DECODE_RULES: tuple[str, ...] = ("walk", "quest")
+DECODE_RULES: tuple[str, ...] = ("walk", "quest", "recent")
 
 # The released code computes block logits as (unnormalised Hadamard sketch) / sqrt(r) / 100.
 # At head_dim = sketch_dim = 128 that equals (qb . kb) * sqrt(128) / 100, i.e. the true attention
@@ -85,8 +85,10 @@ class SketchWalkConfig:
             prompt): their exact scores cost O(query_rows x block_size x T) per head, a
             vanishing share of the attention they schedule. 0 = the walk ranks every row.
         decode_rule: decode-time ranking of key blocks: ``"walk"`` (the released-style walk
-            over a window of recent queries) or ``"quest"`` (per-block key min/max bound of
-            the current query's logits; `sketchwalk.selection.decode`).
+            over a window of recent queries), ``"quest"`` (per-block key min/max bound of
+            the current query's logits; `sketchwalk.selection.decode`) or ``"recent"`` (the
+            most recent blocks: StreamingLLM's pattern, what the streaming baseline decodes
+            with).
         parity: reproduce the released arithmetic exactly (unnormalised transform and /100,
             tail mean over the full block, non-causal block softmax, strictly-greater per-row
             quantile threshold, window-sized sink).
@@ -318,7 +320,8 @@ _FLAG_HELP = {
     "dense_layers": "number of leading layers kept dense",
     "dense_last_rows": "number of trailing query-block rows kept dense",
     "query_rows": "number of trailing query-block rows ranked by their exact attention",
-    "decode_rule": "decode-time ranking: walk over recent queries, or the quest key bound",
+    "decode_rule": "decode-time ranking: walk over recent queries, the quest key bound, or "
+    "recency (the streaming baseline)",
     "parity": "reproduce the released arithmetic exactly",
     "seed": "seed of the sketch's random draws",
 }

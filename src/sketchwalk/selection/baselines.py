@@ -197,9 +197,14 @@ class OracleSelector(_BudgetSelector):
 
 
 class StreamingSelector(_BudgetSelector):
-    """Sink plus the most recent blocks: candidates ranked by recency (StreamingLLM pattern)."""
+    """Sink plus the most recent blocks: candidates ranked by recency (StreamingLLM pattern),
+    in prefill and, with sparse decode steps, in decode too (``decode_rule="recent"``)."""
 
     name = "streaming"
+
+    def __init__(self, config: SketchWalkConfig | None = None) -> None:
+        super().__init__(config)
+        self.config = self.config.replace(decode_rule="recent")
 
     def _scores(self, q, k, layer_idx, groups):
         nb = num_blocks(q.shape[2], self.config.block_size)

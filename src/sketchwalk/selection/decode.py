@@ -29,7 +29,10 @@ a kept count known on the host, so neither a mask nor a sync is made; the refere
 (`quest_block_scores`, `select_last_row`, index compaction) serves the ``mass`` budget and the
 global allocation, and the tests.
 
-Either way the step ends with `sketchwalk.selection.select.select_last_row`: the sink blocks and
+``decode_rule="recent"`` ranks the blocks by recency alone (StreamingLLM's pattern: sink and the
+latest blocks), what the streaming baseline decodes with; it keeps no state.
+
+Every rule's step ends with `sketchwalk.selection.select.select_last_row`: the sink blocks and
 the local window (both counted on the current context) are kept, plus the best ranked other blocks
 under the config's budget, computed as for the last row of a prefill of nk blocks without dense
 last rows (``kblocks_frac``, ``top_k_blocks``, ``density`` per row or allocated globally over the
@@ -223,8 +226,8 @@ class SketchWalkDecoder:
         t, bs = k.shape[2], cfg.block_size
         nb = num_blocks(t, bs)
         st = _LayerState(row_tokens=t - (nb - 1) * bs, seq_len=t, _block_size=bs)
-        if layer_idx < cfg.dense_layers:
-            pass  # dense layers keep every block: nothing to rank
+        if layer_idx < cfg.dense_layers or cfg.decode_rule == "recent":
+            pass  # dense layers keep every block, recency needs no state: nothing to keep
         elif cfg.decode_rule == "quest":
             key_min, key_max = block_key_bounds(k, bs)
             capacity = max(2 * nb, nb + 64)
@@ -271,6 +274,10 @@ class SketchWalkDecoder:
             return self._dense(b, groups, nk, st.seq_len, q.device)
         if cfg.decode_rule == "quest":
             return self._quest_step(st, q[:, :, 0], k[:, :, 0], new_block, nk, groups)
+        if cfg.decode_rule == "recent":  # the streaming baseline: sink + the latest blocks
+            recency = torch.arange(nk, device=q.device, dtype=torch.float32)
+            scores = recency.expand(b, groups, nk)
+            return _pack(select_last_row(scores, cfg), scores, st.seq_len)
         return self._walk_step(st, q, k, layer_idx, hkv, new_block)
 
     # ---- decode_rule "quest" -------------------------------------------------------------

@@ -298,7 +298,10 @@ def _aggregate_ruler(runs: list[RunSpec], items: dict[str, Any]) -> dict[str, An
         out[run.name] = {
             **run.to_dict(),
             "items": len(mine),
-            "answers_at_cap": sum(bool(it.get("hit_cap")) for it in mine),
+            # None where the items predate the record (results of an earlier version)
+            "answers_at_cap": (
+                sum(it["hit_cap"] for it in mine) if all("hit_cap" in it for it in mine) else None
+            ),
             "scores": by_task,
             "task_average_by_length": average_by_length,
             "task_average": _mean(average_by_length.values()),
@@ -373,11 +376,10 @@ def ruler_markdown(data: dict[str, Any]) -> str:
                     mark = "*" if not ref["lo"] <= st["mean"] <= ref["hi"] else ""
                 cells.append(_pct(st) + mark)
             avg = r["task_average_by_length"].get(length)
+            cap, average = _fmt(r["answers_at_cap"], "d"), _fmt(avg and 100 * avg, ".1f")
             lines.append(
                 f"| {name} | {r['decode']} | {_fmt(r['density_sparse_layers'], '.3f')} | "
-                f"{r['answers_at_cap']} | {_fmt(None if avg is None else 100 * avg, '.1f')} | "
-                + " | ".join(cells)
-                + " |"
+                f"{cap} | {average} | " + " | ".join(cells) + " |"
             )
     sep = data.get("separation", {})
     if sep:
