@@ -6,9 +6,10 @@
 #   bash benchmarks/eval_qwen_gpu.sh STAGE [OUT]
 #
 # STAGE: setup | gate | ppl32 | ppl16 | small32 | sweep32 | niah | multikey | decode | needles |
-# timing | ruler_tune | ruler_report | ruler_ppl (each resumes where it stopped; the ruler
-# stages take SECONDS_LIMIT=N in the environment as a time limit, then run again to finish). OUT (default results/eval_qwen) receives
-# the JSON, markdown tables and plots. The model must have been fetched first:
+# timing | ruler_tune | ruler_report | ruler_ppl | zoo_ppl | zoo_ruler (each resumes where it
+# stopped; the ruler stages take SECONDS_LIMIT=N in the environment as a time limit, then run
+# again to finish; RULER_SAMPLES, RULER_TASKS, RULER_LENGTHS override their sizes). OUT
+# (default results/eval_qwen) receives the JSON, markdown tables and plots. The model must have been fetched first:
 #   sketchwalk models fetch qwen2.5-coder-1.5b        (or --from_file PATH)
 # Text: Jane Austen's novels (Debian's r-cran-janeaustenr, or SKETCHWALK_JANEAUSTENR_DIR).
 set -euo pipefail
@@ -134,6 +135,21 @@ case "$stage" in
     sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 2 --densities 0.1 0.2 \
       --selectors dense sketchwalk oracle streaming --variant "walk_rows:query_rows=0" \
       --output_dir "$out/ruler_ppl_32000"
+    ;;
+  zoo_ppl)
+    # every selector at matched density (issue table: perplexity column)
+    sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 2 --densities 0.1 0.2 \
+      --selectors dense sketchwalk oracle streaming xattention minference flexprefill \
+      --variant "paper:preset=paper" --output_dir "$out/zoo_ppl_32000"
+    ;;
+  zoo_ruler)
+    # every selector on the report split, prefill and decode sparse (task average column)
+    limit eval ruler "${model[@]}" --split report --seq_lens 32000 \
+      --num_samples "${RULER_SAMPLES:-8}" --densities 0.1 0.2 \
+      --tasks ${RULER_TASKS:-niah_single_2 niah_multikey_1 niah_multikey_2 niah_multivalue \
+        niah_multiquery vt} \
+      --selectors dense sketchwalk oracle streaming xattention minference flexprefill \
+      --variant "paper:preset=paper" --decode sketchwalk --output_dir "$out/zoo_ruler"
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
