@@ -158,7 +158,7 @@ def test_selectors_flag_errors(tmp_path, capsys):
         assert len(stderr_lines(err)) == 1 and "Traceback" not in err
 
     fails(r"--selectors.*unknown selector 'bogus'; choose from oracle", "--selectors", "bogus")
-    fails(r"--selectors.*'gate' is not compared here: .*pre-RoPE", "--selectors", "gate")
+    fails(r"--selectors.*'gate' is not compared here: .*SeerAttention side", "--selectors", "gate")
     fails(r"--selectors.*'quest' is not compared here: .*decode", "--selectors", "quest")
     fails(r"--selectors.*'sketchwalk' is not compared here", "--selectors", "sketchwalk")
     fails(r"--selectors: streaming given more than once", "--selectors", "streaming", "streaming")

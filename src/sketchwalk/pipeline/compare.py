@@ -29,7 +29,7 @@ fed the sequence's layers in order after a ``reset()``. Each record gains per se
 (``selector_{name}_...``): its density, its attention recall (from the same true block
 attention) and its overlap and Jaccard with SketchWalk's selection and with the SeerAttention
 side's; the summary their means, the console a row each. ``gate``, ``quest``, ``sketchwalk``
-and ``forced`` are refused (`REFUSED_SELECTORS` says why).
+and ``forced`` are refused (the flag's help says why).
 
 ``--validation_dir``: the latest validation run found there gives the default SketchWalk
 config (explicit flags win) and its per-file attention recall is reported alongside.
@@ -134,8 +134,8 @@ COMPARE_FIELDS = (
 COMPARE_SELECTORS = ("oracle", "streaming", *PEER_SELECTORS)
 REFUSED_SELECTORS = {
     "sketchwalk": "it is the W side of every record already",
-    "gate": "it scores pre-RoPE q/k, which tensor files do not hold (a file's stored gate "
-    "scores are the SeerAttention side)",
+    "gate": "it needs a gate checkpoint; on files collected through one its stored scores are "
+    "the SeerAttention side, and seerattn_recall_matched ranks them at SketchWalk's budget",
     "quest": "it is dense in prefill and selects only at decode steps, which tensor files do "
     "not have",
     "forced": "it keeps only the forced blocks, below SketchWalk's density",
