@@ -366,7 +366,8 @@ def compare_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     write_tensor_dir(root / "t", seq_len=300, num_layers=3, samples=3)
     argv = ["compare", "--tensor_dir", str(root / "t"), "--device", "cpu", "--block_size", "16",
-            "--top_k_blocks", "4", "--visualize", "--max_plots", "2"]  # fmt: skip
+            "--top_k_blocks", "4", "--visualize", "--max_plots", "2",
+            "--selectors", "streaming", "oracle"]  # fmt: skip
     run_single([*argv, "--output_dir", str(root / "one")])
     run_sharded([*argv, "--output_dir", str(root / "two")], 2)
     return root, _comparison(root / "one"), _comparison(root / "two"), argv
@@ -377,6 +378,9 @@ def test_compare_two_processes_match_one(compare_runs):
     assert len(rec1) == 9  # 3 sequences x 3 layers
     print("overlap:", [r["block_overlap"] for r in rec1], [r["block_overlap"] for r in rec2])
     assert _without(rec1, COMPARE_PER_LAUNCH) == _without(rec2, COMPARE_PER_LAUNCH)
+    # the --selectors fields come through from every rank
+    assert all("selector_oracle_recall" in r and "selector_streaming_density" in r for r in rec2)
+    assert "selector_oracle_recall" in sum2["sparse_layers"]["overall"]
     assert [r["rank"] for r in rec2] == [0] * 3 + [1] * 3 + [0] * 3  # by sequence
     assert {r["rank"] for r in rec1} == {0}
     assert (sum1["world_size"], sum2["world_size"]) == (1, 2)

@@ -22,6 +22,15 @@ recall at its own density, both at a matched density, and the oracle (true top b
 at SketchWalk's per-row budget as the ceiling. The true block attention is computed once per
 file and every recall is derived from it exactly.
 
+``--selectors NAME ...`` (names of `COMPARE_SELECTORS`: ``oracle``, ``streaming`` and the
+peers' ``xattention``, ``minference``, ``flexprefill``) runs other selectors beside SketchWalk,
+at its config (the same forced blocks and per-row budget, so the same realized density), each
+fed the sequence's layers in order after a ``reset()``. Each record gains per selector
+(``selector_{name}_...``): its density, its attention recall (from the same true block
+attention) and its overlap and Jaccard with SketchWalk's selection and with the SeerAttention
+side's; the summary their means, the console a row each. ``gate``, ``quest``, ``sketchwalk``
+and ``forced`` are refused (the flag's help says why).
+
 ``--validation_dir``: the latest validation run found there gives the default SketchWalk
 config (explicit flags win) and its per-file attention recall is reported alongside.
 
@@ -94,6 +103,7 @@ from sketchwalk.pipeline.tensorio import load_tensor_file
 from sketchwalk.pipeline.validate import print_table, summarize
 from sketchwalk.selection.prefill import SketchWalk
 from sketchwalk.selection.select import select_blocks
+from sketchwalk.selection.selectors import PEER_SELECTORS, make_selector
 
 COMPARE_FIELDS = (
     "seerattn_sparsity",
@@ -118,6 +128,34 @@ COMPARE_FIELDS = (
     "validation_attention_recall",
     "seconds",
 )
+
+# The selectors ``--selectors`` runs beside SketchWalk (`sketchwalk.selection.selectors`), and
+# why the other names are refused.
+COMPARE_SELECTORS = ("oracle", "streaming", *PEER_SELECTORS)
+REFUSED_SELECTORS = {
+    "sketchwalk": "it is the W side of every record already",
+    "gate": "it needs a gate checkpoint; on files collected through one its stored scores are "
+    "the SeerAttention side, and seerattn_recall_matched ranks them at SketchWalk's budget",
+    "quest": "it is dense in prefill and selects only at decode steps, which tensor files do "
+    "not have",
+    "forced": "it keeps only the forced blocks, below SketchWalk's density",
+}
+# Per-selector record fields: ``selector_{name}_{metric}`` (`selector_fields`).
+SELECTOR_METRICS = (
+    "density",
+    "recall",
+    "overlap_sketchwalk",
+    "jaccard_sketchwalk",
+    "overlap_seerattn",
+    "jaccard_seerattn",
+)
+# Selectors whose constructor takes the softmax ``scale`` (the file's ``attention_scaling``).
+_SCALED_SELECTORS = ("oracle", *PEER_SELECTORS)
+
+
+def selector_fields(names: Any) -> tuple[str, ...]:
+    """The record fields of the ``--selectors`` ``names``, in order (`SELECTOR_METRICS` each)."""
+    return tuple(f"selector_{name}_{metric}" for name in names for metric in SELECTOR_METRICS)
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -178,6 +216,7 @@ def compare_layer(
     block_attention: torch.Tensor,
     config: SketchWalkConfig,
     num_kv_heads: int,
+    others: dict[str, BlockSelection] | None = None,
 ) -> dict[str, Any]:
     """Every comparison metric of one layer.
 
@@ -188,6 +227,10 @@ def compare_layer(
         block_attention: float32 (B, Hq, nb, nb) true block attention (reduce="sum").
         config: SketchWalk's config (the matched-density re-selection uses it with ``density``).
         num_kv_heads: Hkv.
+        others: the ``--selectors``' selections of the same layer by name (any mask
+            granularity); each adds the `selector_fields` of its name: density, attention
+            recall (from ``block_attention``), overlap and Jaccard with SketchWalk's selection
+            and with the SeerAttention side's.
 
     Returns:
         A dict of plain values (see ``docs/compare.md`` for each definition).
@@ -249,6 +292,52 @@ def compare_layer(
     out["oracle_recall_seerattn_budget"] = recall(
         oracle_selection(block_attention, seer_sel).block_mask
     )
+    for name, other in (others or {}).items():
+        mask = other.head_mask(hq, num_kv_heads)
+        with_sw, with_seer = mask_agreement(mask, sw_mask), mask_agreement(mask, seer.mask)
+        values = (
+            BlockSelection.from_mask(mask.contiguous(), bs, t).density,
+            recall(mask),
+            with_sw["block_overlap"],
+            with_sw["jaccard_similarity"],
+            with_seer["block_overlap"],
+            with_seer["jaccard_similarity"],
+        )
+        out.update(zip(selector_fields([name]), values, strict=True))
+    return out
+
+
+def compared_selectors(
+    names: Any, config: SketchWalkConfig, device: torch.device, scale: float | None = None
+) -> dict[str, Any]:
+    """The ``--selectors`` at SketchWalk's config (same forced blocks and per-row budget, so the
+    same realized density), reset for a new sequence.
+
+    Args:
+        names: names from `COMPARE_SELECTORS`.
+        config: SketchWalk's config.
+        device: where they run (on CUDA the selectors that score attention take larger chunks).
+        scale: the softmax scale of the sequence's files (``attention_scaling``; None: 1 /
+            sqrt(head_dim)).
+
+    Returns:
+        ``{name: selector}`` in the order of ``names``.
+
+    Raises:
+        UsageError: a selector refuses the config (e.g. a block size its stride does not
+            divide); the message names ``--selectors``.
+    """
+    out: dict[str, Any] = {}
+    for name in names:
+        options: dict[str, Any] = {"scale": scale} if name in _SCALED_SELECTORS else {}
+        if name in ("oracle", "xattention") and device.type == "cuda":
+            options["chunk_elements"] = 1 << 28
+        try:
+            selector = make_selector(name, config, **options)
+        except UsageError as exc:
+            raise UsageError(f"--selectors: {exc}") from None
+        selector.reset()
+        out[name] = selector
     return out
 
 
@@ -402,24 +491,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=6,
         help="files to draw with --visualize (default: 6)",
     )
+    refused = "; ".join(f"{name}: {why}" for name, why in REFUSED_SELECTORS.items())
+    parser.add_argument(
+        "--selectors",
+        nargs="+",
+        type=_selector_name,
+        default=None,
+        metavar="NAME",
+        help="other selectors to compare at SketchWalk's config (same forced blocks and per-row "
+        f"budget), from {', '.join(COMPARE_SELECTORS)}; each record gains their density, recall "
+        f"and agreement with both sides (default: none). Not here: {refused}",
+    )
     add_run_arguments(parser, "comparison_results")
     add_config_arguments(parser, SEED_DEFAULTS)
+
+
+def _selector_name(text: str) -> str:
+    """A ``--selectors`` name (argparse ``type=``)."""
+    if text in COMPARE_SELECTORS:
+        return text
+    if text in REFUSED_SELECTORS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not compared here: {REFUSED_SELECTORS[text]}"
+        )
+    raise argparse.ArgumentTypeError(
+        f"unknown selector {text!r}; choose from {', '.join(COMPARE_SELECTORS)}"
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.seerattn_threshold is not None and args.seerattn_nz_ratio is not None:
         raise UsageError("give at most one of --seerattn_threshold and --seerattn_nz_ratio")
+    names = args.selectors or []
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"--selectors: {', '.join(twice)} given more than once")
 
 
 def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """The flags besides the SketchWalk config that change a record's numbers."""
-    return {
+    """The flags besides the SketchWalk config that change a record's numbers (``selectors``
+    only when ``--selectors`` is given, so records without them keep their settings)."""
+    settings: dict[str, Any] = {
         "device": device.type,
         "dtype": args.dtype,
         "seerattn_threshold": args.seerattn_threshold,
         "seerattn_nz_ratio": args.seerattn_nz_ratio,
         "seerattn_dense_last_rows": args.seerattn_dense_last_rows,
     }
+    if args.selectors:
+        settings["selectors"] = list(args.selectors)
+    return settings
 
 
 def _validation_fields(
@@ -457,7 +578,8 @@ def _compare_sequence(
     on_record: Any = None,
     keys: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Every file of one sequence, its layers fed in order through one SketchWalk.
+    """Every file of one sequence, its layers fed in order through one SketchWalk and through
+    each ``--selectors`` selector (made and reset for the sequence at its first file read).
 
     Args:
         first: position of the sequence's first file in the run (plots are chosen by position).
@@ -483,6 +605,7 @@ def _compare_sequence(
     if seq["warning"]:
         out["warnings"].append(seq["warning"])
     walker = SketchWalk(config)
+    others: dict[str, Any] | None = None
     for index, path in enumerate(seq["paths"]):
         position = first + index
         png = out_dir / f"comparison_{path.stem}.png"
@@ -505,15 +628,19 @@ def _compare_sequence(
         q = rec["Q"].to(device=device, dtype=dtype)
         k = rec["K"].to(device=device, dtype=dtype)
         layer = int(meta["layer_idx"])
-        # finished files still run the selection: the walk carries state to later layers
+        scale = meta.get("attention_scaling")
+        if others is None:
+            others = compared_selectors(args.selectors or (), config, device, scale)
+        # finished files still run the selection: the walk carries state to later layers (and
+        # any other selector may carry state too)
         selection = walker.select(q, k, layer)
+        other_selections = {name: other.select(q, k, layer) for name, other in others.items()}
         if done is not None:
             records.append(done)
             out["methods"].add(done["seerattn_method"])
             if position in to_plot:
                 out["plots"].append((png, None))
             continue
-        scale = meta.get("attention_scaling")
         block_attention = true_block_attention(q, k, config.block_size, reduce="sum", scale=scale)
         threshold = args.seerattn_threshold
         if "seerattn_scores" in rec:
@@ -534,7 +661,9 @@ def _compare_sequence(
                 args.seerattn_dense_last_rows,
             )
         out["methods"].add(seer.method)
-        result = compare_layer(selection, seer, block_attention, config, k.shape[1])
+        result = compare_layer(
+            selection, seer, block_attention, config, k.shape[1], other_selections
+        )
         record = {
             **file_record_header(path, meta, seq["sample"]),
             **result,
@@ -559,6 +688,32 @@ def _compare_sequence(
         if on_record is not None:
             on_record(records)
     return out
+
+
+def _print_selectors(title: str, summary: dict[str, Any], names: list[str]) -> None:
+    """Console table of the ``--selectors``: one row each (means over the summary's
+    ``overall``), under SketchWalk's own row."""
+    from rich.console import Console
+    from rich.table import Table
+
+    overall = summary["overall"]
+    table = Table(title=title)
+    table.add_column("selector", no_wrap=True, min_width=max(map(len, ["sketchwalk", *names])))
+    for label in ("dens", "rec", "overlap W", "Jaccard W", "overlap S", "Jaccard S"):
+        table.add_column(label, justify="right")
+
+    def row(label: str, fields: tuple[str | None, ...]) -> None:
+        cells = []
+        for field in fields:
+            value = overall.get(field) if field is not None else None
+            cells.append("-" if value is None else f"{value['mean']:.4g}")
+        table.add_row(label, *cells)
+
+    row("sketchwalk", ("sketchwalk_density", "sketchwalk_recall", None, None,
+                           "block_overlap", "jaccard_similarity"))  # fmt: skip
+    for name in names:
+        row(name, selector_fields([name]))
+    Console().print(table)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -591,6 +746,8 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
         if validation["config"] is not None and not args.preset
         else f"preset {args.preset or 'seed'} + flags"
     )
+    names = args.selectors or []
+    compared_selectors(names, config, device)  # a config a selector refuses stops here
     total = sum(len(s["paths"]) for s in sequences)
     to_plot = _plot_indices(total, args.max_plots) if args.visualize else set()
     firsts = [0]
@@ -673,7 +830,8 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
         return 0  # rank 0 writes and reports
     method = "/".join(sorted(methods))
     sparse = [r for r in records if not r["sketchwalk_dense_layer"]]
-    grouped = summarize(records, fields=COMPARE_FIELDS)
+    fields = COMPARE_FIELDS + selector_fields(names)
+    grouped = summarize(records, fields=fields)
     summary: dict[str, Any] = {
         "timestamp": ts,
         "tensor_dir": str(tensor_dir),
@@ -693,10 +851,12 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
         "warnings": warnings,
         "input_checks": opened["input_checks"],
         "overall": grouped["overall"],
-        "sparse_layers": summarize(sparse, by_keys=("seq_len",), fields=COMPARE_FIELDS),
+        "sparse_layers": summarize(sparse, by_keys=("seq_len",), fields=fields),
         "by_seq_len": grouped["by_seq_len"],
         "by_layer_idx": grouped["by_layer_idx"],
     }
+    if names:
+        summary["selectors"] = list(names)
     if args.visualize:
         png = out_dir / f"comparison_summary_{ts}.png"
         plot_summary(png, summary, method)
@@ -735,6 +895,8 @@ def _run(args: argparse.Namespace, w: distributed.World) -> int:
     where = f"W's sparse layers (>= {config.dense_layers}), {device}"
     print_table(f"Selections: S vs W, {where}", summary["sparse_layers"], agreement)
     print_table(f"Attention recall, {where}", summary["sparse_layers"], recall)
+    if names:
+        _print_selectors(f"Selectors at W's budget, {where}", summary["sparse_layers"], names)
     print(f"config: {config_source}")
     if plots:
         print(f"plots: {len(plots)} PNG files in {out_dir}")
