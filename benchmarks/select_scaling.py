@@ -16,8 +16,8 @@ the CPU path); the table gives the median over ``--repeats`` samples after ``--w
   process, the baseline of the ratio ``default / layer``;
 
 and where the time of one layer-3 call goes (pooling, exact query rows, transition, walk,
-selection), each part timed alone on the same inputs. Growth: time at T over time at the
-shortest T. Results: JSON + markdown in ``--out-dir`` (default
+selection), each part timed alone on the same inputs (median of 3 after the warm-up).
+Growth: time at T over time at the shortest T. Results: JSON + markdown in ``--out-dir`` (default
 benchmarks/results/select_scaling/), with the machine (CPU model, cores, torch version),
 shapes, dtype, repeats and medians.
 """
@@ -32,12 +32,14 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
+import sketchwalk.selection.prefill as prefill
 from sketchwalk.atomic import write_json, write_text
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.selection.prefill import SketchWalk, _rank_scores
+from sketchwalk.selection.prefill import SketchWalk, _causal_walk, _rank_scores
 from sketchwalk.selection.query_rows import query_row_scores
 from sketchwalk.selection.select import select_blocks
 from sketchwalk.selection.sketch import block_pool
@@ -45,7 +47,13 @@ from sketchwalk.selection.walk import transition_from_pooled, walk_step
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 LAYERS = (2, 3)
-GRANULARITIES = {"default": "kv_group", "layer": "layer"}
+# name -> (granularity, the walk as before: dense products even for causal matrices)
+VARIANTS = {
+    "default": ("kv_group", False),
+    "layer": ("layer", False),
+    "default_dense_walk": ("kv_group", True),
+    "layer_dense_walk": ("layer", True),
+}
 # The steps whose work grows with the square (or, in a dense walk, the cube) of the block
 # count; pooling and the exact query rows grow linearly with T.
 CORE = ("transition", "walk", "select")
@@ -73,18 +81,24 @@ def make_inputs(t: int, dtype: torch.dtype, seed: int) -> list[tuple[torch.Tenso
     return out
 
 
-def time_select(cfg: SketchWalkConfig, inputs: list) -> float:
-    """Seconds per layer of `SketchWalk.select`, mean over the layers of ``inputs``."""
+def _dense_walk(a, previous, degree, damping, causal=False):
+    return walk_step(a, previous, degree, damping)
+
+
+def time_select(cfg: SketchWalkConfig, inputs: list, dense_walk: bool) -> float:
+    """Seconds per layer of `SketchWalk.select`, mean over the layers of ``inputs``;
+    ``dense_walk``: every walk step as a dense product (the path before the causal walk)."""
     sw = SketchWalk(cfg, backend="reference")
     total = 0.0
-    for layer, (q, k) in zip(LAYERS, inputs, strict=True):
-        start = time.perf_counter()
-        sw.select(q, k, layer)
-        total += time.perf_counter() - start
+    with mock.patch.object(prefill, "walk_step", _dense_walk if dense_walk else walk_step):
+        for layer, (q, k) in zip(LAYERS, inputs, strict=True):
+            start = time.perf_counter()
+            sw.select(q, k, layer)
+            total += time.perf_counter() - start
     return total / len(LAYERS)
 
 
-def time_parts(cfg: SketchWalkConfig, inputs: list) -> dict[str, float]:
+def time_parts(cfg: SketchWalkConfig, inputs: list, dense_walk: bool) -> dict[str, float]:
     """Seconds of each step of the last layer's selection, each run alone."""
     sw = SketchWalk(cfg, backend="reference")
     for layer, (q, k) in zip(LAYERS[:-1], inputs[:-1], strict=True):
@@ -112,7 +126,8 @@ def time_parts(cfg: SketchWalkConfig, inputs: list) -> dict[str, float]:
         rows = min(cfg.query_rows, qb.shape[2])
         tail = clock("query_rows", query_row_scores, q, k, rows, cfg.block_size, groups)
     a = clock("transition", transition_from_pooled, qb, kb, cfg, layer)
-    r = clock("walk", walk_step, a, previous, cfg.degree, cfg.damping)
+    causal = _causal_walk(cfg) and not dense_walk
+    r = clock("walk", walk_step, a, previous, cfg.degree, cfg.damping, causal)
     clock("select", select_blocks, _rank_scores(r, tail), t, cfg)
     return parts
 
@@ -135,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     configs = {
         name: SketchWalkConfig.preset("default", density=args.density, granularity=gran)
-        for name, gran in GRANULARITIES.items()
+        for name, (gran, _) in VARIANTS.items()
     }
     rows: list[dict[str, Any]] = []
     for t in sorted(args.seq_lens):
@@ -146,22 +161,25 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[str, list[float]] = {name: [] for name in configs}
         for i in range(args.warmup + args.repeats):
             for name, cfg in configs.items():
-                seconds = time_select(cfg, inputs)
+                seconds = time_select(cfg, inputs, VARIANTS[name][1])
                 if i >= args.warmup:
                     samples[name].append(seconds)
         for name, cfg in configs.items():
-            parts = time_parts(cfg, inputs)
+            runs = [time_parts(cfg, inputs, VARIANTS[name][1]) for _ in range(args.warmup + 3)]
+            parts = {p: statistics.median(r[p] for r in runs[args.warmup :]) for p in runs[-1]}
             row[name] = {
                 "median_s": statistics.median(samples[name]),
                 "samples_s": samples[name],
                 "parts_s": parts,
                 "core_s": sum(parts[p] for p in CORE),
             }
-        row["default_over_layer"] = row["default"]["median_s"] / row["layer"]["median_s"]
+        for suffix in ("", "_dense_walk"):
+            row[f"default_over_layer{suffix}"] = (
+                row[f"default{suffix}"]["median_s"] / row[f"layer{suffix}"]["median_s"]
+            )
         rows.append(row)
         print(
-            f"T={t}: default {row['default']['median_s']:.3f} s, layer "
-            f"{row['layer']['median_s']:.3f} s, ratio {row['default_over_layer']:.2f}",
+            f"T={t}: " + ", ".join(f"{n} {row[n]['median_s']:.3f} s" for n in VARIANTS),
             file=sys.stderr,
         )
         del inputs
@@ -170,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in configs:
             row[name]["growth"] = row[name]["median_s"] / first[name]["median_s"]
             row[name]["core_growth"] = row[name]["core_s"] / first[name]["core_s"]
-        row["core_default_over_layer"] = row["default"]["core_s"] / row["layer"]["core_s"]
+        for suffix in ("", "_dense_walk"):
+            row[f"core_default_over_layer{suffix}"] = (
+                row[f"default{suffix}"]["core_s"] / row[f"layer{suffix}"]["core_s"]
+            )
     result = {
         "benchmark": "select_scaling",
         "machine": {
@@ -206,25 +227,26 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['density']}; mean of layers {result['layers']}, median of "
         f"{result['repeats']} (warm-up {result['warmup']}).",
         "",
-        "| T | default (kv_group) s | layer s | default / layer | growth default / layer "
+        "| T | walk | default (kv_group) s | layer s | default / layer | growth default / layer "
         "| default: pool / query rows / transition / walk / select s "
         "| core (transition + walk + select) default / layer s | core default / layer "
         "| core growth default / layer |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        d, lay = row["default"], row["layer"]
-        parts = " / ".join(
-            f"{d['parts_s'].get(p, 0.0):.3f}"
-            for p in ("pool", "query_rows", "transition", "walk", "select")
-        )
-        lines.append(
-            f"| {row['seq_len']} | {d['median_s']:.3f} | {lay['median_s']:.3f} | "
-            f"{row['default_over_layer']:.2f}x | {d['growth']:.2f}x / {lay['growth']:.2f}x | "
-            f"{parts} | {d['core_s']:.3f} / {lay['core_s']:.3f} | "
-            f"{row['core_default_over_layer']:.2f}x | {d['core_growth']:.2f}x / "
-            f"{lay['core_growth']:.2f}x |"
-        )
+        for suffix, walk in (("_dense_walk", "dense (before)"), ("", "causal tiles")):
+            d, lay = row[f"default{suffix}"], row[f"layer{suffix}"]
+            parts = " / ".join(
+                f"{d['parts_s'].get(p, 0.0):.3f}"
+                for p in ("pool", "query_rows", "transition", "walk", "select")
+            )
+            lines.append(
+                f"| {row['seq_len']} | {walk} | {d['median_s']:.3f} | {lay['median_s']:.3f} | "
+                f"{row[f'default_over_layer{suffix}']:.2f}x | {d['growth']:.2f}x / "
+                f"{lay['growth']:.2f}x | {parts} | {d['core_s']:.3f} / {lay['core_s']:.3f} | "
+                f"{row[f'core_default_over_layer{suffix}']:.2f}x | {d['core_growth']:.2f}x / "
+                f"{lay['core_growth']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
