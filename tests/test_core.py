@@ -81,9 +81,9 @@ def test_walk_state_follows_the_device_of_the_next_layer(monkeypatch):
     seen = []
     real_walk_step = prefill.walk_step
 
-    def spy(a, previous, degree, damping):
+    def spy(a, previous, degree, damping, **kwargs):
         seen.append(previous)
-        return real_walk_step(a, previous, degree, damping)
+        return real_walk_step(a, previous, degree, damping, **kwargs)
 
     monkeypatch.setattr(prefill, "walk_step", spy)
     reference = SketchWalk(cfg)

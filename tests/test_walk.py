@@ -118,3 +118,102 @@ def test_transition_from_pooled_equals_the_step_by_step_path(
     want = block_transition(block_logits(qb, kb, cfg, 3), 2, cfg)
     got = transition_from_pooled(qb, kb, cfg, 3)
     torch.testing.assert_close(got, want)
+
+
+def _lower_stochastic(b, g, n, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(b, g, n, n, generator=gen, dtype=torch.float64).tril()
+    return (a / a.sum(-1, keepdim=True)).to(dtype)
+
+
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 130, 333])
+@pytest.mark.parametrize("groups", [1, 4, 8])
+@pytest.mark.parametrize("with_previous", [False, True])
+def test_causal_walk_equals_the_dense_walk(n, groups, with_previous):
+    """The tiled lower-triangular walk against the dense products: equal in float64 up to
+    rounding, within float32 rounding in float32, exact zeros above the diagonal."""
+    from sketchwalk.selection.walk import causal_walk_product
+
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 2e-6)):
+        a = _lower_stochastic(1, groups, n, n, dtype)
+        prev = _lower_stochastic(1, groups, n, n + 1, dtype) if with_previous else None
+        want = walk_step(a, prev, 3, 0.25)
+        got = walk_step(a, prev, 3, 0.25, causal=True)
+        err = (got - want).abs()
+        print(f"n={n} groups={groups} {dtype}: max {err.max():.3g} mean {err.mean():.3g}")
+        assert err.max() <= tol * want.abs().max()
+        assert bool((got.triu(1) == 0).all())
+        if n > 8:  # several row tiles, one of them partial
+            one = causal_walk_product(a, a, 0.25, tile=8)
+            torch.testing.assert_close(one, 0.75 * a + 0.25 * a @ a, rtol=0, atol=tol)
+
+
+def test_causal_walk_is_not_for_matrices_with_future_mass():
+    """The causal walk drops the terms right of each row tile: on a matrix with mass above
+    the diagonal it differs from the dense walk (so the flag matters; prefill sets it only
+    for causal block softmaxes)."""
+    a = _stochastic(1, 1, 200, 5).float()
+    diff = (walk_step(a, None, 3, 0.25, causal=True) - walk_step(a, None, 3, 0.25)).abs()
+    assert diff.max() > 1e-3
+
+
+@pytest.mark.parametrize("seq_len", [333, 1000, 2049])
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_prefill_masks_with_the_causal_walk_equal_the_dense_walk(
+    monkeypatch, seq_len, hq, hkv, preset
+):
+    """SketchWalk with the tiled causal walk against the same SketchWalk with every walk
+    dense: the walk matrices agree within float32 rounding and the selected masks are the
+    same except at near-ties (entries whose scores differ by less than the walk's error)."""
+    import sketchwalk.selection.prefill as prefill
+    from sketchwalk.testing import make_qkv
+
+    cfg = SketchWalkConfig.preset(preset, density=0.3, dense_layers=0, block_size=16)
+    layers = [make_qkv(1, hq, hkv, seq_len, 32, seed=s, structured=s % 2 == 0)[:2] for s in (0, 1)]
+    fast = prefill.SketchWalk(cfg)
+    got = [fast.select(q, k, i) for i, (q, k) in enumerate(layers)]
+    real = prefill.walk_step
+    monkeypatch.setattr(
+        prefill, "walk_step", lambda a, p, d, b, causal=False: real(a, p, d, b, causal=False)
+    )
+    slow = prefill.SketchWalk(cfg)
+    want = [slow.select(q, k, i) for i, (q, k) in enumerate(layers)]
+    for g, w in zip(got, want, strict=True):
+        err = (g.scores - w.scores).abs()
+        print(f"T={seq_len} {hq}/{hkv} {preset}: walk max err {err.max():.3g}")
+        assert err.max() <= 1e-6
+        differ = g.block_mask != w.block_mask
+        if differ.any():  # only near-ties may flip
+            scores = w.scores[differ]
+            row_scores = w.scores.masked_fill(~w.block_mask, float("inf")).amin(-1, True)
+            threshold = row_scores.expand_as(w.scores)[differ]
+            gap = (scores - threshold).abs()
+            print(f"  {int(differ.sum())} flipped blocks, max gap {gap.max():.3g}")
+            assert gap.max() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [100, 1024, 2050])
+def test_causal_walk_on_cuda_matches_dense_and_replays_from_a_graph(n):
+    """On CUDA: the tiled causal walk equals the dense one within float32 rounding, eagerly
+    and replayed from a captured CUDA graph (static shapes, no host syncs)."""
+    a = _lower_stochastic(1, 8, n, 0).cuda()
+    prev = _lower_stochastic(1, 8, n, 1).cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    want = walk_step(a, prev, 3, 0.25)
+    eager = walk_step(a, prev, 3, 0.25, causal=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        walk_step(a, prev, 3, 0.25, causal=True)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = walk_step(a, prev, 3, 0.25, causal=True)
+    graph.replay()
+    for name, got in (("eager", eager), ("graph", captured)):
+        err = (got - want).abs()
+        print(f"n={n} {name}: max {err.max():.3g} mean {err.mean():.3g}")
+        assert err.max().item() <= 2e-6
+        assert bool((got.triu(1) == 0).all())

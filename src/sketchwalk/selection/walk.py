@@ -131,7 +131,11 @@ def transition_from_pooled(
 
 
 def walk_step(
-    a: torch.Tensor, previous: torch.Tensor | None, degree: int, damping: float
+    a: torch.Tensor,
+    previous: torch.Tensor | None,
+    degree: int,
+    damping: float,
+    causal: bool = False,
 ) -> torch.Tensor:
     """The damped walk of one layer.
 
@@ -140,19 +144,68 @@ def walk_step(
         previous: (B, G, n, n) the previous layer's walk R_{l-1}, or None to start from A_l.
         degree: number of steps d.
         damping: beta.
+        causal: ``a`` and ``previous`` are lower-triangular (a causal block softmax: every
+            layer's A has no mass on future blocks, so neither has any walk built from them):
+            the steps run as `causal_walk_product`, which skips the all-zero upper tiles
+            (about a third of the dense products' work). Same result up to float rounding.
 
     Returns:
         (B, G, n, n) R_l.
     """
     state = a if previous is None else previous
     for _ in range(degree):
-        state = (1.0 - damping) * a + damping * (state @ a)
+        if causal:
+            state = causal_walk_product(state, a, damping)
+        else:
+            state = (1.0 - damping) * a + damping * (state @ a)
     return state
+
+
+def causal_walk_product(
+    state: torch.Tensor, a: torch.Tensor, damping: float, tile: int | None = None
+) -> torch.Tensor:
+    """One walk step ``(1 - beta) * a + beta * state @ a`` of lower-triangular matrices.
+
+    Row tile I of the product (rows ``I * tile`` to ``(I + 1) * tile``) only involves columns
+    below the tile's end: ``state[I, :w] @ a[:w, :w]`` with ``w = (I + 1) * tile`` holds every
+    nonzero term of those rows, and everything right of ``w`` is an exact zero. Summing the
+    row tiles costs about n^3 / 3 multiply-adds instead of n^3, in a fixed number of fused
+    ``baddbmm`` calls on static shapes (CUDA-graph capturable). Entries above the diagonal
+    inside a row tile come out as exact zeros (all their terms are zero), so the result has the
+    dense product's zeros; its other entries agree with the dense product up to the float
+    summation order.
+
+    Args:
+        state: (B, G, n, n) lower-triangular; a: (B, G, n, n) lower-triangular.
+        damping: beta.
+        tile: rows per tile (default: n / 16 rounded up to a multiple of 64, at least 64).
+
+    Returns:
+        (B, G, n, n) the step's result, lower-triangular.
+    """
+    *lead, n, _ = a.shape
+    if tile is None:
+        tile = max(64, -(-n // (16 * 64)) * 64)
+    s3 = state.reshape(-1, n, n)
+    a3 = a.reshape(-1, n, n)
+    out = torch.zeros_like(a3)
+    for start in range(0, n, tile):
+        stop = min(n, start + tile)
+        torch.baddbmm(
+            a3[:, start:stop, :stop],
+            s3[:, start:stop, :stop],
+            a3[:, :stop, :stop],
+            beta=1.0 - damping,
+            alpha=damping,
+            out=out[:, start:stop, :stop],
+        )
+    return out.view(*lead, n, n)
 
 
 __all__ = [
     "aggregate_heads",
     "block_transition",
+    "causal_walk_product",
     "sharpen",
     "transition_from_pooled",
     "walk_step",
