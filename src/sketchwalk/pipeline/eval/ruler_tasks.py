@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sketchwalk.blocks import UsageError
+from sketchwalk.pipeline.eval.niah import _snap_to_sentence
 
 __all__ = [
     "MAX_NEW_TOKENS",
@@ -224,22 +225,6 @@ def _frame(
     return head, _ids(tokenizer, after + ("\n" + answer if answer else "\nAnswer:")), False
 
 
-def _boundaries_of_text(tokenizer: Any, hay: list[int], spots: list[int]) -> list[int]:
-    """Insertion points moved back to just after a sentence end when one is near."""
-    out = []
-    for pos in spots:
-        p = pos
-        for cand in range(pos, max(0, pos - 48) - 1, -1):
-            if cand in (0, len(hay)):
-                p = cand
-                break
-            if tokenizer.decode([hay[cand - 1]]).rstrip(" ").endswith((".", "!", "?", "\n")):
-                p = cand
-                break
-        out.append(p)
-    return out
-
-
 def _insert(
     hay: list[list[int]] | list[int],
     pieces: list[list[int]],
@@ -366,7 +351,7 @@ def _niah(task, tokenizer, pool, length, rng, split, variant) -> RulerSample:
     if task in ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue",
                 "niah_multiquery"):  # fmt: skip
         hay: list[Any] = pool.filler(split, budget, rng)
-        spots = _boundaries_of_text(tokenizer, hay, [round(d / 100 * len(hay)) for d in depths])
+        spots = [_snap_to_sentence(tokenizer, hay, round(d / 100 * len(hay))) for d in depths]
     else:
         if task == "niah_single_1":
             unit = _ids(tokenizer, " " + NOISE)
