@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import itertools
 import json
 import math
 import platform
@@ -392,8 +393,12 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                 if args.no_select:
                     continue
                 real = None
-                for query_rows in args.query_rows or [None]:
+                for query_rows, walk_dtype in itertools.product(
+                    args.query_rows or [None], args.walk_dtypes or [None]
+                ):
                     extra = {} if query_rows is None else {"query_rows": query_rows}
+                    if walk_dtype is not None:
+                        extra["walk_dtype"] = walk_dtype
                     cfg = SketchWalkConfig.preset(
                         "default", density=density, block_size=BLOCK, **extra
                     )
@@ -410,6 +415,7 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                             float("nan"),
                             density=density,
                             query_rows=cfg.query_rows,
+                            walk_dtype=cfg.walk_dtype,
                             error=repr(err),
                         )
                         real = None
@@ -422,6 +428,7 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                         density=density,
                         actual_density=real.density,
                         query_rows=cfg.query_rows,
+                        walk_dtype=cfg.walk_dtype,
                         note="per layer, mean of two consecutive sparse layers",
                     )
                 if real is None:
@@ -737,6 +744,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="time the default preset's selection with each of these query_rows "
         "(default: the preset's own); attention runs on the last one's selection",
+    )
+    p.add_argument(
+        "--walk-dtypes",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="time the default preset's selection with each walk_dtype (default: the "
+        "preset's own); attention runs on the last one's selection",
     )
     p.add_argument("--profile-select", action="store_true")
     p.add_argument("--no-flex-sparse", action="store_true")

@@ -121,14 +121,17 @@ case "$stage" in
       --decode sketchwalk --output_dir "$out/ruler_tune"
     ;;
   ruler_report)
-    # The report split: every selector at matched density, prefill and decode sparse, next to
-    # the preset before query_rows (walk_rows).
+    # The report split (held out: the defaults were chosen on the tune split): every selector
+    # at matched density, prefill and decode sparse, 24 prompts per cell, 8 prompts per
+    # generate() call. RULER_SELECTORS / RULER_DENSITIES / RULER_BATCH override.
     limit eval ruler "${model[@]}" --split report \
-      --seq_lens ${RULER_LENGTHS:-32000} --num_samples "${RULER_SAMPLES:-8}" \
+      --seq_lens ${RULER_LENGTHS:-32000} --num_samples "${RULER_SAMPLES:-24}" \
       --tasks ${RULER_TASKS:-niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 \
         niah_multikey_2 niah_multikey_3 niah_multivalue niah_multiquery vt cwe fwe} \
-      --densities 0.1 0.2 --selectors dense sketchwalk streaming ${RULER_EXTRA:-} \
-      --variant "walk_rows:query_rows=0" --decode sketchwalk --output_dir "$out/ruler_report"
+      --densities ${RULER_DENSITIES:-0.1 0.2} \
+      --selectors ${RULER_SELECTORS:-dense sketchwalk oracle streaming gate} --gate_path "$gate" \
+      --batch_size "${RULER_BATCH:-8}" --decode sketchwalk \
+      --output_dir "$out/ruler_report${RULER_SUFFIX:-}"
     ;;
   ruler_ppl)
     # perplexity of the same configurations at 32K (two passages)

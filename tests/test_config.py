@@ -182,16 +182,17 @@ def test_cli_and_compare_resolve_budgets_the_same_way():
 def test_default_preset_is_the_evidence_chosen_configuration():
     """The `default` preset (README, "Evidence for the defaults"): per-KV-group masks, forced
     blocks sized in blocks, no dense last rows, query-aware decode selection, half the released
-    block-logit temperature, the last two query-block rows ranked by their exact attention;
-    everything else as `SketchWalkConfig()`. The paper preset keeps the
+    block-logit temperature, the last two query-block rows ranked by their exact attention,
+    bfloat16 walk products; everything else as `SketchWalkConfig()`. The paper preset keeps the
     released fractions."""
     d = SketchWalkConfig.preset("default")
     assert (d.granularity, d.sink_blocks, d.window_blocks) == ("kv_group", 1, 2)
     assert (d.dense_last_rows, d.decode_rule, d.query_rows) == (0, "quest", 2)
     assert d.temperature == SketchWalkConfig().temperature / 2 == 0.390625
+    assert d.walk_dtype == "bfloat16"
     changed = {
         "granularity", "sink_blocks", "window_blocks", "dense_last_rows", "decode_rule",
-        "temperature", "query_rows",
+        "temperature", "query_rows", "walk_dtype",
     }  # fmt: skip
     base = SketchWalkConfig()
     for f in dataclasses.fields(SketchWalkConfig):

@@ -221,3 +221,61 @@ def test_cli_ruler_on_the_embedded_model(tmp_path, capsys):
     rc = main(["eval", "ruler", "--model_path", "smollm2-135m", "--tasks", "nope",
                "--output_dir", str(out)])  # fmt: skip
     assert rc == 2
+
+
+def test_until_eos_cuts_each_row_at_its_own_end():
+    from sketchwalk.pipeline.eval.ruler import _until_eos
+
+    assert _until_eos([5, 6, 2, 0, 0], {2}) == [5, 6, 2]
+    assert _until_eos([5, 6, 7], {2}) == [5, 6, 7]  # no end: the cap stopped it
+    assert _until_eos([3, 9], {9, 3}) == [3]
+
+
+def test_batched_generation_matches_one_at_a_time(tiny, tok, tmp_path, monkeypatch):
+    """--batch_size groups prompts of one run, round, length and cap into one generate()
+    call; every answer, score and density equals the one-at-a-time run."""
+    kwargs = dict(
+        model=tiny,
+        tokenizer=tok,
+        seq_lens=[700],
+        tasks=["niah_single_2", "niah_multikey_1", "vt"],
+        num_samples=4,
+        selectors=["dense", "sketchwalk"],
+        densities=[0.3],
+        decode=["sketchwalk"],
+        max_new_tokens=4,
+        base_config=BASE,
+        text_source="stdlib",
+        backend="reference",
+        progress=False,
+        plots=False,
+    )
+    one = evaluate_ruler(output_dir=tmp_path / "one", **kwargs)
+    shapes = []
+    real_generate = tiny.generate
+
+    def recording_generate(*args, **kw):
+        shapes.append(tuple(kw["input_ids"].shape))
+        return real_generate(*args, **kw)
+
+    monkeypatch.setattr(tiny, "generate", recording_generate)
+    batched = evaluate_ruler(output_dir=tmp_path / "batched", batch_size=3, **kwargs)
+    # per run: the 8 real-text needle prompts are exactly 700 tokens (batches of 3, 3, 2); the
+    # vt prompts (at most 700 tokens) batch only with prompts of their own length
+    vt_lengths = Counter(it["prompt_tokens"] for k, it in one["items"].items()
+                         if k.startswith("dense|vt"))  # fmt: skip
+    vt_batches = sorted(s for n in vt_lengths.values() for s in [3] * (n // 3) + [n % 3] if s)
+    for run in range(2):
+        mine = shapes[len(shapes) // 2 * run : len(shapes) // 2 * (run + 1)]
+        assert sorted(b for b, t in mine if t == 700) == sorted([3, 3, 2] + (
+            vt_batches if 700 in vt_lengths else []))  # fmt: skip
+    assert sum(b for b, _ in shapes) == 2 * 12
+    assert set(batched["items"]) == set(one["items"])
+    for key, item in one["items"].items():
+        other = batched["items"][key]
+        assert 1 <= other["batch"] <= 3 and "batch" not in item
+        for field in ("answer", "answer_tokens", "score", "hit_cap", "prompt_sha256", "refs"):
+            assert other[field] == item[field], (key, field)
+        assert other["layer_density"] == pytest.approx(item["layer_density"])
+    with pytest.raises(EvalInputError, match="--batch_size"):
+        evaluate_ruler(batch_size=0, **kwargs)

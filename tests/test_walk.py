@@ -169,13 +169,16 @@ def test_prefill_masks_with_the_causal_walk_equal_the_dense_walk(
     import sketchwalk.selection.prefill as prefill
     from sketchwalk.testing import make_qkv
 
-    cfg = SketchWalkConfig.preset(preset, density=0.3, dense_layers=0, block_size=16)
+    # float32 products on both sides (the bfloat16 ones are tested against their definition)
+    cfg = SketchWalkConfig.preset(
+        preset, density=0.3, dense_layers=0, block_size=16, walk_dtype="float32"
+    )
     layers = [make_qkv(1, hq, hkv, seq_len, 32, seed=s, structured=s % 2 == 0)[:2] for s in (0, 1)]
     fast = prefill.SketchWalk(cfg)
     got = [fast.select(q, k, i) for i, (q, k) in enumerate(layers)]
     real = prefill.walk_step
     monkeypatch.setattr(
-        prefill, "walk_step", lambda a, p, d, b, causal=False: real(a, p, d, b, causal=False)
+        prefill, "walk_step", lambda a, p, d, b, causal=False, **_: real(a, p, d, b, causal=False)
     )
     slow = prefill.SketchWalk(cfg)
     want = [slow.select(q, k, i) for i, (q, k) in enumerate(layers)]
@@ -216,4 +219,103 @@ def test_causal_walk_on_cuda_matches_dense_and_replays_from_a_graph(n):
         err = (got - want).abs()
         print(f"n={n} {name}: max {err.max():.3g} mean {err.mean():.3g}")
         assert err.max().item() <= 2e-6
+        assert bool((got.triu(1) == 0).all())
+
+
+def _bf16_walk_reference(a, prev, degree, beta):
+    """The bfloat16-operand walk by its definition: each product of operands rounded to
+    bfloat16, summed in float64, the state and the damping sum kept in float64."""
+
+    def lo(x):
+        return x.to(torch.bfloat16).to(torch.float64)
+
+    a64 = a.to(torch.float64)
+    state = a64 if prev is None else prev.to(torch.float64)
+    for _ in range(degree):
+        state = (1 - beta) * a64 + beta * (lo(state) @ lo(a64))
+    return state
+
+
+@pytest.mark.parametrize("n", [1, 63, 130, 333])
+@pytest.mark.parametrize("with_previous", [False, True])
+def test_bf16_walk_equals_its_definition_and_stays_near_the_float32_walk(n, with_previous):
+    """bf16_products: equal to the bfloat16-operand products summed exactly (float32
+    rounding of the sums only), lower-triangular, and within bfloat16's operand rounding of
+    the float32 walk; a wrong rounding (none, or of the whole state) is outside that."""
+    a = _lower_stochastic(1, 4, n, 2)
+    prev = _lower_stochastic(1, 4, n, 3) if with_previous else None
+    got = walk_step(a, prev, 3, 0.25, causal=True, bf16_products=True)
+    assert got.dtype == torch.float32
+    want = _bf16_walk_reference(a, prev, 3, 0.25)
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 5e-6 * scale
+    assert bool((got.triu(1) == 0).all())
+    exact = walk_step(a.double(), None if prev is None else prev.double(), 3, 0.25)
+    rel = ((got - exact).abs().max() / scale).item()
+    assert rel <= 2**-8  # operand rounding of a few products, float32 sums
+    if n > 1:
+        assert rel > 1e-7  # it is not the float32 walk
+
+
+def test_walk_dtype_config():
+    assert SketchWalkConfig.preset("default").walk_dtype == "bfloat16"
+    assert SketchWalkConfig().walk_dtype == "float32"
+    assert SketchWalkConfig.preset("paper").walk_dtype == "float32"
+    with pytest.raises(ValueError, match="walk_dtype"):
+        SketchWalkConfig(walk_dtype="float16")
+    with pytest.raises(ValueError, match="walk_dtype"):
+        SketchWalkConfig(walk_dtype="bfloat16", parity=True)
+    with pytest.raises(ValueError, match="walk_dtype"):
+        SketchWalkConfig.preset("paper", walk_dtype="bfloat16")  # non-causal: dense products
+    with pytest.raises(ValueError, match="causal"):
+        walk_step(_lower_stochastic(1, 1, 8, 0), None, 3, 0.25, bf16_products=True)
+
+
+def test_bf16_walk_keeps_the_float32_walks_selection():
+    """The default preset's selection with bfloat16 walk products against the same config
+    with float32 products, on pooled Q/K drawn like attention with a few strong blocks: the
+    kept blocks agree almost everywhere (a changed pick is a near tie)."""
+    from sketchwalk.selection.prefill import SketchWalk
+
+    gen = torch.Generator().manual_seed(0)
+    t, d = 4096, 64
+    q = torch.randn(1, 8, t, d, generator=gen)
+    k = torch.randn(1, 2, t, d, generator=gen)
+    k[:, :, 1000:1064] += 2.0 * q[:, :2, -64:].mean(2, keepdim=True)  # a block the end needs
+    base = SketchWalkConfig.preset("default", density=0.2)
+    masks = {}
+    for dtype in ("float32", "bfloat16"):
+        sw = SketchWalk(SketchWalkConfig(**{**base.to_dict(), "walk_dtype": dtype}))
+        masks[dtype] = [sw.select(q, k, layer).block_mask for layer in range(2, 6)]
+    for m32, m16 in zip(masks["float32"], masks["bfloat16"], strict=True):
+        agree = (m32 == m16).float().mean().item()
+        kept = (m32 & m16).sum().item() / m32.sum().item()
+        print(f"agreement {agree:.5f}, float32 picks kept {kept:.5f}")
+        assert kept >= 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [100, 2050])
+def test_bf16_walk_on_cuda_tensor_cores_matches_its_definition_and_graph_replay(n):
+    """On CUDA the bfloat16 products run as bmm with a float32 output (tensor cores): equal
+    to the definition within float32 summation-order rounding, eagerly and from a graph."""
+    a = _lower_stochastic(1, 8, n, 4)
+    prev = _lower_stochastic(1, 8, n, 5)
+    want = _bf16_walk_reference(a, prev, 3, 0.25)
+    ac, pc = a.cuda(), prev.cuda()
+    eager = walk_step(ac, pc, 3, 0.25, causal=True, bf16_products=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        walk_step(ac, pc, 3, 0.25, causal=True, bf16_products=True)  # warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = walk_step(ac, pc, 3, 0.25, causal=True, bf16_products=True)
+    graph.replay()
+    scale = want.abs().max()
+    for name, got in (("eager", eager), ("graph", captured)):
+        err = (got.cpu().double() - want).abs()
+        print(f"n={n} {name}: max {err.max() / scale:.3g} of the largest entry")
+        assert err.max() <= 2e-5 * scale
         assert bool((got.triu(1) == 0).all())

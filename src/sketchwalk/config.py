@@ -18,6 +18,8 @@ ALLOCATIONS: tuple[str, ...] = ("row", "global")
 HEAD_AGGREGATIONS: tuple[str, ...] = ("sum", "max")
 # Decode-time ranking: the released-style walk over a query window, or the query-aware bound.
 DECODE_RULES: tuple[str, ...] = ("walk", "quest", "recent")
+# Operand type of the walk's matrix products (accumulation is float32 either way).
+WALK_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 # The released code computes block logits as (unnormalised Hadamard sketch) / sqrt(r) / 100.
 # At head_dim = sketch_dim = 128 that equals (qb . kb) * sqrt(128) / 100, i.e. the true attention
@@ -59,6 +61,10 @@ class SketchWalkConfig:
         walk: carry the previous sparse layer's walk into this layer (cross-layer term).
         degree: number of walk steps.
         damping: beta in ``state = (1 - beta) * A + beta * state @ A``.
+        walk_dtype: operand type of the walk's products ``state @ A``: ``"float32"``, or
+            ``"bfloat16"`` with float32 accumulation (tensor cores on CUDA; about 8 bits of
+            mantissa per operand, the state and sums stay float32). Needs ``causal_sketch``
+            (the tiled causal products) and not ``parity``.
         kblocks_frac: keep this fraction of each row's non-forced causal blocks.
         top_k_blocks: keep this many ranked blocks per row (besides the forced ones).
         density: target share of causal blocks kept overall, forced blocks included.
@@ -106,6 +112,7 @@ class SketchWalkConfig:
     walk: bool = True
     degree: int = 3
     damping: float = 0.25
+    walk_dtype: str = "float32"
     kblocks_frac: float = 0.125
     top_k_blocks: int | None = None
     density: float | None = None
@@ -154,6 +161,13 @@ class SketchWalkConfig:
         need(isinstance(self.walk, bool), "walk", "a bool")
         need(is_int(self.degree) and self.degree >= 1, "degree", "an int >= 1")
         need(is_num(self.damping) and 0.0 <= self.damping <= 1.0, "damping", "in [0, 1]")
+        need(self.walk_dtype in WALK_DTYPES, "walk_dtype", f"one of {WALK_DTYPES}")
+        need(
+            self.walk_dtype == "float32" or (self.causal_sketch and not self.parity),
+            "walk_dtype",
+            "float32 without causal_sketch or with parity (bfloat16 products run on the "
+            "tiled causal walk only)",
+        )
         need(
             is_num(self.kblocks_frac) and 0.0 <= self.kblocks_frac <= 1.0,
             "kblocks_frac",
@@ -278,6 +292,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # perplexity at density 0.1, +0.21% -> -0.17% at 0.2; eval_qwen/sweep_32000), and the
     # last two query-block rows ranked by their own queries' exact attention (RULER tune
     # split at 32K, density 0.1: task average 54.4 -> 70.6, dense 75.2; eval_qwen/ruler_tune).
+    # The walk's products take bfloat16 operands with float32 accumulation (tensor cores; the
+    # selection-time benchmark in benchmarks/results/attention/ has its cost).
     "default": dict(
         granularity="kv_group",
         sink_blocks=1,
@@ -286,6 +302,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         decode_rule="quest",
         temperature=RELEASED_TEMPERATURE / 2,
         query_rows=2,
+        walk_dtype="bfloat16",
     ),
     "paper": dict(causal_sketch=False),
     "seed": dict(sketch_dim=64, top_k_blocks=16, sparsity_exponent=8.0),
@@ -309,6 +326,7 @@ _FLAG_HELP = {
     "walk": "carry the previous layer's walk (cross-layer term)",
     "degree": "walk steps per layer",
     "damping": "walk damping beta",
+    "walk_dtype": "operand type of the walk's products (float32 accumulation either way)",
     "kblocks_frac": "keep this fraction of each row's non-forced causal blocks",
     "top_k_blocks": "keep this many ranked blocks per row besides the forced ones",
     "density": "target share of causal blocks kept, forced ones included",
@@ -335,6 +353,7 @@ _FLAG_CHOICES = {
     "head_aggregation": HEAD_AGGREGATIONS,
     "allocation": ALLOCATIONS,
     "decode_rule": DECODE_RULES,
+    "walk_dtype": WALK_DTYPES,
 }
 
 

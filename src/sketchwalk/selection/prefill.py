@@ -220,7 +220,7 @@ class SketchWalk:
             r, selection = self._select_graphed(qb, kb, previous, t, layer_idx, tail)
         else:
             a = self._transition(qb, kb, layer_idx)
-            r = walk_step(a, previous, cfg.degree, cfg.damping, causal=_causal_walk(cfg))
+            r = _walk(a, previous, cfg)
             selection = select_blocks(_rank_scores(r, tail), t, cfg)
         self._walk_state, self._walk_layer = r, layer_idx
         assert r.shape == selection.scores.shape == (b, groups, nb, nb)
@@ -382,7 +382,7 @@ class SketchWalk:
 
         def body(qb, kb, proj, previous, tail):
             a = fused_transition(qb, kb, cfg, 0, projection=proj)
-            r = walk_step(a, previous, cfg.degree, cfg.damping, causal=_causal_walk(cfg))
+            r = _walk(a, previous, cfg)
             ranked = _rank_scores(r, tail)
             sel = select_blocks(ranked, t, cfg)
             return r, ranked, sel.block_mask, sel.kv_num_blocks, sel.kv_indices
@@ -495,6 +495,14 @@ class _SelectGraph:
             self.tail.copy_(tail)
         self.graph.replay()
         return self.outputs
+
+
+def _walk(a: torch.Tensor, previous: torch.Tensor | None, cfg: SketchWalkConfig) -> torch.Tensor:
+    """This layer's walk state from its transition ``a`` and the previous layer's state."""
+    return walk_step(
+        a, previous, cfg.degree, cfg.damping, causal=_causal_walk(cfg),
+        bf16_products=cfg.walk_dtype == "bfloat16",
+    )  # fmt: skip
 
 
 def _causal_walk(cfg: SketchWalkConfig) -> bool:

@@ -136,6 +136,7 @@ def walk_step(
     degree: int,
     damping: float,
     causal: bool = False,
+    bf16_products: bool = False,
 ) -> torch.Tensor:
     """The damped walk of one layer.
 
@@ -148,21 +149,31 @@ def walk_step(
             layer's A has no mass on future blocks, so neither has any walk built from them):
             the steps run as `causal_walk_product`, which skips the all-zero upper tiles
             (about a third of the dense products' work). Same result up to float rounding.
+        bf16_products: the products ``state @ a`` take bfloat16 operands and accumulate in
+            float32 (tensor cores on CUDA; on the CPU the operands are rounded to bfloat16 and
+            multiplied in float32, the same arithmetic up to summation order); everything else
+            (the state, the damping sum) stays float32. Only with ``causal``.
 
     Returns:
         (B, G, n, n) R_l.
     """
+    if bf16_products and not causal:
+        raise ValueError("walk_step: bf16_products needs causal (lower-triangular) matrices")
     state = a if previous is None else previous
     for _ in range(degree):
         if causal:
-            state = causal_walk_product(state, a, damping)
+            state = causal_walk_product(state, a, damping, bf16_products=bf16_products)
         else:
             state = (1.0 - damping) * a + damping * (state @ a)
     return state
 
 
 def causal_walk_product(
-    state: torch.Tensor, a: torch.Tensor, damping: float, tile: int | None = None
+    state: torch.Tensor,
+    a: torch.Tensor,
+    damping: float,
+    tile: int | None = None,
+    bf16_products: bool = False,
 ) -> torch.Tensor:
     """One walk step ``(1 - beta) * a + beta * state @ a`` of lower-triangular matrices.
 
@@ -179,6 +190,8 @@ def causal_walk_product(
         state: (B, G, n, n) lower-triangular; a: (B, G, n, n) lower-triangular.
         damping: beta.
         tile: rows per tile (default: n / 16 rounded up to a multiple of 64, at least 64).
+        bf16_products: ``state @ a`` from bfloat16 operands with float32 accumulation (see
+            `walk_step`); the result is float32 either way.
 
     Returns:
         (B, G, n, n) the step's result, lower-triangular.
@@ -188,6 +201,8 @@ def causal_walk_product(
         tile = max(64, -(-n // (16 * 64)) * 64)
     s3 = state.reshape(-1, n, n)
     a3 = a.reshape(-1, n, n)
+    if bf16_products:
+        return _bf16_walk_product(s3, a3, damping, tile).view(*lead, n, n)
     out = torch.zeros_like(a3)
     for start in range(0, n, tile):
         stop = min(n, start + tile)
@@ -200,6 +215,36 @@ def causal_walk_product(
             out=out[:, start:stop, :stop],
         )
     return out.view(*lead, n, n)
+
+
+def _bf16_walk_product(
+    s3: torch.Tensor, a3: torch.Tensor, damping: float, tile: int
+) -> torch.Tensor:
+    """`causal_walk_product` with bfloat16 operands and float32 accumulation, row tile by
+    row tile. On CUDA the products run on tensor cores (``bmm`` with a float32 output); on
+    the CPU, which has no such kernel, the operands rounded to bfloat16 are multiplied in
+    float32: the same products up to summation order (the reference the tests compare with).
+    """
+    n = a3.shape[-1]
+    out = torch.zeros_like(a3)
+    s_lo, a_lo = s3.to(torch.bfloat16), a3.to(torch.bfloat16)
+    on_cuda = a3.is_cuda
+    if not on_cuda:
+        s_lo, a_lo = s_lo.float(), a_lo.float()
+    for start in range(0, n, tile):
+        stop = min(n, start + tile)
+        lhs, rhs = s_lo[:, start:stop, :stop], a_lo[:, :stop, :stop]
+        if on_cuda:
+            prod = torch.bmm(lhs, rhs, out_dtype=torch.float32)
+        else:
+            prod = torch.bmm(lhs, rhs)
+        torch.add(
+            a3[:, start:stop, :stop] * (1.0 - damping),
+            prod,
+            alpha=damping,
+            out=out[:, start:stop, :stop],
+        )
+    return out
 
 
 __all__ = [

@@ -127,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens to generate (default: enough for each task's answer)",
     )
     ruler.add_argument(
+        "--batch_size",
+        type=int_at_least(1),
+        default=1,
+        help="prompts generated together (same run, length and answer cap; no padding)",
+    )
+    ruler.add_argument(
         "--decode",
         nargs="+",
         default=["sketchwalk"],
@@ -206,6 +212,7 @@ def _run_task(
                 prompt_variants=args.prompts,
                 split=args.split,
                 max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
                 decode=args.decode,
                 **common,
             )

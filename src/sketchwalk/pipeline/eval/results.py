@@ -198,25 +198,30 @@ def _run_items(
     w: distributed.World,
     bar: Any,
     postfix: Callable[[dict[str, Any]], str] | None = None,
+    batched: bool = False,
 ) -> None:
     """Compute the (run, key, payload) items, dealt out over the ranks round by round.
 
     ``compute(run, sw, payload)`` returns an item's record (``sw``: the run's selector state);
     each record gets the ``rank`` that computed it. Rank 0 adds each round's records to
     ``results`` in the order of ``todo`` (and so writes what one process would); an error on
-    any rank stops every rank with it.
+    any rank stops every rank with it. With ``batched``, an entry is ``(run, keys, payloads)``
+    (several items computed together) and ``compute`` returns their records in that order.
     """
 
-    def one(entry: tuple[RunSpec, str, Any]) -> tuple[str, dict[str, Any]]:
+    def one(entry: tuple[RunSpec, Any, Any]) -> list[tuple[str, dict[str, Any]]]:
         run, key, payload = entry
         sw = active.use(run)
         if sw is not None:
             sw.clear()
-        return key, {**compute(run, sw, payload), "rank": w.rank}
+        if not batched:
+            return [(key, {**compute(run, sw, payload), "rank": w.rank})]
+        records = compute(run, sw, payload)
+        return [(k, {**r, "rank": w.rank}) for k, r in zip(key, records, strict=True)]
 
     try:
         for done in distributed.map_rounds(todo, one, w):
-            for key, item in done:
+            for key, item in (pair for pairs in done for pair in pairs):
                 if w.is_main:
                     results.add(key, item)
                 if bar is not None:

@@ -14,6 +14,11 @@ cannot rank selectors (`separation`).
 
 Items are computed in rounds of ``ROUND`` samples per cell, every run within a round, so a run
 stopped early (a time limit) holds the same samples for every run; ``--resume`` continues.
+With ``--batch_size B``, up to B prompts of one run, round, token count and answer cap go
+through ``generate()`` together (no padding: RULER prompts of a length have the same token
+count); every row is then cut at its own end of sequence. An answer equals the one-at-a-time
+answer up to the kernels' batch-dependent rounding; the per-layer densities recorded for each
+item are the batch's (the selector records one call per layer and batch).
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ def evaluate_ruler(
     variants: Sequence[str] = (),
     decode: Sequence[str] = ("sketchwalk",),
     max_new_tokens: int | None = None,
+    batch_size: int = 1,
     base_config: SketchWalkConfig | None = None,
     text_source: str = "auto",
     text_file: str | None = None,
@@ -168,6 +174,8 @@ def evaluate_ruler(
         or max_new_tokens < 1
     ):  # fmt: skip
         raise EvalInputError(f"--max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvalInputError(f"--batch_size must be an int >= 1, got {batch_size!r}")
     runs = build_runs(selectors, densities, base_config, variants, decode, decode_all=True)
     _check_block_lengths(runs, lengths, "--seq_lens")
     w = distributed.world()
@@ -209,22 +217,43 @@ def evaluate_ruler(
         data["warnings"] = forced_warnings(runs, lengths)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cells = sorted(prompts, key=lambda c: (c[3] // ROUND, c[2], c[0], c[1], c[3]))
-    todo = []
+
+    def cap_of(cell: tuple[str, str, int, int]) -> int:
+        return max_new_tokens or prompts[cell].max_new_tokens
+
+    todo: list[tuple[RunSpec, Any, Any]] = []
     for r0 in range(0, num_samples, ROUND):
         in_round = [c for c in cells if r0 <= c[3] < r0 + ROUND]
         for run in runs:
+            open_batches: dict[tuple[int, int], tuple[list[str], list[Any]]] = {}
             for cell in in_round:
                 key = f"{run.name}|{cell[0]}|{cell[1]}|L{cell[2]}|s{cell[3]}"
-                if key not in done:
+                if key in done:
+                    continue
+                if batch_size == 1:
                     todo.append((run, key, cell))
+                    continue
+                group = (len(prompts[cell].input_ids), cap_of(cell))
+                keys, members = open_batches.setdefault(group, ([], []))
+                if not keys:
+                    todo.append((run, keys, members))  # filled in place, in cell order
+                keys.append(key)
+                members.append(cell)
+                if len(keys) == batch_size:
+                    del open_batches[group]
 
-    def compute(run: RunSpec, sw: Any, cell: tuple[str, str, int, int]) -> dict[str, Any]:
-        task, variant, length, s = cell
-        sample = prompts[cell]
-        ids = torch.tensor(sample.input_ids, dtype=torch.int64, device=session.device)[None]
+    eos_ids = _eos_ids(session.model, tok)
+
+    def compute_batch(
+        run: RunSpec, sw: Any, batch: list[tuple[str, str, int, int]]
+    ) -> list[dict[str, Any]]:
+        samples = [prompts[cell] for cell in batch]
+        ids = torch.tensor(
+            [smp.input_ids for smp in samples], dtype=torch.int64, device=session.device
+        )
         _sync(session.device)
         t0 = time.perf_counter()
-        cap = max_new_tokens or sample.max_new_tokens
+        cap = cap_of(batch[0])
         out = session.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -234,34 +263,45 @@ def evaluate_ruler(
         )
         _sync(session.device)
         seconds = time.perf_counter() - t0
-        new = out[0, ids.shape[1] :].tolist()
-        answer = tok.decode(new, skip_special_tokens=True)
         per_layer = _layer_densities(sw, num_layers, ids.shape[1])
-        return {
-            "run": run.name,
-            "task": task,
-            "variant": variant,
-            "length": length,
-            "prompt_tokens": ids.shape[1],
-            "sample": s,
-            "refs": sample.refs,
-            "info": sample.info,
-            "prompt_sha256": sha(sample),
-            "answer": answer,
-            "answer_tokens": len(new),
-            # generation stopped by the cap, not by the model: the answer may be cut off
-            "hit_cap": len(new) >= cap,
-            "score": rt.score_answer(answer, sample.refs),
-            "layer_density": per_layer,
-            **_density_summary(per_layer, _dense_layers(run)),
-            "decode_density": _decode_density(sw),
-            "wall_s": seconds,
-        }
+        decode_density = _decode_density(sw)
+        records = []
+        for row, (cell, sample) in enumerate(zip(batch, samples, strict=True)):
+            task, variant, length, s = cell
+            new = _until_eos(out[row, ids.shape[1] :].tolist(), eos_ids)
+            answer = tok.decode(new, skip_special_tokens=True)
+            records.append({
+                "run": run.name,
+                "task": task,
+                "variant": variant,
+                "length": length,
+                "prompt_tokens": ids.shape[1],
+                "sample": s,
+                "refs": sample.refs,
+                "info": sample.info,
+                "prompt_sha256": sha(sample),
+                "answer": answer,
+                "answer_tokens": len(new),
+                # generation stopped by the cap, not by the model: the answer may be cut off
+                "hit_cap": len(new) >= cap,
+                "score": rt.score_answer(answer, sample.refs),
+                "layer_density": per_layer,
+                **_density_summary(per_layer, _dense_layers(run)),
+                "decode_density": decode_density,
+                # the batch's seconds shared equally among its items
+                "wall_s": seconds / len(batch),
+                **({"batch": len(batch)} if batch_size > 1 else {}),
+            })  # fmt: skip
+        return records
+
+    def compute(run: RunSpec, sw: Any, cell: tuple[str, str, int, int]) -> dict[str, Any]:
+        return compute_batch(run, sw, [cell])[0]
 
     active = _ActiveRun(session, backend, selection_backend)
     with _progress(len(todo), "ruler", progress and w.is_main) as bar, torch.no_grad():
-        _run_items(todo, compute, results, active, w, bar,
-                   lambda it: f"{it['run']} {it['task']} {it['score']:.2f}")  # fmt: skip
+        _run_items(todo, compute_batch if batch_size > 1 else compute, results, active, w, bar,
+                   lambda it: f"{it['run']} {it['task']} {it['score']:.2f}",
+                   batched=batch_size > 1)  # fmt: skip
     if not w.is_main:
         return data  # rank 0 aggregates and writes
     data["results"] = _aggregate_ruler(all_runs, data["items"])
@@ -273,6 +313,27 @@ def evaluate_ruler(
             _plot_metric(data, Path(output_dir) / "eval_ruler.png", "task_average",
                          "RULER task average")  # fmt: skip
     return data
+
+
+def _eos_ids(model: Any, tok: Any) -> set[int]:
+    """The token ids that end a generated answer (the generation config's and the
+    tokenizer's end-of-sequence ids)."""
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """``tokens`` up to and including the first end-of-sequence id: what ``generate()``
+    returns for a batch row that finished before the others (they are followed by padding)."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1]
+    return tokens
 
 
 def _cell_stats(scores: list[float]) -> dict[str, Any]:
