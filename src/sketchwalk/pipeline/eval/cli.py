@@ -130,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch_size",
         type=int_at_least(1),
         default=1,
-        help="prompts generated together (same run, length and answer cap; no padding)",
+        help="prompts generated together (same run and answer cap; left-padded)",
     )
     ruler.add_argument(
         "--decode",

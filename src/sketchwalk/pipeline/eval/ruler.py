@@ -14,11 +14,13 @@ cannot rank selectors (`separation`).
 
 Items are computed in rounds of ``ROUND`` samples per cell, every run within a round, so a run
 stopped early (a time limit) holds the same samples for every run; ``--resume`` continues.
-With ``--batch_size B``, up to B prompts of one run, round, token count and answer cap go
-through ``generate()`` together (no padding: RULER prompts of a length have the same token
-count); every row is then cut at its own end of sequence. An answer equals the one-at-a-time
-answer up to the kernels' batch-dependent rounding; the per-layer densities recorded for each
-item are the batch's (the selector records one call per layer and batch).
+With ``--batch_size B``, up to B prompts of one run, round and answer cap go through
+``generate()`` together, left-padded to the longest (the real-text needle tasks are exactly
+the length asked; the others a few tokens shorter): the SketchWalk integration runs every
+row on its own tokens (`sketchwalk.hf.integration`, left-padded batches), and every row is cut
+at its own end of sequence. An answer equals the one-at-a-time answer up to the kernels'
+batch-dependent rounding; the per-layer densities recorded for each item are the batch's
+mean (the selector records one call per layer and batch).
 """
 
 from __future__ import annotations
@@ -225,7 +227,7 @@ def evaluate_ruler(
     for r0 in range(0, num_samples, ROUND):
         in_round = [c for c in cells if r0 <= c[3] < r0 + ROUND]
         for run in runs:
-            open_batches: dict[tuple[int, int], tuple[list[str], list[Any]]] = {}
+            open_batches: dict[int, tuple[list[str], list[Any]]] = {}
             for cell in in_round:
                 key = f"{run.name}|{cell[0]}|{cell[1]}|L{cell[2]}|s{cell[3]}"
                 if key in done:
@@ -233,7 +235,7 @@ def evaluate_ruler(
                 if batch_size == 1:
                     todo.append((run, key, cell))
                     continue
-                group = (len(prompts[cell].input_ids), cap_of(cell))
+                group = cap_of(cell)
                 keys, members = open_batches.setdefault(group, ([], []))
                 if not keys:
                     todo.append((run, keys, members))  # filled in place, in cell order
@@ -248,15 +250,21 @@ def evaluate_ruler(
         run: RunSpec, sw: Any, batch: list[tuple[str, str, int, int]]
     ) -> list[dict[str, Any]]:
         samples = [prompts[cell] for cell in batch]
-        ids = torch.tensor(
-            [smp.input_ids for smp in samples], dtype=torch.int64, device=session.device
-        )
+        width = max(len(smp.input_ids) for smp in samples)
+        # left padding to the longest prompt (what generate() expects of a decoder-only
+        # model); the SketchWalk integration runs each row on its own tokens
+        ids = torch.full((len(samples), width), pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(samples), width), dtype=torch.int64)
+        for row, smp in enumerate(samples):
+            ids[row, width - len(smp.input_ids) :] = torch.tensor(smp.input_ids)
+            mask[row, width - len(smp.input_ids) :] = 1
+        ids, mask = ids.to(session.device), mask.to(session.device)
         _sync(session.device)
         t0 = time.perf_counter()
         cap = cap_of(batch[0])
         out = session.model.generate(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=mask,
             max_new_tokens=cap,
             do_sample=False,
             pad_token_id=pad_id,
@@ -275,7 +283,7 @@ def evaluate_ruler(
                 "task": task,
                 "variant": variant,
                 "length": length,
-                "prompt_tokens": ids.shape[1],
+                "prompt_tokens": len(sample.input_ids),
                 "sample": s,
                 "refs": sample.refs,
                 "info": sample.info,
