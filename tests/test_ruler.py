@@ -282,3 +282,35 @@ def test_batched_generation_matches_one_at_a_time(tiny, tok, tmp_path, monkeypat
     assert mean_density(batched) == pytest.approx(mean_density(one), rel=1e-4)
     with pytest.raises(EvalInputError, match="--batch_size"):
         evaluate_ruler(batch_size=0, **kwargs)
+
+
+def test_batched_generation_matches_for_every_selector(tiny, tok, tmp_path):
+    """Left-padded batches give each selector's one-at-a-time answers: the integration runs
+    each row with its own selector state (oracle, streaming, the learned gate, the peers)."""
+    from test_eval import _gates
+
+    gate_dir = _gates(hidden=64).save(tmp_path / "gate")
+    kwargs = dict(
+        model=tiny,
+        tokenizer=tok,
+        seq_lens=[700],
+        tasks=["niah_multikey_2", "vt"],  # prompts of different lengths in one batch
+        num_samples=2,
+        selectors=["oracle", "streaming", "gate", "xattention", "minference", "flexprefill"],
+        densities=[0.3],
+        decode=["sketchwalk"],
+        max_new_tokens=3,
+        base_config=BASE,
+        text_source="stdlib",
+        backend="reference",
+        gate_path=str(gate_dir),
+        progress=False,
+        plots=False,
+    )
+    one = evaluate_ruler(output_dir=tmp_path / "one", **kwargs)
+    batched = evaluate_ruler(output_dir=tmp_path / "batched", batch_size=4, **kwargs)
+    assert len({it["prompt_tokens"] for it in one["items"].values()}) > 1
+    assert {it["batch"] for it in batched["items"].values()} == {4}
+    for key, item in one["items"].items():
+        for field in ("answer", "answer_tokens", "score"):
+            assert batched["items"][key][field] == item[field], (key, field)

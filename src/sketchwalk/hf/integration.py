@@ -580,6 +580,9 @@ class SketchWalkAttention:
                     backend=self.selector.backend,
                     cuda_graphs=self.selector.cuda_graphs,
                 )
+            elif hasattr(self.selector, "row_selector"):
+                # a selector holding state it cannot copy (the gate's hooks) makes its own
+                selector = self.selector.row_selector()
             else:
                 selector = copy.deepcopy(self.selector)
                 selector.reset()
@@ -611,10 +614,14 @@ class SketchWalkAttention:
         q_len, kv_len = query.shape[2], key.shape[2]
         self._start_pass_if_new(layer_idx)
         selections = []
+        share = getattr(self.selector, "share_row_inputs", None)
         for row, pad in enumerate(pads):
             q_row = query[row : row + 1, :, pad:]
             k_row = key[row : row + 1, :, pad:]
-            selections.append(self._row_selector(row).select(q_row, k_row, layer_idx))
+            selector = self._row_selector(row)
+            if share is not None:  # inputs besides q/k (the gate's pre-RoPE tensors)
+                share(selector, layer_idx, row, pad)
+            selections.append(selector.select(q_row, k_row, layer_idx))
         if self.decode == "sketchwalk":
             for row, pad in enumerate(pads):
                 decoder = self._row_decoders.get(row)

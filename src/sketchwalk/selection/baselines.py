@@ -328,6 +328,24 @@ class GateSelector(_BudgetSelector):
 
         return hook
 
+    def row_selector(self) -> GateSelector:
+        """A selector for one row of a left-padded batch: the same gates and config, no hooks
+        (its pre-RoPE inputs come from this selector through `share_row_inputs`)."""
+        return GateSelector(self.gates, self.config)
+
+    def share_row_inputs(self, other: GateSelector, layer_idx: int, row: int, pad: int) -> None:
+        """Hand ``other`` (a `row_selector`) the pre-RoPE q/k of batch row ``row``'s real tokens
+        (positions ``pad:``) of layer ``layer_idx``, as the hooks hold them for the batch."""
+        pre = self._pre.get(layer_idx, {})
+        other.feed(
+            layer_idx,
+            **{
+                f"{side}_pre": pre[side][row : row + 1, :, pad:]
+                for side in ("q", "k")
+                if side in pre
+            },
+        )
+
     def reset(self) -> None:
         """Nothing is carried between layers (held pre-RoPE tensors are per call)."""
 
