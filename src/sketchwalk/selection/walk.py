@@ -160,9 +160,11 @@ def walk_step(
     if bf16_products and not causal:
         raise ValueError("walk_step: bf16_products needs causal (lower-triangular) matrices")
     state = a if previous is None else previous
+    if bf16_products:
+        return _bf16_walk(state, a, degree, damping)
     for _ in range(degree):
         if causal:
-            state = causal_walk_product(state, a, damping, bf16_products=bf16_products)
+            state = causal_walk_product(state, a, damping)
         else:
             state = (1.0 - damping) * a + damping * (state @ a)
     return state
@@ -196,13 +198,12 @@ def causal_walk_product(
     Returns:
         (B, G, n, n) the step's result, lower-triangular.
     """
+    if bf16_products:
+        return _bf16_walk(state, a, 1, damping, tile)
     *lead, n, _ = a.shape
-    if tile is None:
-        tile = max(64, -(-n // (16 * 64)) * 64)
+    tile = _default_tile(n) if tile is None else tile
     s3 = state.reshape(-1, n, n)
     a3 = a.reshape(-1, n, n)
-    if bf16_products:
-        return _bf16_walk_product(s3, a3, damping, tile).view(*lead, n, n)
     out = torch.zeros_like(a3)
     for start in range(0, n, tile):
         stop = min(n, start + tile)
@@ -217,34 +218,54 @@ def causal_walk_product(
     return out.view(*lead, n, n)
 
 
-def _bf16_walk_product(
-    s3: torch.Tensor, a3: torch.Tensor, damping: float, tile: int
+def _default_tile(n: int) -> int:
+    """Rows per tile of the causal products: n / 16 rounded up to a multiple of 64, >= 64."""
+    return max(64, -(-n // (16 * 64)) * 64)
+
+
+def _bf16_walk(
+    state: torch.Tensor, a: torch.Tensor, degree: int, damping: float, tile: int | None = None
 ) -> torch.Tensor:
-    """`causal_walk_product` with bfloat16 operands and float32 accumulation, row tile by
-    row tile. On CUDA the products run on tensor cores (``bmm`` with a float32 output); on
-    the CPU, which has no such kernel, the operands rounded to bfloat16 are multiplied in
-    float32: the same products up to summation order (the reference the tests compare with).
+    """``degree`` causal walk steps with bfloat16 operands and float32 accumulation, row tile
+    by row tile (`causal_walk_product`'s tiles). ``a``'s bfloat16 copy and ``(1 - beta) * a``
+    are made once for all steps; each step rounds the state once. On CUDA the products run on
+    tensor cores (``bmm`` with a float32 output); on the CPU, which has no such kernel, the
+    operands rounded to bfloat16 are multiplied in float32: the same products up to summation
+    order (the reference the tests compare with). Returns float32, lower-triangular.
     """
-    n = a3.shape[-1]
-    out = torch.zeros_like(a3)
-    s_lo, a_lo = s3.to(torch.bfloat16), a3.to(torch.bfloat16)
-    on_cuda = a3.is_cuda
-    if not on_cuda:
-        s_lo, a_lo = s_lo.float(), a_lo.float()
-    for start in range(0, n, tile):
-        stop = min(n, start + tile)
-        lhs, rhs = s_lo[:, start:stop, :stop], a_lo[:, :stop, :stop]
-        if on_cuda:
-            prod = torch.bmm(lhs, rhs, out_dtype=torch.float32)
-        else:
-            prod = torch.bmm(lhs, rhs)
-        torch.add(
-            a3[:, start:stop, :stop] * (1.0 - damping),
-            prod,
-            alpha=damping,
-            out=out[:, start:stop, :stop],
-        )
-    return out
+    *lead, n, _ = a.shape
+    tile = _default_tile(n) if tile is None else tile
+    a3 = a.reshape(-1, n, n)
+    a_lo = _bf16_operand(a3)
+    a_damped = a3 * (1.0 - damping)
+    s3 = state.reshape(-1, n, n)
+    for _ in range(degree):
+        s_lo = _bf16_operand(s3)
+        out = torch.zeros_like(a3)
+        for start in range(0, n, tile):
+            stop = min(n, start + tile)
+            torch.add(
+                a_damped[:, start:stop, :stop],
+                _bf16_bmm(s_lo[:, start:stop, :stop], a_lo[:, :stop, :stop]),
+                alpha=damping,
+                out=out[:, start:stop, :stop],
+            )
+        s3 = out
+    return s3.view(*lead, n, n)
+
+
+def _bf16_operand(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a product operand: bfloat16 on CUDA, rounded to bfloat16 and held in float32
+    elsewhere (the CPU has no bfloat16 x bfloat16 -> float32 product)."""
+    lo = x.to(torch.bfloat16)
+    return lo if x.is_cuda else lo.float()
+
+
+def _bf16_bmm(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Float32 product of `_bf16_operand` operands (float32 accumulation)."""
+    if lhs.is_cuda:
+        return torch.bmm(lhs, rhs, out_dtype=torch.float32)
+    return torch.bmm(lhs, rhs)
 
 
 __all__ = [
