@@ -16,6 +16,8 @@
 #              and end-to-end time beside cuDNN, query rows 0 and 2, float32 and bfloat16 walk
 #              products, profile of the selection
 #   attention_long  the same at 256K and 512K (one timed repetition)
+#   zoo_attention   every peer selector's selection time beside SketchWalk's and cuDNN, 32K and
+#              128K
 # Environment: SECONDS_LIMIT and the RULER_* variables pass through to eval_qwen_gpu.sh.
 set -euo pipefail
 gguf=${1:?gguf}
@@ -66,6 +68,13 @@ for stage in "$@"; do
         --rep 50 --out-dir "$out/attention" --tag "$(nvidia-smi --query-gpu=name \
         --format=csv,noheader | head -n1 | tr ' ' '_')" > "$out/attention.log" 2>&1 || rc=$?
       tail -n 150 "$out/attention.log"
+      ;;
+    zoo_attention)
+      python3 benchmarks/attention.py --mode prefill --shapes llama --seq-lens 32768 131072 \
+        --densities 0.1 0.2 --no-flex-sparse --rep 50 --out-dir "$out/zoo_attention" \
+        --tag "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | tr ' ' '_')" \
+        > "$out/zoo_attention.log" 2>&1 || rc=$?
+      tail -n 60 "$out/zoo_attention.log"
       ;;
     attention_long)
       python3 benchmarks/attention.py --mode prefill --shapes llama --seq-lens 262144 524288 \
