@@ -28,7 +28,7 @@ import torch
 
 from sketchwalk.blocks import BlockSelection, check_finite, check_qk, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.selection.query_rows import query_row_scores
+from sketchwalk.selection.query_rows import query_row_backend, query_row_scores
 from sketchwalk.selection.select import select_blocks
 from sketchwalk.selection.sketch import block_pool, layer_projection
 from sketchwalk.selection.walk import transition_from_pooled, walk_step
@@ -67,7 +67,10 @@ class SketchWalk:
                 any device: `sketchwalk.selection.walk.transition_from_pooled`), ``"triton"`` (fused
                 kernel, CUDA, granularity ``layer`` or ``kv_group``; raises where it cannot
                 run) or ``"auto"`` (Triton where it can run, else PyTorch; the choice of the
-                last layer is in ``transition_backend``).
+                last layer is in ``transition_backend``). The exact scores of the last
+                ``query_rows`` rows follow it: the PyTorch path under ``"reference"``, else
+                the Triton kernel on CUDA (`query_row_scores` with ``backend="auto"``; the
+                choice of the last layer is in ``query_rows_backend``).
             cuda_graphs: on CUDA with the Triton transition, replay everything after pooling
                 (sketch, transition, walk, top-k, index compaction) from a CUDA graph captured
                 once per (batch, seq, heads, previous-walk-state present); same results as
@@ -90,6 +93,7 @@ class SketchWalk:
         self.backend = backend
         self.cuda_graphs = bool(cuda_graphs)
         self.transition_backend: str | None = None
+        self.query_rows_backend: str | None = None
         self._graphs: dict[tuple, _SelectGraph] = {}
         # Keep each layer's pooled queries so that a later query chunk can continue the
         # sequence (`select_chunk`); costs B x Hq x nb x D float32 per layer.
@@ -175,7 +179,11 @@ class SketchWalk:
             return None
         nb = num_blocks(k.shape[2], cfg.block_size)
         rows = min(cfg.query_rows, nb)
-        return query_row_scores(q, k, rows, cfg.block_size, self._groups(hq, k.shape[1]))
+        # "triton" names the transition's backend: the rows use the kernel wherever "auto" does
+        backend = "reference" if self.backend == "reference" else "auto"
+        self.query_rows_backend = query_row_backend(q, backend)
+        groups = self._groups(hq, k.shape[1])
+        return query_row_scores(q, k, rows, cfg.block_size, groups, backend=self.query_rows_backend)
 
     def _select_pooled(
         self,
