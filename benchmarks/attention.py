@@ -393,8 +393,8 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                 if args.no_select:
                     continue
                 real = None
-                for query_rows, walk_dtype in itertools.product(
-                    args.query_rows or [None], args.walk_dtypes or [None]
+                for query_rows, walk_dtype, select_backend in itertools.product(
+                    args.query_rows or [None], args.walk_dtypes or [None], args.select_backends
                 ):
                     extra = {} if query_rows is None else {"query_rows": query_rows}
                     if walk_dtype is not None:
@@ -402,7 +402,7 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                     cfg = SketchWalkConfig.preset(
                         "default", density=density, block_size=BLOCK, **extra
                     )
-                    sw = SketchWalk(cfg)
+                    sw = SketchWalk(cfg, backend=select_backend)
                     try:
                         real = select_two_layers(sw, q, k, cfg.dense_layers)
                         sel_ms = bench(select_two_layers, (sw, q, k, cfg.dense_layers), w, r) / 2
@@ -416,6 +416,7 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                             density=density,
                             query_rows=cfg.query_rows,
                             walk_dtype=cfg.walk_dtype,
+                            select_backend=select_backend,
                             error=repr(err),
                         )
                         real = None
@@ -429,6 +430,8 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                         actual_density=real.density,
                         query_rows=cfg.query_rows,
                         walk_dtype=cfg.walk_dtype,
+                        select_backend=select_backend,
+                        query_rows_backend=sw.query_rows_backend,
                         note="per layer, mean of two consecutive sparse layers",
                     )
                 if real is None:
@@ -752,6 +755,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="time the default preset's selection with each walk_dtype (default: the "
         "preset's own); attention runs on the last one's selection",
+    )
+    p.add_argument(
+        "--select-backends",
+        nargs="+",
+        choices=["auto", "triton"],
+        default=["auto"],
+        help="SketchWalk(backend=...) for the selection timings: triton also runs the "
+        "query-row kernel (auto keeps its PyTorch reference for now)",
     )
     p.add_argument("--profile-select", action="store_true")
     p.add_argument("--no-flex-sparse", action="store_true")

@@ -58,13 +58,14 @@ for stage in "$@"; do
       ;;
     gputests)
       python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_walk.py tests/test_query_rows.py \
-        tests/test_core.py tests/test_ruler.py > "$out/gpu_tests.txt" 2>&1 || rc=$?
+        tests/test_triton_query_rows.py tests/test_core.py tests/test_ruler.py \
+        > "$out/gpu_tests.txt" 2>&1 || rc=$?
       tail -n 40 "$out/gpu_tests.txt"
       ;;
     attention)
       python3 benchmarks/attention.py --mode prefill --shapes llama --seq-lens 32768 131072 \
-        --densities 0.1 0.2 --query-rows 0 2 --walk-dtypes float32 bfloat16 --selectors \
-        --no-flex-sparse --profile-select \
+        --densities 0.1 0.2 --query-rows 0 2 --walk-dtypes float32 bfloat16 \
+        --select-backends auto triton --selectors --no-flex-sparse --profile-select \
         --rep 50 --out-dir "$out/attention" --tag "$(nvidia-smi --query-gpu=name \
         --format=csv,noheader | head -n1 | tr ' ' '_')" > "$out/attention.log" 2>&1 || rc=$?
       tail -n 150 "$out/attention.log"
@@ -78,7 +79,8 @@ for stage in "$@"; do
       ;;
     attention_long)
       python3 benchmarks/attention.py --mode prefill --shapes llama --seq-lens 262144 524288 \
-        --densities 0.1 0.2 --walk-dtypes float32 bfloat16 --selectors --no-flex-sparse \
+        --densities 0.1 0.2 --walk-dtypes float32 bfloat16 --select-backends auto triton \
+        --selectors --no-flex-sparse \
         --warmup 1 --rep 1 --out-dir "$out/attention_long" --tag "$(nvidia-smi \
         --query-gpu=name --format=csv,noheader | head -n1 | tr ' ' '_')" \
         > "$out/attention_long.log" 2>&1 || rc=$?

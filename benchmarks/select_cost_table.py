@@ -26,18 +26,27 @@ def load(paths: list[str]) -> tuple[list[dict], dict]:
     return records, env
 
 
+def _config(record: dict) -> tuple:
+    """(query_rows, walk_dtype, query-row backend) of a selection timing (None: not recorded;
+    the query rows ran the reference before the kernel existed)."""
+    return (record.get("query_rows"), record.get("walk_dtype"), record.get("query_rows_backend"))
+
+
 def table(records: list[dict], env: dict) -> str:
     cudnn = {(r["shape"], r["seq_len"]): r["ms"] for r in records if r["method"] == "sdpa_cudnn"}
     sel = [r for r in records if r["method"] == "sketchwalk_select"]
     # the default preset's configuration (bfloat16 walk) last: the growth column follows it
     configs = sorted(
-        {(r.get("query_rows"), r.get("walk_dtype")) for r in sel},
-        key=lambda c: (str(c[0]), c[1] == "bfloat16"),
+        {_config(r) for r in sel},
+        key=lambda c: (str(c[0]), c[1] == "bfloat16", str(c[2])),
     )
     e2e = {(r["shape"], r["seq_len"], r["density"]): r for r in records
            if r["method"] == "end_to_end"}  # fmt: skip
     keys = sorted({(r["shape"], r["seq_len"], r["density"]) for r in sel})
-    head = " | ".join(f"query_rows {q}, {w} ms (% of cuDNN)" for q, w in configs)
+    head = " | ".join(
+        f"query_rows {q}, {w}{'' if b is None else ', rows: ' + b} ms (% of cuDNN)"
+        for q, w, b in configs
+    )
     lines = [
         f"{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
         f"driver {env.get('driver')}; {env.get('date')}.",
@@ -51,12 +60,12 @@ def table(records: list[dict], env: dict) -> str:
         base = cudnn.get((shape, t))
         cells = []
         last = None
-        for q, w in configs:
+        for config in configs:
             hit = [
                 r["ms"]
                 for r in sel
                 if (r["shape"], r["seq_len"], r["density"]) == (shape, t, density)
-                and (r.get("query_rows"), r.get("walk_dtype")) == (q, w)
+                and _config(r) == config
             ]
             if not hit:
                 cells.append("")

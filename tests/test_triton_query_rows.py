@@ -234,12 +234,12 @@ def test_query_row_kernel_gpu_ieee():
 
 @pytest.mark.gpu
 def test_sketchwalk_query_rows_kernel_on_cuda():
-    """SketchWalk runs the kernel on CUDA unless its backend is "reference"; the last rows'
+    """SketchWalk runs the kernel on CUDA when its backend is "triton"; the last rows'
     scores agree to float32 level and their masks keep the same attention mass (blocks may
     swap only at near-ties)."""
     cfg = SketchWalkConfig.preset("default", density=0.2, dense_layers=0)
     q, k, _ = make_qkv(1, 32, 8, 8192, 128, torch.float32, "cuda", seed=8)
-    fast, ref = SketchWalk(cfg), SketchWalk(cfg, backend="reference")
+    fast, ref = SketchWalk(cfg, backend="triton"), SketchWalk(cfg, backend="reference")
     a, b = fast.select(q, k, 0), ref.select(q, k, 0)
     assert (fast.query_rows_backend, ref.query_rows_backend) == ("triton", "reference")
     rows = cfg.query_rows

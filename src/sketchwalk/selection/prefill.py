@@ -68,9 +68,10 @@ class SketchWalk:
                 kernel, CUDA, granularity ``layer`` or ``kv_group``; raises where it cannot
                 run) or ``"auto"`` (Triton where it can run, else PyTorch; the choice of the
                 last layer is in ``transition_backend``). The exact scores of the last
-                ``query_rows`` rows follow it: the PyTorch path under ``"reference"``, else
-                the Triton kernel on CUDA (`query_row_scores` with ``backend="auto"``; the
-                choice of the last layer is in ``query_rows_backend``).
+                ``query_rows`` rows use the Triton kernel of
+                `sketchwalk.selection.triton_query_rows` under ``"triton"`` and the PyTorch
+                reference otherwise (the kernel is not yet chosen by ``"auto"``: its GPU tests
+                have not run); ``query_rows_backend`` says which ran.
             cuda_graphs: on CUDA with the Triton transition, replay everything after pooling
                 (sketch, transition, walk, top-k, index compaction) from a CUDA graph captured
                 once per (batch, seq, heads, previous-walk-state present); same results as
@@ -179,8 +180,10 @@ class SketchWalk:
             return None
         nb = num_blocks(k.shape[2], cfg.block_size)
         rows = min(cfg.query_rows, nb)
-        # "triton" names the transition's backend: the rows use the kernel wherever "auto" does
-        backend = "reference" if self.backend == "reference" else "auto"
+        # The query-row kernel runs only when asked for by name: it is tested against the
+        # reference under the CPU interpreter but has not yet run its GPU tests
+        # (tests/test_triton_query_rows.py -m gpu); "auto" keeps the reference until it has.
+        backend = "triton" if self.backend == "triton" else "reference"
         self.query_rows_backend = query_row_backend(q, backend)
         groups = self._groups(hq, k.shape[1])
         return query_row_scores(q, k, rows, cfg.block_size, groups, backend=self.query_rows_backend)
