@@ -24,6 +24,14 @@ gguf=${1:?gguf}
 wheels=${2:?wheel dir}
 out=${3:?out}
 shift 3
+known=" walktests gputests attention attention_long zoo_attention gate setup ppl32 ppl16 small32 \
+sweep32 niah multikey decode needles timing ruler_tune ruler_report ruler_ppl zoo_ppl zoo_ruler "
+for stage in "$@"; do  # every stage checked before anything runs
+  case "$known" in
+    *" $stage "*) ;;
+    *) echo "unknown stage $stage (one of:$known)" >&2; exit 2 ;;
+  esac
+done
 want=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 log() { echo "$(date +%H:%M:%S) $*" | tee -a "$out/timeline.txt"; }
 mkdir -p "$out"
