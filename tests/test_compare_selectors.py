@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from test_compare import BLOCK, cli, write_files
 
 from sketchwalk.blocks import BlockSelection
@@ -204,3 +205,32 @@ def test_compare_layer_without_others_adds_nothing():
     assert {key: more[key] for key in plain} == plain
     assert more["selector_oracle_density"] == plain["sketchwalk_density"]
     assert more["selector_oracle_recall"] >= plain["sketchwalk_recall"] - 1e-9
+
+
+def test_visualize_draws_a_panel_per_selector(tmp_path, monkeypatch):
+    """--visualize with --selectors: each heatmap file gets one panel per other selector, with
+    that selector's mask, density and recall from the file's record."""
+    import sketchwalk.pipeline.compare as compare_module
+
+    drawn = []
+    real = compare_module.plot_file
+
+    def recording(path, block_attention, seer, sw, record, others=None):
+        drawn.append((record, others))
+        real(path, block_attention, seer, sw, record, others)
+
+    monkeypatch.setattr(compare_module, "plot_file", recording)
+    names = ["xattention", "streaming"]
+    tensor_dir = _tensors(tmp_path / "t", samples=1)
+    _, _, out = cli(tmp_path, tensor_dir, *CONFIG_FLAGS, "--selectors", *names, "--visualize",
+                    "--max_plots", "2")  # fmt: skip
+    assert len(drawn) == 2
+    for record, others in drawn:
+        assert list(others) == names
+        for name, mask in others.items():
+            nb = -(-SEQ_LEN // BLOCK)
+            assert mask.shape[-2:] == (nb, nb) and mask.dtype == torch.bool
+            kept = mask[..., torch.ones(nb, nb, dtype=torch.bool).tril()].float().mean().item()
+            assert kept == pytest.approx(record[f"selector_{name}_density"], abs=1e-6)
+    pngs = sorted(out.rglob("*.png"))
+    assert pngs, "no heatmap written"

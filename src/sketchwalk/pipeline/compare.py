@@ -683,6 +683,10 @@ def _compare_sequence(
                 seer.mask.cpu(),
                 selection.head_mask(q.shape[1], k.shape[1]).cpu(),
                 record,
+                {
+                    name: sel.head_mask(q.shape[1], k.shape[1]).cpu()
+                    for name, sel in other_selections.items()
+                },
             )
             out["plots"].append((png, drawn))
         if on_record is not None:

@@ -31,9 +31,12 @@ def plot_file(
     seer_mask: torch.Tensor,
     sw_mask: torch.Tensor,
     record: dict[str, Any],
+    others: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Heatmaps of one file: the true block attention (log10, mean over heads), each side's
-    selection (share of heads keeping a tile) over it, and where the two agree."""
+    selection (share of heads keeping a tile) over it, and where the two agree; then one
+    panel per other selector (``compare --selectors``: name -> (B, Hq, nb, nb) mask), its
+    selection over the same attention."""
     import numpy as np
 
     plt = _pyplot()
@@ -45,7 +48,10 @@ def plot_file(
     sw = sw_mask.float().mean(dim=(0, 1)).cpu().numpy()
     method = record["seerattn_method"]
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 5), constrained_layout=True)
+    others = others or {}
+    extra = [(name, mask.float().mean(dim=(0, 1)).cpu().numpy()) for name, mask in others.items()]
+    panels = 4 + len(extra)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 5), constrained_layout=True)
     im = axes[0].imshow(log_att, cmap="viridis", interpolation="nearest")
     axes[0].set_title("true block attention\nlog10 mass, mean over heads")
     fig.colorbar(im, ax=axes[0], shrink=0.8)
@@ -68,6 +74,18 @@ def plot_file(
     axes[3].set_title(
         f"agreement (share of heads): magenta both,\nred only {method}, blue only SketchWalk"
     )
+    for ax, (name, share) in zip(axes[4:], extra, strict=True):
+        ax.imshow(log_att, cmap="gray", interpolation="nearest", alpha=0.6)
+        overlay = np.ma.masked_where(share <= 0, share)
+        im = ax.imshow(overlay, cmap="Greens", vmin=0, vmax=1, alpha=0.75, interpolation="nearest")
+        density = record.get(f"selector_{name}_density")
+        recall = record.get(f"selector_{name}_recall")
+        ax.set_title(
+            f"{name} kept (share of heads)\ndensity "
+            f"{'-' if density is None else f'{density:.3f}'}, recall "
+            f"{'-' if recall is None else f'{recall:.3f}'}"
+        )
+        fig.colorbar(im, ax=ax, shrink=0.8)
     for ax in axes:
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
