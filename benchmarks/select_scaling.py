@@ -15,6 +15,10 @@ the CPU path); the table gives the median over ``--repeats`` samples after ``--w
 - ``layer``: the same with ``granularity="layer"`` (one mask per layer), measured in the same
   process, the baseline of the ratio ``default / layer``;
 
+each with the walk the preset runs (tiled causal products, bfloat16 operands: on the CPU
+rounded and multiplied in float32) and, as "dense (before)", with every walk step a dense
+float32 product;
+
 and where the time of one layer-3 call goes (pooling, exact query rows, transition, walk,
 selection), each part timed alone on the same inputs (median of 3 after the warm-up).
 Growth: time at T over time at the shortest T. Results: JSON + markdown in ``--out-dir`` (default
@@ -81,7 +85,8 @@ def make_inputs(t: int, dtype: torch.dtype, seed: int) -> list[tuple[torch.Tenso
     return out
 
 
-def _dense_walk(a, previous, degree, damping, causal=False):
+def _dense_walk(a, previous, degree, damping, causal=False, bf16_products=False):
+    """The walk before the tiled causal products: dense float32 products."""
     return walk_step(a, previous, degree, damping)
 
 
@@ -127,7 +132,8 @@ def time_parts(cfg: SketchWalkConfig, inputs: list, dense_walk: bool) -> dict[st
         tail = clock("query_rows", query_row_scores, q, k, rows, cfg.block_size, groups)
     a = clock("transition", transition_from_pooled, qb, kb, cfg, layer)
     causal = _causal_walk(cfg) and not dense_walk
-    r = clock("walk", walk_step, a, previous, cfg.degree, cfg.damping, causal)
+    bf16 = causal and cfg.walk_dtype == "bfloat16"
+    r = clock("walk", walk_step, a, previous, cfg.degree, cfg.damping, causal, bf16)
     clock("select", select_blocks, _rank_scores(r, tail), t, cfg)
     return parts
 
