@@ -171,11 +171,7 @@ def walk_step(
 
 
 def causal_walk_product(
-    state: torch.Tensor,
-    a: torch.Tensor,
-    damping: float,
-    tile: int | None = None,
-    bf16_products: bool = False,
+    state: torch.Tensor, a: torch.Tensor, damping: float, tile: int | None = None
 ) -> torch.Tensor:
     """One walk step ``(1 - beta) * a + beta * state @ a`` of lower-triangular matrices.
 
@@ -192,14 +188,10 @@ def causal_walk_product(
         state: (B, G, n, n) lower-triangular; a: (B, G, n, n) lower-triangular.
         damping: beta.
         tile: rows per tile (default: n / 16 rounded up to a multiple of 64, at least 64).
-        bf16_products: ``state @ a`` from bfloat16 operands with float32 accumulation (see
-            `walk_step`); the result is float32 either way.
 
     Returns:
         (B, G, n, n) the step's result, lower-triangular.
     """
-    if bf16_products:
-        return _bf16_walk(state, a, 1, damping, tile)
     *lead, n, _ = a.shape
     tile = _default_tile(n) if tile is None else tile
     s3 = state.reshape(-1, n, n)
@@ -223,9 +215,7 @@ def _default_tile(n: int) -> int:
     return max(64, -(-n // (16 * 64)) * 64)
 
 
-def _bf16_walk(
-    state: torch.Tensor, a: torch.Tensor, degree: int, damping: float, tile: int | None = None
-) -> torch.Tensor:
+def _bf16_walk(state: torch.Tensor, a: torch.Tensor, degree: int, damping: float) -> torch.Tensor:
     """``degree`` causal walk steps with bfloat16 operands and float32 accumulation, row tile
     by row tile (`causal_walk_product`'s tiles). ``a``'s bfloat16 copy and ``(1 - beta) * a``
     are made once for all steps; each step rounds the state once. On CUDA the products run on
@@ -234,7 +224,7 @@ def _bf16_walk(
     order (the reference the tests compare with). Returns float32, lower-triangular.
     """
     *lead, n, _ = a.shape
-    tile = _default_tile(n) if tile is None else tile
+    tile = _default_tile(n)
     a3 = a.reshape(-1, n, n)
     a_lo = _bf16_operand(a3)
     a_damped = a3 * (1.0 - damping)
