@@ -232,9 +232,6 @@ def evaluate_ruler(
                 key = f"{run.name}|{cell[0]}|{cell[1]}|L{cell[2]}|s{cell[3]}"
                 if key in done:
                     continue
-                if batch_size == 1:
-                    todo.append((run, key, cell))
-                    continue
                 group = cap_of(cell)
                 keys, members = open_batches.setdefault(group, ([], []))
                 if not keys:
@@ -302,14 +299,11 @@ def evaluate_ruler(
             })  # fmt: skip
         return records
 
-    def compute(run: RunSpec, sw: Any, cell: tuple[str, str, int, int]) -> dict[str, Any]:
-        return compute_batch(run, sw, [cell])[0]
-
     active = _ActiveRun(session, backend, selection_backend)
     with _progress(len(todo), "ruler", progress and w.is_main) as bar, torch.no_grad():
-        _run_items(todo, compute_batch if batch_size > 1 else compute, results, active, w, bar,
+        _run_items(todo, compute_batch, results, active, w, bar,
                    lambda it: f"{it['run']} {it['task']} {it['score']:.2f}",
-                   batched=batch_size > 1)  # fmt: skip
+                   batched=True)  # fmt: skip
     if not w.is_main:
         return data  # rank 0 aggregates and writes
     data["results"] = _aggregate_ruler(all_runs, data["items"])
