@@ -396,7 +396,10 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                 for query_rows, walk_dtype, select_backend in itertools.product(
                     args.query_rows or [None], args.walk_dtypes or [None], args.select_backends
                 ):
-                    extra = {} if query_rows is None else {"query_rows": query_rows}
+                    # --query-rows N: exactly N exact rows (the preset's query_tokens off)
+                    extra = (
+                        {} if query_rows is None else {"query_rows": query_rows, "query_tokens": 0}
+                    )
                     if walk_dtype is not None:
                         extra["walk_dtype"] = walk_dtype
                     cfg = SketchWalkConfig.preset(
@@ -414,7 +417,7 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                             "sketchwalk_select",
                             float("nan"),
                             density=density,
-                            query_rows=cfg.query_rows,
+                            query_rows=cfg.exact_rows(q.shape[2]),
                             walk_dtype=cfg.walk_dtype,
                             select_backend=select_backend,
                             error=repr(err),
@@ -428,7 +431,7 @@ def run_prefill(args: argparse.Namespace, records: list, tuning: Any = None) -> 
                         sel_ms,
                         density=density,
                         actual_density=real.density,
-                        query_rows=cfg.query_rows,
+                        query_rows=cfg.exact_rows(q.shape[2]),
                         walk_dtype=cfg.walk_dtype,
                         select_backend=select_backend,
                         query_rows_backend=sw.query_rows_backend,
@@ -745,8 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         type=int,
         default=None,
-        help="time the default preset's selection with each of these query_rows "
-        "(default: the preset's own); attention runs on the last one's selection",
+        help="time the default preset's selection with exactly this many exact query rows "
+        "(query_rows=N, query_tokens=0; default: the preset's own); attention runs on the last "
+        "one's selection",
     )
     p.add_argument(
         "--walk-dtypes",

@@ -116,8 +116,9 @@ case "$stage" in
     limit eval ruler "${model[@]}" --split tune --seq_lens 32000 \
       --num_samples "${RULER_TUNE_SAMPLES:-4}" --densities 0.1 --selectors dense \
       --tasks niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multivalue vt \
-      --variant "walk_rows:query_rows=0" --variant "query_rows2:query_rows=2" \
-      --variant "query_rows4:query_rows=4" --variant "dense_rows4:query_rows=0,dense_last_rows=4" \
+      --variant "walk_rows:query_rows=0,query_tokens=0" \
+      --variant "query_rows2:query_rows=2,query_tokens=0" --variant "query_rows4:query_rows=4" \
+      --variant "dense_rows4:query_rows=0,query_tokens=0,dense_last_rows=4" \
       --decode sketchwalk --output_dir "$out/ruler_tune"
     ;;
   ruler_tune2)
@@ -147,7 +148,7 @@ case "$stage" in
   ruler_ppl)
     # perplexity of the same configurations at 32K (two passages)
     sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 2 --densities 0.1 0.2 \
-      --selectors dense sketchwalk oracle streaming --variant "walk_rows:query_rows=0" \
+      --selectors dense sketchwalk oracle streaming --variant "walk_rows:query_rows=0,query_tokens=0" \
       --output_dir "$out/ruler_ppl_32000"
     ;;
   zoo_ppl)

@@ -127,8 +127,8 @@ def time_parts(cfg: SketchWalkConfig, inputs: list, dense_walk: bool) -> dict[st
     parts["pool"] += time.perf_counter() - start
     groups = {"layer": 1, "kv_group": KV_HEADS}[cfg.granularity]
     tail = None
-    if cfg.query_rows:
-        rows = min(cfg.query_rows, qb.shape[2])
+    rows = cfg.exact_rows(q.shape[2])
+    if rows:
         tail = clock("query_rows", query_row_scores, q, k, rows, cfg.block_size, groups)
     a = clock("transition", transition_from_pooled, qb, kb, cfg, layer)
     causal = _causal_walk(cfg) and not dense_walk

@@ -187,12 +187,12 @@ def test_default_preset_is_the_evidence_chosen_configuration():
     released fractions."""
     d = SketchWalkConfig.preset("default")
     assert (d.granularity, d.sink_blocks, d.window_blocks) == ("kv_group", 1, 2)
-    assert (d.dense_last_rows, d.decode_rule, d.query_rows) == (0, "quest", 2)
+    assert (d.dense_last_rows, d.decode_rule, d.query_rows, d.query_tokens) == (0, "quest", 2, 128)
     assert d.temperature == SketchWalkConfig().temperature / 2 == 0.390625
     assert d.walk_dtype == "bfloat16"
     changed = {
         "granularity", "sink_blocks", "window_blocks", "dense_last_rows", "decode_rule",
-        "temperature", "query_rows", "walk_dtype",
+        "temperature", "query_rows", "query_tokens", "walk_dtype",
     }  # fmt: skip
     base = SketchWalkConfig()
     for f in dataclasses.fields(SketchWalkConfig):

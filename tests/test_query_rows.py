@@ -82,7 +82,8 @@ def test_sketchwalk_query_rows_rank_like_the_oracle(granularity, t):
     """The last rows keep the oracle's choice at the same budget; the others the walk's; the
     walk state carried to the next layer is unchanged."""
     cfg = SketchWalkConfig.preset("default", granularity=granularity, density=0.3,
-                                  dense_layers=0, block_size=16, query_rows=0)  # fmt: skip
+                                  dense_layers=0, block_size=16, query_rows=0,
+                                  query_tokens=0)  # fmt: skip
     rows = 3
     walk_only, with_rows = SketchWalk(cfg), SketchWalk(cfg.replace(query_rows=rows))
     oracle = OracleSelector(cfg)
@@ -120,6 +121,46 @@ def test_query_rows_flag_validation():
         SketchWalkConfig(query_rows=-1)
     with pytest.raises(ValueError, match="query_rows"):
         SketchWalkConfig(query_rows=1.5)
+    with pytest.raises(ValueError, match="query_tokens"):
+        SketchWalkConfig(query_tokens=-3)
+
+
+def test_exact_rows_cover_the_last_query_tokens():
+    """``exact_rows``: the rows holding any of the last query_tokens tokens, counted token by
+    token, at least query_rows, at most every row."""
+    for t in (1, 15, 16, 17, 100, 128, 129, 640, 633):
+        for rows in (0, 1, 2, 5):
+            for tokens in (0, 1, 16, 17, 40, 128, 1000):
+                cfg = SketchWalkConfig(block_size=16, query_rows=rows, query_tokens=tokens)
+                holding = {pos // 16 for pos in range(max(0, t - tokens), t)}
+                nb = num_blocks(t, 16)
+                assert holding == set(range(nb - len(holding), nb))  # trailing rows
+                assert cfg.exact_rows(t) == min(nb, max(rows, len(holding))), (t, rows, tokens)
+    # the default preset: two rows on block-aligned prompts, three when the last block is partial
+    d = SketchWalkConfig.preset("default")
+    assert (d.exact_rows(64 * 500), d.exact_rows(64 * 500 + 1), d.exact_rows(64 * 500 - 7)) == (
+        2, 3, 3,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("t", [16 * 40, 16 * 40 - 7, 16 * 40 + 3])
+def test_query_tokens_rank_the_rows_that_hold_them(t):
+    """SketchWalk with query_tokens selects as with query_rows = exact_rows(T), its own rows
+    and no others exact (a query chunk: test_select_chunk_with_query_rows_equals_one_shot)."""
+    base = SketchWalkConfig.preset("default", density=0.3, dense_layers=1, block_size=16,
+                                   query_rows=1, query_tokens=0)  # fmt: skip
+    by_tokens = base.replace(query_tokens=40)
+    rows = by_tokens.exact_rows(t)
+    assert rows == num_blocks(t, 16) - (t - 40) // 16 and rows > 1
+    a, b = SketchWalk(base.replace(query_rows=rows)), SketchWalk(by_tokens)
+    fewer = SketchWalk(base)
+    differs = False
+    for layer in range(3):
+        q, k, _ = make_qkv(1, 8, 2, t, 32, seed=layer + t)
+        sa, sb, sf = a.select(q, k, layer), b.select(q, k, layer), fewer.select(q, k, layer)
+        assert torch.equal(sa.block_mask, sb.block_mask)
+        differs |= not torch.equal(sb.block_mask, sf.block_mask)
+    assert differs  # the extra exact rows change the selection somewhere
 
 
 @pytest.mark.gpu

@@ -90,6 +90,12 @@ class SketchWalkConfig:
             same budget. These rows hold the end of a prompt (the question, in a retrieval
             prompt): their exact scores cost O(query_rows x block_size x T) per head, a
             vanishing share of the attention they schedule. 0 = the walk ranks every row.
+        query_tokens: the same for the query-block rows that hold any of the last
+            ``query_tokens`` tokens: the rows ranked by their exact attention are the last
+            ``max(query_rows, rows holding the last query_tokens tokens)``. Sized in tokens, a
+            question of that many tokens is covered whatever the prompt's length modulo the
+            block size (with a partial last block, ``query_rows`` rows cover as few as
+            ``(query_rows - 1) x block_size + 1`` tokens). 0 = sized by ``query_rows`` alone.
         decode_rule: decode-time ranking of key blocks: ``"walk"`` (the released-style walk
             over a window of recent queries), ``"quest"`` (per-block key min/max bound of
             the current query's logits; `sketchwalk.selection.decode`) or ``"recent"`` (the
@@ -125,6 +131,7 @@ class SketchWalkConfig:
     dense_layers: int = 2
     dense_last_rows: int = 4
     query_rows: int = 0
+    query_tokens: int = 0
     decode_rule: str = "walk"
     parity: bool = False
     seed: int = 0
@@ -213,6 +220,7 @@ class SketchWalkConfig:
             "an int >= 0",
         )
         need(is_int(self.query_rows) and self.query_rows >= 0, "query_rows", "an int >= 0")
+        need(is_int(self.query_tokens) and self.query_tokens >= 0, "query_tokens", "an int >= 0")
         need(self.decode_rule in DECODE_RULES, "decode_rule", f"one of {DECODE_RULES}")
         need(isinstance(self.parity, bool), "parity", "a bool")
         need(is_int(self.seed), "seed", "an int")
@@ -231,6 +239,16 @@ class SketchWalkConfig:
             return "top_k_blocks"
         return "kblocks_frac"
 
+    def exact_rows(self, seq_len: int) -> int:
+        """How many trailing query-block rows of a ``seq_len``-token sequence are ranked by
+        their exact attention: ``max(query_rows, rows holding the last query_tokens tokens)``,
+        at most all ``ceil(seq_len / block_size)`` rows (0: the walk ranks every row)."""
+        nb = -(-seq_len // self.block_size)
+        by_tokens = 0
+        if self.query_tokens:
+            by_tokens = nb - max(0, seq_len - self.query_tokens) // self.block_size
+        return min(nb, max(self.query_rows, by_tokens))
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SketchWalkConfig:
         """Named starting points.
@@ -238,7 +256,8 @@ class SketchWalkConfig:
         - ``"default"``: this package's recommended settings, chosen by measured perplexity and
           needle retrieval at 32K tokens (README, "Evidence for the defaults"): one mask per KV
           group, a sink of one block and a window of two, no dense last rows, the last two
-          query-block rows ranked by their exact attention (``query_rows=2``), query-aware
+          query-block rows, and every row holding one of the last 128 tokens, ranked by their
+          exact attention (``query_rows=2``, ``query_tokens=128``), query-aware
           decode selection. (``SketchWalkConfig()`` alone keeps the released structure.)
         - ``"paper"``: the authors' released defaults (block 64, sketch 128, kblocks_frac 0.125,
           sink 2.5%, window 5%, walk degree 3 with damping 0.25, non-causal block softmax).
@@ -291,7 +310,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # logits at half the released temperature (sharper block softmax: +2.24% -> +1.69%
     # perplexity at density 0.1, +0.21% -> -0.17% at 0.2; eval_qwen/sweep_32000), and the
     # last two query-block rows ranked by their own queries' exact attention (RULER tune
-    # split at 32K, density 0.1: task average 54.4 -> 70.6, dense 75.2; eval_qwen/ruler_tune).
+    # split at 32K, density 0.1: task average 54.4 -> 70.6, dense 75.2; eval_qwen/ruler_tune),
+    # sized so that they also cover the last 128 tokens when the prompt ends in a partial block
+    # (the same two rows on the tune split's block-aligned prompts).
     # The walk's products take bfloat16 operands with float32 accumulation (tensor cores; the
     # selection-time benchmark in benchmarks/results/attention/ has its cost).
     "default": dict(
@@ -302,6 +323,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         decode_rule="quest",
         temperature=RELEASED_TEMPERATURE / 2,
         query_rows=2,
+        query_tokens=128,
         walk_dtype="bfloat16",
     ),
     "paper": dict(causal_sketch=False),
@@ -341,6 +363,8 @@ _FLAG_HELP = {
     "dense_layers": "number of leading layers kept dense",
     "dense_last_rows": "number of trailing query-block rows kept dense",
     "query_rows": "number of trailing query-block rows ranked by their exact attention",
+    "query_tokens": "rank the query-block rows holding the last N tokens by their exact "
+    "attention too (at least query_rows rows)",
     "decode_rule": "decode-time ranking: walk over recent queries, the quest key bound, or "
     "recency (the streaming baseline)",
     "parity": "reproduce the released arithmetic exactly",

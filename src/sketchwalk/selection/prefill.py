@@ -174,12 +174,11 @@ class SketchWalk:
         return self._select_pooled(qb, kb, t, layer_idx, self._query_rows(q, k, qb.shape[1]))
 
     def _query_rows(self, q: torch.Tensor, k: torch.Tensor, hq: int) -> torch.Tensor | None:
-        """Exact scores of the last ``config.query_rows`` rows (B, G, R, nb), or None."""
+        """Exact scores of the last ``config.exact_rows(S)`` rows (B, G, R, nb), or None."""
         cfg = self.config
-        if cfg.query_rows == 0:
+        rows = cfg.exact_rows(k.shape[2])
+        if rows == 0:
             return None
-        nb = num_blocks(k.shape[2], cfg.block_size)
-        rows = min(cfg.query_rows, nb)
         # The query-row kernel runs only when asked for by name: it is tested against the
         # reference under the CPU interpreter but has not yet run its GPU tests
         # (tests/test_triton_query_rows.py -m gpu); "auto" keeps the reference until it has.
