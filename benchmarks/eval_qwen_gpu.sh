@@ -6,8 +6,8 @@
 #   bash benchmarks/eval_qwen_gpu.sh STAGE [OUT]
 #
 # STAGE: setup | gate | ppl32 | ppl16 | small32 | sweep32 | niah | multikey | decode | needles |
-# timing | ruler_tune | ruler_tune2 | ruler_report | ruler_ppl | zoo_ppl | zoo_ruler (each resumes where it
-# stopped; the ruler stages take SECONDS_LIMIT=N in the environment as a time limit, then run
+# timing | ruler_tune | ruler_tune2 | ruler_pins | ruler_report | ruler_ppl | zoo_ppl | zoo_ruler
+# (each resumes where it stopped; the ruler stages take SECONDS_LIMIT=N in the environment as a time limit, then run
 # again to finish; RULER_SAMPLES, RULER_TASKS, RULER_LENGTHS override their sizes). OUT
 # (default results/eval_qwen) receives the JSON, markdown tables and plots. The model must have been fetched first:
 #   sketchwalk models fetch qwen2.5-coder-1.5b        (or --from_file PATH)
@@ -124,13 +124,22 @@ case "$stage" in
   ruler_tune2)
     # Where the default still loses at 0.1 (tune split, 32K): prefill-only against both sparse
     # (does decoding lose it?), the oracle at the same budget, a wider window, more question
-    # rows, and a score-following budget; 8 prompts per task, 8 per generate() call.
+    # rows and a score-following budget; 8 prompts per task, 8 per generate() call.
     limit eval ruler "${model[@]}" --split tune --seq_lens 32000 \
       --num_samples "${RULER_TUNE_SAMPLES:-8}" --densities 0.1 --selectors dense sketchwalk oracle \
       --tasks niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multivalue vt \
       --variant "window4:window_blocks=4" --variant "query_rows4:query_rows=4" \
       --variant "mass95:mass=0.95" --decode dense sketchwalk --batch_size 8 \
       --output_dir "$out/ruler_tune2"
+    ;;
+  ruler_pins)
+    # Decode steps that keep the blocks the question attends to most (decode_pin_blocks), tune
+    # split, 32K, prefill and decode sparse (pins change decoding only); 8 prompts per task.
+    limit eval ruler "${model[@]}" --split tune --seq_lens 32000 \
+      --num_samples "${RULER_TUNE_SAMPLES:-8}" --densities 0.1 0.2 --selectors dense sketchwalk \
+      --tasks niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multivalue vt \
+      --variant "pin4:decode_pin_blocks=4" --variant "pin16:decode_pin_blocks=16" \
+      --decode sketchwalk --batch_size 8 --output_dir "$out/ruler_pins"
     ;;
   ruler_report)
     # The report split (held out: the defaults were chosen on the tune split): every selector

@@ -25,7 +25,7 @@ wheels=${2:?wheel dir}
 out=${3:?out}
 shift 3
 known=" walktests gputests attention attention_long zoo_attention gate setup ppl32 ppl16 small32 \
-sweep32 niah multikey decode needles timing ruler_tune ruler_tune2 ruler_report ruler_ppl zoo_ppl zoo_ruler "
+sweep32 niah multikey decode needles timing ruler_tune ruler_tune2 ruler_pins ruler_report ruler_ppl zoo_ppl zoo_ruler "
 for stage in "$@"; do  # every stage checked before anything runs
   case "$known" in
     *" $stage "*) ;;

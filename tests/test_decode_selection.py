@@ -564,3 +564,136 @@ def test_static_quest_step_equals_the_fast_path(granularity, budget):
     assert int(st.static.pos) == st.seq_len == t0 + steps
     assert torch.equal(st.key_min, fast._layers[0].key_min)
     assert torch.equal(st.key_max, fast._layers[0].key_max)
+
+
+# ---- decode_pin_blocks: the prompt's question rows pin blocks for every decode step ---------
+
+
+def _pin_cfg(granularity="kv_group", **budget):
+    budget = budget or {"density": 0.3}
+    return SketchWalkConfig(
+        decode_rule="quest", block_size=16, granularity=granularity, sink_blocks=1,
+        window_blocks=2, dense_last_rows=0, dense_layers=0, query_tokens=20,
+        decode_pin_blocks=3, **budget,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv_group", "head"])
+def test_pins_are_the_blocks_the_last_prompt_rows_attend_to_most(granularity):
+    from sketchwalk.selection.query_rows import query_row_scores
+
+    cfg = _pin_cfg(granularity)
+    t = 16 * 12 + 5  # a partial last block: exact_rows covers the last 20 tokens -> 2 rows
+    q, k, _ = make_qkv(2, 6, 2, t, 16, seed=3, structured=False)
+    dec = SketchWalkDecoder(cfg)
+    dec.prefill(q, k, 0)
+    pinned = dec._layers[0].pin_bias > 0  # (B, G, capacity)
+    groups = {"layer": 1, "kv_group": 2, "head": 6}[granularity]
+    assert cfg.exact_rows(t) == 2
+    want = query_row_scores(q, k, 2, 16, groups, backend="reference").sum(dim=2)
+    for b in range(2):
+        for g in range(groups):
+            got = set(pinned[b, g].nonzero().flatten().tolist())
+            best = set(want[b, g].topk(3).indices.tolist())
+            assert got == best
+    # no exact rows configured: the last prompt row pins
+    one = SketchWalkDecoder(cfg.replace(query_tokens=0, query_rows=0))
+    one.prefill(q, k, 0)
+    want1 = query_row_scores(q, k, 1, 16, groups, backend="reference")[:, :, 0]
+    got1 = one._layers[0].pin_bias > 0
+    assert torch.equal(got1[..., :13].float().topk(3).indices.sort(-1).values,
+                       want1.topk(3).indices.sort(-1).values)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["fast", "reference", "static"])
+@pytest.mark.parametrize("budget", [{"density": 0.3}, {"top_k_blocks": 4}])
+def test_pinned_blocks_are_kept_at_every_step_inside_the_budget(path, budget):
+    cfg = _pin_cfg(**budget)
+    t0, steps = 16 * 30 + 3, 120  # 31 blocks: the budget holds the forced blocks and the pins
+    nb0 = 31
+    q, k, _ = make_qkv(1, 6, 2, t0 + steps, 16, seed=5, structured=False)
+
+    def make(c):
+        return SketchWalkDecoder(c, fast=path != "reference", cuda_graphs=path == "static")
+
+    pins, plain = make(cfg), make(cfg.replace(decode_pin_blocks=0))
+    for dec in (pins, plain):
+        dec.prefill(q[:, :, :t0], k[:, :, :t0], 0)
+    pinned0 = pins._layers[0].pin_bias[..., :nb0] > 0
+    changed = False
+    for s in range(t0, t0 + steps):
+        a = pins.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        b = plain.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        assert torch.equal(a.kv_num_blocks, b.kv_num_blocks)  # the same budget
+        nk = a.block_mask.shape[-1]
+        pinned = torch.zeros_like(a.block_mask)
+        pinned[..., :nb0] = pinned0
+        assert bool((a.block_mask | ~pinned).all()), f"step {s}: a pinned block was dropped"
+        sink, window = forced_counts(nk, cfg)
+        assert bool(a.block_mask[..., :sink].all()) and bool(a.block_mask[..., nk - window :].all())
+        changed |= not torch.equal(a.block_mask, b.block_mask)
+    assert changed  # the pins changed the selection somewhere
+
+
+@pytest.mark.parametrize("t0", [16 * 40, 16 * 25])  # the budget holds the pins / only two
+def test_pins_agree_across_the_decode_paths(t0):
+    """Reference, fast and static steps keep the same blocks, also when the ranked budget is
+    smaller than the pins (the question's best pins first)."""
+    cfg = _pin_cfg(density=0.25)
+    steps = 90
+    q, k, _ = make_qkv(2, 6, 2, t0 + steps, 16, seed=8, structured=False)
+    decs = [SketchWalkDecoder(cfg, fast=False), SketchWalkDecoder(cfg),
+            SketchWalkDecoder(cfg, cuda_graphs=True)]  # fmt: skip
+    for dec in decs:
+        dec.prefill(q[:, :, :t0], k[:, :, :t0], 0)
+    for s in range(t0, t0 + steps):
+        masks = [d.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0).block_mask for d in decs]
+        assert torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2]), f"step {s}"
+
+
+def test_pins_are_added_to_a_mass_budget():
+    cfg = _pin_cfg(mass=0.5)
+    t0 = 100
+    q, k, _ = make_qkv(1, 6, 2, t0 + 10, 16, seed=9, structured=False)
+    pins, plain = SketchWalkDecoder(cfg), SketchWalkDecoder(cfg.replace(decode_pin_blocks=0))
+    for dec in (pins, plain):
+        dec.prefill(q[:, :, :t0], k[:, :, :t0], 0)
+    for s in range(t0, t0 + 10):
+        a = pins.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        b = plain.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        nk = a.block_mask.shape[-1]
+        pinned = pins._layers[0].pin_bias[..., :nk] > 0
+        assert torch.equal(a.block_mask, b.block_mask | pinned)
+
+
+def test_pins_keep_the_block_the_question_found_when_the_bound_ranks_it_low():
+    """A key block that only the prompt's question matches: decode queries that do not look
+    for it leave it out under the bound alone; the pins keep it at every step."""
+    torch.manual_seed(0)
+    bs, t0, d = 16, 16 * 20, 16
+    q = torch.randn(1, 2, t0 + 8, d) * 0.1
+    k = torch.randn(1, 1, t0 + 8, d) * 0.1
+    direction = torch.zeros(d)
+    direction[0] = 1.0
+    k[0, 0, 5 * bs + 3] = 6.0 * direction  # the needle, in block 5
+    q[0, :, t0 - 10 : t0] = 6.0 * direction  # the question looks for it
+    cfg = SketchWalkConfig(
+        decode_rule="quest", block_size=bs, granularity="layer", sink_blocks=1,
+        window_blocks=2, dense_last_rows=0, dense_layers=0, top_k_blocks=2,
+        query_tokens=10, decode_pin_blocks=1,
+    )  # fmt: skip
+    pins, plain = SketchWalkDecoder(cfg), SketchWalkDecoder(cfg.replace(decode_pin_blocks=0))
+    for dec in (pins, plain):
+        dec.prefill(q[:, :, :t0], k[:, :, :t0], 0)
+    for s in range(t0, t0 + 8):
+        q[0, :, s] = -6.0 * direction  # answer tokens whose bound ranks block 5 low
+        a = pins.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        b = plain.step(q[:, :, s : s + 1], k[:, :, s : s + 1], 0)
+        assert bool(a.block_mask[0, 0, 5]) and not bool(b.block_mask[0, 0, 5])
+
+
+def test_decode_pin_blocks_validation():
+    with pytest.raises(ValueError, match="decode_pin_blocks"):
+        SketchWalkConfig(decode_pin_blocks=-1)
+    with pytest.raises(ValueError, match=r"decode_pin_blocks.*quest"):
+        SketchWalkConfig(decode_pin_blocks=2, decode_rule="walk")

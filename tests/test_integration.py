@@ -572,7 +572,7 @@ def test_generate_with_left_padded_prompts_prefills_each_prompt_sparse():
             assert out[row, SEQ] == alone, row
 
 
-@pytest.mark.parametrize("rule", ["quest", "walk"])
+@pytest.mark.parametrize("rule", ["quest", "walk", "quest_pins"])
 def test_generate_with_left_padded_prompts_decodes_sparse_like_each_prompt_alone(rule):
     """decode="sketchwalk" on a left-padded batch: every decode step of the sparse layers runs
     sparse (no padding fallback), and each row generates the tokens, with the same step logits,
@@ -582,7 +582,8 @@ def test_generate_with_left_padded_prompts_decodes_sparse_like_each_prompt_alone
     ids, mask, _ = _left_padded(lengths)
     cfg = SketchWalkConfig(
         block_size=16, top_k_blocks=2, sink_blocks=1, window_blocks=1, dense_layers=1,
-        dense_last_rows=0, decode_rule=rule, granularity="kv_group",
+        dense_last_rows=0, decode_rule=rule.removesuffix("_pins"), granularity="kv_group",
+        decode_pin_blocks=2 if rule.endswith("_pins") else 0,  # each row's own question pins
     )  # fmt: skip
     steps = 6
 

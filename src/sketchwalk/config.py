@@ -101,6 +101,14 @@ class SketchWalkConfig:
             the current query's logits; `sketchwalk.selection.decode`) or ``"recent"`` (the
             most recent blocks: StreamingLLM's pattern, what the streaming baseline decodes
             with).
+        decode_pin_blocks: with ``decode_rule="quest"``, every decode step of a sparse layer
+            keeps the ``decode_pin_blocks`` key blocks (per mask group) that the prompt's last
+            rows attend to most: their exact attention (the ``query_rows`` scores of the last
+            ``max(1, exact_rows(T))`` prompt rows, summed), computed once at the prefill. The
+            pins count inside the decode budget (a row budget ranks them first after the
+            forced blocks; ``mass`` and the global allocation add them to what they keep). The
+            question decides what the answer needs; the bound of each new query alone can
+            miss it among similar blocks. 0 = no pins.
         parity: reproduce the released arithmetic exactly (unnormalised transform and /100,
             tail mean over the full block, non-causal block softmax, strictly-greater per-row
             quantile threshold, window-sized sink).
@@ -133,6 +141,7 @@ class SketchWalkConfig:
     query_rows: int = 0
     query_tokens: int = 0
     decode_rule: str = "walk"
+    decode_pin_blocks: int = 0
     parity: bool = False
     seed: int = 0
 
@@ -222,6 +231,16 @@ class SketchWalkConfig:
         need(is_int(self.query_rows) and self.query_rows >= 0, "query_rows", "an int >= 0")
         need(is_int(self.query_tokens) and self.query_tokens >= 0, "query_tokens", "an int >= 0")
         need(self.decode_rule in DECODE_RULES, "decode_rule", f"one of {DECODE_RULES}")
+        need(
+            is_int(self.decode_pin_blocks) and self.decode_pin_blocks >= 0,
+            "decode_pin_blocks",
+            "an int >= 0",
+        )
+        need(
+            self.decode_pin_blocks == 0 or self.decode_rule == "quest",
+            "decode_pin_blocks",
+            f"0 unless decode_rule is 'quest' (decode_rule here: {self.decode_rule!r})",
+        )
         need(isinstance(self.parity, bool), "parity", "a bool")
         need(is_int(self.seed), "seed", "an int")
         object.__setattr__(self, "temperature", float(self.temperature))
@@ -365,6 +384,8 @@ _FLAG_HELP = {
     "query_rows": "number of trailing query-block rows ranked by their exact attention",
     "query_tokens": "rank the query-block rows holding the last N tokens by their exact "
     "attention too (at least query_rows rows)",
+    "decode_pin_blocks": "decode steps keep the N key blocks the prompt's last rows attend to "
+    "most (quest rule; inside the budget)",
     "decode_rule": "decode-time ranking: walk over recent queries, the quest key bound, or "
     "recency (the streaming baseline)",
     "parity": "reproduce the released arithmetic exactly",

@@ -126,6 +126,14 @@ class BackendSettings:
     selection_backend: str = "auto"
     page_queries: bool = False
 
+    def __post_init__(self) -> None:
+        if self.config.decode_pin_blocks:
+            raise ValueError(
+                "SketchWalk vLLM backend: decode_pin_blocks needs the prompt's queries at "
+                "decode time, which the backend's decodes do not keep (they rank pages by "
+                "their key bounds alone); set decode_pin_blocks=0"
+            )
+
     def to_json(self) -> str:
         return json.dumps(
             {

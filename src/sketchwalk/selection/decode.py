@@ -52,6 +52,7 @@ import torch
 
 from sketchwalk.blocks import check_qk, compact_mask, num_blocks
 from sketchwalk.config import SketchWalkConfig
+from sketchwalk.selection.query_rows import query_row_scores
 from sketchwalk.selection.quest import (
     block_key_bounds,
     bound_logits,
@@ -145,6 +146,8 @@ class _LayerState:
     min_buffer: torch.Tensor | None = None
     max_buffer: torch.Tensor | None = None
     static: Any = None  # _StaticQuestStep for the current capacity (cuda_graphs)
+    # decode_pin_blocks: (B, G, capacity) float32, PIN_BIAS on the pinned blocks, 0 elsewhere
+    pin_bias: torch.Tensor | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -236,6 +239,8 @@ class SketchWalkDecoder:
             st.max_buffer = key_max.new_zeros(b, hkv, capacity, d)
             st.min_buffer[:, :, :nb] = key_min
             st.max_buffer[:, :, :nb] = key_max
+            if cfg.decode_pin_blocks:
+                st.pin_bias = _pin_bias(q, k, cfg, capacity)
         else:
             pooled_k = block_pool(k, bs)  # true-count means
             counts = torch.full((nb,), float(bs), device=k.device)
@@ -311,12 +316,24 @@ class SketchWalkDecoder:
             counts = torch.full((nk,), float(cfg.block_size), device=q.device)
             counts[-1:].fill_(float(last_count))  # a fill kernel: no host-to-device copy
             scores = quest_block_scores(q, st.key_min, st.key_max, counts, cfg.granularity)
-            return _pack(select_last_row(scores, cfg), scores, st.seq_len)
+            if st.pin_bias is None:
+                return _pack(select_last_row(scores, cfg), scores, st.seq_len)
+            pin = st.pin_bias[..., :nk]
+            pinned = pin > 0
+            if cfg.budget != "mass" and cfg.allocation == "row":
+                # ranked first after the forced blocks (above every probability), in the
+                # question's order
+                mask = select_last_row(torch.where(pinned, 1.0 + pin / PIN_BIAS, scores), cfg)
+            else:  # data-dependent counts: the pins are added to what the budget keeps
+                mask = select_last_row(scores, cfg) | pinned
+            return _pack(mask, scores, st.seq_len)
         log_scores = quest_log_scores(
             q, st.key_min, st.key_max, last_count, cfg.block_size, cfg.granularity
         )
         n_keep = self._row_budget(nk)
         bias = self._table("bias", nk, q.device)
+        if st.pin_bias is not None:
+            bias = bias + st.pin_bias[..., :nk]
         top = (log_scores + bias).topk(n_keep, dim=-1, sorted=False).indices
         kv_num_blocks = self._table("count", (q.shape[0], groups, n_keep), q.device)
         return DecodeSelection(
@@ -332,9 +349,10 @@ class SketchWalkDecoder:
     def _grow(st: _LayerState) -> None:
         """Double the bound buffers' capacity (the blocks kept, the rest zeros: finite, so the
         static step's masked scores of blocks past the cache stay -inf, not NaN)."""
-        for name in ("min_buffer", "max_buffer"):
+        for name in ("min_buffer", "max_buffer", "pin_bias"):
             buf = getattr(st, name)
-            setattr(st, name, torch.cat([buf, torch.zeros_like(buf)], dim=2))
+            if buf is not None:
+                setattr(st, name, torch.cat([buf, torch.zeros_like(buf)], dim=2))
         st.static = None
 
     def _static_step(
@@ -522,10 +540,38 @@ class _StaticQuestStep:
         sink, window = self.sink_table[nk], self.window_table[nk]
         forced = (col < sink) | ((col >= nk - window) & (col < nk))
         ranked = scores + torch.where(forced, float("inf"), 0.0)
+        if st.pin_bias is not None:
+            ranked = ranked + st.pin_bias
         # the budget of this nk is on the device: the kept blocks, compacted, without a sort
         top, num = top_k_compact(ranked, self.kept_table[nk])
         self.pos.add_(1)
         return num, top, scores
+
+
+# Added to a pinned block's log score, scaled by (m - rank) / m for the block the question
+# ranks rank-th of m: above every log-probability (<= 0), below the forced blocks' +inf, so a
+# row budget keeps the forced blocks, then the pins in the question's order, then the others.
+PIN_BIAS = 1e30
+
+
+def _pin_bias(
+    q: torch.Tensor, k: torch.Tensor, config: SketchWalkConfig, capacity: int
+) -> torch.Tensor:
+    """(B, G, capacity) float32: PIN_BIAS on the ``decode_pin_blocks`` key blocks per mask
+    group that the prompt's last ``max(1, exact_rows(T))`` rows attend to most (their exact
+    attention, `query_row_scores`, summed over the rows), scaled down by rank (the question's
+    best block highest), 0 elsewhere."""
+    b, hq, t = q.shape[:3]
+    bs = config.block_size
+    nb = num_blocks(t, bs)
+    groups = {"layer": 1, "kv_group": k.shape[1], "head": hq}[config.granularity]
+    rows = max(1, config.exact_rows(t))
+    scores = query_row_scores(q, k, rows, bs, groups).sum(dim=2)  # (B, G, nb)
+    m = min(config.decode_pin_blocks, nb)
+    top = scores.topk(m, dim=-1).indices  # best first
+    order = torch.arange(m, 0, -1, dtype=torch.float32, device=q.device) * (PIN_BIAS / m)
+    bias = torch.zeros(b, groups, capacity, dtype=torch.float32, device=q.device)
+    return bias.scatter_(-1, top, order.expand(b, groups, m).contiguous())
 
 
 def _pack(
