@@ -367,6 +367,7 @@ class Scan:
     optional: dict[str, list[str]]
     lazy: dict[str, list[str]]  # top name -> modules importing it inside functions (closure)
     outside: dict[str, list[str]]  # top name -> modules outside the closure (module level)
+    outside_lazy: dict[str, list[str]]  # the same, inside functions
     dynamic: dict[str, list[tuple[int, str]]]
     unresolved: list[str]
 
@@ -441,6 +442,7 @@ def scan(
 
     lazy: dict[str, list[str]] = defaultdict(list)
     outside: dict[str, list[str]] = defaultdict(list)
+    outside_lazy: dict[str, list[str]] = defaultdict(list)
     for module in sorted(sources):
         if module.split(".")[0] not in {"vllm"}:
             continue
@@ -456,12 +458,24 @@ def scan(
                     lazy[target].append(module)
                 elif module not in closure and imp.kind in ("module", "conditional"):
                     outside[target].append(module)
+                elif module not in closure:
+                    outside_lazy[target].append(module)
     dynamic = {}
     for module in sorted(closure & set(sources)):
         got = dynamic_imports(trees[module], own)
         if got:
             dynamic[module] = got
-    return Scan(closure, third_party, conditional, optional, lazy, outside, dynamic, unresolved)
+    return Scan(
+        closure,
+        third_party,
+        conditional,
+        optional,
+        lazy,
+        outside,
+        outside_lazy,
+        dynamic,
+        unresolved,
+    )
 
 
 def provider(name: str, wheels: dict[str, Wheel]) -> Wheel | None:
@@ -637,6 +651,9 @@ def main() -> int:
             parts.append(
                 f"module level outside the path in {len(outside)} modules ({outside[0]} ...)"
             )
+        outside_lazy = modules_of(result.outside_lazy, w)
+        if outside_lazy and not outside:
+            parts.append(f"lazily off the path in {', '.join(outside_lazy[:2])}")
         parts = parts or ["not imported by vllm"]
         if w.name in LEFT_NOTES:
             parts.append(LEFT_NOTES[w.name])
