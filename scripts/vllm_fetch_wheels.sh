@@ -3,7 +3,7 @@
 # machine with registry access, check them against the manifest, and optionally pack them into
 # the parts that travel to the GPU machine one call at a time.
 #
-#   bash scripts/vllm_fetch_wheels.sh DIR [--parts PARTS_DIR] [--check]
+#   bash scripts/vllm_fetch_wheels.sh DIR [--lean] [--parts PARTS_DIR] [--check]
 #
 # DIR        folder for the wheels (created; wheels already there with the right sha256 are
 #            kept); afterwards it holds exactly the manifest's wheels.
@@ -12,20 +12,24 @@
 #            pieces; the tar's size and sha256 (and, at the manifest's part size, the part
 #            count and each part's sha256) must equal the manifest's `archive` and `part` lines. PARTS_DIR must be empty; the tar
 #            itself is not kept.
+# --lean     the lean set instead (scripts/vllm_wheels_lean.txt: the wheels that the import path
+#            of LLM(...).generate() needs; archive vllm_wheels_lean.tar).
 # --check    prove that the wheels resolve offline together with the image's packages: needs
 #            python3.12 (PYTHON312=...) and registry access for the image's packages' metadata;
-#            see scripts/vllm_wheels_check.py.
+#            see scripts/vllm_wheels_check.py (with --lean: its --lean check).
 # Environment: PIP (default `python3 -m pip`), PART_MIB (default: the manifest's), MANIFEST
-# (default scripts/vllm_wheels.txt beside this script).
+# (default scripts/vllm_wheels.txt beside this script, or vllm_wheels_lean.txt with --lean).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 manifest=${MANIFEST:-$here/vllm_wheels.txt}
-dir=${1:?usage: vllm_fetch_wheels.sh DIR [--parts PARTS_DIR] [--check]}
+dir=${1:?usage: vllm_fetch_wheels.sh DIR [--lean] [--parts PARTS_DIR] [--check]}
 shift
 parts=""
 check=0
+lean=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --lean) lean=1; manifest=${MANIFEST:-$here/vllm_wheels_lean.txt}; shift ;;
     --parts) parts=${2:?--parts needs a folder}; shift 2 ;;
     --check) check=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -89,5 +93,8 @@ if [ -n "$parts" ]; then
 fi
 
 if [ "$check" = 1 ]; then
-  "${PYTHON312:-python3.12}" "$here/vllm_wheels_check.py" --manifest "$manifest" --wheels "$dir"
+  lean_flag=()
+  [ "$lean" = 1 ] && lean_flag=(--lean)
+  "${PYTHON312:-python3.12}" "$here/vllm_wheels_check.py" --manifest "$manifest" --wheels "$dir" \
+    "${lean_flag[@]}"
 fi

