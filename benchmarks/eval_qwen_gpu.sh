@@ -144,8 +144,10 @@ case "$stage" in
   ruler_report)
     # The report split (held out: the defaults were chosen on the tune split): every selector
     # at matched density, prefill and decode sparse, 24 prompts per cell, 8 prompts per
-    # generate() call. RULER_SELECTORS / RULER_DENSITIES / RULER_BATCH override.
-    limit eval ruler "${model[@]}" --split report \
+    # generate() call; each prompt up to 63 tokens shorter than the length (drawn per sample:
+    # prompts end anywhere in a block, unlike the tune split's block-aligned ones).
+    # RULER_SELECTORS / RULER_DENSITIES / RULER_BATCH / RULER_JITTER override.
+    limit eval ruler "${model[@]}" --split report --length_jitter "${RULER_JITTER:-63}" \
       --seq_lens ${RULER_LENGTHS:-32000} --num_samples "${RULER_SAMPLES:-24}" \
       --tasks ${RULER_TASKS:-niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 \
         niah_multikey_2 niah_multikey_3 niah_multivalue niah_multiquery vt cwe fwe} \

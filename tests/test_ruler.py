@@ -128,6 +128,25 @@ def test_prompt_variants_and_splits(tok, pool):
     assert _contains(pool.stream[:half], tune) and _contains(pool.stream[half:], report)
 
 
+def test_length_jitter_shortens_each_sample_by_its_own_draw(tok):
+    from sketchwalk.pipeline.eval.ruler import ruler_prompts
+
+    # real-text filler: prompts of exactly the length asked, so the draw alone shortens them
+    args = (tok, ["niah_single_2", "niah_multikey_1"], [900], 6, ["after", "both"], "tune",
+            "stdlib")  # fmt: skip
+    _, plain = ruler_prompts(*args)
+    _, again = ruler_prompts(*args, length_jitter=0)
+    assert {k: v.input_ids for k, v in plain.items()} == {k: v.input_ids for k, v in again.items()}
+    _, cut = ruler_prompts(*args, length_jitter=63)
+    assert cut.keys() == plain.keys()
+    for key, sample in cut.items():
+        n = len(sample.input_ids)
+        assert 900 - 63 <= n <= 900, (key, n)
+        assert sample.refs == plain[key].refs  # the same values hidden, in a shorter context
+    assert len({len(cut[k].input_ids) for k in cut if k[1] == "after"}) > 3  # draws differ
+    assert sum(len(cut[k].input_ids) % 16 != 0 for k in cut) > len(cut) // 2  # mid-block ends
+
+
 def _contains(hay: list[int], needle: list[int]) -> bool:
     """needle is a contiguous run of hay, possibly wrapping from the end to the start."""
     doubled = hay + hay[: len(needle)]
@@ -146,6 +165,9 @@ def test_bad_inputs(tok, pool, tiny):
         evaluate_ruler(model=tiny, tokenizer=tok, prompt_variants=["middle"], base_config=BASE)
     with pytest.raises(EvalInputError, match="--split"):
         evaluate_ruler(model=tiny, tokenizer=tok, split="train", base_config=BASE)
+    with pytest.raises(EvalInputError, match="--length_jitter"):
+        evaluate_ruler(model=tiny, tokenizer=tok, seq_lens=[700], length_jitter=400,
+                       base_config=BASE)  # fmt: skip
 
 
 def test_evaluate_ruler_end_to_end_and_resume(tiny, tok, tmp_path, monkeypatch):
@@ -212,10 +234,12 @@ def test_cli_ruler_on_the_embedded_model(tmp_path, capsys):
                "--seq_lens", "640", "--tasks", "niah_single_1", "fwe", "--num_samples", "1",
                "--selectors", "dense", "sketchwalk", "--densities", "0.3", "--block_size", "32",
                "--text_source", "stdlib", "--max_new_tokens", "6", "--output_dir", str(out),
-               "--no_progress", "--no_plots"])  # fmt: skip
+               "--length_jitter", "31", "--no_progress", "--no_plots"])  # fmt: skip
     assert rc == 0
     data = json.loads((out / "eval_ruler.json").read_text())
     assert len(data["items"]) == 2 * 2
+    assert data["settings"]["length_jitter"] == 31
+    assert all(it["prompt_tokens"] <= 640 for it in data["items"].values())
     assert data["settings"]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "# RULER tasks" in capsys.readouterr().out
     rc = main(["eval", "ruler", "--model_path", "smollm2-135m", "--tasks", "nope",

@@ -133,6 +133,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prompts generated together (same run and answer cap; left-padded)",
     )
     ruler.add_argument(
+        "--length_jitter",
+        type=int_at_least(0),
+        default=0,
+        help="each prompt is up to this many tokens shorter than its --seq_lens (drawn per "
+        "sample), so prompts end anywhere in a block (default 0: exactly the length)",
+    )
+    ruler.add_argument(
         "--decode",
         nargs="+",
         default=["sketchwalk"],
@@ -213,6 +220,7 @@ def _run_task(
                 split=args.split,
                 max_new_tokens=args.max_new_tokens,
                 batch_size=args.batch_size,
+                length_jitter=args.length_jitter,
                 decode=args.decode,
                 **common,
             )

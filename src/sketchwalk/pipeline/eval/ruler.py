@@ -95,18 +95,26 @@ def ruler_prompts(
     text_source: str = "auto",
     text_file: str | None = None,
     seed: int = 0,
+    length_jitter: int = 0,
 ) -> tuple[rt.TextPool, dict[tuple[str, str, int, int], rt.RulerSample]]:
     """Every (task, prompt variant, length, sample) prompt, seeded by split, seed, task, length
-    and sample (the variants of one sample hide the same values); the same for any engine."""
+    and sample (the variants of one sample hide the same values); the same for any engine.
+
+    ``length_jitter`` J > 0: each sample's prompt is built for ``length - j`` tokens, j drawn
+    uniformly from 0..J by its own generator (seeded like the sample), so prompts end anywhere
+    in a block as real ones do; the cell keeps the nominal length. J = 0 gives the prompts of
+    before, token for token."""
     pool = rt.TextPool(tokenizer, text_source, text_file)
     prompts = {}
     for task in tasks:
         for length in lengths:
             for s in range(num_samples):
+                name = f"{split}:{seed}:{task}:{length}:{s}"
+                cut = random.Random(f"ruler-jitter:{name}").randint(0, length_jitter)
                 for variant in prompt_variants:
-                    rng = random.Random(f"ruler:{split}:{seed}:{task}:{length}:{s}")
+                    rng = random.Random(f"ruler:{name}")
                     prompts[(task, variant, length, s)] = rt.build_sample(
-                        task, tokenizer, pool, length, rng, split, variant
+                        task, tokenizer, pool, length - cut, rng, split, variant
                     )
     return pool, prompts
 
@@ -137,6 +145,7 @@ def evaluate_ruler(
     decode: Sequence[str] = ("sketchwalk",),
     max_new_tokens: int | None = None,
     batch_size: int = 1,
+    length_jitter: int = 0,
     base_config: SketchWalkConfig | None = None,
     text_source: str = "auto",
     text_file: str | None = None,
@@ -178,6 +187,14 @@ def evaluate_ruler(
         raise EvalInputError(f"--max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise EvalInputError(f"--batch_size must be an int >= 1, got {batch_size!r}")
+    if (
+        isinstance(length_jitter, bool) or not isinstance(length_jitter, int)
+        or not 0 <= length_jitter < min(lengths) // 2
+    ):  # fmt: skip
+        raise EvalInputError(
+            f"--length_jitter must be an int in [0, {min(lengths) // 2}) for --seq_lens "
+            f"{lengths}, got {length_jitter!r}"
+        )
     runs = build_runs(selectors, densities, base_config, variants, decode, decode_all=True)
     _check_block_lengths(runs, lengths, "--seq_lens")
     w = distributed.world()
@@ -190,8 +207,9 @@ def evaluate_ruler(
         _check_length(session.model, length, session.model_id, "--seq_lens")
     tok = session.tokenizer
     pool, prompts = ruler_prompts(
-        tok, tasks, lengths, num_samples, prompt_variants, split, text_source, text_file, seed
-    )
+        tok, tasks, lengths, num_samples, prompt_variants, split, text_source, text_file, seed,
+        length_jitter,
+    )  # fmt: skip
     from sketchwalk.hf.text import token_sha256
 
     def sha(sample: rt.RulerSample) -> str:
@@ -211,6 +229,8 @@ def evaluate_ruler(
         "backend": backend,
         "world_size": w.world_size,
     }
+    if length_jitter:  # recorded only when used: files written before it resume unchanged
+        settings["length_jitter"] = length_jitter
     num_layers = int(session.model.config.num_hidden_layers)
     data = results.data
     data["environment"] = environment(session.model, session.device, device_map)
