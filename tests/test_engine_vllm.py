@@ -747,9 +747,9 @@ def test_engine_benchmark_runs_on_the_cpu(tmp_path):
 
 
 def test_impl_without_room_for_page_state_decodes_per_sequence(monkeypatch):
-    """When the per-page key bounds cannot be allocated (they live outside vLLM's KV-cache
-    budget), the layer gives them up for good and its decodes rebuild the bounds per sequence:
-    the same output as the per-sequence reference, no error."""
+    """When the per-page key bounds cannot be allocated (a cache whose pages hold no room for
+    them, so they are allocated beside it), the layer gives them up for good and its decodes
+    rebuild the bounds per sequence: the same output as the per-sequence reference, no error."""
     from sketchwalk.attention.api import sparse_decode
     from sketchwalk.selection.decode import SketchWalkDecoder
 

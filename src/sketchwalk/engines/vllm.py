@@ -21,7 +21,8 @@ sequence:
   would make for those rows);
 - the step's decodes (one query after at least one cached token), all rows together: the quest
   rule on per-physical-page key bounds (`PageKeyBounds`, one per layer, updated here whenever
-  keys are written: no per-request state) by one `paged_quest_select`, and one
+  keys are written: no per-request state; kept in room vLLM reserves after each cache page,
+  :func:`reserve_page_state`, so inside its KV-cache budget) by one `paged_quest_select`, and one
   `paged_sparse_decode` call; dense decodes (dense layers, one-block sequences) likewise in one
   call with every page kept;
 - everything else runs an exact dense path over the sequence's pages and is recorded with its
