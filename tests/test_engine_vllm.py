@@ -118,6 +118,8 @@ def runs(tmp_path_factory):
                 prefix = chunk in ("prefix", "prefix_pages")
                 generator.manual_seed(0)  # the same weights in every engine
                 extra = {} if backend == "stock" else {"attention_backend": "CUSTOM"}
+                # the settings when the engine starts size the per-page state in its pages
+                swv.configure(_config(1.0), page_queries=pages)
                 llm = LLM(
                     model=str(model_dir),
                     load_format="dummy",
@@ -133,7 +135,9 @@ def runs(tmp_path_factory):
                     seed=0,
                     **extra,
                 )
-                impls = {type(layer.impl).__name__ for layer in _attention_layers(llm)}
+                layers = _attention_layers(llm)
+                impls = {type(layer.impl).__name__ for layer in layers}
+                blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
                 densities = (1.0,) if backend == "stock" or prefix else (1.0, 0.2)
                 for density in densities:
                     swv.configure(_config(density), page_queries=pages)
@@ -142,8 +146,9 @@ def runs(tmp_path_factory):
                     if prefix:  # then a prompt that starts with a cached prefix
                         outs += llm.generate(shared, params, use_tqdm=False)
                     results[(backend, chunk, density)] = record(
-                        outs, summary=swv.summary(), impls=impls
-                    )
+                        outs, summary=swv.summary(), impls=impls, blocks=blocks,
+                        state=[_state_storage(layer) for layer in layers],
+                    )  # fmt: skip
                 del llm
                 gc.collect()
     finally:
@@ -165,9 +170,51 @@ def _attention_layers(llm):
     return layers
 
 
+def _state_storage(layer) -> dict[str, bool] | None:
+    """Whether the layer's per-page state lives in its KV-cache tensor's storage."""
+    impl = layer.impl
+    if not isinstance(impl, swv.SketchWalkImpl):
+        return None
+    cache = layer.kv_cache[0] if isinstance(layer.kv_cache, list) else layer.kv_cache
+    ptr = cache.untyped_storage().data_ptr()
+
+    def inside(t):
+        return t is not None and t.untyped_storage().data_ptr() == ptr
+
+    bounds, queries = impl.bounds, impl.queries
+    return {
+        "bounds": bounds is not None and inside(bounds.key_min) and inside(bounds.key_max),
+        "queries": queries is not None and inside(queries.sums) and inside(queries.valid),
+    }
+
+
 def test_backends_in_use(runs):
     assert runs[("stock", 128, 1.0)]["impls"] == {"CPUAttentionBackendImpl"}
     assert runs[("sketchwalk", 128, 1.0)]["impls"] == {"SketchWalkImpl"}
+
+
+@pytest.mark.parametrize("chunk", [128, "prefix", "prefix_pages"])
+def test_page_state_inside_the_kv_cache_budget(runs, chunk):
+    """The per-page state is carved out of vLLM's KV-cache allocation: at the same memory
+    (``kv_cache_memory_bytes``) vLLM holds fewer blocks than with its own attention, by the
+    state's bytes per page (key min and max per KV head and channel in float32, with
+    ``page_queries`` also Hq x D float32 query sums and a float32 flag, 16-byte aligned), and
+    every layer's bounds (and sums) are views of its cache tensor."""
+    cfg = TINY_LLAMA
+    hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    layers, memory = cfg["num_hidden_layers"], 64 << 20
+    stock = runs[("stock", "prefix" if chunk == "prefix_pages" else chunk, 1.0)]
+    ours = runs[("sketchwalk", chunk, 1.0)]
+    page = 2 * BLOCK * hkv * d * 4  # keys and values, float32
+    assert stock["blocks"] == memory // (layers * page)
+    state = 2 * hkv * d * 4
+    if chunk == "prefix_pages":
+        state += 4 * (hq * d + 1)
+    state = -(-state // 16) * 16
+    print(f"blocks: stock {stock['blocks']}, sketchwalk {ours['blocks']}, state {state} B/page")
+    assert ours["blocks"] == memory // (layers * (page + state)) < stock["blocks"]
+    assert all(s["bounds"] for s in ours["state"])
+    assert all(s["queries"] == (chunk == "prefix_pages") for s in ours["state"])
 
 
 @pytest.mark.parametrize("chunk", [128, 1024, "prefix", "prefix_pages"])
@@ -700,9 +747,9 @@ def test_engine_benchmark_runs_on_the_cpu(tmp_path):
 
 
 def test_impl_without_room_for_page_state_decodes_per_sequence(monkeypatch):
-    """When the per-page key bounds cannot be allocated (they live outside vLLM's KV-cache
-    budget), the layer gives them up for good and its decodes rebuild the bounds per sequence:
-    the same output as the per-sequence reference, no error."""
+    """When the per-page key bounds cannot be allocated (a cache whose pages hold no room for
+    them, so they are allocated beside it), the layer gives them up for good and its decodes
+    rebuild the bounds per sequence: the same output as the per-sequence reference, no error."""
     from sketchwalk.attention.api import sparse_decode
     from sketchwalk.selection.decode import SketchWalkDecoder
 
@@ -734,3 +781,105 @@ def test_impl_without_room_for_page_state_decodes_per_sequence(monkeypatch):
     want = sparse_decode(q, k, v, sel.kv_num_blocks, sel.kv_indices, 32, backend="reference",
                          scale=d**-0.5)  # fmt: skip
     torch.testing.assert_close(out.view(-1, hq, d)[0], want[0, :, 0], atol=1e-5, rtol=1e-5)
+
+
+def _padded(cache: torch.Tensor, tail_bytes: int) -> torch.Tensor:
+    """``cache`` (pages, H, N, C) copied into a buffer whose pages are ``tail_bytes`` longer, as
+    vLLM views a layer's cache when its spec has ``page_size_padded``."""
+    n = cache.shape[0]
+    page = cache[0].numel()
+    extra = tail_bytes // cache.element_size()
+    raw = torch.zeros(n * (page + extra), dtype=cache.dtype)
+    inner = torch.empty(cache.shape[1:]).stride()
+    out = torch.as_strided(raw, cache.shape, (page + extra, *inner))
+    out.copy_(cache)
+    return out
+
+
+def test_impl_keeps_page_state_in_the_page_padding():
+    """On a cache whose pages carry the room `reserve_page_state` asks vLLM for, the bounds
+    and query sums are views of that room (no allocation of their own: `_allocate` is not
+    called), the keys and values are untouched by them, and the outputs equal those of the
+    same steps with the state allocated beside an unpadded cache."""
+    (query, key, value, cache, meta), _, _, _, (hq, d) = _paged_batch(32, "LBHNC", seed=5)
+    cfg = _config(0.3).replace(dense_layers=0, window_blocks=1)
+    layout = swv.PageTailLayout(2, d, cache.dtype, hq)
+    padded = _padded(cache, layout.nbytes)
+    swv.configure(cfg, page_queries=True)
+    outs, impls = [], []
+    try:
+        for c in (cache, padded):
+            impl = swv.SketchWalkImpl(hq, d, d**-0.5, 2, None, None, "auto")
+            allocations = []
+            impl._allocate = lambda what, make, calls=allocations: calls.append(what) or make()
+            out = torch.zeros(query.shape[0], hq * d)
+            for _ in range(2):  # the second step reads the state the first one left
+                m = dataclasses.replace(meta, selectors={}, decode_plans={}, seeded=set())
+                impl.forward(_Layer(), query, key, value, c, m, out)
+            outs.append(out)
+            impls.append((impl, allocations))
+    finally:
+        swv._SETTINGS = None
+    (outside, outside_calls), (inside, inside_calls) = impls
+    assert outside_calls == ["key bounds", "query sums"] and inside_calls == []
+    ptr = padded.untyped_storage().data_ptr()
+    for t in (inside.bounds.key_min, inside.bounds.key_max, inside.queries.sums):
+        assert t.untyped_storage().data_ptr() == ptr
+    assert outside.bounds.key_min.untyped_storage().data_ptr() != cache.untyped_storage().data_ptr()
+    torch.testing.assert_close(padded, cache, atol=0, rtol=0)  # K/V untouched by the state
+    torch.testing.assert_close(inside.bounds.key_min, outside.bounds.key_min[:-1])
+    torch.testing.assert_close(inside.bounds.key_max, outside.bounds.key_max[:-1])
+    torch.testing.assert_close(inside.queries.sums, outside.queries.sums[:-1])
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+
+
+def test_reserve_page_state_grows_the_page_of_plain_specs_only():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
+    swv.configure(_config(1.0))
+    try:
+        grown = swv.SketchWalkBackend.customize_spec(spec)
+        swv.configure(_config(1.0), page_queries=True)
+        swv.SketchWalkImpl(8, 32, 32**-0.5, 2, None, None, "auto")  # 8 query heads per 2
+        with_sums = swv.reserve_page_state(spec)
+    finally:
+        swv._SETTINGS = None
+    page = 2 * 32 * 2 * 32 * 2
+    assert spec.page_size_bytes == page
+    assert grown.page_size_bytes == page + 2 * 2 * 32 * 2  # bf16 min and max
+    assert with_sums.page_size_bytes == page + 2 * 2 * 32 * 2 + 4 * (8 * 32 + 1) + 12
+    window = SlidingWindowSpec(
+        block_size=32, num_kv_heads=2, head_size=32, dtype=torch.bfloat16, sliding_window=64
+    )
+    assert swv.reserve_page_state(window) is window
+    assert swv.reserve_page_state(grown) is grown  # padded already: left alone
+
+
+def test_layer_spec_patch_for_vllm_without_the_backend_hook():
+    """vLLM 0.26 has no ``AttentionBackend.customize_spec``: `register` then wraps the layer's
+    ``get_kv_cache_spec``; layers of other backends keep vLLM's spec."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=4, head_size=64, dtype=torch.float16)
+
+    class FakeAttention:
+        def __init__(self, backend):
+            self.backend = backend
+
+        def get_attn_backend(self):
+            return self.backend
+
+        def get_kv_cache_spec(self, vllm_config):
+            return spec
+
+    swv._patch_layer_spec(FakeAttention)
+    swv._patch_layer_spec(FakeAttention)  # once only
+    swv.configure(_config(1.0))
+    try:
+        ours = FakeAttention(swv.SketchWalkBackend).get_kv_cache_spec(None)
+        other = FakeAttention(object).get_kv_cache_spec(None)
+    finally:
+        swv._SETTINGS = None
+    assert other is spec
+    assert ours.page_size_bytes == spec.page_size_bytes + 2 * 4 * 64 * 2

@@ -21,7 +21,8 @@ sequence:
   would make for those rows);
 - the step's decodes (one query after at least one cached token), all rows together: the quest
   rule on per-physical-page key bounds (`PageKeyBounds`, one per layer, updated here whenever
-  keys are written: no per-request state) by one `paged_quest_select`, and one
+  keys are written: no per-request state; kept in room vLLM reserves after each cache page,
+  :func:`reserve_page_state`, so inside its KV-cache budget) by one `paged_quest_select`, and one
   `paged_sparse_decode` call; dense decodes (dense layers, one-block sequences) likewise in one
   call with every page kept;
 - everything else runs an exact dense path over the sequence's pages and is recorded with its
@@ -42,6 +43,7 @@ backend registered is this one (nothing changes for any other choice).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -74,6 +76,7 @@ from sketchwalk.attention.api import sparse_attention, sparse_decode
 from sketchwalk.attention.paged import gather_pages, paged_sparse_decode, paged_sparse_prefill
 from sketchwalk.attention.reference import dense_attention
 from sketchwalk.config import SketchWalkConfig
+from sketchwalk.engines.page_tail import PageTailLayout, PageTailViews
 from sketchwalk.selection.decode import SketchWalkDecoder
 from sketchwalk.selection.paged_queries import PageQuerySums
 from sketchwalk.selection.paged_quest import PagedDecodePlan, PageKeyBounds, paged_quest_select
@@ -85,6 +88,7 @@ __all__ = [
     "NO_PAGE_QUERIES",
     "BackendSettings",
     "ChunkStates",
+    "PageTailLayout",
     "SketchWalkBackend",
     "SketchWalkImpl",
     "SketchWalkMetadata",
@@ -92,7 +96,9 @@ __all__ = [
     "configure",
     "configure_engine",
     "engine_summary",
+    "page_state_layout",
     "register",
+    "reserve_page_state",
     "reset_summary",
     "settings",
     "summary",
@@ -331,6 +337,25 @@ class SketchWalkBackend(AttentionBackend):
     def supported_kv_cache_layouts(cls):
         return None  # the cache is read through its strides: any layout
 
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        """The logical per-layer cache [pages, heads, page_size, K|V] (vLLM 0.26 asks the
+        backend; later releases derive this shape themselves)."""
+        return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+    @classmethod
+    def customize_spec(cls, spec: Any) -> Any:
+        """The layer's KV-cache spec with each page grown by the per-page state
+        (`PageTailLayout`), so that vLLM's block count pays for it (vLLM's hook since 0.3x;
+        on 0.26 :func:`register` routes the layer's ``get_kv_cache_spec`` here)."""
+        return reserve_page_state(spec)
+
 
 @dataclass
 class SketchWalkMetadata(AttentionMetadata):
@@ -490,6 +515,42 @@ def _layer_index(name: str | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
+# vLLM's BlockPool keeps block 0 as its null block (0.26 and 0.32): never a request's page, so
+# its state takes the padded slots (-1) of the per-page state kept in the cache's pages
+NULL_PAGE = 0
+# query heads of this process's layers by (kv heads, head size), for the page reservation: the
+# KV-cache spec names only the kv heads
+_QUERY_HEADS: dict[tuple[int, int], int] = {}
+
+
+def page_state_layout(
+    num_kv_heads: int, head_size: int, dtype: torch.dtype, page_queries: bool | None = None
+) -> PageTailLayout:
+    """The per-page state a layer of this shape keeps: the key bounds, plus the query sums when
+    ``page_queries`` (default: the current settings') and the layer's query heads are known."""
+    if page_queries is None:
+        page_queries = settings().page_queries
+    heads = _QUERY_HEADS.get((num_kv_heads, head_size), 0) if page_queries else 0
+    return PageTailLayout(num_kv_heads, head_size, dtype, heads)
+
+
+def reserve_page_state(spec: Any) -> Any:
+    """``spec`` (a layer's vLLM KV-cache spec) with ``page_size_padded`` grown by the per-page
+    state's bytes; unchanged for any spec but a plain full-attention one without padding (those
+    layers keep their state outside the cache, or none)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    if (
+        type(spec) is not FullAttentionSpec
+        or spec.page_size_padded is not None
+        or getattr(spec, "sliding_window", None) is not None
+        or getattr(spec, "head_size_v", spec.head_size) != spec.head_size
+    ):
+        return spec
+    layout = page_state_layout(spec.num_kv_heads, spec.head_size, spec.dtype)
+    return dataclasses.replace(spec, page_size_padded=spec.page_size_bytes + layout.nbytes)
+
+
 class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
     def __init__(
         self,
@@ -530,6 +591,9 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         self.bounds: PageKeyBounds | None = None
         self.queries: PageQuerySums | None = None
         self._out_of_memory = False
+        self._cache_key: tuple | None = None
+        self._tail: PageTailViews | None = None
+        _QUERY_HEADS[(self.num_kv_heads, head_size)] = num_heads
         logger.info_once("SketchWalk attention backend in use: %s", settings())
 
     # -- cache ------------------------------------------------------------------------------
@@ -578,10 +642,7 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
         writes = self.kv_sharing_target_layer_name is None and key is not None and value is not None
         slots = m.slot_mapping[:n]
         if writes:
-            if not self._out_of_memory and (
-                self.bounds is None or not self.bounds.matches(k_pages)
-            ):  # before the write: what is there now
-                self.bounds = self._allocate("key bounds", lambda: PageKeyBounds(k_pages))
+            self._ensure_bounds(kv_cache, k_pages)  # before the write: what is there now
             self._write(k_pages, key[:n], slots)
             self._write(v_pages, value[:n], slots)
             if self.bounds is not None:
@@ -619,15 +680,41 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
             self.queries.update(query[:n].view(n, self.num_heads, self.head_size), slots)
         return output
 
+    def _ensure_bounds(self, kv_cache: torch.Tensor, k_pages: torch.Tensor) -> None:
+        """Keep `PageKeyBounds` for this cache: in the room vLLM reserved after each page
+        (`reserve_page_state`), else (no room there: a cache made elsewhere, a spec vLLM did
+        not pad) a new allocation outside vLLM's budget."""
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.stride(), kv_cache.dtype)
+        if key != self._cache_key:  # a new cache: the state starts anew from its contents
+            self._cache_key = key
+            layout = page_state_layout(self.num_kv_heads, self.head_size, kv_cache.dtype, True)
+            self._tail = layout.views(kv_cache)
+            self.bounds = self.queries = None
+        if self.bounds is not None or self._out_of_memory:
+            return
+        if self._tail is not None:
+            storage = (self._tail.key_min, self._tail.key_max)
+            self.bounds = PageKeyBounds(k_pages, storage, scratch=NULL_PAGE)
+        else:
+            self.bounds = self._allocate("key bounds", lambda: PageKeyBounds(k_pages))
+
     def _ensure_query_store(self, st: BackendSettings, k_pages: torch.Tensor, writes: bool) -> None:
         """Keep `PageQuerySums` while ``page_queries`` is on (layers that write the cache, pages
-        that are blocks), else drop it."""
+        that are blocks), else drop it: in the cache's page padding when vLLM reserved room for
+        them (``page_queries`` on when the engine started), else outside vLLM's budget."""
         num_pages, page_size = k_pages.shape[:2]
         if not (st.page_queries and writes and page_size == st.config.block_size):
-            self.queries = None
+            self.queries = None  # sums kept in the pages restart (flags cleared) when back on
             return
         if self._out_of_memory:
             self.queries = None
+        elif self._tail is not None and self._tail.sums is not None:
+            if self.queries is None:
+                storage = (self._tail.sums, self._tail.valid)
+                self.queries = PageQuerySums(
+                    num_pages, page_size, self.num_heads, self.head_size, k_pages.device,
+                    storage, scratch=NULL_PAGE,
+                )  # fmt: skip
         elif self.queries is None or not self.queries.matches(
             num_pages, page_size, self.num_heads, k_pages.device
         ):
@@ -639,18 +726,20 @@ class SketchWalkImpl(AttentionImpl[SketchWalkMetadata]):
             )
 
     def _allocate(self, what: str, make: Callable[[], Any]) -> Any:
-        """``make()``; when the device has no room left (the per-page state lives outside
-        vLLM's KV-cache budget), None from now on for this layer, with a warning: decodes then
-        rebuild their bounds per sequence and prefix-cache hits prefill dense."""
+        """``make()`` (per-page state for which vLLM's cache pages hold no room, allocated
+        outside its KV-cache budget); when the device has no room left, None from now on for
+        this layer, with a warning: decodes then rebuild their bounds per sequence and
+        prefix-cache hits prefill dense."""
         try:
             return make()
         except torch.OutOfMemoryError:
             self._out_of_memory = True
             self.bounds = self.queries = None
             logger.warning(
-                "SketchWalk backend: no memory for the per-page %s of layer %s (outside vLLM's "
-                "KV-cache budget: lower gpu_memory_utilization to make room); this layer's "
-                "decodes rebuild their key bounds per sequence instead",
+                "SketchWalk backend: no memory for the per-page %s of layer %s (vLLM's cache "
+                "pages hold no room for them: set page_queries before the engine starts, or "
+                "lower gpu_memory_utilization); this layer's decodes rebuild their key bounds "
+                "per sequence instead",
                 what,
                 self.layer_idx,
             )
@@ -864,7 +953,35 @@ def register() -> None:
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     _patch_cpu_platform()
+    _patch_layer_spec()
     _add_worker_methods()
+
+
+def _patch_layer_spec(attention_cls: type | None = None) -> None:
+    """vLLM 0.26 builds a layer's KV-cache spec in ``Attention.get_kv_cache_spec`` with no
+    backend hook (later releases call ``AttentionBackend.customize_spec``): wrap it so that
+    layers running this backend get `SketchWalkBackend.customize_spec` (the page grown by the
+    per-page state). Nothing changes for other backends, nor where vLLM has the hook."""
+    if attention_cls is None:
+        if "customize_spec" in vars(AttentionBackend):
+            return  # vLLM asks the backend itself
+        try:
+            from vllm.model_executor.layers.attention.attention import Attention
+        except ImportError:  # pragma: no cover - a vLLM without this layer module
+            return
+        attention_cls = Attention
+    original = attention_cls.__dict__.get("get_kv_cache_spec")
+    if original is None or getattr(original, "_sketchwalk", False):
+        return
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = original(self, vllm_config)
+        if spec is not None and self.get_attn_backend() is SketchWalkBackend:
+            spec = SketchWalkBackend.customize_spec(spec)
+        return spec
+
+    get_kv_cache_spec._sketchwalk = True  # type: ignore[attr-defined]
+    attention_cls.get_kv_cache_spec = get_kv_cache_spec
 
 
 def _add_worker_methods() -> None:

@@ -30,15 +30,47 @@ class PageQuerySums:
         num_heads: query heads (of this worker).
         head_dim: D.
         device: where the pool lives.
+        storage: optional (sums float32 (num_pages, Hq, D), valid float32 (num_pages,)), any
+            strides: where to keep the sums and the per-page flag "restarted since these sums
+            exist" (1.0) instead of new allocations (e.g. memory the engine reserved beside
+            each page); the flags are cleared here.
+        scratch: with ``storage``, the page that takes the padded slots (-1): one that never
+            holds a request's tokens (vLLM's null block, page 0). Without ``storage`` the sums
+            get an extra scratch row of their own.
     """
 
     def __init__(
-        self, num_pages: int, page_size: int, num_heads: int, head_dim: int, device
+        self,
+        num_pages: int,
+        page_size: int,
+        num_heads: int,
+        head_dim: int,
+        device,
+        storage: tuple[torch.Tensor, torch.Tensor] | None = None,
+        scratch: int = 0,
     ) -> None:
         self.num_pages, self.page_size = int(num_pages), int(page_size)
-        self.sums = torch.zeros(num_pages + 1, num_heads, head_dim, device=device)
-        # pages restarted since these sums exist (the others hold nothing trustworthy)
-        self.valid = torch.zeros(num_pages + 1, dtype=torch.bool, device=device)
+        if storage is None:
+            self.sums = torch.zeros(num_pages + 1, num_heads, head_dim, device=device)
+            # pages restarted since these sums exist (the others hold nothing trustworthy)
+            self.valid = torch.zeros(num_pages + 1, device=device)
+            self.scratch = self.num_pages
+            return
+        sums, valid = storage
+        if tuple(sums.shape) != (num_pages, num_heads, head_dim) or sums.dtype != torch.float32:
+            raise ValueError(
+                f"PageQuerySums: storage sums must be float32 {(num_pages, num_heads, head_dim)}, "
+                f"got {sums.dtype} {tuple(sums.shape)}"
+            )
+        if tuple(valid.shape) != (num_pages,) or valid.dtype != torch.float32:
+            raise ValueError(
+                f"PageQuerySums: storage valid must be float32 ({num_pages},), "
+                f"got {valid.dtype} {tuple(valid.shape)}"
+            )
+        if not 0 <= scratch < self.num_pages:
+            raise ValueError(f"PageQuerySums: scratch page {scratch} outside the pool")
+        valid.zero_()
+        self.sums, self.valid, self.scratch = sums, valid, int(scratch)
 
     def matches(self, num_pages: int, page_size: int, num_heads: int, device) -> bool:
         return (
@@ -51,9 +83,9 @@ class PageQuerySums:
         """Add the queries (N, Hq, D) of the tokens written at ``slots`` (N,). No host sync."""
         if queries.shape[0] == 0:
             return
-        page, starts = page_writes(slots, self.page_size, self.num_pages)
+        page, starts = page_writes(slots, self.page_size, self.scratch)
         self.sums.index_fill_(0, starts, 0.0)
-        self.valid.index_fill_(0, starts, True)
+        self.valid.index_fill_(0, starts, 1.0)
         self.sums.index_add_(0, page, queries.float())
 
     def pooled(
@@ -87,7 +119,7 @@ class PageQuerySums:
         if not parity:
             counts[-1] = float(length - (nb - 1) * block_size)
         pooled = (sums / counts[:, None, None]).transpose(0, 1)[None]
-        return pooled.contiguous(), self.valid.index_select(0, pages).all()
+        return pooled.contiguous(), (self.valid.index_select(0, pages) > 0).all()
 
 
 __all__ = ["PageQuerySums"]

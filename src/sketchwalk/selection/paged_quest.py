@@ -14,8 +14,8 @@ of every PHYSICAL page, updated when the engine writes new keys into the cache:
 So a page's bounds always cover exactly the keys written to it since its last offset-0 write,
 and pages shared through prefix caching (written once, read by many requests) need nothing
 more. Bounds are stored in the cache's dtype (the min and max of bf16 keys are bf16 values:
-nothing is lost) with one scratch page for padded slots (slot -1), 1 / page_size of the key
-cache's memory.
+nothing is lost) with one scratch page for padded slots (slot -1): 2 / page_size of the key
+cache's memory (min and max), 1 / page_size of keys and values together.
 
 `paged_quest_select` then ranks the blocks of a batch of decode rows of different lengths in one
 pass: the bounds of each row's pages gathered through the block table, the log-space quest
@@ -65,9 +65,21 @@ class PageKeyBounds:
         k_pages: the layer's key pool, (num_pages, page_size, Hkv, D), any strides. The bounds
             start from its current contents, whole pages: an upper bound of whatever is there
             (engines create them before the first write; tests may not).
+        storage: optional (key_min, key_max), each (num_pages, Hkv, D) in the pool's dtype, any
+            strides: where to keep the bounds (e.g. memory the engine reserved beside each page)
+            instead of a new allocation; their rows are overwritten with the bounds of the
+            pool's contents.
+        scratch: with ``storage``, the page whose bounds take the padded slots (-1): one that
+            never holds a request's keys (vLLM's null block, page 0). Without ``storage`` the
+            bounds get an extra scratch row of their own.
     """
 
-    def __init__(self, k_pages: torch.Tensor) -> None:
+    def __init__(
+        self,
+        k_pages: torch.Tensor,
+        storage: tuple[torch.Tensor, torch.Tensor] | None = None,
+        scratch: int = 0,
+    ) -> None:
         if k_pages.dim() != 4:
             raise ValueError(
                 "PageKeyBounds: k_pages must be (num_pages, page_size, kv_heads, head_dim), "
@@ -75,9 +87,24 @@ class PageKeyBounds:
             )
         self.num_pages, self.page_size, hkv, d = k_pages.shape
         lo, hi = torch.aminmax(k_pages, dim=1)
-        # one scratch page at the end takes the padded slots (-1)
-        self.key_min = torch.cat([lo, lo.new_zeros(1, hkv, d)])
-        self.key_max = torch.cat([hi, hi.new_zeros(1, hkv, d)])
+        if storage is None:
+            # one scratch page at the end takes the padded slots (-1)
+            self.key_min = torch.cat([lo, lo.new_zeros(1, hkv, d)])
+            self.key_max = torch.cat([hi, hi.new_zeros(1, hkv, d)])
+            self.scratch = self.num_pages
+            return
+        key_min, key_max = storage
+        for name, t in (("key_min", key_min), ("key_max", key_max)):
+            if tuple(t.shape) != (self.num_pages, hkv, d) or t.dtype != k_pages.dtype:
+                raise ValueError(
+                    f"PageKeyBounds: storage {name} must be {(self.num_pages, hkv, d)} "
+                    f"{k_pages.dtype}, got {tuple(t.shape)} {t.dtype}"
+                )
+        if not 0 <= scratch < self.num_pages:
+            raise ValueError(f"PageKeyBounds: scratch page {scratch} outside the pool")
+        key_min.copy_(lo)
+        key_max.copy_(hi)
+        self.key_min, self.key_max, self.scratch = key_min, key_max, int(scratch)
 
     def matches(self, k_pages: torch.Tensor) -> bool:
         """Whether these bounds belong to a pool of ``k_pages``' shape, dtype and device."""
@@ -94,7 +121,7 @@ class PageKeyBounds:
         padded token) into their pages' bounds; keys (N, Hkv, D). No host sync."""
         if keys.shape[0] == 0:
             return
-        page, starts = page_writes(slots, self.page_size, self.num_pages)
+        page, starts = page_writes(slots, self.page_size, self.scratch)
         keys = keys.to(self.key_min.dtype)
         self.key_min.index_fill_(0, starts, float("inf"))
         self.key_max.index_fill_(0, starts, float("-inf"))
