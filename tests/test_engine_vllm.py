@@ -883,3 +883,16 @@ def test_layer_spec_patch_for_vllm_without_the_backend_hook():
         swv._SETTINGS = None
     assert other is spec
     assert ours.page_size_bytes == spec.page_size_bytes + 2 * 4 * 64 * 2
+
+
+def test_settings_refuse_decode_pins():
+    """decode_pin_blocks needs the prompt's queries at decode time, which the backend's decodes
+    do not keep: configure() and the environment's settings refuse it with the reason."""
+    from sketchwalk.engines.vllm import BackendSettings, configure
+
+    pinned = SketchWalkConfig.preset("default", decode_pin_blocks=4)
+    with pytest.raises(ValueError, match="decode_pin_blocks"):
+        configure(pinned)
+    with pytest.raises(ValueError, match="decode_pin_blocks"):
+        BackendSettings.from_env('{"decode_pin_blocks": 4}')
+    assert BackendSettings.from_env('{"decode_pin_blocks": 0}').config.decode_pin_blocks == 0
