@@ -144,7 +144,7 @@ case "$stage" in
   ruler_report)
     # The report split (held out: the defaults were chosen on the tune split): every selector
     # at matched density, prefill and decode sparse, 24 prompts per cell, 8 prompts per
-    # generate() call; each prompt up to 63 tokens shorter than the length (drawn per sample:
+    # generate() call; each prompt up to 63 tokens shorter than the length (drawn per round:
     # prompts end anywhere in a block, unlike the tune split's block-aligned ones).
     # RULER_SELECTORS / RULER_DENSITIES / RULER_BATCH / RULER_JITTER override.
     limit eval ruler "${model[@]}" --split report --length_jitter "${RULER_JITTER:-63}" \

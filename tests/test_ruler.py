@@ -128,12 +128,12 @@ def test_prompt_variants_and_splits(tok, pool):
     assert _contains(pool.stream[:half], tune) and _contains(pool.stream[half:], report)
 
 
-def test_length_jitter_shortens_each_sample_by_its_own_draw(tok):
-    from sketchwalk.pipeline.eval.ruler import ruler_prompts
+def test_length_jitter_shortens_each_round_by_its_own_draw(tok):
+    from sketchwalk.pipeline.eval.ruler import ROUND, ruler_prompts
 
     # real-text filler: prompts of exactly the length asked, so the draw alone shortens them
-    args = (tok, ["niah_single_2", "niah_multikey_1"], [900], 6, ["after", "both"], "tune",
-            "stdlib")  # fmt: skip
+    args = (tok, ["niah_single_2", "niah_multikey_1"], [900], 6 * ROUND, ["after", "both"],
+            "tune", "stdlib")  # fmt: skip
     _, plain = ruler_prompts(*args)
     _, again = ruler_prompts(*args, length_jitter=0)
     assert {k: v.input_ids for k, v in plain.items()} == {k: v.input_ids for k, v in again.items()}
@@ -143,7 +143,13 @@ def test_length_jitter_shortens_each_sample_by_its_own_draw(tok):
         n = len(sample.input_ids)
         assert 900 - 63 <= n <= 900, (key, n)
         assert sample.refs == plain[key].refs  # the same values hidden, in a shorter context
-    assert len({len(cut[k].input_ids) for k in cut if k[1] == "after"}) > 3  # draws differ
+    # one draw per round, shared by the round's tasks and samples (no padding in a batch)
+    per_round = {}
+    for (_, variant, _, s), sample in cut.items():
+        if variant == "after":
+            per_round.setdefault(s // ROUND, set()).add(len(sample.input_ids))
+    assert all(len(v) == 1 for v in per_round.values())
+    assert len({n for v in per_round.values() for n in v}) > 3  # the rounds' draws differ
     assert sum(len(cut[k].input_ids) % 16 != 0 for k in cut) > len(cut) // 2  # mid-block ends
 
 

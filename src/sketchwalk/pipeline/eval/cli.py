@@ -136,8 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--length_jitter",
         type=int_at_least(0),
         default=0,
-        help="each prompt is up to this many tokens shorter than its --seq_lens (drawn per "
-        "sample), so prompts end anywhere in a block (default 0: exactly the length)",
+        help="each prompt is up to this many tokens shorter than its --seq_lens (one draw per "
+        "round of four samples), so prompts end anywhere in a block (default 0: exactly the "
+        "length)",
     )
     ruler.add_argument(
         "--decode",

@@ -100,19 +100,21 @@ def ruler_prompts(
     """Every (task, prompt variant, length, sample) prompt, seeded by split, seed, task, length
     and sample (the variants of one sample hide the same values); the same for any engine.
 
-    ``length_jitter`` J > 0: each sample's prompt is built for ``length - j`` tokens, j drawn
-    uniformly from 0..J by its own generator (seeded like the sample), so prompts end anywhere
-    in a block as real ones do; the cell keeps the nominal length. J = 0 gives the prompts of
-    before, token for token."""
+    ``length_jitter`` J > 0: a sample's prompt is built for ``length - j`` tokens, j drawn
+    uniformly from 0..J once per round of `ROUND` samples (seeded by split, seed, length and
+    round; the same for every task of the round, so a batch of real-text prompts, which are
+    exactly as long as asked, needs no padding), so prompts end anywhere in a block as real
+    ones do; the cell keeps the nominal length. J = 0 gives the prompts of before, token for
+    token."""
     pool = rt.TextPool(tokenizer, text_source, text_file)
     prompts = {}
     for task in tasks:
         for length in lengths:
             for s in range(num_samples):
-                name = f"{split}:{seed}:{task}:{length}:{s}"
-                cut = random.Random(f"ruler-jitter:{name}").randint(0, length_jitter)
+                jitter = random.Random(f"ruler-jitter:{split}:{seed}:{length}:{s // ROUND}")
+                cut = jitter.randint(0, length_jitter)
                 for variant in prompt_variants:
-                    rng = random.Random(f"ruler:{name}")
+                    rng = random.Random(f"ruler:{split}:{seed}:{task}:{length}:{s}")
                     prompts[(task, variant, length, s)] = rt.build_sample(
                         task, tokenizer, pool, length - cut, rng, split, variant
                     )
