@@ -29,13 +29,17 @@ Steps:
    ``resolve_obj_by_qualname``, and string constants naming vLLM modules) for review by hand,
    and check that every import of the closure is served by a needed wheel, the GPU image
    (IMAGE_PACKAGES) or the standard library.
+5. Check every Requires-Dist line (without extras; markers for CPython 3.12 on Linux x86-64) of
+   every wheel of the manifest against its wheels and the packages that the device notes name
+   (IMAGE_PACKAGES, nothing that pip would merely resolve for them), and likewise the needed
+   wheels' lines against the needed wheels (vLLM's own lines on left-out wheels aside).
 
 ``--write-manifest`` writes the lean manifest: the full manifest's header and ``image`` lines,
 the needed wheels' lines, an ``import MODULE`` line per entry module (the install's smoke test),
 a ``left FILE TOP_LEVEL,... REASON`` line per left-out wheel, and an ``archive`` line with the
 tar's size and a zero sha256 (``vllm_fetch_wheels.sh --lean --parts`` prints the real one; put
 it and the parts' ``part`` lines in by hand, and a later run over the same wheels keeps them).
-Exit 0, or 1 when an import of the closure is served by nothing.
+Exit 0, or 1 when an import of the closure or a requirement (step 5) is served by nothing.
 """
 
 from __future__ import annotations
@@ -124,34 +128,37 @@ LEFT_NOTES = {
     "outlines-core": "structured output (guided decoding)",
 }
 
-# The GPU image's packages (device notes, 2026-11-17), as import names where they differ from
-# the distribution's name.
+# The GPU image's packages: the names that the device notes' package list gives (2026-11-17),
+# all of them and nothing else. What a carried wheel requires must be one of these or a carried
+# wheel (unserved_requirements); import names that differ from the distribution's are below.
 _IMAGE_LIST = (
     "absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs "
     "botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy "
     "coverage cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython "
     "diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools formulaic "
     "frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize "
-    "hypothesis idna imageio iniconfig interface-meta jax jaxlib jaxtyping jinja2 joblib "
-    "kiwisolver lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml "
-    "markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack "
-    "multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba "
-    "numba-cuda numpy numpyro nvidia-ml-py onnx onnxruntime onnxscript opencv-python-headless "
-    "optax opt-einsum orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy "
-    "portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo "
-    "pygments pyparsing pytest python-dateutil pytorch-lightning pyyaml regex requests rich "
-    "safetensors scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers "
-    "setuptools shellingham simplejson six sortedcontainers statsmodels sympy tabulate "
-    "tensorboard tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch "
-    "torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope "
-    "triton typer typing-extensions typing-inspect urllib3 uvloop werkzeug wheel wrapt xarray "
-    "xxhash yarl zipp"
+    "hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin "
+    "jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities "
+    "linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl "
+    "meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind "
+    "narwhals networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti "
+    "nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile "
+    "nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py "
+    "nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir "
+    "onnxruntime onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix "
+    "orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker "
+    "prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments "
+    "pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock "
+    "pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich "
+    "sacrebleu safetensors scikit-build-core scikit-image scikit-learn scipy seaborn "
+    "sentencepiece sentence-transformers setuptools shellingham simplejson six "
+    "sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server "
+    "tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio "
+    "torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton "
+    "typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt "
+    "xarray xxhash yarl zipp"
 )
 IMAGE_PACKAGES = tuple(_IMAGE_LIST.split())
-# Not in the device notes' list, but what pip resolves for the manifest's `image` pins (typer
-# needs pydantic): the full manifest assumes the image has them, and so does the lean one. The
-# install's smoke test names them if they are missing.
-IMAGE_RESOLVED = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 IMAGE_IMPORT_NAMES = {
     "absl": "absl-py",
     "cv2": "opencv-python-headless",
@@ -171,9 +178,6 @@ IMAGE_IMPORT_NAMES = {
     "google": "protobuf",
     "cuda": "cuda-bindings",
     "markdown_it": "markdown-it-py",
-    "pydantic_core": "pydantic-core",
-    "annotated_types": "annotated-types",
-    "typing_inspection": "typing-inspection",
 }
 DYNAMIC_CALLS = {"import_module", "__import__", "resolve_obj_by_qualname", "import_from_path"}
 
@@ -498,7 +502,7 @@ def image_serves(name: str) -> bool:
     top = name.split(".")[0]
     if top in sys.stdlib_module_names:
         return True
-    image = set(map(canonical, [*IMAGE_PACKAGES, *IMAGE_RESOLVED]))
+    image = set(map(canonical, IMAGE_PACKAGES))
     for key, dist in IMAGE_IMPORT_NAMES.items():
         if name == key or name.startswith(key + "."):
             return canonical(dist) in image
@@ -671,42 +675,56 @@ def main() -> int:
         out.append(f"{title}: " + ("none" if not missing else ""))
         for name, users in sorted(missing.items()):
             out.append(f"  {name}: {', '.join(sorted(users)[:3])}")
-    unmet = unmet_requirements(keep, wheels)
+    unmet = unserved_requirements(list(wheels.values()), set(wheels))
     out.append(
-        "requirements of the kept wheels (vllm's aside) met by kept wheels or the image: "
-        + ("all" if not unmet else "")
+        f"requirements of the {len(wheels)} wheels met by the wheels or the image's named "
+        "packages: " + ("all" if not unmet else "")
     )
     out += [f"  unmet: {line}" for line in unmet]
+    unmet_kept = unserved_requirements(keep, {w.name for w in keep}, {w.name for w in left})
+    out.append(
+        f"requirements of the {len(keep)} kept wheels (vllm's on left-out wheels aside) met by "
+        "kept wheels or the image's named packages: " + ("all" if not unmet_kept else "")
+    )
+    out += [f"  unmet: {line}" for line in unmet_kept]
     text = "\n".join(out) + "\n"
     print(text, end="")
     if args.report:
         args.report.write_text(text)
     if args.write_manifest:
         write_lean_manifest(args, lines, keep, left, reasons)
-    return 1 if unserved or unmet else 0
+    return 1 if unserved or unmet or unmet_kept else 0
 
 
-def unmet_requirements(keep: list[Wheel], wheels: dict[str, Wheel]) -> list[str]:
-    """Requires-Dist lines of the kept wheels (vLLM's aside) that no kept wheel or image serves.
+def unserved_requirements(
+    checked: list[Wheel], carried: set[str], left: set[str] = frozenset()
+) -> list[str]:
+    """Requires-Dist lines of the checked wheels that neither a carried wheel nor the image serves.
+
+    A line counts without extras, with its markers evaluated for CPython 3.12 on Linux x86-64;
+    the image serves it only when the device notes name the package (IMAGE_PACKAGES): a package
+    that pip would resolve for the image's recorded ones is not assumed to be there.
 
     Args:
-        keep: the kept wheels.
-        wheels: canonical name -> every wheel of the manifest.
+        checked: the wheels whose requirements are checked.
+        carried: canonical names of the wheels that travel with them.
+        left: canonical names of wheels that the lean set leaves out: vLLM's own requirements
+            on them are not reported (its import path does not need them).
 
     Returns:
-        "WHEEL needs REQUIREMENT" per unmet line (names only: versions are pip's to check).
+        "WHEEL needs REQUIREMENT" per unserved line (names only: versions are pip's to check).
     """
-    kept = {w.name for w in keep}
-    image = set(map(canonical, [*IMAGE_PACKAGES, *IMAGE_RESOLVED]))
-    unmet = []
-    for w in keep:
-        if w.name == "vllm":
-            continue
+    image = set(map(canonical, IMAGE_PACKAGES))
+    unserved = []
+    for w in checked:
         for line in w.requires:
             got = requirement_names(line, set())
-            if got is not None and got[0] not in kept and got[0] not in image:
-                unmet.append(f"{w.file} needs {line}")
-    return unmet
+            if got is None or got[0] in carried or got[0] in image:
+                continue
+            if w.name == "vllm" and got[0] in left:
+                continue
+            unserved.append(f"{w.file} needs {line}")
+    return unserved
 
 
 def write_lean_manifest(args, lines, keep, left, reasons) -> None:

@@ -9,7 +9,9 @@ Steps:
    ``pip install --dry-run --ignore-installed --report``: the versions pip picks for their
    dependencies stand in for the ones on the image, which were not recorded.
 2. In a new virtual environment, write one metadata-only ``.dist-info`` per package of that
-   resolution (name, version, Requires-Dist), so that pip sees them as installed.
+   resolution (name, version, Requires-Dist), so that pip sees them as installed; but only for
+   the packages that the device notes name (vllm_import_scan.IMAGE_PACKAGES): one that pip
+   resolves but the image's list lacks (pydantic) must come from the carried wheels.
 3. There, ``pip install --dry-run --no-index --find-links WHEELS vllm==V``: the resolver may take
    nothing but the installed stand-ins and the carried wheels.
 4. The wheels it would install must be exactly the manifest's: none missing (a resolution
@@ -35,9 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+from vllm_import_scan import IMAGE_PACKAGES, canonical
 
 
 def lean_check(python: Path, site: Path, manifest: Path, wheels: list[str], folder: Path) -> int:
@@ -171,7 +171,12 @@ def main() -> int:
             check=True,
             env=env,
         )
-        installed = json.loads((tmp / "image.json").read_text())["install"]
+        resolved = json.loads((tmp / "image.json").read_text())["install"]
+        named = set(map(canonical, IMAGE_PACKAGES))
+        installed = [i for i in resolved if canonical(i["metadata"]["name"]) in named]
+        dropped = sorted(i["metadata"]["name"] for i in resolved if i not in installed)
+        if dropped:
+            print(f"resolved for the image but not on its list, no stand-in: {', '.join(dropped)}")
         # the venv's own pip (ensurepip's copy) sees only the venv's site-packages
         subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True)
         site = tmp / "venv/lib/python3.12/site-packages"

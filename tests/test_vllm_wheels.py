@@ -34,6 +34,9 @@ GPU_IMAGE_TAGS = frozenset(cpython_tags((3, 12), platforms=_PLATFORMS)) | frozen
     compatible_tags((3, 12), "cp312", _PLATFORMS)
 )
 
+# the downloaded wheels, where this machine has them (vllm_fetch_wheels.sh WHEELS)
+WHEELS = Path(os.environ.get("VLLM_WHEELS", ROOT.parent / "vllm_wheels"))
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="GNU tar and coreutils scripts")
 
 
@@ -408,3 +411,51 @@ def test_lean_install_counts_left_out_requirements_and_smoke_names_the_missing_w
     print(done.stdout, done.stderr)
     assert done.returncode == 1
     assert f"no module 'sw_left': carry {left.name} (scripts/vllm_wheels.txt)" in done.stderr
+
+
+def test_unserved_requirements_names_what_neither_wheels_nor_image_serve():
+    Wheel = scan_script.Wheel
+    vllm = Wheel(
+        "vllm.whl",
+        1,
+        "vllm",
+        requires=[
+            "torch==2.11.0",  # named in the image's list
+            "sw-carried>=1",
+            "sw_left",  # a wheel the lean set leaves out
+            "sw-win; sys_platform == 'win32'",
+            "sw-extra; extra == 'audio'",
+            "sw-old; python_version < '3.11'",
+        ],
+    )
+    carried = Wheel("c.whl", 1, "sw-carried", requires=["sw-nowhere>=2", "Typing_Extensions"])
+    got = scan_script.unserved_requirements([vllm, carried], {"vllm", "sw-carried"})
+    print(got)
+    assert got == ["vllm.whl needs sw_left", "c.whl needs sw-nowhere>=2"]
+    # the lean check spares vLLM's own lines on left-out wheels, nobody else's
+    other = Wheel("o.whl", 1, "sw-other", requires=["sw-left"])
+    got = scan_script.unserved_requirements(
+        [vllm, carried, other], {"vllm", "sw-carried", "sw-other"}, left={"sw-left"}
+    )
+    assert got == ["c.whl needs sw-nowhere>=2", "o.whl needs sw-left"]
+    # the image is what the device notes name, not what pip resolves for it
+    assert "pydantic" not in scan_script.IMAGE_PACKAGES
+    assert {"torch", "typer", "nvidia-nccl-cu13"} <= set(scan_script.IMAGE_PACKAGES)
+
+
+@pytest.mark.skipif(not WHEELS.is_dir(), reason=f"the wheels are not here ({WHEELS}; VLLM_WHEELS)")
+@pytest.mark.parametrize("manifest", [MANIFEST, LEAN], ids=["full", "lean"])
+def test_every_requirement_of_the_carried_wheels_is_served(manifest):
+    files = [w[1] for w in manifest_lines(manifest, "wheel")]
+    absent = [f for f in files if not (WHEELS / f).is_file()]
+    if absent:
+        pytest.skip(f"{WHEELS} lacks {len(absent)} wheels of {manifest.name}, e.g. {absent[0]}")
+    wheels = [scan_script.read_wheel(WHEELS / f, keep_sources=False) for f in files]
+    left = {
+        canonicalize_name(line.split()[1].split("-")[0])
+        for line in manifest.read_text().splitlines()
+        if line[:5] == "left "
+    }
+    got = scan_script.unserved_requirements(wheels, {w.name for w in wheels}, left)
+    print("\n".join(got))
+    assert got == [], f"{len(got)} requirements of {manifest.name} served by nothing"
