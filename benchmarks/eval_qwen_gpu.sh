@@ -93,7 +93,7 @@ case "$stage" in
     sw eval niah "${model[@]}" --seq_lens 16000 32000 --depths 10 30 50 70 90 \
       --num_samples 1 --densities 0.1 0.2 --selectors dense \
       --variant "walk:granularity=kv_group,$small,decode_rule=walk" \
-      --variant "quest:granularity=kv_group,$small,decode_rule=quest" \
+      --variant "quest_rule:granularity=kv_group,$small,decode_rule=quest" \
       --variant "default_walk:decode_rule=walk" --decode sketchwalk \
       --output_dir "$out/niah_decode"
     ;;
@@ -107,7 +107,7 @@ case "$stage" in
     ;;
   timing)
     sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 1 --densities 0.1 0.2 \
-      --selectors dense sketchwalk --variant "quest:granularity=kv_group,$small,decode_rule=quest" \
+      --selectors dense sketchwalk --variant "quest_rule:granularity=kv_group,$small,decode_rule=quest" \
       --timing --timing_decode_tokens 64 --output_dir "$out/timing_32000"
     ;;
   ruler_tune)
