@@ -52,7 +52,7 @@ import torch
 
 from sketchwalk.blocks import check_qk, compact_mask, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.selection.query_rows import query_row_scores
+from sketchwalk.selection.query_rows import SELECTION_BACKEND, query_row_scores
 from sketchwalk.selection.quest import (
     block_key_bounds,
     bound_logits,
@@ -566,7 +566,7 @@ def _pin_bias(
     nb = num_blocks(t, bs)
     groups = {"layer": 1, "kv_group": k.shape[1], "head": hq}[config.granularity]
     rows = max(1, config.exact_rows(t))
-    scores = query_row_scores(q, k, rows, bs, groups).sum(dim=2)  # (B, G, nb)
+    scores = query_row_scores(q, k, rows, bs, groups, backend=SELECTION_BACKEND).sum(dim=2)
     m = min(config.decode_pin_blocks, nb)
     top = scores.topk(m, dim=-1).indices  # best first
     order = torch.arange(m, 0, -1, dtype=torch.float32, device=q.device) * (PIN_BIAS / m)

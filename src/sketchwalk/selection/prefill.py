@@ -28,7 +28,11 @@ import torch
 
 from sketchwalk.blocks import BlockSelection, check_finite, check_qk, num_blocks
 from sketchwalk.config import SketchWalkConfig
-from sketchwalk.selection.query_rows import query_row_backend, query_row_scores
+from sketchwalk.selection.query_rows import (
+    SELECTION_BACKEND,
+    query_row_backend,
+    query_row_scores,
+)
 from sketchwalk.selection.select import select_blocks
 from sketchwalk.selection.sketch import block_pool, layer_projection
 from sketchwalk.selection.walk import transition_from_pooled, walk_step
@@ -179,10 +183,8 @@ class SketchWalk:
         rows = cfg.exact_rows(k.shape[2])
         if rows == 0:
             return None
-        # The query-row kernel runs only when asked for by name: it is tested against the
-        # reference under the CPU interpreter but has not yet run its GPU tests
-        # (tests/test_triton_query_rows.py -m gpu); "auto" keeps the reference until it has.
-        backend = "triton" if self.backend == "triton" else "reference"
+        # the query-row kernel when asked for by name, else what selectors run by default
+        backend = "triton" if self.backend == "triton" else SELECTION_BACKEND
         self.query_rows_backend = query_row_backend(q, backend)
         groups = self._groups(hq, k.shape[1])
         return query_row_scores(q, k, rows, cfg.block_size, groups, backend=self.query_rows_backend)

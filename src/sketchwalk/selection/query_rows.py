@@ -31,9 +31,13 @@ import torch
 
 from sketchwalk.blocks import check_qk, num_blocks
 
-__all__ = ["QUERY_ROW_BACKENDS", "query_row_backend", "query_row_scores"]
+__all__ = ["QUERY_ROW_BACKENDS", "SELECTION_BACKEND", "query_row_backend", "query_row_scores"]
 
 QUERY_ROW_BACKENDS = ("reference", "triton", "auto")
+# What the selectors (`SketchWalk` unless asked for "triton", the decoder's pins) run: the
+# kernel is tested against the reference under the CPU interpreter but has not yet run its GPU
+# tests (tests/test_triton_query_rows.py -m gpu); "auto" once it has.
+SELECTION_BACKEND = "reference"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
