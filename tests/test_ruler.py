@@ -314,6 +314,46 @@ def test_batched_generation_matches_one_at_a_time(tiny, tok, tmp_path, monkeypat
         evaluate_ruler(batch_size=0, **kwargs)
 
 
+def test_a_batch_out_of_device_memory_runs_again_in_halves(tiny, tok, tmp_path, monkeypatch,
+                                                          capsys):  # fmt: skip
+    """A generate() call that runs out of device memory is retried as two halves, down to
+    what fits: the items equal those of a run at the size that fits, each records the batch it
+    ran in; a single prompt that does not fit stops the run with the error."""
+    kwargs = dict(
+        model=tiny, tokenizer=tok, seq_lens=[700], tasks=["niah_single_2", "niah_multikey_1"],
+        num_samples=4, selectors=["dense", "sketchwalk"], densities=[0.3],
+        decode=["sketchwalk"], max_new_tokens=4, base_config=BASE, text_source="stdlib",
+        backend="reference", progress=False, plots=False,
+    )  # fmt: skip
+    fits = evaluate_ruler(output_dir=tmp_path / "fits", batch_size=2, **kwargs)
+    real_generate = tiny.generate
+    shapes = []
+
+    def small_device(*args, **kw):
+        shapes.append(kw["input_ids"].shape[0])
+        if kw["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("stand-in: no room for this batch")
+        return real_generate(*args, **kw)
+
+    monkeypatch.setattr(tiny, "generate", small_device)
+    split = evaluate_ruler(output_dir=tmp_path / "split", batch_size=8, **kwargs)
+    assert shapes == [8, 4, 2, 2, 4, 2, 2] * 2  # per run: 8 prompts, halved twice
+    assert "running it as 4 + 4" in capsys.readouterr().err
+    assert set(split["items"]) == set(fits["items"])
+    for key, item in fits["items"].items():
+        other = split["items"][key]
+        assert other["batch"] == 2
+        for field in ("answer", "score", "prompt_sha256"):
+            assert other[field] == item[field], (key, field)
+
+    def never_fits(*args, **kw):
+        raise torch.OutOfMemoryError("stand-in: nothing fits")
+
+    monkeypatch.setattr(tiny, "generate", never_fits)
+    with pytest.raises(torch.OutOfMemoryError):
+        evaluate_ruler(output_dir=tmp_path / "none", batch_size=2, **kwargs)
+
+
 def test_batched_generation_matches_for_every_selector(tiny, tok, tmp_path):
     """Left-padded batches give each selector's one-at-a-time answers: the integration runs
     each row with its own selector state (oracle, streaming, the learned gate, the peers)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -266,6 +267,33 @@ def evaluate_ruler(
     eos_ids = _eos_ids(session.model, tok)
 
     def compute_batch(
+        run: RunSpec, sw: Any, batch: list[tuple[str, str, int, int]]
+    ) -> list[dict[str, Any]]:
+        """The batch's records; a batch that runs out of device memory is run again as two
+        halves (recursively, down to single prompts), each item recording the batch it ran in:
+        a long sweep does not stop at the first batch too large for the device."""
+        try:
+            return one_batch(run, sw, batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        if str(session.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+        half = (len(batch) + 1) // 2
+        print(
+            f"eval ruler: {run.name}: a batch of {len(batch)} prompts ran out of device "
+            f"memory; running it as {half} + {len(batch) - half}",
+            file=sys.stderr,
+            flush=True,
+        )
+        records = []
+        for part in (batch[:half], batch[half:]):
+            if sw is not None:
+                sw.clear()  # what the failed call left in the selector state
+            records += compute_batch(run, sw, part)
+        return records
+
+    def one_batch(
         run: RunSpec, sw: Any, batch: list[tuple[str, str, int, int]]
     ) -> list[dict[str, Any]]:
         samples = [prompts[cell] for cell in batch]
