@@ -13,8 +13,8 @@
 #   walktests  pytest -m gpu on the walk's tests (the bfloat16 products among them)
 #   gputests   pytest -m gpu on the walk, query-row, core and RULER tests
 #   attention  benchmarks/attention.py prefill at 32K and 128K: the default preset's selection
-#              and end-to-end time beside cuDNN, query rows 0 and 2, float32 and bfloat16 walk
-#              products, profile of the selection
+#              (bfloat16 walk) and end-to-end time beside cuDNN, query rows 0 and 2, the
+#              PyTorch query rows (auto) against their kernel (triton), profile of the last
 #   attention_long  the same at 256K and 512K (one timed repetition)
 #   zoo_attention   every peer selector's selection time beside SketchWalk's and cuDNN, 32K and
 #              128K
@@ -72,7 +72,7 @@ for stage in "$@"; do
       ;;
     attention)
       python3 benchmarks/attention.py --mode prefill --shapes llama --seq-lens 32768 131072 \
-        --densities 0.1 0.2 --query-rows 0 2 --walk-dtypes float32 bfloat16 \
+        --densities 0.1 0.2 --query-rows 0 2 --walk-dtypes bfloat16 \
         --select-backends auto triton --selectors --no-flex-sparse --profile-select \
         --rep 50 --out-dir "$out/attention" --tag "$(nvidia-smi --query-gpu=name \
         --format=csv,noheader | head -n1 | tr ' ' '_')" > "$out/attention.log" 2>&1 || rc=$?
