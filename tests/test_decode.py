@@ -244,3 +244,47 @@ def test_on_device_switches_only_to_another_gpu():
     if torch.cuda.is_available():
         here = torch.zeros(1, device="cuda")
         assert isinstance(on_device(here), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_key_start_decodes_each_left_padded_row_as_alone(backend):
+    """``key_start``: one call over a left-padded batch, each row on its own block grid from
+    its first real key, equals decoding each row alone on its unpadded cache (the reference
+    exactly, the kernel within its rounding: compiled on CUDA, interpreted on the CPU)."""
+    device = "cuda" if CUDA and backend == "triton" else "cpu"
+    dtype = torch.bfloat16 if backend == "triton" else torch.float32
+    s, bs, hq, hkv, d = 300, 32, 6, 2, 32
+    starts = [0, 37, 100]  # row b holds keys starts[b] .. s - 1; before that: padding
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(3, hq, 1, d, generator=gen)
+    k = torch.randn(3, hkv, s, d, generator=gen)
+    v = torch.randn(3, hkv, s, d, generator=gen)
+    nums, idxs = [], []
+    for b, start in enumerate(starts):
+        _, _, _, num, idx = make_decode_inputs(1, hq, hkv, 1, s - start, d, bs, hkv, 0.5,
+                                               torch.float32, "cpu", seed=b)  # fmt: skip
+        nums.append(num)
+        idxs.append(idx)
+        k[b, :, :start] = 1e4  # padding that would dominate if it were ever read
+    width = max(i.shape[-1] for i in idxs)
+    num = torch.cat(nums)
+    idx = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[-1])) for i in idxs])
+    to = dict(device=device, dtype=dtype)
+    q, k, v = q.to(**to), k.to(**to), v.to(**to)
+    num, idx = num.to(device), idx.to(device)
+    out = sparse_decode(q, k, v, num, idx, bs, backend=backend,
+                        key_start=torch.tensor(starts))  # fmt: skip
+    for b, start in enumerate(starts):
+        alone = sparse_decode(q[b : b + 1], k[b : b + 1, :, start:], v[b : b + 1, :, start:],
+                              num[b : b + 1], idxs[b].to(device), bs, backend=backend)  # fmt: skip
+        if backend == "reference":
+            torch.testing.assert_close(out[b : b + 1], alone, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(out[b : b + 1].float(), alone.float(), rtol=2e-2,
+                                       atol=2e-2)  # fmt: skip
+    assert not torch.allclose(out[1].float(), sparse_decode(
+        q[1:2], k[1:2], v[1:2], num[1:2], idx[1:2], bs, backend=backend)[0].float())  # fmt: skip
+    with pytest.raises(ValueError, match="key_start"):
+        sparse_decode(q, k, v, num, idx, bs, key_start=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="key_start must lie"):
+        sparse_decode(q, k, v, num, idx, bs, key_start=torch.tensor([0, 1, s]))

@@ -91,14 +91,18 @@ def _prefill_flex(q, k, v, kv_num_blocks, kv_indices, block_size, scale):
     return flex_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size, scale)
 
 
-def _decode_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale):
+def _decode_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale, key_start=None):
     from sketchwalk.attention.triton_decode import sparse_decode_triton
 
-    return sparse_decode_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale)
+    return sparse_decode_triton(
+        q, k, v, kv_num_blocks, kv_indices, block_size, scale, key_start=key_start
+    )
 
 
-def _decode_reference(q, k, v, kv_num_blocks, kv_indices, block_size, scale):
-    return sparse_decode_reference(q, k, v, kv_num_blocks, kv_indices, block_size, scale)
+def _decode_reference(q, k, v, kv_num_blocks, kv_indices, block_size, scale, key_start=None):
+    return sparse_decode_reference(
+        q, k, v, kv_num_blocks, kv_indices, block_size, scale, key_start=key_start
+    )
 
 
 KernelFn = Callable[..., torch.Tensor]
@@ -217,6 +221,7 @@ def sparse_decode(
     block_size: int,
     backend: str = "reference",
     scale: float | None = None,
+    key_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the last ``Tq`` positions over the kept blocks of a KV cache.
 
@@ -228,6 +233,12 @@ def sparse_decode(
         block_size: tokens per key block.
         backend: ``"reference"``, ``"triton"`` or ``"auto"`` (module docstring).
         scale: softmax scale, default 1 / sqrt(D).
+        key_start: int (B,), the cache position where row b's block 0 begins: a left-padded
+            batch gives each row its own block grid from its first real key (block j holds
+            positions ``key_start[b] + j * block_size ..``; positions before it are never
+            read), so one call decodes rows of different prompt lengths as each would alone.
+            Its values are checked when it is on the CPU (a device tensor is taken as it is:
+            checking it would wait for the device). None: 0 for every row.
 
     Returns:
         (B, Hq, Tq, D) in q's dtype.
@@ -257,10 +268,28 @@ def sparse_decode(
             f"selection has {kv_num_blocks.shape[1]} groups; expected 1, "
             f"{num_kv_heads} or {num_q_heads}"
         )
+    if key_start is not None:
+        if (
+            not isinstance(key_start, torch.Tensor) or key_start.shape != (batch,)
+            or key_start.dtype.is_floating_point or key_start.dtype == torch.bool
+        ):  # fmt: skip
+            raise ValueError(
+                f"key_start must be an int tensor of shape ({batch},), got "
+                f"{getattr(key_start, 'dtype', type(key_start))} "
+                f"{tuple(getattr(key_start, 'shape', ()))}"
+            )
+        if key_start.device.type == "cpu":  # checked where it costs no device sync
+            low, high = int(key_start.min()), int(key_start.max())
+            if low < 0 or high > cache_len - num_queries:
+                raise ValueError(
+                    f"key_start must lie in [0, S - Tq] = [0, {cache_len - num_queries}], got "
+                    f"[{low}, {high}]"
+                )
+            key_start = key_start.to(q.device)
     name = resolve_backend(backend, q, "decode")
     fn = _decode_reference if name == "reference" else _KERNELS[("decode", name)][1]
     with on_device(q):
-        return fn(q, k_cache, v_cache, kv_num_blocks, kv_indices, block_size, scale)
+        return fn(q, k_cache, v_cache, kv_num_blocks, kv_indices, block_size, scale, key_start)
 
 
 def on_device(x: torch.Tensor) -> Any:

@@ -168,13 +168,14 @@ def sparse_decode_reference(
     kv_indices: torch.Tensor,
     block_size: int,
     scale: float | None = None,
+    key_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference decode attention restricted to kept key blocks.
 
     For every (batch b, query head h):
       1. take the mask group g of h and its kept blocks ``kv_indices[b, g, :kv_num_blocks[b, g]]``;
-      2. expand them to key positions ``j * block_size + t`` (t < block_size), dropping those
-         ``>= S``;
+      2. expand them to key positions ``start_b + j * block_size + t`` (t < block_size;
+         ``start_b = key_start[b]``, 0 without it), dropping those ``>= S``;
       3. scores = q[b, h] @ k[b, h // (Hq / Hkv), keys]^T * scale in fp32 (fp64 for fp64
          input), with keys after the query's own position ``S - Tq + i`` masked out;
       4. softmax over the kept keys, multiply by the matching values; a row with no visible key
@@ -183,6 +184,7 @@ def sparse_decode_reference(
     Args:
         q: (B, Hq, Tq, D). k_cache, v_cache: (B, Hkv, S, D).
         kv_num_blocks: (B, G) int. kv_indices: (B, G, nk) int.
+        key_start: int (B,): the cache position of each row's block 0 (None: 0).
 
     Returns:
         (B, Hq, Tq, D) in q's dtype.
@@ -201,7 +203,8 @@ def sparse_decode_reference(
             kv_head = h // (num_q_heads // num_kv_heads)
             count = int(kv_num_blocks[b, g])
             blocks = kv_indices[b, g, :count].long()
-            keys = (blocks[:, None] * block_size + offsets[None, :]).reshape(-1)
+            first = 0 if key_start is None else int(key_start[b])
+            keys = (first + blocks[:, None] * block_size + offsets[None, :]).reshape(-1)
             keys = keys[keys < cache_len]
             if keys.numel() == 0:
                 continue

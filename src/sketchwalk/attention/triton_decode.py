@@ -45,6 +45,7 @@ def _decode_split_kernel(
     v_ptr,
     num_ptr,
     idx_ptr,
+    start_ptr,
     part_o_ptr,
     part_lse_ptr,
     stride_qb,
@@ -73,6 +74,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    HAS_START: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -106,6 +108,8 @@ def _decode_split_kernel(
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
+    # the cache position of the row's block 0 (its first real key in a left-padded batch)
+    first_key = tl.load(start_ptr + batch) if HAS_START else 0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -123,7 +127,7 @@ def _decode_split_kernel(
                 v_base,
                 stride_kt,
                 stride_vt,
-                kv_block * BLOCK_SIZE + s * BLOCK_N,
+                first_key + kv_block * BLOCK_SIZE + s * BLOCK_N,
                 pos,
                 cache_len,
                 qk_scale,
@@ -257,6 +261,7 @@ def sparse_decode_triton(
     scale: float | None = None,
     num_splits: int | None = None,
     tuning: DecodeTuning | None = None,
+    key_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split-K block-sparse decode attention.
 
@@ -270,6 +275,9 @@ def sparse_decode_triton(
         scale: softmax scale, default 1 / sqrt(D).
         num_splits: split-K factor; default fills the GPU (about 2 programs per SM).
         tuning: launch settings for sweeps and tests (`DecodeTuning`); None: the defaults.
+        key_start: int (B,) on q's device, the cache position where row b's block 0 begins
+            (its first real key in a left-padded batch; block j holds positions
+            ``key_start[b] + j * block_size ..``); None: 0 for every row.
 
     Returns:
         (B, Hq, Tq, D) in q's dtype; a row that sees no kept key is 0.
@@ -287,6 +295,7 @@ def sparse_decode_triton(
     if kv_indices.stride(-1) != 1:
         kv_indices = kv_indices.contiguous()
 
+    starts = kv_num_blocks if key_start is None else key_start.to(torch.int32).contiguous()
     plan = split_launch(q, units, heads_per_unit, kv_indices.shape[-1], num_splits, tuning)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     group_stride = 0 if num_groups == 1 else 1
@@ -296,6 +305,7 @@ def sparse_decode_triton(
         v_cache,
         kv_num_blocks,
         kv_indices,
+        starts,  # unread without key_start
         plan.part_o,
         plan.part_lse,
         q.stride(0),
@@ -324,6 +334,7 @@ def sparse_decode_triton(
         BLOCK_N=key_block_tile(block_size),
         HEAD_DIM=head_dim,
         UPCAST_DOT=upcast_dot(q),
+        HAS_START=key_start is not None,
         **plan.launch,
     )
     return combine_splits(plan, q, units, heads_per_unit)

@@ -689,31 +689,43 @@ class SketchWalkAttention:
         scaling: float | None,
         backend: str,
     ) -> tuple[torch.Tensor, Any]:
-        """A decode step of a left-padded batch, one row at a time: row b's decoder (prefilled
-        on its unpadded slice) selects over its own blocks, and the attention reads the cache
-        from position ``pads[b]`` on, so no padding key is selected or attended and each row
-        decodes as it would alone. Cost: B selections and B kernel launches per layer."""
-        outs, density = [], 0.0
-        for row, pad in enumerate(pads):
-            step = self._row_decoders[row].step(
-                query[row : row + 1], key[row : row + 1, :, -1:], layer_idx
-            )
-            outs.append(
-                sparse_decode(
-                    query[row : row + 1],
-                    key[row : row + 1, :, pad:],
-                    value[row : row + 1, :, pad:],
-                    step.kv_num_blocks,
-                    step.kv_indices,
-                    self.config.block_size,
-                    backend=backend,
-                    scale=scaling,
+        """A decode step of a left-padded batch: row b's decoder (prefilled on its unpadded
+        slice) selects over its own blocks, and one attention call reads each row's blocks
+        from its first real key on (``sparse_decode(..., key_start=pads)``), so no padding key
+        is selected or attended and each row decodes as it would alone. Cost: B selections and
+        one kernel launch per layer."""
+        steps, density = [], 0.0
+        for row in range(len(pads)):
+            steps.append(
+                self._row_decoders[row].step(
+                    query[row : row + 1], key[row : row + 1, :, -1:], layer_idx
                 )
             )
-            density += step.density / len(pads)
+            density += steps[-1].density / len(pads)
+        width = max(st.kv_indices.shape[-1] for st in steps)
+        kv_indices = torch.cat([
+            torch.nn.functional.pad(st.kv_indices, (0, width - st.kv_indices.shape[-1]))
+            for st in steps
+        ])  # fmt: skip
+        kv_num_blocks = torch.cat([st.kv_num_blocks for st in steps])
+        starts = self._pads_on(query.device)
+        out = sparse_decode(
+            query, key, value, kv_num_blocks, kv_indices, self.config.block_size,
+            backend=backend, scale=scaling, key_start=starts,
+        )  # fmt: skip
         q_len, kv_len = query.shape[2], key.shape[2]
         self._record(layer_idx, "sparse", q_len, kv_len, density, backend, None)
-        return torch.cat(outs).transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous(), None
+
+    def _pads_on(self, device: torch.device) -> torch.Tensor:
+        """The decode's left pads as an int32 device tensor, made once per generate() call
+        (a host-to-device copy per layer and step would wait for the device)."""
+        pads = tuple(self._decode_pads)
+        cached = getattr(self, "_pads_tensor", None)
+        if cached is None or cached[0] != (pads, device):
+            cached = ((pads, device), torch.tensor(pads, dtype=torch.int32, device=device))
+            self._pads_tensor = cached
+        return cached[1]
 
     def __call__(
         self,
