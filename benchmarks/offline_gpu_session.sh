@@ -11,7 +11,7 @@
 # and WHEEL_DIR (pass - for each).
 # A stage may be any eval_qwen_gpu.sh stage, or
 #   walktests  pytest -m gpu on the walk's tests (the bfloat16 products among them)
-#   gputests   pytest -m gpu on the walk, query-row, core and RULER tests
+#   gputests   pytest -m gpu on the walk, query-row, core, RULER and decode tests
 #   attention  benchmarks/attention.py prefill at 32K and 128K: the default preset's selection
 #              (bfloat16 walk) and end-to-end time beside cuDNN, query rows 0 and 2, the
 #              PyTorch query rows (auto) against their kernel (triton), profile of the last
@@ -66,7 +66,7 @@ for stage in "$@"; do
       ;;
     gputests)
       python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_walk.py tests/test_query_rows.py \
-        tests/test_triton_query_rows.py tests/test_core.py tests/test_ruler.py \
+        tests/test_triton_query_rows.py tests/test_core.py tests/test_ruler.py tests/test_decode.py \
         > "$out/gpu_tests.txt" 2>&1 || rc=$?
       tail -n 40 "$out/gpu_tests.txt"
       ;;

@@ -251,7 +251,15 @@ def test_key_start_decodes_each_left_padded_row_as_alone(backend):
     """``key_start``: one call over a left-padded batch, each row on its own block grid from
     its first real key, equals decoding each row alone on its unpadded cache (the reference
     exactly, the kernel within its rounding: compiled on CUDA, interpreted on the CPU)."""
-    device = "cuda" if CUDA and backend == "triton" else "cpu"
+    _check_key_start(backend, "cuda" if CUDA and backend == "triton" else "cpu")
+
+
+@pytest.mark.gpu
+def test_key_start_gpu():
+    _check_key_start("triton", "cuda")
+
+
+def _check_key_start(backend, device):
     dtype = torch.bfloat16 if backend == "triton" else torch.float32
     s, bs, hq, hkv, d = 300, 32, 6, 2, 32
     starts = [0, 37, 100]  # row b holds keys starts[b] .. s - 1; before that: padding
