@@ -124,13 +124,14 @@ case "$stage" in
   ruler_tune2)
     # Where the default still loses at 0.1 (tune split, 32K): prefill-only against both sparse
     # (does decoding lose it?), the oracle at the same budget, a wider window, more question
-    # rows and a score-following budget; 8 prompts per task, 8 per generate() call.
+    # rows, more budget for the question rows at the same density, and a score-following
+    # budget; 8 prompts per task, 8 per generate() call.
     limit eval ruler "${model[@]}" --split tune --seq_lens 32000 \
       --num_samples "${RULER_TUNE_SAMPLES:-8}" --densities 0.1 --selectors dense sketchwalk oracle \
       --tasks niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multivalue vt \
       --variant "window4:window_blocks=4" --variant "query_rows4:query_rows=4" \
-      --variant "mass95:mass=0.95" --decode dense sketchwalk --batch_size 8 \
-      --output_dir "$out/ruler_tune2"
+      --variant "mass95:mass=0.95" --variant "qbudget4:query_rows_budget=4" \
+      --decode dense sketchwalk --batch_size 8 --output_dir "$out/ruler_tune2"
     ;;
   ruler_pins)
     # Decode steps that keep the blocks the question attends to most (decode_pin_blocks), tune
@@ -160,6 +161,7 @@ case "$stage" in
     # perplexity of the same configurations at 32K (two passages)
     sw eval ppl "${model[@]}" --seq_len 32000 --num_samples 2 --densities 0.1 0.2 \
       --selectors dense sketchwalk oracle streaming --variant "walk_rows:query_rows=0,query_tokens=0" \
+      --variant "qbudget4:query_rows_budget=4" \
       --output_dir "$out/ruler_ppl_32000"
     ;;
   zoo_ppl)

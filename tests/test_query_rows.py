@@ -210,3 +210,48 @@ def test_recent_decode_rule_keeps_the_sink_and_the_latest_blocks():
         want[:1] = True  # one sink block
         want[nk - (kept - 1) :] = True  # then the latest ones
         assert torch.equal(mask, want.expand_as(mask))
+
+
+@pytest.mark.parametrize("t", [64 * 300, 64 * 300 - 20])
+def test_query_rows_budget_gives_the_exact_rows_more_at_the_same_density(t):
+    """query_rows_budget f: the exact rows keep about f times an ordinary row's share (capped
+    at their causal blocks), the other rows give it back so the overall density stays the
+    target; f = 1 is the budget of before; count budgets are multiplied; decode rows and the
+    mass budget are untouched."""
+    from sketchwalk.selection.select import (
+        forced_per_row,
+        last_row_ranked,
+        ranked_per_row,
+        select_blocks,
+        tail_rows_of,
+    )
+
+    base = SketchWalkConfig.preset("default", density=0.1, dense_layers=0)
+    boosted = base.replace(query_rows_budget=4.0)
+    nb = num_blocks(t, 64)
+    rows = boosted.exact_rows(t)
+    assert tail_rows_of(t, base) == 0 and tail_rows_of(t, boosted) == rows >= 2
+    before = ranked_per_row(nb, base)
+    after = ranked_per_row(nb, boosted, rows)
+    assert torch.equal(ranked_per_row(nb, boosted, 0), before)  # no tail rows: unchanged
+    forced = forced_per_row(nb, base)
+    causal = torch.arange(1, nb + 1)
+    kept_before, kept_after = (before + forced).sum(), (after + forced).sum()
+    assert abs(int(kept_after) - int(kept_before)) <= nb // 10  # the same overall density
+    tail = slice(nb - rows, nb)
+    assert (after[tail] + forced[tail] >= 3.5 * (before[tail] + forced[tail])).all()
+    assert (after[: nb - rows] <= before[: nb - rows]).all()  # the others give it back
+    assert (after + forced <= causal).all()
+    # through select_blocks: realized density at the target, tail rows larger
+    scores = torch.rand(1, 2, nb, nb, generator=torch.Generator().manual_seed(0))
+    a, b = select_blocks(scores, t, base), select_blocks(scores, t, boosted)
+    assert b.density == pytest.approx(a.density, abs=0.002)
+    assert (b.kv_num_blocks[..., tail] > 3 * a.kv_num_blocks[..., tail]).all()
+    # count budgets are multiplied, decode rows keep theirs, mass is untouched
+    topk = SketchWalkConfig.preset("default", top_k_blocks=5, query_rows_budget=3)
+    assert ranked_per_row(nb, topk, 2)[-2:].tolist() == [15, 15]
+    assert ranked_per_row(nb, topk, 2)[-3] == 5
+    assert last_row_ranked(nb, boosted) == last_row_ranked(nb, base)
+    assert tail_rows_of(t, boosted.replace(density=None, mass=0.9)) == 0
+    with pytest.raises(ValueError, match="query_rows_budget"):
+        SketchWalkConfig(query_rows_budget=0.5)

@@ -96,6 +96,12 @@ class SketchWalkConfig:
             question of that many tokens is covered whatever the prompt's length modulo the
             block size (with a partial last block, ``query_rows`` rows cover as few as
             ``(query_rows - 1) x block_size + 1`` tokens). 0 = sized by ``query_rows`` alone.
+        query_rows_budget: the rows ranked by their exact attention (``exact_rows(T)``) keep
+            this many times the ranked blocks of an ordinary row of their length under a row
+            budget (capped at every causal block): the ``density`` share is re-solved so that
+            the overall density stays the target (the other rows give up the difference), a
+            ``kblocks_frac`` or ``top_k_blocks`` count is multiplied. 1 = the same budget as
+            every row; no effect under ``mass`` or the global allocation.
         decode_rule: decode-time ranking of key blocks: ``"walk"`` (the released-style walk
             over a window of recent queries), ``"quest"`` (per-block key min/max bound of
             the current query's logits; `sketchwalk.selection.decode`) or ``"recent"`` (the
@@ -140,6 +146,7 @@ class SketchWalkConfig:
     dense_last_rows: int = 4
     query_rows: int = 0
     query_tokens: int = 0
+    query_rows_budget: float = 1.0
     decode_rule: str = "walk"
     decode_pin_blocks: int = 0
     parity: bool = False
@@ -230,6 +237,11 @@ class SketchWalkConfig:
         )
         need(is_int(self.query_rows) and self.query_rows >= 0, "query_rows", "an int >= 0")
         need(is_int(self.query_tokens) and self.query_tokens >= 0, "query_tokens", "an int >= 0")
+        need(
+            is_num(self.query_rows_budget) and self.query_rows_budget >= 1.0,
+            "query_rows_budget",
+            "a number >= 1",
+        )
         need(self.decode_rule in DECODE_RULES, "decode_rule", f"one of {DECODE_RULES}")
         need(
             is_int(self.decode_pin_blocks) and self.decode_pin_blocks >= 0,
@@ -244,6 +256,7 @@ class SketchWalkConfig:
         need(isinstance(self.parity, bool), "parity", "a bool")
         need(is_int(self.seed), "seed", "an int")
         object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "query_rows_budget", float(self.query_rows_budget))
         object.__setattr__(self, "sparsity_exponent", float(self.sparsity_exponent))
 
     @property
@@ -384,6 +397,8 @@ _FLAG_HELP = {
     "query_rows": "number of trailing query-block rows ranked by their exact attention",
     "query_tokens": "rank the query-block rows holding the last N tokens by their exact "
     "attention too (at least query_rows rows)",
+    "query_rows_budget": "the exact query rows keep this many times an ordinary row's ranked "
+    "blocks (the density stays the target)",
     "decode_pin_blocks": "decode steps keep the N key blocks the prompt's last rows attend to "
     "most (quest rule; inside the budget)",
     "decode_rule": "decode-time ranking: walk over recent queries, the quest key bound, or "

@@ -118,22 +118,27 @@ def forced_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
 
 
 def _density_row_budgets(
-    forced_per_row: torch.Tensor, causal_per_row: torch.Tensor, density: float
+    forced_per_row: torch.Tensor,
+    causal_per_row: torch.Tensor,
+    density: float,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kept blocks per row (forced included) so the total is density x causal blocks.
 
-    Solves for a per-row rate d' by bisection: kept_i = clamp(round(d' * causal_i), forced_i,
-    causal_i). The total is monotone in d', so the result lands within one block per row of
-    the target unless the forced blocks alone exceed it.
+    Solves for a per-row rate d' by bisection: kept_i = clamp(round(d' * w_i * causal_i),
+    forced_i, causal_i), w_i = ``weight[i]`` (1 without it). The total is monotone in d', so
+    the result lands within one block per row of the target unless the forced blocks alone
+    exceed it.
     """
     target = density * float(causal_per_row.sum())
     causal_f = causal_per_row.double()
+    scaled = causal_f if weight is None else causal_f * weight
 
     def kept(rate: float) -> torch.Tensor:
-        k = torch.floor(rate * causal_f + 0.5)
+        k = torch.floor(rate * scaled + 0.5)
         return torch.maximum(torch.minimum(k, causal_f), forced_per_row.double())
 
-    lo, hi = 0.0, 1.0
+    lo, hi = 0.0, 1.0 if weight is None else 1.0 / float(weight.min())
     for _ in range(50):
         mid = 0.5 * (lo + hi)
         if float(kept(mid).sum()) < target:
@@ -167,17 +172,27 @@ def _quantile_candidates(nb: int, config: SketchWalkConfig, device: torch.device
     return causal & ~excluded
 
 
-def ranked_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
+def ranked_per_row(nb: int, config: SketchWalkConfig, tail_rows: int = 0) -> torch.Tensor:
     """Ranked (non-forced) blocks each row keeps: int64 (nb,) on the CPU.
 
-    Depends only on nb and the budget fields, so it is cached: no device work and no host-side
-    bisection on the hot path after the first layer.
+    ``tail_rows``: the last rows, those ranked by their exact attention, whose budget
+    ``config.query_rows_budget`` multiplies (`tail_rows_of`). Depends only on nb, the tail and
+    the budget fields, so it is cached: no device work and no host-side bisection on the hot
+    path after the first layer.
     """
-    return _ranked_per_row(nb, config)
+    return _ranked_per_row(nb, config, tail_rows)
+
+
+def tail_rows_of(seq_len: int, config: SketchWalkConfig) -> int:
+    """The rows whose row budget ``query_rows_budget`` multiplies: ``exact_rows(T)`` when it
+    is not 1 and the budget is per row, else 0."""
+    if config.query_rows_budget == 1.0 or config.budget == "mass" or config.allocation != "row":
+        return 0
+    return config.exact_rows(seq_len)
 
 
 @lru_cache(maxsize=256)
-def _ranked_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
+def _ranked_per_row(nb: int, config: SketchWalkConfig, tail_rows: int = 0) -> torch.Tensor:
     if config.budget == "mass":
         raise ValueError(
             "ranked_per_row: the mass budget keeps a data-dependent number of blocks per row "
@@ -192,13 +207,20 @@ def _ranked_per_row(nb: int, config: SketchWalkConfig) -> torch.Tensor:
     n_forced = forced_per_row(nb, config)
     n_causal = torch.arange(1, nb + 1, dtype=torch.int64)
     n_cand = n_causal - n_forced
+    weight = None
+    if tail_rows and config.query_rows_budget != 1.0:
+        weight = torch.ones(nb, dtype=torch.float64)
+        weight[nb - min(tail_rows, nb) :] = config.query_rows_budget
     if budget == "density":
-        budgets = _density_row_budgets(n_forced, n_causal, density)
+        budgets = _density_row_budgets(n_forced, n_causal, density, weight)
         k_row = (budgets - n_forced).clamp_min(0)
     elif budget == "top_k_blocks":
-        k_row = torch.clamp(n_cand, max=top_k)
+        k_row = torch.full((nb,), top_k, dtype=torch.int64)
+        if weight is not None:
+            k_row = torch.floor(top_k * weight + 0.5).long()
     else:
-        k_row = torch.floor(frac * n_cand.double() + 0.5).long()
+        scaled = n_cand.double() if weight is None else n_cand.double() * weight
+        k_row = torch.floor(frac * scaled + 0.5).long()
     return torch.minimum(k_row, n_cand)
 
 
@@ -235,7 +257,8 @@ def select_blocks(scores: torch.Tensor, seq_len: int, config: SketchWalkConfig) 
         n_ranked = global_ranked_count(nb, scores.shape[1], config)
         ranked = global_top(scores, causal, candidates, n_ranked)
     else:
-        ranked = _top_k_rows(scores, candidates, ranked_per_row(nb, config), config)
+        tail = tail_rows_of(seq_len, config)
+        ranked = _top_k_rows(scores, candidates, ranked_per_row(nb, config, tail), config, tail)
 
     mask = forced | ranked
     return BlockSelection.from_mask(mask & causal, config.block_size, seq_len, scores=scores)
@@ -366,6 +389,7 @@ def _top_k_rows(
     candidates: torch.Tensor,
     k_row: torch.Tensor,
     config: SketchWalkConfig | None = None,
+    tail_rows: int = 0,
 ) -> torch.Tensor:
     """bool mask keeping the k_row[i] best candidates of each row i (k_row: CPU int64 (nb,))."""
     kmax = int(k_row.max()) if k_row.numel() else 0
@@ -375,7 +399,7 @@ def _top_k_rows(
     masked = scores.float().masked_fill(~candidates, float("-inf"))
     top = masked.topk(kmax, dim=-1, sorted=True).indices  # (B, G, nb, kmax)
     if config is not None:
-        keep = _keep_table(scores.shape[-1], config, scores.device)[:, :kmax]
+        keep = _keep_table(scores.shape[-1], config, scores.device, tail_rows)[:, :kmax]
     else:
         keep = torch.arange(kmax, device=scores.device) < k_row.to(scores.device)[:, None]
     out.scatter_(-1, top, keep.expand_as(top))
@@ -383,16 +407,20 @@ def _top_k_rows(
 
 
 @lru_cache(maxsize=256)
-def _keep_table_cached(nb: int, config: SketchWalkConfig, device: torch.device) -> torch.Tensor:
-    k_row = _ranked_per_row(nb, config)
+def _keep_table_cached(
+    nb: int, config: SketchWalkConfig, device: torch.device, tail_rows: int = 0
+) -> torch.Tensor:
+    k_row = _ranked_per_row(nb, config, tail_rows)
     kmax = int(k_row.max()) if k_row.numel() else 0
     return torch.arange(kmax, device=device) < k_row.to(device)[:, None]
 
 
-def _keep_table(nb: int, config: SketchWalkConfig, device: torch.device) -> torch.Tensor:
+def _keep_table(
+    nb: int, config: SketchWalkConfig, device: torch.device, tail_rows: int = 0
+) -> torch.Tensor:
     """bool (nb, kmax) on ``device``: rank r of row i is kept iff r < ranked_per_row[i].
-    Cached per (nb, budget, device), so later layers copy nothing from the host."""
-    return _keep_table_cached(nb, config, torch.device(device))
+    Cached per (nb, budget, tail, device), so later layers copy nothing from the host."""
+    return _keep_table_cached(nb, config, torch.device(device), tail_rows)
 
 
 def _quantile_threshold(
@@ -426,4 +454,5 @@ __all__ = [
     "ranked_per_row",
     "select_blocks",
     "select_last_row",
+    "tail_rows_of",
 ]
