@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,60 @@ def environment() -> dict[str, Any]:
         env["gpu"] = None
         env["cpu_count"] = os.cpu_count()
     return env
+
+
+def generate_per_engine(
+    args: argparse.Namespace, model: str, max_len: int, prompts: list[dict[str, Any]], params: Any
+) -> Iterator[tuple[str, float | None, list[Any], float, dict[str, Any] | None]]:
+    """``prompts`` through vLLM's default attention, then through the SketchWalk backend at each
+    ``args.densities`` value (the ``default`` preset; one engine for all densities), one batch
+    per engine configuration, engines freed in between.
+
+    Args:
+        args: the parsed flags of `add_engine_arguments` plus ``densities``.
+        model: the model folder.
+        max_len: the engine's ``max_model_len`` (prompt plus answer).
+        prompts: ``{"prompt_token_ids": [...]}`` per prompt.
+        params: ``SamplingParams``, one for all prompts or a list of one per prompt.
+
+    Yields:
+        ``(engine, density, outputs, seconds, backend summary)`` per configuration: ``engine``
+        ``"dense"`` (density and summary None) or ``"sketchwalk"``; ``outputs`` vLLM's, in the
+        order of ``prompts``; the summary is the first worker's `engine_summary` of that run.
+    """
+    from vllm import LLM
+
+    import sketchwalk.engines.vllm as swv
+    from sketchwalk.config import SketchWalkConfig
+
+    swv.register()
+    for engine in ("dense", "sketchwalk"):
+        llm = LLM(**engine_kwargs(engine, model, max_len, len(prompts), args.tensor_parallel,
+                                  args.gpu_memory_utilization, 512 << 20))  # fmt: skip
+        for density in (None,) if engine == "dense" else tuple(args.densities):
+            if density is not None:
+                swv.configure_engine(llm, SketchWalkConfig.preset("default", density=density))
+                swv.engine_summary(llm, reset=True)
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            summary = swv.engine_summary(llm)[0] if density is not None else None
+            yield engine, density, outs, seconds, summary
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def engine_cells(run: dict[str, Any]) -> str:
+    """A run's markdown cells ``engine | density | mean density (prefill; decode)``, from its
+    ``engine``, ``density`` and ``backend_summary`` (`generate_per_engine`'s)."""
+    summary = run["backend_summary"]
+    dens = "-" if summary is None else "; ".join(
+        "-" if summary["mean_density"][k] is None else f"{summary['mean_density'][k]:.3f}"
+        for k in ("prefill", "decode")
+    )  # fmt: skip
+    return f"{run['engine']} | {'-' if run['density'] is None else run['density']} | {dens}"
 
 
 def timed(llm, prompts, params) -> float:

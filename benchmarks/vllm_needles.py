@@ -19,7 +19,6 @@ Results: ``--out-dir`` (default benchmarks/results/vllm_needles/)/vllm_needles_<
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_engine import add_engine_arguments, engine_kwargs
+from vllm_engine import add_engine_arguments, engine_cells, generate_per_engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,14 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    import sketchwalk.engines.vllm as swv
-    from sketchwalk.config import SketchWalkConfig
     from sketchwalk.hf.models import model_folder
     from sketchwalk.pipeline.eval import niah_prompts
 
-    swv.register()
     folder, resolved = model_folder(args.model)
     model_id = resolved.model_id
     tok = AutoTokenizer.from_pretrained(folder)
@@ -74,44 +70,33 @@ def main(argv: list[str] | None = None) -> int:
     env["vllm"] = vllm.__version__
     env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     runs: list[dict[str, Any]] = []
-    for name in ("dense", "sketchwalk"):
-        max_len = max(args.seq_lens) + args.max_new_tokens + 64
-        llm = LLM(**engine_kwargs(name, str(folder), max_len, len(batch), args.tensor_parallel,
-                                  args.gpu_memory_utilization, 512 << 20))  # fmt: skip
-        for density in (None,) if name == "dense" else tuple(args.densities):
-            if density is not None:
-                swv.configure_engine(llm, SketchWalkConfig.preset("default", density=density))
-                swv.engine_summary(llm, reset=True)
-            start = time.perf_counter()
-            outs = llm.generate(batch, params, use_tqdm=False)
-            seconds = time.perf_counter() - start
-            items = []
-            for cell, out in zip(cells, outs, strict=True):
-                ids = list(out.outputs[0].token_ids)
-                answer = tok.decode(ids, skip_special_tokens=True)
-                prompt = prompts[cell]
-                items.append({"length": cell[0], "depth": cell[1], "sample": cell[2],
-                              "value": prompt["value"], "answer": answer,
-                              "correct": str(prompt["value"]) in answer})  # fmt: skip
-            run = {
-                "engine": name,
-                "density": density,
-                "accuracy": sum(i["correct"] for i in items) / len(items),
-                "by_length": {
-                    str(n): sum(i["correct"] for i in items if i["length"] == n)
-                    / sum(1 for i in items if i["length"] == n)
-                    for n in args.seq_lens
-                },
-                "seconds": seconds,
-                "backend_summary": swv.engine_summary(llm)[0] if density is not None else None,
-                "items": items,
-            }
-            print(json.dumps({k: v for k, v in run.items() if k != "items"}), flush=True)
-            runs.append(run)
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    max_len = max(args.seq_lens) + args.max_new_tokens + 64
+    for name, density, outs, seconds, summary in generate_per_engine(
+        args, str(folder), max_len, batch, params
+    ):
+        items = []
+        for cell, out in zip(cells, outs, strict=True):
+            ids = list(out.outputs[0].token_ids)
+            answer = tok.decode(ids, skip_special_tokens=True)
+            prompt = prompts[cell]
+            items.append({"length": cell[0], "depth": cell[1], "sample": cell[2],
+                          "value": prompt["value"], "answer": answer,
+                          "correct": str(prompt["value"]) in answer})  # fmt: skip
+        run = {
+            "engine": name,
+            "density": density,
+            "accuracy": sum(i["correct"] for i in items) / len(items),
+            "by_length": {
+                str(n): sum(i["correct"] for i in items if i["length"] == n)
+                / sum(1 for i in items if i["length"] == n)
+                for n in args.seq_lens
+            },
+            "seconds": seconds,
+            "backend_summary": summary,
+            "items": items,
+        }
+        print(json.dumps({k: v for k, v in run.items() if k != "items"}), flush=True)
+        runs.append(run)
     settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")}
     settings["model_id"] = model_id
     doc = {"environment": env, "settings": settings, "runs": runs}
@@ -121,21 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Needles through vLLM: {model_id}, task {args.task}", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
-             "| engine | density | accuracy | "
-             + " | ".join(f"{n} tokens" for n in args.seq_lens)
-             + " | mean density (prefill; decode) |",
-             "|---|---|---|" + "---|" * len(args.seq_lens) + "---|"]  # fmt: skip
+             "| engine | density | mean density (prefill; decode) | accuracy | "
+             + " | ".join(f"{n} tokens" for n in args.seq_lens) + " |",
+             "|---|---|---|---|" + "---|" * len(args.seq_lens)]  # fmt: skip
     for r in runs:
-        s = r["backend_summary"]
-        dens = "-" if s is None else "; ".join(
-            "-" if s["mean_density"][k] is None else f"{s['mean_density'][k]:.3f}"
-            for k in ("prefill", "decode")
-        )  # fmt: skip
         lines.append(
-            f"| {r['engine']} | {'-' if r['density'] is None else r['density']} | "
-            f"{r['accuracy']:.2f} | "
+            f"| {engine_cells(r)} | {r['accuracy']:.2f} | "
             + " | ".join(f"{r['by_length'][str(n)]:.2f}" for n in args.seq_lens)
-            + f" | {dens} |"
+            + " |"
         )
     (out / f"vllm_needles_{args.tag}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / f'vllm_needles_{args.tag}.json'} and .md", flush=True)
