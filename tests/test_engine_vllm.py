@@ -720,10 +720,9 @@ def test_impl_prefix_hit_without_page_queries_runs_dense():
         swv._SETTINGS = None
 
 
-def test_engine_benchmark_runs_on_the_cpu(tmp_path):
-    """benchmarks/vllm_engine.py end to end on the tiny shape (vLLM's own engine processes, the
-    settings pushed to and the records read from its worker by method name): one dense and one
-    SketchWalk row with the sparse path recorded."""
+def _benchmark(script: str, *args: str):
+    """``benchmarks/<script> args`` in a subprocess with vLLM's own engine processes (the
+    settings pushed to and the records read from its workers by method name)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -731,10 +730,17 @@ def test_engine_benchmark_runs_on_the_cpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root / "src")}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    cmd = [sys.executable, str(root / "benchmarks" / "vllm_engine.py"), "--shape", "tiny",
-           "--contexts", "256", "--batches", "2", "--decode-tokens", "4", "--repeats", "1",
-           "--out-dir", str(tmp_path), "--tag", "smoke"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(root / "benchmarks" / script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_engine_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/vllm_engine.py end to end on the tiny shape (vLLM's own engine processes, the
+    settings pushed to and the records read from its worker by method name): one dense and one
+    SketchWalk row with the sparse path recorded."""
+    proc = _benchmark("vllm_engine.py", "--shape", "tiny", "--contexts", "256", "--batches", "2",
+                      "--decode-tokens", "4", "--repeats", "1", "--out-dir", str(tmp_path),
+                      "--tag", "smoke")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "vllm_engine_smoke.json").read_text())
     rows = {r["engine"]: r for r in doc["rows"]}
@@ -744,6 +750,64 @@ def test_engine_benchmark_runs_on_the_cpu(tmp_path):
     assert summary["mean_density"]["decode"] < 1.0
     assert rows["dense"]["ttft_x"] == 1.0 and rows["sketchwalk"]["b2_decode_tok_s"] > 0
     assert (tmp_path / "vllm_engine_smoke.md").read_text().count("\n| ") >= 3
+
+
+def test_ruler_benchmark_matches_the_transformers_eval(tmp_path):
+    """benchmarks/vllm_ruler.py on SmolLM2-135M (2 tasks at 512 tokens, 2 samples, answers cut
+    at 8 tokens): the SketchWalk backend at density 1.0 answers what vLLM's attention answers,
+    density 0.5 runs sparse, every (engine, task, length) cell holds its samples' scores, and
+    ``--compare`` with `evaluate_ruler` on the same settings (dense, float32, the transformers
+    model) matches every prompt by its hash and finds the same answers."""
+    from sketchwalk.hf.models import ModelNotFoundError, model_folder
+    from sketchwalk.pipeline.eval import evaluate_ruler
+
+    try:
+        model_folder("smollm2-135m")
+    except ModelNotFoundError as exc:
+        pytest.skip(f"smollm2-135m is not available here: {exc}")
+    tasks, settings = ["niah_single_1", "vt"], dict(seq_lens=[512], num_samples=2, seed=0)
+    evaluate_ruler("smollm2-135m", tasks=tasks, selectors=("dense",), densities=(0.5,),
+                   max_new_tokens=8, text_source="stdlib", device="cpu", dtype=torch.float32,
+                   output_dir=tmp_path / "hf", progress=False, plots=False, **settings)  # fmt: skip
+    proc = _benchmark("vllm_ruler.py", "--model", "smollm2-135m", "--seq-lens", "512",
+                      "--tasks", *tasks, "--num-samples", "2", "--densities", "1.0", "0.5",
+                      "--max-new-tokens", "8", "--text-source", "stdlib",
+                      "--compare", str(tmp_path / "hf" / "eval_ruler.json"),
+                      "--out-dir", str(tmp_path), "--tag", "cpu")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "vllm_ruler_cpu.json").read_text())
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert list(runs) == ["dense", "sketchwalk@1", "sketchwalk@0.5"]
+    answers = {n: [i["answer"] for i in r["items"]] for n, r in runs.items()}
+    print(answers)
+    assert answers["sketchwalk@1"] == answers["dense"]
+    assert all(len(a) == 4 and all(a) for a in answers.values())
+    for r in runs.values():
+        assert set(r["scores"]) == set(tasks)
+        for task in tasks:
+            cell = r["scores"][task]["512"]
+            assert cell["n"] == 2 and cell["lo"] <= cell["mean"] <= cell["hi"]
+    assert runs["sketchwalk@0.5"]["backend_summary"]["mean_density"]["prefill"] < 1.0
+    assert runs["sketchwalk@1"]["backend_summary"]["mean_density"]["prefill"] == 1.0
+    dense = runs["dense"]["compare"]
+    print(dense)
+    assert dense["transformers_run"] == "dense"
+    assert dense["matched"] == dense["items"] == 4
+    assert dense["identical_answers"] == 1.0 and dense["score_difference"] == 0.0
+    # no transformers run at a sparse density in the file: nothing to compare with
+    assert runs["sketchwalk@0.5"]["compare"]["transformers_run"] is None
+    md = (tmp_path / "vllm_ruler_cpu.md").read_text()
+    assert "| dense | - | dense | 4/4 | 100% | +0.000 |" in md
+
+
+def test_ruler_benchmark_refuses_a_file_that_is_no_eval_result(tmp_path):
+    bad = tmp_path / "eval_ruler.json"
+    bad.write_text(json.dumps({"runs": {}}))
+    proc = _benchmark("vllm_ruler.py", "--compare", str(bad), "--out-dir", str(tmp_path))
+    assert proc.returncode == 1
+    assert f"--compare {bad}: not a `sketchwalk eval ruler` result" in proc.stderr
+    proc = _benchmark("vllm_ruler.py", "--tasks", "niah_single_9", "--out-dir", str(tmp_path))
+    assert proc.returncode == 2 and "--tasks: invalid choice: 'niah_single_9'" in proc.stderr
 
 
 def test_impl_without_room_for_page_state_decodes_per_sequence(monkeypatch):
