@@ -126,7 +126,7 @@ def _density_row_budgets(
     """Kept blocks per row (forced included) so the total is density x causal blocks.
 
     Solves for a per-row rate d' by bisection: kept_i = clamp(round(d' * w_i * causal_i),
-    forced_i, causal_i), w_i = ``weight[i]`` (1 without it). The total is monotone in d', so
+    forced_i, causal_i), w_i = ``weight[i]`` >= 1 (1 without it). The total is monotone in d', so
     the result lands within one block per row of the target unless the forced blocks alone
     exceed it.
     """
@@ -138,7 +138,7 @@ def _density_row_budgets(
         k = torch.floor(rate * scaled + 0.5)
         return torch.maximum(torch.minimum(k, causal_f), forced_per_row.double())
 
-    lo, hi = 0.0, 1.0 if weight is None else 1.0 / float(weight.min())
+    lo, hi = 0.0, 1.0  # weights >= 1: rate 1 already keeps every causal block
     for _ in range(50):
         mid = 0.5 * (lo + hi)
         if float(kept(mid).sum()) < target:
